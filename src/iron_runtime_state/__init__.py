@@ -1,0 +1,75 @@
+"""iron_runtime_state: the live state of fleets of AI agents.
+
+Who is running, stopped or failed; what each has spent against its limit; how many PII
+detections each has had; and a hash-chained audit trail that shows tampering. One API over an
+in-memory store, a SQLite file or Redis, chosen by URL::
+
+    from iron_runtime_state import AgentId, AgentState, AgentStatus, StateManager
+
+    with StateManager.from_url("sqlite:///iron_state.db") as manager:
+        agent_id = AgentId.generate()
+        manager.save_agent_state(AgentState(agent_id, AgentStatus.RUNNING, budget_limit=10.0))
+        manager.record_spend(agent_id, 2.5)
+"""
+
+from __future__ import annotations
+
+from .audit_chain import GENESIS_HASH
+from .errors import (
+    AgentNotFound,
+    AgentNotRunning,
+    BackendError,
+    BackendUnavailable,
+    BudgetExceeded,
+    ConfigurationError,
+    IdError,
+    IdErrorCode,
+    MissingDependency,
+    ReservationError,
+    SchemaError,
+    StateError,
+    StateTypeError,
+    ValidationError,
+)
+from .ids import AgentId
+from .manager import BudgetHold, StateManager
+from .models import (
+    AgentState,
+    AgentStatus,
+    AuditEvent,
+    AuditRecord,
+    AuditVerification,
+    FleetStats,
+    Reservation,
+)
+
+__version__ = "0.4.0"
+
+__all__ = [
+    "GENESIS_HASH",
+    "AgentId",
+    "AgentNotFound",
+    "AgentNotRunning",
+    "AgentState",
+    "AgentStatus",
+    "AuditEvent",
+    "AuditRecord",
+    "AuditVerification",
+    "BackendError",
+    "BackendUnavailable",
+    "BudgetExceeded",
+    "BudgetHold",
+    "ConfigurationError",
+    "FleetStats",
+    "IdError",
+    "IdErrorCode",
+    "MissingDependency",
+    "Reservation",
+    "ReservationError",
+    "SchemaError",
+    "StateError",
+    "StateManager",
+    "StateTypeError",
+    "ValidationError",
+    "__version__",
+]

@@ -1,0 +1,76 @@
+"""Stores, chosen by URL.
+
+:data:`SCHEMES` is the registry, written out by hand: each URL scheme names the module that
+serves it, the factory to call and the optional extra it needs. A backend module is imported
+only when a URL asks for it, so a missing driver costs nothing until it is used, and then says
+which extra to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+from ..errors import ConfigurationError, MissingDependency, StateTypeError
+from .base import AuditQuery, Backend, CommitResult, SpendResult
+
+__all__ = [
+    "SCHEMES",
+    "AuditQuery",
+    "Backend",
+    "BackendSpec",
+    "CommitResult",
+    "SpendResult",
+    "open_backend",
+    "scheme_of",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    """Where the backend for a URL scheme lives."""
+
+    module: str
+    factory: str
+    extra: str | None
+    example: str
+
+
+SCHEMES: dict[str, BackendSpec] = {
+    "memory": BackendSpec("iron_runtime_state.backends.memory", "open_memory", None, "memory://"),
+}
+
+
+def scheme_of(url: str) -> str:
+    """The URL's scheme, lowercased; a clear error when ``url`` is not a store URL."""
+    if not isinstance(url, str):
+        raise StateTypeError(f"a store URL must be a str, got {type(url).__name__}")
+    scheme, sep, _ = url.partition("://")
+    if not sep or not scheme:
+        raise ConfigurationError(f"{url[:64]!r} is not a store URL; {_supported()}")
+    return scheme.lower()
+
+
+def _supported() -> str:
+    return "supported: " + ", ".join(spec.example for spec in SCHEMES.values())
+
+
+def open_backend(url: str, **options: object) -> Backend:
+    """Build the backend for ``url``; ``options`` go to the backend's factory."""
+    scheme = scheme_of(url)
+    spec = SCHEMES.get(scheme)
+    if spec is None:
+        raise ConfigurationError(f"unknown store URL scheme {scheme[:32]!r}; {_supported()}")
+    try:
+        module = importlib.import_module(spec.module)
+    except ImportError as exc:
+        if spec.extra is None:
+            raise
+        raise MissingDependency(
+            f"{scheme}:// needs the {spec.extra!r} extra: "
+            f"pip install 'iron-runtime-state[{spec.extra}]' ({exc})"
+        ) from exc
+    factory = cast(Callable[..., Backend], getattr(module, spec.factory))
+    return factory(url, **options)

@@ -1,0 +1,160 @@
+"""Every error the library raises on purpose.
+
+Each one derives from :class:`StateError` and, where one fits, from the builtin that an
+existing handler would already catch::
+
+    StateError
+    ├── IdError(StateError, ValueError)              an agent id that does not parse
+    ├── ValidationError(StateError, ValueError)      a value out of range: a negative spend, a bad event
+    ├── StateTypeError(StateError, TypeError)        a value of the wrong type: a str where an AgentId goes
+    ├── ConfigurationError(StateError, ValueError)   a bad store URL or option
+    │   └── MissingDependency(ConfigurationError, ImportError)   an optional extra is not installed
+    ├── AgentNotFound(StateError, KeyError)          the agent has no stored state
+    ├── AgentNotRunning(StateError)                  spending or reserving on a stopped or failed agent
+    ├── BudgetExceeded(StateError)                   the spend or hold would pass the agent's limit
+    ├── ReservationError(StateError)                 committing or releasing a hold that is not open
+    └── BackendError(StateError)                     the store failed; the driver's error is __cause__
+        ├── BackendUnavailable(BackendError, ConnectionError)   the store cannot be reached
+        └── SchemaError(BackendError)                the stored data has a layout this version cannot use
+
+A driver's exception (``sqlite3``, ``redis``) never escapes raw: each backend maps it in one
+place to a :class:`BackendError`, with the original chained as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "AgentNotFound",
+    "AgentNotRunning",
+    "BackendError",
+    "BackendUnavailable",
+    "BudgetExceeded",
+    "ConfigurationError",
+    "IdError",
+    "IdErrorCode",
+    "MissingDependency",
+    "ReservationError",
+    "SchemaError",
+    "StateError",
+    "StateTypeError",
+    "ValidationError",
+]
+
+
+class StateError(Exception):
+    """Root of every error that iron_runtime_state raises on purpose."""
+
+
+class IdErrorCode(str, enum.Enum):
+    """Why a string is not an :class:`~iron_runtime_state.AgentId`.
+
+    The members compare equal to their names as plain strings (``code == "EMPTY_ID"``).
+    """
+
+    EMPTY_ID = "EMPTY_ID"
+    INVALID_PREFIX = "INVALID_PREFIX"
+    MISSING_UUID = "MISSING_UUID"
+    INVALID_UUID = "INVALID_UUID"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class IdError(StateError, ValueError):
+    """A string that is not a valid agent id.
+
+    ``code`` says which rule failed and ``suggestion`` (or ``None``) how to fix the input.
+    """
+
+    def __init__(self, message: str, code: IdErrorCode, suggestion: str | None = None) -> None:
+        full = message if suggestion is None else f"{message}; {suggestion}"
+        super().__init__(full)
+        self.code = code
+        self.suggestion = suggestion
+
+
+class ValidationError(StateError, ValueError):
+    """A value that has the right type but is out of range or malformed."""
+
+
+class StateTypeError(StateError, TypeError):
+    """A value of the wrong type, such as a ``str`` where an ``AgentId`` is required."""
+
+
+class ConfigurationError(StateError, ValueError):
+    """A store URL or option that cannot be used; the message names the accepted forms."""
+
+
+class MissingDependency(ConfigurationError, ImportError):
+    """A backend needs an optional extra that is not installed; the message names the pip command."""
+
+
+class AgentNotFound(StateError, KeyError):
+    """The agent has no stored state."""
+
+    def __init__(self, agent_id: str) -> None:
+        super().__init__(agent_id)
+        self.agent_id = agent_id
+
+    def __str__(self) -> str:
+        return (
+            f"agent {self.agent_id} has no stored state; save one first with "
+            "save_agent_state(AgentState(...))"
+        )
+
+
+class AgentNotRunning(StateError):
+    """Spending or reserving budget for an agent whose status is not RUNNING."""
+
+    def __init__(self, agent_id: str, status: str, action: str) -> None:
+        super().__init__(
+            f"cannot {action} for agent {agent_id}: its status is {status!r}, not 'running'; "
+            "set_status(agent_id, AgentStatus.RUNNING) first if it should run again"
+        )
+        self.agent_id = agent_id
+        self.status = status
+
+
+class BudgetExceeded(StateError):
+    """A spend or a hold that would take the agent past its ``budget_limit``.
+
+    Nothing was changed; a ``budget_exceeded`` audit event was written.
+    ``spent`` is the committed spend and ``reserved`` the open holds at the moment of the check.
+    """
+
+    def __init__(
+        self,
+        agent_id: str,
+        limit: float,
+        spent: float,
+        requested: float,
+        reserved: float = 0.0,
+    ) -> None:
+        held = f" with {reserved:g} held by open reservations" if reserved else ""
+        super().__init__(
+            f"agent {agent_id} would pass its budget limit: {spent:g} spent{held} + "
+            f"{requested:g} requested > limit {limit:g}; raise budget_limit or spend less"
+        )
+        self.agent_id = agent_id
+        self.limit = limit
+        self.spent = spent
+        self.requested = requested
+        self.reserved = reserved
+
+
+class ReservationError(StateError):
+    """Committing or releasing a reservation that is not open (settled already, or expired)."""
+
+
+class BackendError(StateError):
+    """The store failed. The driver's own exception is chained as ``__cause__``."""
+
+
+class BackendUnavailable(BackendError, ConnectionError):
+    """The store cannot be reached (server down, network, timeout)."""
+
+
+class SchemaError(BackendError):
+    """The store holds data in a layout this version cannot use (for example, written by a newer one)."""

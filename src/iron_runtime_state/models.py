@@ -1,0 +1,393 @@
+"""The records the store keeps: agent states, audit events and what queries return.
+
+Validation lives here, once: every backend stores only values that passed these checks.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from .errors import StateTypeError, ValidationError
+from .ids import AgentId
+
+__all__ = [
+    "AgentState",
+    "AgentStatus",
+    "AuditEvent",
+    "AuditRecord",
+    "AuditVerification",
+    "FleetStats",
+    "Reservation",
+]
+
+_INF: Final = math.inf
+EVENT_TYPE_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,63}")
+MAX_DETAILS_BYTES: Final = 64 * 1024
+MAX_TIMESTAMP: Final = 2**53  # exact in a float and in JSON numbers everywhere
+
+
+#: Relative slack in limit checks, so that ten spends of 0.1 fit a limit of 1.0 despite binary
+#: rounding. Every backend (Python, SQL and Lua) uses this same rule.
+LIMIT_TOLERANCE: Final = 1e-9
+
+
+def exceeds(total: float, limit: float) -> bool:
+    """Whether ``total`` passes ``limit``, allowing :data:`LIMIT_TOLERANCE` for float rounding."""
+    return total > limit + LIMIT_TOLERANCE * max(1.0, limit)
+
+
+class AgentStatus(enum.Enum):
+    """What an agent is doing."""
+
+    RUNNING = "running"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+    @classmethod
+    def parse(cls, value: AgentStatus | str) -> AgentStatus:
+        """The status for a member or its value (``"running"``); a clear error otherwise."""
+        if isinstance(value, AgentStatus):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls(value.lower())
+            except ValueError:
+                pass
+        names = ", ".join(repr(s.value) for s in cls)
+        raise ValidationError(f"unknown agent status {str(value)[:64]!r}; use one of {names}")
+
+
+def check_amount(value: object, what: str, *, allow_zero: bool = True) -> float:
+    """``value`` as a float if it is a finite, non-negative number (int or float, not bool)."""
+    if type(value) is float:
+        amount = value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        amount = float(value)
+    else:
+        raise StateTypeError(f"{what} must be a number (float or int), got {type(value).__name__}")
+    if not (amount > 0.0 or (allow_zero and amount == 0.0)) or amount == _INF:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValidationError(f"{what} must be finite and {bound}, got {amount!r}")
+    return amount
+
+
+def check_count(value: object, what: str, *, minimum: int = 0) -> int:
+    """``value`` if it is an int (not a bool) of at least ``minimum``."""
+    if type(value) is not int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = int(value)
+        else:
+            raise StateTypeError(f"{what} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValidationError(f"{what} must be >= {minimum}, got {value}")
+    if value >= 2**63:
+        raise ValidationError(f"{what} must be below 2**63, got {value}")
+    return value
+
+
+@dataclass(slots=True)
+class AgentState:
+    """The live state of one agent.
+
+    Mutable, as in the seed: read a copy, change it and save it back. It is validated when
+    constructed and again when saved, so a state broken after construction is never stored.
+    ``budget_limit`` of ``None`` means no limit.
+    """
+
+    agent_id: AgentId
+    status: AgentStatus
+    budget_spent: float = 0.0
+    pii_detections: int = 0
+    budget_limit: float | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``TypeError``/``ValueError`` subclasses if a field is invalid; normalise ints."""
+        if type(self.agent_id) is not AgentId and not isinstance(self.agent_id, AgentId):
+            raise StateTypeError(
+                f"AgentState.agent_id must be an AgentId, got {type(self.agent_id).__name__}; "
+                "wrap strings with AgentId.parse('agent_<uuid>')"
+            )
+        if type(self.status) is not AgentStatus:
+            raise StateTypeError(
+                f"AgentState.status must be an AgentStatus, got {type(self.status).__name__}; "
+                "use AgentStatus.RUNNING, STOPPED or FAILED (AgentStatus.parse for strings)"
+            )
+        spent = self.budget_spent
+        if type(spent) is not float or not 0.0 <= spent < _INF:
+            self.budget_spent = check_amount(spent, "AgentState.budget_spent")
+        if type(self.pii_detections) is not int or self.pii_detections < 0:
+            self.pii_detections = check_count(self.pii_detections, "AgentState.pii_detections")
+        limit = self.budget_limit
+        if limit is not None and (type(limit) is not float or not 0.0 <= limit < _INF):
+            self.budget_limit = check_amount(limit, "AgentState.budget_limit (or None)")
+
+    @classmethod
+    def _trusted(
+        cls,
+        agent_id: AgentId,
+        status: AgentStatus,
+        budget_spent: float,
+        pii_detections: int,
+        budget_limit: float | None,
+    ) -> AgentState:
+        """Build without validation, for values read back from a store that only holds valid ones."""
+        new: AgentState = object.__new__(cls)
+        new.agent_id = agent_id
+        new.status = status
+        new.budget_spent = budget_spent
+        new.pii_detections = pii_detections
+        new.budget_limit = budget_limit
+        return new
+
+    def copy(self) -> AgentState:
+        """An independent copy."""
+        return AgentState._trusted(
+            self.agent_id, self.status, self.budget_spent, self.pii_detections, self.budget_limit
+        )
+
+    @property
+    def budget_remaining(self) -> float:
+        """``budget_limit - budget_spent`` (never below 0), or ``inf`` without a limit."""
+        if self.budget_limit is None:
+            return _INF
+        return max(0.0, self.budget_limit - self.budget_spent)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; :meth:`from_dict` reads it back."""
+        return {
+            "agent_id": self.agent_id.as_str(),
+            "status": self.status.value,
+            "budget_spent": self.budget_spent,
+            "pii_detections": self.pii_detections,
+            "budget_limit": self.budget_limit,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AgentState:
+        """The state for a dict made by :meth:`to_dict`; unknown or missing keys are errors."""
+        if not isinstance(data, Mapping):
+            raise StateTypeError(f"AgentState.from_dict expects a mapping, got {type(data).__name__}")
+        known = {"agent_id", "status", "budget_spent", "pii_detections", "budget_limit"}
+        unknown = sorted(str(k)[:64] for k in data if k not in known)
+        if unknown:
+            raise ValidationError(f"unknown AgentState fields {unknown}; expected {sorted(known)}")
+        for key in ("agent_id", "status"):
+            if key not in data:
+                raise ValidationError(f"AgentState.from_dict: missing required field {key!r}")
+        raw_id = data["agent_id"]
+        agent_id = raw_id if isinstance(raw_id, AgentId) else AgentId.parse(raw_id)
+        return cls(
+            agent_id=agent_id,
+            status=AgentStatus.parse(data["status"]),
+            budget_spent=data.get("budget_spent", 0.0),
+            pii_detections=data.get("pii_detections", 0),
+            budget_limit=data.get("budget_limit"),
+        )
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def check_event_type(value: object) -> str:
+    """``value`` if it is a valid audit event type."""
+    if not isinstance(value, str):
+        raise StateTypeError(f"AuditEvent.event_type must be a str, got {type(value).__name__}")
+    if EVENT_TYPE_RE.fullmatch(value) is None:
+        shown = repr(value[:64]) + ("..." if len(value) > 64 else "")
+        raise ValidationError(
+            f"AuditEvent.event_type {shown} is invalid: use 1 to 64 characters of "
+            "a-z 0-9 _ . : -, starting with a letter or digit (e.g. 'pii_detected')"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One security or compliance event about an agent.
+
+    ``timestamp`` is in Unix seconds (now by default); ``event_type`` is 1 to 64 characters of
+    ``[a-z0-9_.:-]`` starting with a letter or digit; ``details`` is at most 64 KiB of UTF-8.
+    """
+
+    agent_id: AgentId
+    event_type: str
+    timestamp: int = field(default_factory=_now)
+    details: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.agent_id, AgentId):
+            raise StateTypeError(
+                f"AuditEvent.agent_id must be an AgentId, got {type(self.agent_id).__name__}; "
+                "wrap strings with AgentId.parse('agent_<uuid>')"
+            )
+        check_event_type(self.event_type)
+        ts = self.timestamp
+        if type(ts) is not int:
+            if isinstance(ts, bool) or not isinstance(ts, int):
+                raise StateTypeError(
+                    f"AuditEvent.timestamp must be an int of Unix seconds, got {type(ts).__name__}"
+                )
+            object.__setattr__(self, "timestamp", int(ts))
+        if not 0 <= self.timestamp <= MAX_TIMESTAMP:
+            raise ValidationError(
+                f"AuditEvent.timestamp must be Unix seconds from 0 to 2**53, got {self.timestamp}"
+            )
+        details = self.details
+        if not isinstance(details, str):
+            raise StateTypeError(f"AuditEvent.details must be a str, got {type(details).__name__}")
+        if len(details) > MAX_DETAILS_BYTES // 4 or not details.isascii():
+            try:
+                size = len(details.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise ValidationError(
+                    "AuditEvent.details must be valid UTF-8 text (it holds a lone surrogate)"
+                ) from None
+            if size > MAX_DETAILS_BYTES:
+                raise ValidationError(
+                    f"AuditEvent.details is {size} bytes of UTF-8; the limit is 65536 (64 KiB): "
+                    "store large payloads elsewhere and reference them"
+                )
+
+    @classmethod
+    def _trusted(cls, agent_id: AgentId, event_type: str, timestamp: int, details: str) -> AuditEvent:
+        new: AuditEvent = object.__new__(cls)
+        object.__setattr__(new, "agent_id", agent_id)
+        object.__setattr__(new, "event_type", event_type)
+        object.__setattr__(new, "timestamp", timestamp)
+        object.__setattr__(new, "details", details)
+        return new
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "agent_id": self.agent_id.as_str(),
+            "event_type": self.event_type,
+            "timestamp": self.timestamp,
+            "details": self.details,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """An audit event as stored: its place ``seq`` in the trail and its link in the hash chain.
+
+    ``hash`` covers ``prev_hash``, ``seq`` and the canonical encoding of ``event`` (see the
+    README, "The audit trail's hash chain").
+    """
+
+    seq: int
+    event: AuditEvent
+    hash: str
+    prev_hash: str
+
+    @property
+    def agent_id(self) -> AgentId:
+        """The event's agent."""
+        return self.event.agent_id
+
+    @property
+    def event_type(self) -> str:
+        """The event's type."""
+        return self.event.event_type
+
+    @property
+    def timestamp(self) -> int:
+        """The event's time, in Unix seconds."""
+        return self.event.timestamp
+
+    @property
+    def details(self) -> str:
+        """The event's details."""
+        return self.event.details
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: the JSONL export writes one of these per line."""
+        return {
+            "seq": self.seq,
+            "agent_id": self.event.agent_id.as_str(),
+            "event_type": self.event.event_type,
+            "timestamp": self.event.timestamp,
+            "details": self.event.details,
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class FleetStats:
+    """Totals for the whole store, kept up to date as states change."""
+
+    total: int
+    running: int
+    stopped: int
+    failed: int
+    budget_spent: float
+    pii_detections: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "total": self.total,
+            "running": self.running,
+            "stopped": self.stopped,
+            "failed": self.failed,
+            "budget_spent": self.budget_spent,
+            "pii_detections": self.pii_detections,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """An open hold on part of an agent's budget, made by ``reserve_budget``.
+
+    Settle it exactly once with ``commit_reservation`` or ``release_reservation``; if neither
+    happens before ``expires_at`` (Unix seconds) the store releases it by itself.
+    """
+
+    reservation_id: str
+    agent_id: AgentId
+    amount: float
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class AuditVerification:
+    """What ``verify_audit_log`` found.
+
+    ``ok`` is true when every record links to the one before it and its hash matches its
+    content. Otherwise ``first_bad_seq`` names the first record that does not, and ``reason``
+    says why. ``anchor_seq``/``anchor_hash`` are where the checked chain starts (after a prune).
+    """
+
+    ok: bool
+    checked: int
+    first_bad_seq: int | None = None
+    reason: str | None = None
+    anchor_seq: int = 0
+    anchor_hash: str = ""
+    last_seq: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "ok": self.ok,
+            "checked": self.checked,
+            "first_bad_seq": self.first_bad_seq,
+            "reason": self.reason,
+            "anchor_seq": self.anchor_seq,
+            "anchor_hash": self.anchor_hash,
+            "last_seq": self.last_seq,
+        }
