@@ -290,6 +290,35 @@ class StateManager:
         return cls(open_backend(url, **options), audit_key=audit_key)
 
     @classmethod
+    def with_sqlite(
+        cls, path: str | os.PathLike[str], *, audit_key: bytes | str | None = None, **options: Any
+    ) -> StateManager:
+        """A manager over one SQLite file (created if missing); state and audit trail persist.
+
+        ``options`` go to :class:`~iron_runtime_state.backends.sqlite.SQLiteBackend`.
+        """
+        from .backends.sqlite import SQLiteBackend
+
+        return cls(SQLiteBackend(path, **options), audit_key=audit_key)
+
+    @classmethod
+    def with_redis(
+        cls,
+        url: str = "redis://localhost:6379/0",
+        *,
+        namespace: str = "iron",
+        audit_key: bytes | str | None = None,
+        **options: Any,
+    ) -> StateManager:
+        """A manager over Redis: state shared by every process and host using the same namespace.
+
+        Needs the ``redis`` extra. ``options`` go to the Redis backend.
+        """
+        from .backends.redis import open_redis
+
+        return cls(open_redis(url, namespace=namespace, **options), audit_key=audit_key)
+
+    @classmethod
     def from_env(cls, **options: Any) -> StateManager:
         """``from_url($IRON_STATE_URL)`` (``memory://`` when unset).
 

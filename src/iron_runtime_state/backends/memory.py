@@ -56,7 +56,7 @@ class MemoryBackend(Backend):
         self._spent = array("d")
         self._pii = array("q")
         self._limit = array("d")  # NaN: no limit
-        self._changed = array("I")  # whole Unix seconds (floored) of the last change
+        self._changed = array("d")  # Unix time of the last change, for purge_agents
         self._free: list[int] = []
         # Open holds, only for agents that have some: id int -> {reservation id: (amount, expiry)}.
         self._holds: dict[int, dict[str, tuple[float, float]]] = {}
@@ -102,7 +102,7 @@ class MemoryBackend(Backend):
         self._pii[slot] = state.pii_detections
         limit = state.budget_limit
         self._limit[slot] = _NAN if limit is None else limit
-        self._changed[slot] = int(now)
+        self._changed[slot] = now
 
     def _insert(self, key: int, state: AgentState, now: float) -> None:
         code = _CODE[state.status]
@@ -113,14 +113,14 @@ class MemoryBackend(Backend):
             self._spent[slot] = state.budget_spent
             self._pii[slot] = state.pii_detections
             self._limit[slot] = _NAN if limit is None else limit
-            self._changed[slot] = int(now)
+            self._changed[slot] = now
         else:
             slot = len(self._status)
             self._status.append(code)
             self._spent.append(state.budget_spent)
             self._pii.append(state.pii_detections)
             self._limit.append(_NAN if limit is None else limit)
-            self._changed.append(int(now))
+            self._changed.append(now)
         self._index[key] = slot
         self._counts[code] += 1
         self._spent_total += state.budget_spent
@@ -247,7 +247,7 @@ class MemoryBackend(Backend):
                 return SpendResult(self._state(agent_id, slot), exceeded=True, reserved=reserved)
             self._spent[slot] = spent + amount
             self._spent_total += amount
-            self._changed[slot] = int(now)
+            self._changed[slot] = now
             return SpendResult(self._state(agent_id, slot), reserved=reserved)
 
     def record_pii(self, agent_id: AgentId, count: int, now: float) -> AgentState:
@@ -255,7 +255,7 @@ class MemoryBackend(Backend):
             slot = self._slot(agent_id)
             self._pii[slot] += count
             self._pii_total += count
-            self._changed[slot] = int(now)
+            self._changed[slot] = now
             return self._state(agent_id, slot)
 
     def set_status(
@@ -268,7 +268,7 @@ class MemoryBackend(Backend):
             self._counts[old] -= 1
             self._counts[code] += 1
             self._status[slot] = code
-            self._changed[slot] = int(now)
+            self._changed[slot] = now
             return _STATUSES[old], self._state(agent_id, slot)
 
     # -- reservations ----------------------------------------------------------------------
@@ -312,7 +312,7 @@ class MemoryBackend(Backend):
             spent = self._spent[slot] + actual
             self._spent[slot] = spent
             self._spent_total += actual
-            self._changed[slot] = int(now)
+            self._changed[slot] = now
             limit = self._limit[slot]
             exceeded = limit == limit and exceeds(spent, limit)
             return CommitResult(self._state(agent_id, slot), exceeded=exceeded)
@@ -447,7 +447,7 @@ class MemoryBackend(Backend):
             doomed = [
                 key
                 for key, slot in self._index.items()
-                if self._status[slot] in codes and self._changed[slot] + 1 <= changed_before
+                if self._status[slot] in codes and self._changed[slot] < changed_before
             ]
             for key in doomed:
                 agent_id = AgentId._trusted(_id_str(key), key)
