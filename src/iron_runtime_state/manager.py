@@ -377,6 +377,17 @@ class StateManager:
         log_events(records)
         return records
 
+    def save_agent_states(self, states: Iterable[AgentState]) -> int:
+        """Insert or replace many states in batches; all are validated before any is stored.
+
+        Returns how many were saved. Used for imports and ``iron-state copy``.
+        """
+        checked = [check_state(state) for state in states]
+        now = time.time()
+        for start in range(0, len(checked), BATCH_SIZE):
+            self._backend.save_many(checked[start : start + BATCH_SIZE], now)
+        return len(checked)
+
     def get_agent_states(self, agent_ids: Iterable[str | AgentId]) -> list[AgentState | None]:
         """The states of many agents in one batched read, in order; ``None`` where absent or invalid."""
         wanted = [try_parse(a) for a in agent_ids]

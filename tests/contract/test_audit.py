@@ -72,9 +72,7 @@ def test_keyed_chain_uses_hmac(store: StoreHandle) -> None:
     key = b"k" * 32
     manager = store.open(audit_key=key)
     record = manager.save_audit_log(AuditEvent(AgentId.test_fixture(1), "note", 1, ""))
-    canonical = (
-        f'{{"agent_id":"{AgentId.test_fixture(1)}","details":"","event_type":"note","timestamp":1}}'
-    )
+    canonical = f'{{"agent_id":"{AgentId.test_fixture(1)}","details":"","event_type":"note","timestamp":1}}'
     message = f"{record.prev_hash}\n{record.seq}\n{canonical}".encode()
     assert record.hash == hmac.new(key, message, "sha256").hexdigest()
     assert manager.verify_audit_log().ok
@@ -254,7 +252,7 @@ def test_chain_holds_under_concurrent_appends(store: StoreHandle) -> None:
 def test_export_jsonl_carries_the_chain(manager: StateManager, tmp_path: Path) -> None:
     agent_id = AgentId.generate()
     manager.save_audit_logs(events(agent_id, 12))
-    manager.save_audit_log(AuditEvent(agent_id, "note", 5, "ünïcode, \"quotes\"\nnewline"))
+    manager.save_audit_log(AuditEvent(agent_id, "note", 5, 'ünïcode, "quotes"\nnewline'))
     path = tmp_path / "audit.jsonl"
     assert manager.export_audit_log(path) == 13
     lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
@@ -314,9 +312,7 @@ def test_prune_keeps_the_rest_verifiable(manager: StateManager) -> None:
 
 def test_prune_stops_at_the_first_recent_record(manager: StateManager) -> None:
     agent_id = AgentId.generate()
-    manager.save_audit_logs(
-        [AuditEvent(agent_id, "e", ts, "") for ts in [100, 101, 500, 102, 103]]
-    )
+    manager.save_audit_logs([AuditEvent(agent_id, "e", ts, "") for ts in [100, 101, 500, 102, 103]])
     assert manager.prune_audit_log(before=200) == 2
     assert [r.event.timestamp for r in manager.audit_log()] == [500, 102, 103]
     assert manager.verify_audit_log().ok
