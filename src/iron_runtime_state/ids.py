@@ -6,7 +6,6 @@ receives an ``AgentId`` never checks the format again.
 
 from __future__ import annotations
 
-import functools
 import re
 import uuid
 from typing import Final
@@ -212,12 +211,30 @@ class AgentId:
         return self
 
 
-@functools.lru_cache(maxsize=16384)
+_CACHE: dict[str, AgentId] = {}
+_CACHE_MAX: Final = 16384
+
+
 def _parse_cached(value: str) -> AgentId | None:
-    """The id for a canonical string, or ``None``; cached because fleets look up the same ids."""
+    """The id for a canonical string, or ``None``; cached because fleets look up the same ids.
+
+    A plain dict, cleared when full: a hit costs one dict lookup, and dict operations are
+    thread-safe on every CPython, free-threaded builds included.
+    """
+    found = _CACHE.get(value)
+    if found is not None:
+        return found
     if len(value) != len(PREFIX) + _UUID_LEN or _CANONICAL.fullmatch(value) is None:
         return None
-    return AgentId._trusted(value, int(value[6:].replace("-", ""), 16))
+    found = AgentId._trusted(value, int(value[6:].replace("-", ""), 16))
+    if len(_CACHE) >= _CACHE_MAX:
+        _CACHE.clear()
+    _CACHE[value] = found
+    return found
+
+
+#: The id for a canonical ``str``, or ``None`` (cached; the manager's hot paths call it directly).
+parse_cached = _parse_cached
 
 
 def try_parse(value: object) -> AgentId | None:

@@ -15,12 +15,12 @@ import logging
 import math
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from secrets import token_hex
 from types import TracebackType
 from typing import IO, Any, Final, Literal
 
-from .audit_chain import AuditChain
+from .audit_chain import AuditChain, AuditRow
 from .backends import AuditQuery, Backend, SpendResult, open_backend
 from .backends.memory import MemoryBackend
 from .errors import (
@@ -29,7 +29,7 @@ from .errors import (
     StateTypeError,
     ValidationError,
 )
-from .ids import AgentId, coerce, try_parse
+from .ids import AgentId, coerce, parse_cached, try_parse
 from .models import (
     AgentState,
     AgentStatus,
@@ -45,6 +45,7 @@ from .models import (
 
 __all__ = ["BudgetHold", "StateManager"]
 
+_time = time.time
 audit_logger: Final = logging.getLogger("iron_runtime_state.audit")
 logger: Final = logging.getLogger("iron_runtime_state")
 
@@ -52,6 +53,7 @@ DEFAULT_URL: Final = "memory://"
 ENV_URL: Final = "IRON_STATE_URL"
 ENV_AUDIT_KEY: Final = "IRON_STATE_AUDIT_KEY"
 BATCH_SIZE: Final = 500
+VERIFY_BATCH: Final = 5000  # rows per read while verifying the chain
 EXPORT_FORMATS: Final = ("jsonl", "csv")
 EXPORT_COLUMNS: Final = (
     "seq",
@@ -85,9 +87,7 @@ def check_state(state: object) -> AgentState:
     """A validated private copy of ``state``; mutating the original later changes nothing."""
     if not isinstance(state, AgentState):
         raise StateTypeError(f"expected an AgentState, got {type(state).__name__}")
-    copy = state.copy()
-    copy.validate()
-    return copy
+    return state.checked_copy()
 
 
 def check_ttl(ttl: object) -> float:
@@ -264,6 +264,151 @@ def check_export_format(fmt: object) -> str:
     return str(fmt)
 
 
+def check_event(event: object) -> AuditEvent:
+    """``event`` if it is an :class:`AuditEvent`."""
+    if not isinstance(event, AuditEvent):
+        raise StateTypeError(f"expected an AuditEvent, got {type(event).__name__}")
+    return event
+
+
+def check_events(events: Iterable[AuditEvent]) -> list[AuditEvent]:
+    """The events as a list, each checked to be an :class:`AuditEvent` (for one atomic batch)."""
+    batch = list(events)
+    for event in batch:
+        if not isinstance(event, AuditEvent):
+            raise StateTypeError(f"expected AuditEvent items, got {type(event).__name__}")
+    return batch
+
+
+def in_batches(states: Sequence[AgentState]) -> Iterator[Sequence[AgentState]]:
+    """``states`` cut into write batches of :data:`BATCH_SIZE`."""
+    for start in range(0, len(states), BATCH_SIZE):
+        yield states[start : start + BATCH_SIZE]
+
+
+def parse_ids(agent_ids: Iterable[str | AgentId]) -> tuple[list[AgentId | None], list[AgentId]]:
+    """Each wanted id parsed (``None`` where invalid), and the valid ones to read."""
+    wanted = [try_parse(a) for a in agent_ids]
+    return wanted, [a for a in wanted if a is not None]
+
+
+def place_found(wanted: list[AgentId | None], found: Sequence[AgentState | None]) -> list[AgentState | None]:
+    """The states read for the valid ids, put back in the order asked, ``None`` for invalid ids."""
+    states = iter(found)
+    return [None if a is None else next(states) for a in wanted]
+
+
+def check_iteration(status: AgentStatus | str | None, batch_size: object) -> tuple[AgentStatus | None, int]:
+    """The status filter and batch size of ``iter_agent_states``."""
+    wanted = None if status is None else AgentStatus.parse(status)
+    return wanted, check_count(batch_size, "batch_size", minimum=1)
+
+
+def available(state: AgentState, reserved: float) -> float:
+    """What can still be reserved: ``limit - spent - open holds`` (``inf`` without a limit)."""
+    if state.budget_limit is None:
+        return math.inf
+    return max(0.0, state.budget_limit - state.budget_spent - reserved)
+
+
+def check_purge(
+    status: AgentStatus | str | Iterable[AgentStatus | str], older_than: object
+) -> tuple[tuple[AgentStatus, ...], float]:
+    """The statuses and the age in seconds of ``purge_agents``; running agents are never purged."""
+    wanted = statuses_of(status)
+    if AgentStatus.RUNNING in wanted:
+        raise ValidationError("purge_agents removes finished agents only; pass STOPPED and/or FAILED")
+    return wanted, check_amount(older_than, "older_than (seconds)")
+
+
+def env_config() -> tuple[str, str | None]:
+    """The store URL and audit key from ``$IRON_STATE_URL`` and ``$IRON_STATE_AUDIT_KEY``."""
+    return os.environ.get(ENV_URL) or DEFAULT_URL, os.environ.get(ENV_AUDIT_KEY) or None
+
+
+class AuditPages:
+    """The cursor of a paged audit query: which page to ask for next (no I/O).
+
+    ``while (query := pages.next_query()) is not None: page = <fetch>; pages.advance(page)``
+    """
+
+    __slots__ = ("_after", "_done", "_query", "_remaining", "_size", "_take")
+
+    def __init__(self, query: AuditQuery, page_size: int) -> None:
+        self._query = query
+        self._size = page_size
+        self._after = query.after_seq
+        self._remaining = query.limit
+        self._take = 0
+        self._done = False
+
+    def next_query(self) -> AuditQuery | None:
+        """The query for the next page, or ``None`` when every page was read."""
+        remaining = self._remaining
+        if self._done or (remaining is not None and remaining <= 0):
+            return None
+        self._take = take = self._size if remaining is None else min(self._size, remaining)
+        q = self._query
+        return AuditQuery(q.agent_id, q.event_type, q.since, q.until, self._after, take)
+
+    def advance(self, page: Sequence[AuditRecord]) -> None:
+        """Move past ``page``, the answer to the last :meth:`next_query`."""
+        if len(page) < self._take:
+            self._done = True
+            return
+        self._after = page[-1].seq
+        if self._remaining is not None:
+            self._remaining -= len(page)
+
+
+def verify_trail(
+    chain: AuditChain, rows: Iterable[AuditRow], anchor: tuple[int, str], head: tuple[int, str]
+) -> AuditVerification:
+    """Verify stored rows from ``anchor`` up to the ``head`` read before them.
+
+    Records appended while the rows are read are past the head and left out, so a busy trail
+    verifies too.
+    """
+    head_seq = head[0]
+    bounded = (row for row in rows if row[0] <= head_seq)
+    return chain.verify(bounded, anchor_seq=anchor[0], anchor_hash=anchor[1], head=head)
+
+
+def export_writer(file: str | os.PathLike[str] | IO[str], fmt: str) -> Callable[[Iterable[AuditRecord]], int]:
+    """A function that writes records to ``file`` (a path, or a text file open for writing)."""
+    if isinstance(file, (str, os.PathLike)):
+        path = file
+
+        def write_file(records: Iterable[AuditRecord]) -> int:
+            with open(path, "w", encoding="utf-8", newline="") as out:
+                return write_export(records, out, fmt)
+
+        return write_file
+    if not isinstance(file, io.TextIOBase) and not hasattr(file, "write"):
+        raise StateTypeError("file must be a path or a text file opened for writing")
+    out = file
+
+    def write_stream(records: Iterable[AuditRecord]) -> int:
+        return write_export(records, out, fmt)
+
+    return write_stream
+
+
+def check_unsettled(reservation: Reservation, settled: bool) -> None:
+    """Raise :class:`ReservationError` if a budget hold was already committed or released."""
+    if settled:
+        raise ReservationError(f"reservation {reservation.reservation_id} was already settled")
+
+
+def warn_unsettled(reservation: Reservation) -> None:
+    """Log that a budget hold's block ended without ``commit()`` (it is then released)."""
+    logger.warning(
+        "budget hold %s for %s ended without commit(); releasing it unspent",
+        reservation.reservation_id,
+        reservation.agent_id,
+    )
+
+
 class StateManager:
     """Live state of a fleet of agents, over any store.
 
@@ -324,8 +469,7 @@ class StateManager:
 
         ``$IRON_STATE_AUDIT_KEY``, when set, is the HMAC key of the audit chain.
         """
-        url = os.environ.get(ENV_URL) or DEFAULT_URL
-        key = os.environ.get(ENV_AUDIT_KEY) or None
+        url, key = env_config()
         return cls.from_url(url, audit_key=key, **options)
 
     @property
@@ -342,11 +486,13 @@ class StateManager:
 
     def save_agent_state(self, state: AgentState) -> None:
         """Insert or replace the agent's state; an invalid state raises and stores nothing."""
-        self._backend.save(check_state(state), time.time())
+        if type(state) is not AgentState and not isinstance(state, AgentState):
+            raise StateTypeError(f"expected an AgentState, got {type(state).__name__}")
+        self._backend.save(state.checked_copy(), _time())
 
     def get_agent_state(self, agent_id: str | AgentId) -> AgentState | None:
         """An independent copy of the agent's state; ``None`` if absent or not a valid id."""
-        aid = try_parse(agent_id)
+        aid = parse_cached(agent_id) if type(agent_id) is str else try_parse(agent_id)
         if aid is None:
             return None
         return self._backend.get(aid)
@@ -357,9 +503,7 @@ class StateManager:
 
     def save_audit_log(self, event: AuditEvent) -> AuditRecord:
         """Append ``event`` to the audit trail (and log it at DEBUG); returns the stored record."""
-        if not isinstance(event, AuditEvent):
-            raise StateTypeError(f"expected an AuditEvent, got {type(event).__name__}")
-        records = self._backend.append_audit((event,), self._chain)
+        records = self._backend.append_audit((check_event(event),), self._chain)
         log_events(records)
         return records[0]
 
@@ -367,10 +511,7 @@ class StateManager:
 
     def save_audit_logs(self, events: Iterable[AuditEvent]) -> list[AuditRecord]:
         """Append many events in one atomic batch: all of them are stored, or none."""
-        batch = list(events)
-        for event in batch:
-            if not isinstance(event, AuditEvent):
-                raise StateTypeError(f"expected AuditEvent items, got {type(event).__name__}")
+        batch = check_events(events)
         if not batch:
             return []
         records = self._backend.append_audit(batch, self._chain)
@@ -384,16 +525,14 @@ class StateManager:
         """
         checked = [check_state(state) for state in states]
         now = time.time()
-        for start in range(0, len(checked), BATCH_SIZE):
-            self._backend.save_many(checked[start : start + BATCH_SIZE], now)
+        for batch in in_batches(checked):
+            self._backend.save_many(batch, now)
         return len(checked)
 
     def get_agent_states(self, agent_ids: Iterable[str | AgentId]) -> list[AgentState | None]:
         """The states of many agents in one batched read, in order; ``None`` where absent or invalid."""
-        wanted = [try_parse(a) for a in agent_ids]
-        valid = [a for a in wanted if a is not None]
-        found = iter(self._backend.get_many(valid)) if valid else iter(())
-        return [None if a is None else next(found) for a in wanted]
+        wanted, valid = parse_ids(agent_ids)
+        return place_found(wanted, self._backend.get_many(valid) if valid else [])
 
     def remove_agent_state(self, agent_id: str | AgentId) -> bool:
         """Remove the agent (and its open reservations); ``True`` when something was removed."""
@@ -414,8 +553,7 @@ class StateManager:
         self, *, status: AgentStatus | str | None = None, batch_size: int = BATCH_SIZE
     ) -> Iterator[AgentState]:
         """Every state, or those with ``status``, fetched ``batch_size`` at a time."""
-        wanted = None if status is None else AgentStatus.parse(status)
-        size = check_count(batch_size, "batch_size", minimum=1)
+        wanted, size = check_iteration(status, batch_size)
         return self._backend.iter_states(wanted, size)
 
     def stats(self) -> FleetStats:
@@ -495,7 +633,7 @@ class StateManager:
         value = check_amount(amount, "amount", allow_zero=False)
         seconds = check_ttl(ttl)
         now = time.time()
-        result = self._backend.reserve(aid, value, seconds, now, uuid.uuid4().hex)
+        result = self._backend.reserve(aid, value, seconds, now, token_hex(16))
         if isinstance(result, SpendResult):
             self._append(budget_exceeded_event(aid, result, value, now, "reserve"))
             raise budget_exceeded_error(aid, result, value)
@@ -523,9 +661,7 @@ class StateManager:
     def budget_available(self, agent_id: str | AgentId) -> float:
         """What can still be reserved: ``limit - spent - open holds`` (``inf`` without a limit)."""
         state, reserved = self._backend.reserved(coerce(agent_id), time.time())
-        if state.budget_limit is None:
-            return math.inf
-        return max(0.0, state.budget_limit - state.budget_spent - reserved)
+        return available(state, reserved)
 
     def budget(self, agent_id: str | AgentId, estimate: float, *, ttl: float = 60.0) -> BudgetHold:
         """A hold as a context manager::
@@ -543,11 +679,9 @@ class StateManager:
     def verify_audit_log(self) -> AuditVerification:
         """Check the whole hash chain; the report names the first bad record and why."""
         head = self._backend.audit_head()
-        anchor_seq, anchor_hash = self._backend.audit_anchor()
-        rows = self._backend.iter_audit_rows(anchor_seq, 5000)
-        head_seq = head[0]
-        bounded = (row for row in rows if row[0] <= head_seq)
-        return self._chain.verify(bounded, anchor_seq=anchor_seq, anchor_hash=anchor_hash, head=head)
+        anchor = self._backend.audit_anchor()
+        rows = self._backend.iter_audit_rows(anchor[0], VERIFY_BATCH)
+        return verify_trail(self._chain, rows, anchor, head)
 
     def iter_audit_log(
         self,
@@ -566,19 +700,11 @@ class StateManager:
         return self._pages(query, size)
 
     def _pages(self, query: AuditQuery, size: int) -> Iterator[AuditRecord]:
-        remaining = query.limit
-        after = query.after_seq
-        while remaining is None or remaining > 0:
-            take = size if remaining is None else min(size, remaining)
-            page = self._backend.query_audit(
-                AuditQuery(query.agent_id, query.event_type, query.since, query.until, after, take)
-            )
+        pages = AuditPages(query, size)
+        while (next_query := pages.next_query()) is not None:
+            page = self._backend.query_audit(next_query)
             yield from page
-            if len(page) < take:
-                return
-            after = page[-1].seq
-            if remaining is not None:
-                remaining -= len(page)
+            pages.advance(page)
 
     def export_audit_log(
         self,
@@ -594,12 +720,7 @@ class StateManager:
         """
         fmt = check_export_format(format)
         records = self.iter_audit_log(**filters)
-        if isinstance(file, (str, os.PathLike)):
-            with open(file, "w", encoding="utf-8", newline="") as out:
-                return write_export(records, out, fmt)
-        if not isinstance(file, io.TextIOBase) and not hasattr(file, "write"):
-            raise StateTypeError("file must be a path or a text file opened for writing")
-        return write_export(records, file, fmt)
+        return export_writer(file, fmt)(records)
 
     def prune_audit_log(self, *, before: int) -> int:
         """Remove the oldest records with a timestamp before ``before`` (Unix seconds).
@@ -623,10 +744,7 @@ class StateManager:
 
         By default stopped and failed agents. Returns the removed ids.
         """
-        wanted = statuses_of(status)
-        if AgentStatus.RUNNING in wanted:
-            raise ValidationError("purge_agents removes finished agents only; pass STOPPED and/or FAILED")
-        age = check_amount(older_than, "older_than (seconds)")
+        wanted, age = check_purge(status, older_than)
         return self._backend.purge_agents(wanted, time.time() - age)
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -663,16 +781,14 @@ class BudgetHold:
 
     def commit(self, actual: float) -> AgentState:
         """Record what was really spent and free the hold."""
-        if self.settled:
-            raise ReservationError(f"reservation {self.reservation.reservation_id} was already settled")
+        check_unsettled(self.reservation, self.settled)
         state = self.manager.commit_reservation(self.reservation, actual)
         self.settled = True
         return state
 
     def release(self) -> None:
         """Free the hold without spending."""
-        if self.settled:
-            raise ReservationError(f"reservation {self.reservation.reservation_id} was already settled")
+        check_unsettled(self.reservation, self.settled)
         self.manager.release_reservation(self.reservation)
         self.settled = True
 
@@ -688,10 +804,6 @@ class BudgetHold:
         if self.settled:
             return
         if exc_type is None:
-            logger.warning(
-                "budget hold %s for %s ended without commit(); releasing it unspent",
-                self.reservation.reservation_id,
-                self.reservation.agent_id,
-            )
+            warn_unsettled(self.reservation)
         with contextlib.suppress(ReservationError):  # it expired meanwhile: nothing is held
             self.release()

@@ -27,6 +27,8 @@ __all__ = [
 ]
 
 _INF: Final = math.inf
+_MAX_COUNT: Final = 2**63
+_new_object = object.__new__
 EVENT_TYPE_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,63}")
 MAX_DETAILS_BYTES: Final = 64 * 1024
 MAX_TIMESTAMP: Final = 2**53  # exact in a float and in JSON numbers everywhere
@@ -107,7 +109,20 @@ class AgentState:
     budget_limit: float | None = None
 
     def __post_init__(self) -> None:
-        self.validate()
+        # The common case in one expression (cheap); validate() gives the precise error.
+        spent = self.budget_spent
+        pii = self.pii_detections
+        limit = self.budget_limit
+        if not (
+            type(self.agent_id) is AgentId
+            and type(self.status) is AgentStatus
+            and type(spent) is float
+            and 0.0 <= spent < _INF
+            and type(pii) is int
+            and 0 <= pii < _MAX_COUNT
+            and (limit is None or (type(limit) is float and 0.0 <= limit < _INF))
+        ):
+            self.validate()
 
     def validate(self) -> None:
         """Raise ``TypeError``/``ValueError`` subclasses if a field is invalid; normalise ints."""
@@ -139,13 +154,42 @@ class AgentState:
         pii_detections: int,
         budget_limit: float | None,
     ) -> AgentState:
-        """Build without validation, for values read back from a store that only holds valid ones."""
-        new: AgentState = object.__new__(cls)
+        """Build from values read back from a store (which holds only valid ones)."""
+        new: AgentState = _new_object(cls)
         new.agent_id = agent_id
         new.status = status
         new.budget_spent = budget_spent
         new.pii_detections = pii_detections
         new.budget_limit = budget_limit
+        return new
+
+    def checked_copy(self) -> AgentState:
+        """A validated, normalised copy: what a store keeps when this state is saved.
+
+        Each field is read once, so a thread changing this object meanwhile cannot slip an
+        invalid value past the checks.
+        """
+        agent_id = self.agent_id
+        status = self.status
+        spent = self.budget_spent
+        pii = self.pii_detections
+        limit = self.budget_limit
+        new: AgentState = _new_object(AgentState)
+        new.agent_id = agent_id
+        new.status = status
+        new.budget_spent = spent
+        new.pii_detections = pii
+        new.budget_limit = limit
+        if not (
+            type(agent_id) is AgentId
+            and type(status) is AgentStatus
+            and type(spent) is float
+            and 0.0 <= spent < _INF
+            and type(pii) is int
+            and 0 <= pii < _MAX_COUNT
+            and (limit is None or (type(limit) is float and 0.0 <= limit < _INF))
+        ):
+            new.validate()  # the slow path: normalises ints, or raises the precise error
         return new
 
     def copy(self) -> AgentState:

@@ -36,6 +36,9 @@ class BackendSpec:
     factory: str
     extra: str | None
     example: str
+    #: A factory in ``module`` building a native asyncio backend for the scheme; ``None`` serves
+    #: asyncio through the threaded adapter over ``factory`` (see ``async_base``).
+    async_factory: str | None = None
 
 
 SCHEMES: dict[str, BackendSpec] = {
@@ -59,10 +62,25 @@ def _supported() -> str:
 
 def open_backend(url: str, **options: object) -> Backend:
     """Build the backend for ``url``; ``options`` go to the backend's factory."""
+    scheme, spec = spec_for(url)
+    factory = cast(Callable[..., Backend], load_factory(scheme, spec, spec.factory))
+    return factory(url, **options)
+
+
+def spec_for(url: str) -> tuple[str, BackendSpec]:
+    """The scheme of ``url`` and its registry entry; a clear error for an unknown scheme."""
     scheme = scheme_of(url)
     spec = SCHEMES.get(scheme)
     if spec is None:
         raise ConfigurationError(f"unknown store URL scheme {scheme[:32]!r}; {_supported()}")
+    return scheme, spec
+
+
+def load_factory(scheme: str, spec: BackendSpec, name: str) -> Callable[..., object]:
+    """Import the backend module of ``spec`` and return its function ``name``.
+
+    A missing optional driver raises ``MissingDependency`` naming the extra to install.
+    """
     try:
         module = importlib.import_module(spec.module)
     except ImportError as exc:
@@ -72,5 +90,4 @@ def open_backend(url: str, **options: object) -> Backend:
             f"{scheme}:// needs the {spec.extra!r} extra: "
             f"pip install 'iron-runtime-state[{spec.extra}]' ({exc})"
         ) from exc
-    factory = cast(Callable[..., Backend], getattr(module, spec.factory))
-    return factory(url, **options)
+    return cast(Callable[..., object], getattr(module, name))

@@ -52,7 +52,7 @@ class AuditQuery:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built on every spend, and frozen init is slow
 class SpendResult:
     """What an atomic spend did: the new state, or why it was refused."""
 
@@ -61,7 +61,7 @@ class SpendResult:
     reserved: float = 0.0  # open holds at the time of the check
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CommitResult:
     """What committing a reservation did: the spend is always recorded."""
 
@@ -109,6 +109,9 @@ class Backend(abc.ABC):
     schemes: ClassVar[tuple[str, ...]] = ()
     #: Driver exception types that the wrapper turns into ``BackendError``.
     driver_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    #: Whether a call can wait on I/O or locks (files, sockets). The asyncio adapter runs the
+    #: calls of a blocking store in worker threads, and calls a non-blocking one (memory) directly.
+    blocking: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

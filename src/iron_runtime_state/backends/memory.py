@@ -32,10 +32,12 @@ from .base import AuditQuery, Backend, CommitResult, SpendResult, UpdateFn
 __all__ = ["MemoryBackend", "open_memory"]
 
 _STATUSES: Final = (AgentStatus.RUNNING, AgentStatus.STOPPED, AgentStatus.FAILED)
-_CODE: Final = {status: code for code, status in enumerate(_STATUSES)}
+# Keyed by the member's plain value: hashing a str is C-fast, hashing an Enum member is not.
+_CODE: Final = {status._value_: code for code, status in enumerate(_STATUSES)}
 _RUNNING: Final = 0
 _FREE: Final = 255
 _NAN: Final = math.nan
+_new_state = object.__new__
 
 
 def _id_str(key: int) -> str:
@@ -47,6 +49,7 @@ class MemoryBackend(Backend):
     """A thread-safe store in this process's memory; nothing survives the process."""
 
     schemes = ("memory",)
+    blocking = False  # every call holds the lock for microseconds: asyncio calls it directly
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
@@ -90,7 +93,7 @@ class MemoryBackend(Backend):
 
     def _write(self, slot: int, state: AgentState, now: float) -> None:
         """Store ``state`` in an occupied slot, keeping the aggregates in step."""
-        code = _CODE[state.status]
+        code = _CODE[state.status._value_]
         old = self._status[slot]
         if old != code:
             self._counts[old] -= 1
@@ -105,7 +108,7 @@ class MemoryBackend(Backend):
         self._changed[slot] = now
 
     def _insert(self, key: int, state: AgentState, now: float) -> None:
-        code = _CODE[state.status]
+        code = _CODE[state.status._value_]
         limit = state.budget_limit
         if self._free:
             slot = self._free.pop()
@@ -128,12 +131,30 @@ class MemoryBackend(Backend):
 
     def save(self, state: AgentState, now: float) -> None:
         key = state.agent_id._int
+        code = _CODE[state.status._value_]
+        spent = state.budget_spent
+        pii = state.pii_detections
+        limit = state.budget_limit
         with self._lock:
             slot = self._index.get(key)
             if slot is None:
                 self._insert(key, state, now)
-            else:
-                self._write(slot, state, now)
+                return
+            # _write, inlined: this is the hottest write path.
+            status = self._status
+            old = status[slot]
+            if old != code:
+                self._counts[old] -= 1
+                self._counts[code] += 1
+                status[slot] = code
+            column = self._spent
+            self._spent_total += spent - column[slot]
+            column[slot] = spent
+            counts = self._pii
+            self._pii_total += pii - counts[slot]
+            counts[slot] = pii
+            self._limit[slot] = _NAN if limit is None else limit
+            self._changed[slot] = now
 
     def save_many(self, states: Sequence[AgentState], now: float) -> None:
         with self._lock:
@@ -141,11 +162,22 @@ class MemoryBackend(Backend):
                 self.save(state, now)
 
     def get(self, agent_id: AgentId) -> AgentState | None:
+        # The hottest path: read the columns under the lock, build the copy outside it.
         with self._lock:
             slot = self._index.get(agent_id._int)
             if slot is None:
                 return None
-            return self._state(agent_id, slot)
+            code = self._status[slot]
+            spent = self._spent[slot]
+            pii = self._pii[slot]
+            limit = self._limit[slot]
+        state: AgentState = _new_state(AgentState)  # no re-validation: the store holds valid values
+        state.agent_id = agent_id
+        state.status = _STATUSES[code]
+        state.budget_spent = spent
+        state.pii_detections = pii
+        state.budget_limit = None if limit != limit else limit
+        return state
 
     def get_many(self, agent_ids: Sequence[AgentId]) -> list[AgentState | None]:
         index = self._index
@@ -183,7 +215,7 @@ class MemoryBackend(Backend):
     def iter_states(self, status: AgentStatus | None, batch_size: int) -> Iterator[AgentState]:
         with self._lock:
             keys = list(self._index)
-        want = None if status is None else _CODE[status]
+        want = None if status is None else _CODE[status._value_]
         for start in range(0, len(keys), batch_size):
             batch: list[AgentState] = []
             with self._lock:
@@ -264,7 +296,7 @@ class MemoryBackend(Backend):
         with self._lock:
             slot = self._slot(agent_id)
             old = self._status[slot]
-            code = _CODE[status]
+            code = _CODE[status._value_]
             self._counts[old] -= 1
             self._counts[code] += 1
             self._status[slot] = code
@@ -441,7 +473,7 @@ class MemoryBackend(Backend):
             return n
 
     def purge_agents(self, statuses: Sequence[AgentStatus], changed_before: float) -> list[str]:
-        codes = {_CODE[s] for s in statuses}
+        codes = {_CODE[s._value_] for s in statuses}
         removed: list[str] = []
         with self._lock:
             doomed = [
