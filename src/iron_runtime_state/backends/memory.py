@@ -9,6 +9,7 @@ the GIL (free-threaded CPython included); each operation holds it for a few micr
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 import threading
 from array import array
@@ -40,6 +41,46 @@ _NAN: Final = math.nan
 _new_state = object.__new__
 
 
+class _Holds:
+    """One agent's open reservations: O(log n) expiry and an O(1) running total."""
+
+    __slots__ = ("amounts", "expiries", "total")
+
+    def __init__(self) -> None:
+        self.amounts: dict[str, tuple[float, float]] = {}  # id -> (amount, expires_at)
+        self.expiries: list[tuple[float, str]] = []  # a heap of (expires_at, id)
+        self.total = 0.0
+
+    def add(self, reservation_id: str, amount: float, expires_at: float) -> None:
+        self.amounts[reservation_id] = (amount, expires_at)
+        heapq.heappush(self.expiries, (expires_at, reservation_id))
+        self.total += amount
+
+    def take(self, reservation_id: str) -> tuple[float, float] | None:
+        entry = self.amounts.pop(reservation_id, None)
+        if entry is not None:
+            self._subtract(entry[0])
+        return entry
+
+    def expire(self, now: float) -> float:
+        """Drop holds whose time is up; return the total of those left."""
+        expiries = self.expiries
+        while expiries and expiries[0][0] <= now:
+            _, rid = heapq.heappop(expiries)
+            entry = self.amounts.get(rid)
+            if entry is not None and entry[1] <= now:
+                del self.amounts[rid]
+                self._subtract(entry[0])
+        if len(expiries) > 2 * len(self.amounts) + 16:  # settled holds linger in the heap
+            self.expiries = [(e, rid) for rid, (_, e) in self.amounts.items()]
+            heapq.heapify(self.expiries)
+        return self.total
+
+    def _subtract(self, amount: float) -> None:
+        # Exactly zero once nothing is held, so rounding never builds up across holds.
+        self.total = self.total - amount if self.amounts else 0.0
+
+
 def _id_str(key: int) -> str:
     h = f"{key:032x}"
     return f"agent_{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
@@ -61,8 +102,8 @@ class MemoryBackend(Backend):
         self._limit = array("d")  # NaN: no limit
         self._changed = array("d")  # Unix time of the last change, for purge_agents
         self._free: list[int] = []
-        # Open holds, only for agents that have some: id int -> {reservation id: (amount, expiry)}.
-        self._holds: dict[int, dict[str, tuple[float, float]]] = {}
+        # Open holds, only for agents that have some.
+        self._holds: dict[int, _Holds] = {}
         # Aggregates for stats().
         self._counts = [0, 0, 0]
         self._spent_total = 0.0
@@ -256,15 +297,12 @@ class MemoryBackend(Backend):
     def _open_holds(self, key: int, now: float) -> float:
         """Sum of the agent's unexpired holds, dropping the expired ones."""
         holds = self._holds.get(key)
-        if not holds:
+        if holds is None:
             return 0.0
-        expired = [rid for rid, (_, expiry) in holds.items() if expiry <= now]
-        for rid in expired:
-            del holds[rid]
-        if not holds:
+        total = holds.expire(now)
+        if not holds.amounts:
             del self._holds[key]
-            return 0.0
-        return math.fsum(amount for amount, _ in holds.values())
+        return total
 
     def record_spend(self, agent_id: AgentId, amount: float, now: float) -> SpendResult:
         key = agent_id._int
@@ -320,14 +358,17 @@ class MemoryBackend(Backend):
             if limit == limit and exceeds(self._spent[slot] + reserved + amount, limit):
                 return SpendResult(self._state(agent_id, slot), exceeded=True, reserved=reserved)
             expires_at = now + ttl
-            self._holds.setdefault(key, {})[reservation_id] = (amount, expires_at)
+            holds = self._holds.get(key)
+            if holds is None:
+                holds = self._holds[key] = _Holds()
+            holds.add(reservation_id, amount, expires_at)
             return Reservation(reservation_id, agent_id, amount, expires_at)
 
     def _take_hold(self, reservation: Reservation, now: float, action: str) -> None:
         key = reservation.agent_id._int
         holds = self._holds.get(key)
-        entry = holds.pop(reservation.reservation_id, None) if holds else None
-        if holds is not None and not holds:
+        entry = None if holds is None else holds.take(reservation.reservation_id)
+        if holds is not None and not holds.amounts:
             del self._holds[key]
         if entry is None or entry[1] <= now:
             raise ReservationError(
