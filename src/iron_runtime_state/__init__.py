@@ -14,6 +14,7 @@ in-memory store, a SQLite file or Redis, chosen by URL::
 
 from __future__ import annotations
 
+from .aio import AsyncBudgetHold, AsyncStateManager
 from .audit_chain import GENESIS_HASH
 from .errors import (
     AgentNotFound,
@@ -52,6 +53,8 @@ __all__ = [
     "AgentNotRunning",
     "AgentState",
     "AgentStatus",
+    "AsyncBudgetHold",
+    "AsyncStateManager",
     "AuditEvent",
     "AuditRecord",
     "AuditVerification",

@@ -1,4 +1,9 @@
-"""Fixtures that run every contract test against every store kind in ``stores.PROVISIONERS``."""
+"""Fixtures that run every contract test against every store kind in ``stores.PROVISIONERS``,
+through each API: ``StateManager`` ("sync") and ``AsyncStateManager`` ("async").
+
+For "async" the tests, written once against StateManager, get a facade (facade.py) that turns
+each call into the AsyncStateManager's coroutine on an event loop in a background thread.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +14,33 @@ import pytest
 
 from iron_runtime_state import AgentId, AgentState, AgentStatus, StateManager
 
+from .facade import LoopThread
 from .stores import PROVISIONERS, StoreHandle
+
+APIS = ("sync", "async")
+
+
+@pytest.fixture(params=APIS)
+def api(request: pytest.FixtureRequest) -> str:
+    """Which manager the tests drive: StateManager, or AsyncStateManager behind the facade."""
+    return str(request.param)
 
 
 @pytest.fixture(params=sorted(PROVISIONERS))
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreHandle]:
-    """An empty store of each kind in turn."""
+def store(request: pytest.FixtureRequest, tmp_path: Path, api: str) -> Iterator[StoreHandle]:
+    """An empty store of each kind in turn, opening managers of the api under test."""
     handle = PROVISIONERS[request.param](request, tmp_path)
+    loop = LoopThread() if api == "async" else None
+    if loop is not None:
+        handle.wrap_async = loop.facade
     try:
         yield handle
     finally:
-        handle.close_all()
+        try:
+            handle.close_all()
+        finally:
+            if loop is not None:
+                loop.close()
 
 
 @pytest.fixture

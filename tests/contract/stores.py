@@ -13,14 +13,17 @@ that the hash chain catches it).
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from iron_runtime_state import AuditEvent, AuditRecord, StateManager
+from iron_runtime_state import AsyncStateManager, AuditEvent, AuditRecord, StateManager
 from iron_runtime_state.backends.memory import MemoryBackend
+from iron_runtime_state.backends.redis_layout import RedisLayout
 
 
 class StoreHandle:
@@ -32,6 +35,9 @@ class StoreHandle:
     multiprocess = False
     #: Multiplier for loop counts in load tests (slow stores run fewer iterations).
     scale = 1.0
+    #: Set by the conftest for the "async" api: gives an AsyncStateManager StateManager's
+    #: synchronous interface (facade.py), so ``open()`` hands the tests one of those instead.
+    wrap_async: Callable[[AsyncStateManager], StateManager] | None = None
 
     def __init__(self) -> None:
         self._opened: list[StateManager] = []
@@ -45,10 +51,20 @@ class StoreHandle:
         return StateManager.from_url(self.url, **options)
 
     def open(self, **options: Any) -> StateManager:
-        """A new manager over this same store (closed at the end of the test)."""
-        manager = self._open(**options)
+        """A new manager over this same store (closed at the end of the test).
+
+        With ``wrap_async`` set, an AsyncStateManager over the store, behind that wrapper.
+        """
+        if self.wrap_async is not None:
+            manager = self.wrap_async(self.open_async(**options))
+        else:
+            manager = self._open(**options)
         self._opened.append(manager)
         return manager
+
+    def open_async(self, **options: Any) -> AsyncStateManager:
+        """A new AsyncStateManager over this same store (the caller closes it)."""
+        return AsyncStateManager.from_url(self.url, **options)
 
     def close_all(self) -> None:
         for manager in self._opened:
@@ -87,6 +103,9 @@ class MemoryHandle(StoreHandle):
         # Managers over the very same in-memory store.
         return StateManager(self._backend, **options)
 
+    def open_async(self, **options: Any) -> AsyncStateManager:
+        return AsyncStateManager(self._backend, **options)
+
     def close_all(self) -> None:
         self._opened.clear()
 
@@ -123,6 +142,151 @@ class MemoryHandle(StoreHandle):
         records.insert(i + 1, forged)
 
 
+class RedisHandle(StoreHandle):
+    """A unique namespace on the session's standalone redis-server (tests/conftest.py)."""
+
+    name = "redis"
+    multiprocess = True
+    scale = 0.25
+
+    def __init__(self, base_url: str, client: Callable[[], Any]) -> None:
+        super().__init__()
+        self.namespace = f"t{uuid.uuid4().hex[:12]}"
+        self._base_url = base_url
+        self._client = client
+        self._layout = RedisLayout(self.namespace)
+
+    @property
+    def url(self) -> str:
+        return f"{self._base_url}?namespace={self.namespace}"
+
+    # The trail is a stream whose entry ids are "<seq>-0"; entries cannot be edited in place,
+    # so edits rewrite the stream with the same ids, as an attacker with write access could.
+    def _rewrite(self, change: Callable[[list[tuple[bytes, dict[bytes, bytes]]]], None]) -> None:
+        client = self._client()
+        log = self._layout.audit_log
+        entries = [(entry_id, dict(fields)) for entry_id, fields in client.xrange(log)]
+        change(entries)
+        client.delete(log)
+        for entry_id, fields in entries:
+            client.xadd(log, fields, id=entry_id)
+
+    @staticmethod
+    def _find(entries: list[tuple[bytes, dict[bytes, bytes]]], seq: int) -> int:
+        return next(i for i, (entry_id, _) in enumerate(entries) if entry_id == f"{seq}-0".encode())
+
+    def tamper_edit_details(self, manager: StateManager, seq: int, details: str) -> None:
+        def change(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+            entries[self._find(entries, seq)][1][b"details"] = details.encode()
+
+        self._rewrite(change)
+
+    def tamper_delete(self, manager: StateManager, seq: int) -> None:
+        self._client().xdel(self._layout.audit_log, f"{seq}-0")
+
+    def tamper_swap(self, manager: StateManager, seq_a: int, seq_b: int) -> None:
+        content = (b"agent_id", b"event_type", b"timestamp", b"details")
+
+        def change(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+            a = entries[self._find(entries, seq_a)][1]
+            b = entries[self._find(entries, seq_b)][1]
+            for key in content:
+                a[key], b[key] = b[key], a[key]
+
+        self._rewrite(change)
+
+    def tamper_insert(self, manager: StateManager, after_seq: int, event: AuditEvent) -> None:
+        def change(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+            i = self._find(entries, after_seq)
+            forged = {
+                b"agent_id": event.agent_id.as_str().encode(),
+                b"event_type": event.event_type.encode(),
+                b"timestamp": str(event.timestamp).encode(),
+                b"details": event.details.encode(),
+                b"prev_hash": entries[i][1][b"hash"],
+                b"hash": b"f" * 64,
+            }
+            entries.insert(i + 1, (f"{after_seq}-1".encode(), forged))
+
+        self._rewrite(change)
+
+
+class RedisClusterHandle(RedisHandle):
+    """A unique namespace on the session's three-master Redis Cluster (tests/conftest.py)."""
+
+    name = "redis-cluster"
+
+
+class SQLiteHandle(StoreHandle):
+    """A new SQLite file in the test's temporary folder."""
+
+    name = "sqlite"
+    multiprocess = True
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.path = folder / "store.db"
+
+    @property
+    def url(self) -> str:
+        return f"sqlite:///{self.path}"  # the path is absolute: sqlite:////tmp/...
+
+    # Raw sqlite3 on the file, as anyone who can write to it could.
+    def _edit(self, *statements: tuple[str, tuple[object, ...]]) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for sql, params in statements:
+                db.execute(sql, params)
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    def tamper_edit_details(self, manager: StateManager, seq: int, details: str) -> None:
+        self._edit(("UPDATE iron_audit SET details = ? WHERE seq = ?", (details, seq)))
+
+    def tamper_delete(self, manager: StateManager, seq: int) -> None:
+        self._edit(("DELETE FROM iron_audit WHERE seq = ?", (seq,)))
+
+    def tamper_swap(self, manager: StateManager, seq_a: int, seq_b: int) -> None:
+        swap = (
+            "UPDATE iron_audit SET (agent_id, event_type, timestamp, details) = "
+            "(SELECT agent_id, event_type, timestamp, details FROM iron_audit AS o "
+            "WHERE o.seq = (CASE iron_audit.seq WHEN ? THEN ? ELSE ? END)) WHERE seq IN (?, ?)"
+        )
+        self._edit((swap, (seq_a, seq_b, seq_a, seq_a, seq_b)))
+
+    def tamper_insert(self, manager: StateManager, after_seq: int, event: AuditEvent) -> None:
+        # Renumber the later records to make room, with the trigger that guards appends
+        # dropped for the moment (an attacker with write access can do all of this).
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            (trigger,) = db.execute(
+                "SELECT sql FROM sqlite_master WHERE name = 'iron_audit_appended'"
+            ).fetchone()
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("DROP TRIGGER iron_audit_appended")
+            db.execute("UPDATE iron_audit SET seq = -seq - 1 WHERE seq > ?", (after_seq,))
+            db.execute("UPDATE iron_audit SET seq = -seq WHERE seq < 0")
+            (prev_hash,) = db.execute("SELECT hash FROM iron_audit WHERE seq = ?", (after_seq,)).fetchone()
+            db.execute(
+                "INSERT INTO iron_audit VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    after_seq + 1,
+                    event.agent_id.as_str(),
+                    event.event_type,
+                    event.timestamp,
+                    event.details,
+                    prev_hash,
+                    "f" * 64,
+                ),
+            )
+            db.execute(trigger)
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+
 Provisioner = Callable[[pytest.FixtureRequest, Path], StoreHandle]
 
 
@@ -130,12 +294,34 @@ def _memory(request: pytest.FixtureRequest, tmp_path: Path) -> StoreHandle:
     return MemoryHandle()
 
 
+def _sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> StoreHandle:
+    return SQLiteHandle(tmp_path)
+
+
+def _redis(request: pytest.FixtureRequest, tmp_path: Path) -> StoreHandle:
+    server = request.getfixturevalue("redis_server")
+    return RedisHandle(server.url, server.client)
+
+
+def _redis_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> StoreHandle:
+    cluster = request.getfixturevalue("redis_cluster")
+    return RedisClusterHandle(cluster.url, cluster.client)
+
+
 #: Every store kind the contract suite runs against, by name.
 PROVISIONERS: dict[str, Provisioner] = {
     "memory": _memory,
+    "sqlite": _sqlite,
+    "redis": _redis,
+    "redis-cluster": _redis_cluster,
 }
 
 #: Which provisioner covers each registered URL scheme.
 SCHEME_COVERAGE: dict[str, str] = {
     "memory": "memory",
+    "sqlite": "sqlite",
+    "redis": "redis",
+    "rediss": "redis",  # the same backend over TLS; tests/test_redis.py runs it on a TLS server
+    "unix": "redis",  # the same backend over a unix socket; tests/test_redis.py covers the socket
+    "redis+cluster": "redis-cluster",
 }

@@ -43,6 +43,38 @@ class BackendSpec:
 
 SCHEMES: dict[str, BackendSpec] = {
     "memory": BackendSpec("iron_runtime_state.backends.memory", "open_memory", None, "memory://"),
+    "sqlite": BackendSpec(
+        "iron_runtime_state.backends.sqlite", "open_sqlite", None, "sqlite:///iron_state.db"
+    ),
+    # Redis: the sync backend, and its native asyncio twin on redis.asyncio (same keys and scripts).
+    "redis": BackendSpec(
+        "iron_runtime_state.backends.redis",
+        "open_redis",
+        "redis",
+        "redis://[user:password@]host:port/db",
+        async_factory="open_redis_async",
+    ),
+    "rediss": BackendSpec(
+        "iron_runtime_state.backends.redis",
+        "open_redis",
+        "redis",
+        "rediss://[user:password@]host:port/db",
+        async_factory="open_redis_async",
+    ),
+    "unix": BackendSpec(
+        "iron_runtime_state.backends.redis",
+        "open_redis",
+        "redis",
+        "unix:///path/to/redis.sock",
+        async_factory="open_redis_async",
+    ),
+    "redis+cluster": BackendSpec(
+        "iron_runtime_state.backends.redis",
+        "open_redis",
+        "redis",
+        "redis+cluster://host:port[,host:port...]",
+        async_factory="open_redis_async",
+    ),
 }
 
 

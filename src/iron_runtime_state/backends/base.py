@@ -69,7 +69,7 @@ class CommitResult:
     exceeded: bool  # the recorded spend took the agent past its limit
 
 
-def _wrap(method: _F, mapper: Callable[[BaseException], StateError]) -> _F:
+def _wrap(method: _F) -> _F:
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -77,14 +77,15 @@ def _wrap(method: _F, mapper: Callable[[BaseException], StateError]) -> _F:
         except StateError:
             raise
         except BaseException as exc:
-            if isinstance(exc, args[0].driver_errors):
-                raise mapper(exc) from exc
+            backend = args[0]
+            if isinstance(exc, backend.driver_errors):
+                raise backend.map_driver_error(exc) from exc
             raise
 
     return wrapper  # type: ignore[return-value]
 
 
-def _wrap_iter(method: _F, mapper: Callable[[BaseException], StateError]) -> _F:
+def _wrap_iter(method: _F) -> _F:
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -92,8 +93,9 @@ def _wrap_iter(method: _F, mapper: Callable[[BaseException], StateError]) -> _F:
         except StateError:
             raise
         except BaseException as exc:
-            if isinstance(exc, args[0].driver_errors):
-                raise mapper(exc) from exc
+            backend = args[0]
+            if isinstance(exc, backend.driver_errors):
+                raise backend.map_driver_error(exc) from exc
             raise
 
     return wrapper  # type: ignore[return-value]
@@ -117,17 +119,19 @@ class Backend(abc.ABC):
         super().__init_subclass__(**kwargs)
         if not cls.driver_errors:
             return
-        mapper = cls.map_driver_error
         for name in _WRAPPED:
             method = cls.__dict__.get(name)
             if method is None or getattr(method, "__isabstractmethod__", False):
                 continue
             wrap = _wrap_iter if name in _ITERATORS else _wrap
-            setattr(cls, name, wrap(method, mapper))
+            setattr(cls, name, wrap(method))
 
-    @staticmethod
-    def map_driver_error(exc: BaseException) -> StateError:
-        """The library error for a driver exception (the wrapper chains ``exc`` as the cause)."""
+    def map_driver_error(self, exc: BaseException) -> StateError:
+        """The library error for a driver exception (the wrapper chains ``exc`` as the cause).
+
+        Called on the backend, so the message can name the store (its file, its server); a
+        backend that needs nothing from the instance may override it as a ``staticmethod``.
+        """
         return BackendError(f"{type(exc).__name__}: {exc}")
 
     @property

@@ -176,7 +176,9 @@ class MemoryBackend(Backend):
         spent = state.budget_spent
         pii = state.pii_detections
         limit = state.budget_limit
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             slot = self._index.get(key)
             if slot is None:
                 self._insert(key, state, now)
@@ -196,6 +198,8 @@ class MemoryBackend(Backend):
             counts[slot] = pii
             self._limit[slot] = _NAN if limit is None else limit
             self._changed[slot] = now
+        finally:
+            lock.release()
 
     def save_many(self, states: Sequence[AgentState], now: float) -> None:
         with self._lock:
@@ -204,7 +208,10 @@ class MemoryBackend(Backend):
 
     def get(self, agent_id: AgentId) -> AgentState | None:
         # The hottest path: read the columns under the lock, build the copy outside it.
-        with self._lock:
+        # acquire/release costs half of what ``with`` does on CPython 3.11.
+        lock = self._lock
+        lock.acquire()
+        try:
             slot = self._index.get(agent_id._int)
             if slot is None:
                 return None
@@ -212,6 +219,8 @@ class MemoryBackend(Backend):
             spent = self._spent[slot]
             pii = self._pii[slot]
             limit = self._limit[slot]
+        finally:
+            lock.release()
         state: AgentState = _new_state(AgentState)  # no re-validation: the store holds valid values
         state.agent_id = agent_id
         state.status = _STATUSES[code]

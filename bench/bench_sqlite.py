@@ -1,0 +1,497 @@
+"""SQLite store: our operations against raw sqlite3 running the same statements, same run.
+
+Run: .venv/bin/python bench/bench_sqlite.py [--quick] [--json out.json] [--dir DIR]
+
+Baseline: a plain ``sqlite3`` connection on a second file that has the same schema (made by
+the store itself: tables, indexes and the triggers that keep the fleet totals and the chain
+head) and the same pragmas (WAL, synchronous=NORMAL, the same busy timeout), running the very
+statements the store runs, in autocommit or one transaction as the store does. The ratio is
+therefore the price of everything the library adds in Python: validation, the id and state
+objects, the read cache check, hashing, the records it returns. For transparency the two
+write paths are also timed against a plain table without triggers (informational). Each file
+first takes 4,000 writes, so that what is timed is the steady state of a running service, in
+which the WAL is checkpointed regularly.
+
+Then a trail of 1,000,000 records (100,000 with --quick): how fast verify_audit_log checks it,
+how an audit query by agent uses its index, and that exporting it keeps memory flat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import random
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _harness import Comparison, Op, compare, header, rss_bytes, save_json
+from iron_runtime_state import AgentId, AgentState, AgentStatus, AuditEvent, StateManager
+from iron_runtime_state.audit_chain import GENESIS_HASH, AuditChain
+from iron_runtime_state.backends import AuditQuery
+from iron_runtime_state.backends import sqlite as store
+
+# The store's own statements, so the baseline runs exactly what the store runs.
+UPSERT = store._SQL_UPSERT
+APPEND = store._SQL_APPEND
+GET = store._SQL_GET
+PRAGMAS = (
+    "PRAGMA synchronous = normal",
+    f"PRAGMA journal_size_limit = {store._JOURNAL_SIZE_LIMIT}",
+    f"PRAGMA cache_size = -{store.DEFAULT_PAGE_CACHE_MIB * 1024}",
+    "PRAGMA trusted_schema = OFF",
+)
+
+
+class ConstantChain(AuditChain):
+    """Bench-only: a chain whose seal is a constant, to price the hashing."""
+
+    def seal(
+        self, prev_hash: str, seq: int, agent_id: str, event_type: str, timestamp: int, details: str
+    ) -> str:
+        return GENESIS_HASH
+
+
+# Hash values for the baseline's records, made in advance: it pays for the INSERT only.
+POOL = 65_536
+HASHES = [os.urandom(32).hex() for _ in range(POOL)]
+
+
+class RawTrail:
+    """The baseline's position in its audit table.
+
+    The table's chain trigger takes a record only if it extends the head (the next seq, the
+    head's hash as prev_hash), so the baseline inserts linked records too, with hash values
+    from :data:`HASHES`.
+    """
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        found = db.execute("SELECT max(seq), hash FROM iron_audit").fetchone()
+        self.seq: int = found[0] or 0
+        self.prev: str = found[1] or GENESIS_HASH
+
+
+def raw_connection(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, timeout=30.0, cached_statements=256)
+    for pragma in PRAGMAS:
+        db.execute(pragma)
+    return db
+
+
+def same_schema(path: Path) -> sqlite3.Connection:
+    """A raw connection to a new file whose schema the store itself created."""
+    StateManager.with_sqlite(path).close()
+    return raw_connection(path)
+
+
+def plain_schema(path: Path) -> sqlite3.Connection:
+    """The same tables and indexes without any trigger (informational baseline)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    for statement in store.MIGRATIONS[0]:
+        if not statement.lstrip().upper().startswith("CREATE TRIGGER"):
+            db.execute(statement)
+    db.close()
+    return raw_connection(path)
+
+
+def operations(folder: Path, n: int, runs: int) -> list[Comparison]:
+    results: list[Comparison] = []
+    manager = StateManager.with_sqlite(folder / "ours.db")
+    raw = same_schema(folder / "raw.db")
+    plain = plain_schema(folder / "plain.db")
+    m = 1_000
+    ids = [AgentId.generate() for _ in range(m)]
+    keys = [a.as_str() for a in ids]
+    states = [AgentState(a, AgentStatus.RUNNING, float(i % 97), i % 5, 1e9) for i, a in enumerate(ids)]
+    manager.save_agent_states(states)
+    raw.execute("BEGIN")
+    raw.executemany(UPSERT, [(k, 0, float(i % 97), i % 5, 1e9, time.time()) for i, k in enumerate(keys)])
+    raw.execute("COMMIT")
+
+    # -- save_agent_state ---------------------------------------------------------------------
+    def ours_save(count: int) -> None:
+        save = manager.save_agent_state
+        for i in range(count):
+            save(states[i % m])
+
+    def upsert_on(db: sqlite3.Connection) -> Op:
+        def base_save(count: int) -> None:
+            execute = db.execute
+            for i in range(count):
+                s = states[i % m]
+                execute(
+                    UPSERT, (keys[i % m], 0, s.budget_spent, s.pii_detections, s.budget_limit, time.time())
+                )
+
+        return base_save
+
+    # Steady state first: every file past its first WAL checkpoints, as in a running service
+    # (until the -wal file first fills, commits skip the checkpoints that later ones share).
+    for warm in (ours_save, upsert_on(raw), upsert_on(plain)):
+        warm(4 * m)
+
+    results.append(
+        compare(
+            "save_agent_state vs raw upsert",
+            ours_save,
+            upsert_on(raw),
+            n=n,
+            runs=runs,
+            target=">= 0.8x throughput",
+        )
+    )
+    results.append(
+        compare(
+            "  (info) vs upsert, table without triggers",
+            ours_save,
+            upsert_on(plain),
+            n=n,
+            runs=runs,
+        )
+    )
+
+    # -- save_audit_log -----------------------------------------------------------------------
+    event = AuditEvent(ids[0], "tool_call", 1_700_000_000, "called search with 3 arguments")
+
+    def ours_append(count: int) -> None:
+        append = manager.save_audit_log
+        for _ in range(count):
+            append(event)
+
+    def insert_on(db: sqlite3.Connection) -> Op:
+        trail = RawTrail(db)
+
+        def base_append(count: int) -> None:
+            execute, pool = db.execute, HASHES
+            key, kind, at, details = keys[0], event.event_type, event.timestamp, event.details
+            seq, prev = trail.seq, trail.prev
+            for _ in range(count):
+                seq += 1
+                digest = pool[seq % POOL]
+                execute(APPEND, (seq, key, kind, at, details, prev, digest))
+                prev = digest
+            trail.seq, trail.prev = seq, prev
+
+        return base_append
+
+    results.append(
+        compare(
+            "save_audit_log vs raw single insert",
+            ours_append,
+            insert_on(raw),
+            n=n,
+            runs=runs,
+            target=">= 0.8x throughput",
+        )
+    )
+    results.append(
+        compare(
+            "  (info) vs insert, table without triggers",
+            ours_append,
+            insert_on(plain),
+            n=n,
+            runs=runs,
+        )
+    )
+
+    # -- get_agent_state ----------------------------------------------------------------------
+    def ours_get(count: int) -> None:
+        get = manager.get_agent_state
+        for i in range(count):
+            get(ids[i % m])
+
+    def base_get(count: int) -> None:
+        execute = raw.execute
+        for i in range(count):
+            execute(GET, (keys[i % m],)).fetchone()
+
+    results.append(
+        compare(
+            "get_agent_state vs raw primary-key select",
+            ours_get,
+            base_get,
+            n=n * 5,
+            runs=runs,
+            target=">= 1.0x throughput",
+        )
+    )
+    uncached = StateManager.with_sqlite(folder / "ours.db", read_cache=0)
+
+    def ours_get_uncached(count: int) -> None:
+        get = uncached.get_agent_state
+        for i in range(count):
+            get(ids[i % m])
+
+    results.append(
+        compare("  (info) read_cache=0 vs raw select", ours_get_uncached, base_get, n=n * 5, runs=runs)
+    )
+    uncached.close()
+
+    # -- save_audit_logs of 10,000 --------------------------------------------------------------
+    batch = [AuditEvent(ids[i % m], "tool_call", 1_700_000_000 + i, f"call {i}") for i in range(10_000)]
+
+    def ours_bulk(count: int) -> None:
+        for _ in range(count):
+            manager.save_audit_logs(batch)
+
+    trail = RawTrail(raw)
+
+    def base_bulk(count: int) -> None:
+        for _ in range(count):
+            seq, prev = trail.seq, trail.prev
+            rows = []
+            for e in batch:
+                seq += 1
+                digest = HASHES[seq % POOL]
+                rows.append((seq, e.agent_id.as_str(), e.event_type, e.timestamp, e.details, prev, digest))
+                prev = digest
+            raw.execute("BEGIN IMMEDIATE")
+            raw.executemany(APPEND, rows)
+            raw.execute("COMMIT")
+            trail.seq, trail.prev = seq, prev
+
+    results.append(
+        compare(
+            "save_audit_logs(10,000) vs raw executemany",
+            ours_bulk,
+            base_bulk,
+            n=1,
+            runs=runs,
+            target=">= 0.8x throughput",
+        )
+    )
+
+    # -- reservations ---------------------------------------------------------------------------
+    def ours_spend(count: int) -> None:
+        spend = manager.record_spend
+        for i in range(count):
+            spend(ids[i % m], 0.01)
+
+    def ours_pair(count: int) -> None:
+        reserve, commit = manager.reserve_budget, manager.commit_reservation
+        for i in range(count):
+            commit(reserve(ids[i % m], 0.02), 0.01)
+
+    results.append(
+        compare(
+            "reserve+commit vs record_spend", ours_pair, ours_spend, n=n // 2, runs=runs, target="<= 2.5x"
+        )
+    )
+
+    # -- the price of the hash chain ----------------------------------------------------------------
+    backend = manager.backend
+    chain, constant = AuditChain(), ConstantChain()
+
+    def appender(with_chain: AuditChain, size: int) -> Op:
+        events = tuple(batch[:size])
+
+        def run(count: int) -> None:
+            append = backend.append_audit
+            for _ in range(count):
+                append(events, with_chain)
+
+        return run
+
+    results.append(
+        compare(
+            "audit append: chain vs constant seal",
+            appender(chain, 1),
+            appender(constant, 1),
+            n=n,
+            runs=runs,
+            target="<= 1.25x",
+        )
+    )
+    results.append(
+        compare(
+            "  batches of 1,000: chain vs constant seal",
+            appender(chain, 1_000),
+            appender(constant, 1_000),
+            n=max(2, n // 1_000),
+            runs=runs,
+            target="<= 1.25x",
+        )
+    )
+    manager.close()
+    raw.close()
+    plain.close()
+    return results
+
+
+def big_trail(folder: Path, records: int, runs: int) -> tuple[list[Comparison], dict[str, float]]:
+    """verify, an indexed query by agent, and export on a store of ``records`` records."""
+    path = folder / "trail.db"
+    agents = [AgentId.generate() for _ in range(1_000)]
+    kinds = ["tool_call", "pii_detected", "status_changed", "budget_exceeded"]
+    figures: dict[str, float] = {}
+    with StateManager.with_sqlite(path) as manager:
+        started = time.perf_counter()
+        for start in range(0, records, 10_000):
+            manager.save_audit_logs(
+                [
+                    AuditEvent(agents[i % 1_000], kinds[i % 4], 1_600_000_000 + i, f"event {i} of the fleet")
+                    for i in range(start, min(records, start + 10_000))
+                ]
+            )
+        elapsed = time.perf_counter() - started
+        figures["append_records_per_s"] = records / elapsed
+        label = f"built a trail of {records:,} records"
+        print(f"{label:<42} {records / elapsed:>12,.0f} records/s (save_audit_logs of 10,000)")
+
+        # verify_audit_log vs the least any verifier does: read every row with raw sqlite3
+        # (one SELECT) and check it with the same AuditChain.verify.
+        raw = raw_connection(path)
+        reports = []
+
+        def ours_verify(count: int) -> None:
+            for _ in range(count):
+                reports.append(manager.verify_audit_log())
+
+        def base_verify(count: int) -> None:
+            for _ in range(count):
+                rows = raw.execute(f"SELECT {store._AUDIT_COLUMNS} FROM iron_audit ORDER BY seq")
+                reports.append(AuditChain().verify(rows))
+
+        gc.collect()
+        verify = compare(
+            f"verify_audit_log, whole {records:,}-record trail",
+            ours_verify,
+            base_verify,
+            n=1,
+            runs=3,
+            warmup=False,
+            target="see records/s below",
+        )
+        assert all(r.ok and r.checked == records for r in reports), reports[-1]
+        verify.ours_s /= records
+        verify.base_s /= records
+        figures["verify_records_per_s"] = 1.0 / verify.ours_s
+        print(
+            f"{'  verify_audit_log':<42} ours {1.0 / verify.ours_s:>12,.0f} records/s  "
+            f"raw rows + verify {1.0 / verify.base_s:>12,.0f} records/s  target: >= 200,000 records/s",
+            flush=True,
+        )
+        comparisons = [verify]
+
+        # Audit query by agent: the store's call vs the same indexed SELECT in raw sqlite3.
+        sql, params = store.audit_select(AuditQuery(agent_id=agents[0], limit=100))
+        plan = " | ".join(row[3] for row in raw.execute("EXPLAIN QUERY PLAN " + sql, params))
+        print(f"{'  query plan, audit_log(agent_id=, limit=100)':<42} {plan}")
+        rng = random.Random(1)
+        picks = [rng.choice(agents) for _ in range(1_000)]
+
+        def ours_query(count: int) -> None:
+            for i in range(count):
+                manager.audit_log(agent_id=picks[i % 1_000], limit=100)
+
+        def base_query(count: int) -> None:
+            for i in range(count):
+                q_sql, q_params = store.audit_select(AuditQuery(agent_id=picks[i % 1_000], limit=100))
+                raw.execute(q_sql, q_params).fetchall()
+
+        query = compare(
+            "audit_log(agent_id, limit=100), indexed",
+            ours_query,
+            base_query,
+            n=200,
+            runs=runs,
+            target="indexed: ms, not a scan",
+        )
+        comparisons.append(query)
+        per_query = query.ours_s
+        started = time.perf_counter()
+        raw.execute(
+            "SELECT seq FROM iron_audit NOT INDEXED WHERE agent_id = ? ORDER BY seq LIMIT 100 OFFSET 900",
+            (agents[0].as_str(),),
+        ).fetchall()
+        scan = time.perf_counter() - started
+        figures["query_by_agent_ms"] = per_query * 1e3
+        figures["full_scan_ms"] = scan * 1e3
+        print(
+            f"{'  one query by agent':<42} {per_query * 1e3:8.3f} ms  (a full scan of the trail "
+            f"instead: {scan * 1e3:,.0f} ms)",
+            flush=True,
+        )
+        raw.close()
+
+    figures.update(export_memory(path, records))
+    return comparisons, figures
+
+
+EXPORT_CHILD = r"""
+import gc, os, sys, time
+sys.path.insert(0, {bench!r})
+from _harness import rss_bytes
+from iron_runtime_state import StateManager
+with StateManager.with_sqlite({path!r}) as manager:
+    manager.export_audit_log(os.devnull)  # warm: fills SQLite's page cache up to its cap
+    gc.collect()
+    before = rss_bytes()
+    tenth = manager.export_audit_log(os.devnull, limit={records} // 10)
+    after_tenth = rss_bytes()
+    started = time.perf_counter()
+    count = manager.export_audit_log(os.devnull)
+    elapsed = time.perf_counter() - started
+    after_all = rss_bytes()
+print(count, elapsed, before, after_tenth, after_all)
+"""
+
+
+def export_memory(path: Path, records: int) -> dict[str, float]:
+    """Export a tenth of the trail, then all of it, in a fresh process; report its memory.
+
+    Memory is flat when exporting ten times as many records takes no more of it. A first
+    export fills SQLite's page cache to its cap (page_cache_mib) before anything is measured.
+    """
+    code = EXPORT_CHILD.format(bench=str(Path(__file__).parent), path=str(path), records=records)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    count, elapsed, before, after_tenth, after_all = (float(x) for x in done.stdout.split())
+    assert int(count) == records
+    mib = 1024 * 1024
+    print(
+        f"{'export_audit_log (jsonl), RSS':<42} {before / mib:.1f} MiB before, "
+        f"+{(after_tenth - before) / mib:.1f} MiB after {records // 10:,} records, "
+        f"+{(after_all - before) / mib:.1f} MiB after all {records:,} "
+        f"({records / elapsed:,.0f} records/s)  target: flat",
+        flush=True,
+    )
+    return {
+        "export_rss_before_mib": before / mib,
+        "export_rss_growth_tenth_mib": (after_tenth - before) / mib,
+        "export_rss_growth_all_mib": (after_all - before) / mib,
+        "export_records_per_s": records / elapsed,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer operations and a 100,000-record trail")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--dir", help="folder for the database files (default: a new temporary folder)")
+    args = parser.parse_args()
+    folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_sqlite_"))
+    folder.mkdir(parents=True, exist_ok=True)
+    header(f"SQLite store vs raw sqlite3 {sqlite3.sqlite_version}, same statements (files in {folder})")
+    n, runs, records = (1_000, 7, 100_000) if args.quick else (2_000, 11, 1_000_000)
+    try:
+        results = operations(folder, n, runs)
+        more, figures = big_trail(folder, records, runs)
+        results.extend(more)
+        save_json(args.json, results, sqlite_version=sqlite3.sqlite_version, rss=rss_bytes(), **figures)
+    finally:
+        if not args.dir:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,679 @@
+"""``AsyncStateManager``: the asyncio form of :class:`~iron_runtime_state.StateManager`.
+
+The same constructors and the same methods, with the same meaning, as coroutines; the two
+iterators are async iterators and ``budget()`` is an async context manager::
+
+    async with AsyncStateManager.from_url("sqlite:///state.db") as manager:
+        await manager.record_spend(agent_id, 0.25)
+        async with manager.budget(agent_id, 0.50) as hold:
+            await hold.commit(await call_the_model())
+
+Nothing here checks, builds or encodes anything by itself: validation, audit events, paging and
+export formatting are the functions of :mod:`iron_runtime_state.manager` that ``StateManager``
+uses too, and the store is an :class:`~iron_runtime_state.backends.async_base.AsyncBackend`. This
+class awaits the store between those steps, and that is all it adds.
+
+Cancellation: every store operation is atomic, so a cancelled call has either happened or not.
+The calls that write an audit event besides their change (``record_spend`` and
+``reserve_budget`` when refused, ``record_pii_detection``, ``set_status``,
+``commit_reservation`` past the limit) are never cut between the two: if the caller is
+cancelled mid-way it gets ``CancelledError`` at once, and the call finishes in the background
+(``close()`` waits for it). A hold whose ``reserve_budget`` caller was cancelled that way is
+released as soon as it is made: nobody holds the reservation to settle it.
+
+Use one manager from one event loop. asyncio is imported on first use, so importing the package
+stays cheap for sync programs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any, Concatenate, Final, Literal, ParamSpec, TypeVar
+
+from .audit_chain import AuditChain
+from .backends import AuditQuery, Backend, SpendResult
+from .backends.async_base import AsyncBackend, ThreadedAsyncBackend, open_async_backend
+from .backends.memory import MemoryBackend
+from .errors import ReservationError, StateTypeError
+from .ids import AgentId, coerce, try_parse
+from .manager import (
+    BATCH_SIZE,
+    VERIFY_BATCH,
+    AuditPages,
+    audit_key_bytes,
+    audit_query,
+    available,
+    budget_exceeded_error,
+    budget_exceeded_event,
+    check_event,
+    check_events,
+    check_export_format,
+    check_iteration,
+    check_purge,
+    check_reservation,
+    check_state,
+    check_timestamp,
+    check_ttl,
+    check_unsettled,
+    env_config,
+    export_writer,
+    in_batches,
+    log_events,
+    logger,
+    make_update,
+    overspend_event,
+    parse_ids,
+    pii_event,
+    place_found,
+    status_event,
+    verify_trail,
+    warn_unsettled,
+)
+from .models import (
+    AgentState,
+    AgentStatus,
+    AuditEvent,
+    AuditRecord,
+    AuditVerification,
+    FleetStats,
+    Reservation,
+    check_amount,
+    check_count,
+)
+
+if TYPE_CHECKING:
+    import asyncio
+
+__all__ = ["AsyncBudgetHold", "AsyncStateManager"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_T = TypeVar("_T")
+
+#: Records handed at a time from the event loop to the thread that verifies or exports them.
+HANDOFF_BATCH: Final = 5000
+
+
+def _completes(
+    method: Callable[Concatenate[AsyncStateManager, _P], Coroutine[Any, Any, _R]],
+) -> Callable[Concatenate[AsyncStateManager, _P], Coroutine[Any, Any, _R]]:
+    """Run the operation to its end even if its caller is cancelled (see the module docstring)."""
+
+    @functools.wraps(method)
+    async def run(self: AsyncStateManager, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        operation = method(self, *args, **kwargs)
+        if not self._backend.suspends:  # runs straight through: nothing can cut it
+            return await operation
+        return await self._complete(operation)
+
+    return run
+
+
+async def _drain_in_thread(source: AsyncIterator[_T], consume: Callable[[Iterable[_T]], _R]) -> _R:
+    """``consume(items)`` in a worker thread, over items read from ``source`` on the event loop.
+
+    For work that is slow without being I/O on the store: hashing a whole chain, writing an
+    export file. The loop reads the store (as only it may), a batch at a time; the thread does
+    the rest; the loop keeps serving other tasks. Cancelling stops the thread at its next batch.
+    """
+    import asyncio
+    import concurrent.futures
+
+    loop = asyncio.get_running_loop()
+    stop = threading.Event()
+
+    async def next_batch() -> list[_T]:
+        batch: list[_T] = []
+        if stop.is_set():
+            return batch
+        with contextlib.suppress(StopAsyncIteration):
+            while len(batch) < HANDOFF_BATCH:
+                batch.append(await source.__anext__())
+        return batch
+
+    def fetch() -> list[_T]:
+        future = asyncio.run_coroutine_threadsafe(next_batch(), loop)
+        while True:
+            try:
+                return future.result(timeout=1.0)
+            except concurrent.futures.TimeoutError:  # the loop may have gone: then stop
+                if loop.is_closed():
+                    raise _Stopped from None
+
+    def items() -> Iterator[_T]:
+        while not stop.is_set():
+            batch = fetch()
+            if not batch:
+                return
+            yield from batch
+        raise _Stopped
+
+    work = loop.run_in_executor(None, consume, items())
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        stop.set()
+        await asyncio.wait([work])  # never leave the thread reading a closed source
+        if not work.cancelled():
+            work.exception()  # _Stopped, most likely: retrieved, so never logged
+        raise
+    finally:
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def _settle(operation: Coroutine[Any, Any, _R], outcome: asyncio.Future[_R]) -> object:
+    """Run ``operation`` and hand its result or error to ``outcome`` while someone awaits it.
+
+    Once nobody does (the caller was cancelled), the task itself ends as the operation did, for
+    :meth:`AsyncStateManager._orphaned` to deal with.
+    """
+    import asyncio
+
+    try:
+        result = await operation
+    except BaseException as exc:
+        if outcome.done():
+            raise
+        if isinstance(exc, asyncio.CancelledError):  # the task itself (the loop is shutting down)
+            outcome.cancel()
+            raise
+        outcome.set_exception(exc)
+        return None
+    if not outcome.done():
+        outcome.set_result(result)
+    return result
+
+
+class _Stopped(Exception):
+    """Ends the worker side of :func:`_drain_in_thread` when its caller was cancelled."""
+
+
+class AsyncStateManager:
+    """Live state of a fleet of agents, over any store, for asyncio programs.
+
+    The asyncio twin of :class:`~iron_runtime_state.StateManager`: the same constructors and
+    methods, as coroutines. ``AsyncStateManager()`` keeps everything in this process's memory
+    (called directly, no thread); SQLite runs in a few worker threads, so the event loop never
+    waits on the file. Use it as ``async with`` or call :meth:`close`.
+    """
+
+    def __init__(
+        self, backend: AsyncBackend | Backend | None = None, *, audit_key: bytes | str | None = None
+    ) -> None:
+        """Use ``backend`` (in-memory when ``None``); a sync ``Backend`` is served through
+        :class:`~iron_runtime_state.backends.async_base.ThreadedAsyncBackend`. ``audit_key``
+        makes the chain HMAC-keyed."""
+        key = audit_key_bytes(audit_key)
+        if backend is None:
+            backend = MemoryBackend()
+        if isinstance(backend, Backend):
+            backend = ThreadedAsyncBackend(backend)
+        elif not isinstance(backend, AsyncBackend):
+            raise StateTypeError(
+                f"backend must be an AsyncBackend or a Backend, got {type(backend).__name__}"
+            )
+        self._backend: AsyncBackend = backend
+        self._chain = AuditChain(key)
+        self._background: set[asyncio.Task[Any]] = set()
+        self._background_lock = threading.Lock()
+
+    # -- constructors --------------------------------------------------------------------------
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        audit_key: bytes | str | None = None,
+        max_threads: int | None = None,
+        **options: Any,
+    ) -> AsyncStateManager:
+        """The manager for a store URL: ``memory://``, ``sqlite:///state.db``, ``redis://...``.
+
+        ``options`` go to the backend. ``max_threads`` bounds the worker threads of a store
+        served through threads (SQLite; default
+        :data:`~iron_runtime_state.backends.async_base.DEFAULT_THREADS`).
+        """
+        key = audit_key_bytes(audit_key)  # a bad key fails before anything is opened
+        return cls(open_async_backend(url, max_threads=max_threads, **options), audit_key=key)
+
+    @classmethod
+    def with_sqlite(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        audit_key: bytes | str | None = None,
+        max_threads: int | None = None,
+        **options: Any,
+    ) -> AsyncStateManager:
+        """A manager over one SQLite file (created if missing); calls run in worker threads.
+
+        ``options`` go to :class:`~iron_runtime_state.backends.sqlite.SQLiteBackend`.
+        """
+        from .backends.sqlite import SQLiteBackend
+
+        key = audit_key_bytes(audit_key)
+        store = ThreadedAsyncBackend(SQLiteBackend(path, **options), max_threads=max_threads)
+        return cls(store, audit_key=key)
+
+    @classmethod
+    def with_redis(
+        cls,
+        url: str = "redis://localhost:6379/0",
+        *,
+        namespace: str = "iron",
+        audit_key: bytes | str | None = None,
+        **options: Any,
+    ) -> AsyncStateManager:
+        """A manager over Redis: state shared by every process and host using the same namespace.
+
+        Needs the ``redis`` extra. The native asyncio backend, on ``redis.asyncio``, with the
+        sync backend's keys and Lua scripts; ``options`` are those of ``StateManager.with_redis``.
+        """
+        from .backends.redis import open_redis_async
+
+        key = audit_key_bytes(audit_key)
+        return cls(open_redis_async(url, namespace=namespace, **options), audit_key=key)
+
+    @classmethod
+    def from_env(cls, **options: Any) -> AsyncStateManager:
+        """``from_url($IRON_STATE_URL)`` (``memory://`` when unset).
+
+        ``$IRON_STATE_AUDIT_KEY``, when set, is the HMAC key of the audit chain.
+        """
+        url, key = env_config()
+        return cls.from_url(url, audit_key=key, **options)
+
+    @property
+    def backend(self) -> AsyncBackend:
+        """The store this manager delegates to."""
+        return self._backend
+
+    @property
+    def url(self) -> str:
+        """The store's URL, password masked."""
+        return self._backend.url
+
+    # -- the seed's operations -------------------------------------------------------------------
+
+    async def save_agent_state(self, state: AgentState) -> None:
+        """Insert or replace the agent's state; an invalid state raises and stores nothing."""
+        await self._backend.save(check_state(state), time.time())
+
+    async def get_agent_state(self, agent_id: str | AgentId) -> AgentState | None:
+        """An independent copy of the agent's state; ``None`` if absent or not a valid id."""
+        aid = try_parse(agent_id)
+        if aid is None:
+            return None
+        return await self._backend.get(aid)
+
+    async def list_agents(self) -> list[str]:
+        """Every stored agent's canonical id, in no promised order."""
+        return await self._backend.list_ids()
+
+    async def save_audit_log(self, event: AuditEvent) -> AuditRecord:
+        """Append ``event`` to the audit trail (and log it at DEBUG); returns the stored record."""
+        records = await self._backend.append_audit((check_event(event),), self._chain)
+        log_events(records)
+        return records[0]
+
+    # -- beyond the seed -------------------------------------------------------------------------
+
+    async def save_audit_logs(self, events: Iterable[AuditEvent]) -> list[AuditRecord]:
+        """Append many events in one atomic batch: all of them are stored, or none."""
+        batch = check_events(events)
+        if not batch:
+            return []
+        records = await self._backend.append_audit(batch, self._chain)
+        log_events(records)
+        return records
+
+    async def save_agent_states(self, states: Iterable[AgentState]) -> int:
+        """Insert or replace many states in batches; all are validated before any is stored."""
+        checked = [check_state(state) for state in states]
+        now = time.time()
+        for batch in in_batches(checked):
+            await self._backend.save_many(batch, now)
+        return len(checked)
+
+    async def get_agent_states(self, agent_ids: Iterable[str | AgentId]) -> list[AgentState | None]:
+        """The states of many agents in one batched read, in order; ``None`` where absent or invalid."""
+        wanted, valid = parse_ids(agent_ids)
+        return place_found(wanted, await self._backend.get_many(valid) if valid else [])
+
+    async def remove_agent_state(self, agent_id: str | AgentId) -> bool:
+        """Remove the agent (and its open reservations); ``True`` when something was removed."""
+        return await self._backend.remove(coerce(agent_id))
+
+    async def update_agent_state(
+        self, agent_id: str | AgentId, fn: Callable[[AgentState], AgentState]
+    ) -> AgentState:
+        """Atomic read-modify-write: ``fn`` gets a copy and returns the new state.
+
+        ``fn`` is a plain (not ``async``) function; it may run more than once, in a worker
+        thread, so it must be pure and quick. Raises ``AgentNotFound`` when the agent has no state.
+        """
+        aid = coerce(agent_id)
+        if inspect.iscoroutinefunction(fn):
+            raise StateTypeError("the update function must be a plain function, not async def")
+        return await self._backend.update(aid, make_update(aid, fn), time.time())
+
+    def iter_agent_states(
+        self, *, status: AgentStatus | str | None = None, batch_size: int = BATCH_SIZE
+    ) -> AsyncIterator[AgentState]:
+        """Every state, or those with ``status``, fetched ``batch_size`` at a time: ``async for``."""
+        wanted, size = check_iteration(status, batch_size)
+        return self._backend.iter_states(wanted, size)
+
+    async def stats(self) -> FleetStats:
+        """Fleet totals, kept up to date by every change (no agent is read)."""
+        return await self._backend.stats()
+
+    async def audit_log(
+        self,
+        *,
+        agent_id: str | AgentId | None = None,
+        event_type: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        after_seq: int | None = None,
+        limit: int | None = None,
+    ) -> list[AuditRecord]:
+        """Audit records in ``seq`` order; ``since``/``until`` bound the timestamp (inclusive)."""
+        query = audit_query(agent_id, event_type, since, until, after_seq, limit)
+        return await self._backend.query_audit(query)
+
+    async def audit_count(self) -> int:
+        """How many records the audit trail holds."""
+        return await self._backend.audit_count()
+
+    @_completes
+    async def record_spend(self, agent_id: str | AgentId, amount: float) -> AgentState:
+        """Atomically add ``amount`` (> 0) to the agent's spend and return the new state.
+
+        Past ``budget_limit`` (counting open holds) nothing changes, a ``budget_exceeded`` event
+        is written and :class:`~iron_runtime_state.BudgetExceeded` is raised.
+        """
+        aid = coerce(agent_id)
+        value = check_amount(amount, "amount", allow_zero=False)
+        now = time.time()
+        result = await self._backend.record_spend(aid, value, now)
+        if result.exceeded:
+            await self._append(budget_exceeded_event(aid, result, value, now, "spend"))
+            raise budget_exceeded_error(aid, result, value)
+        return result.state
+
+    @_completes
+    async def record_pii_detection(
+        self, agent_id: str | AgentId, count: int = 1, *, details: str = ""
+    ) -> AgentState:
+        """Atomically add ``count`` (>= 1) PII detections and write a ``pii_detected`` event."""
+        aid = coerce(agent_id)
+        n = check_count(count, "count", minimum=1)
+        now = time.time()
+        event = pii_event(aid, n, details, now)
+        state = await self._backend.record_pii(aid, n, now)
+        await self._append(event)
+        return state
+
+    @_completes
+    async def set_status(self, agent_id: str | AgentId, status: AgentStatus | str) -> AgentState:
+        """Atomically change the status; a real change writes a ``status_changed`` event."""
+        aid = coerce(agent_id)
+        new = AgentStatus.parse(status)
+        now = time.time()
+        old, state = await self._backend.set_status(aid, new, now)
+        if old is not new:
+            await self._append(status_event(aid, old, new, now))
+        return state
+
+    # -- reservations ----------------------------------------------------------------------------
+
+    @_completes
+    async def reserve_budget(
+        self, agent_id: str | AgentId, amount: float, *, ttl: float = 60.0
+    ) -> Reservation:
+        """Hold ``amount`` of the agent's budget before a call whose cost is known only after.
+
+        See :meth:`iron_runtime_state.StateManager.reserve_budget`.
+        """
+        aid = coerce(agent_id)
+        value = check_amount(amount, "amount", allow_zero=False)
+        seconds = check_ttl(ttl)
+        now = time.time()
+        result = await self._backend.reserve(aid, value, seconds, now, uuid.uuid4().hex)
+        if isinstance(result, SpendResult):
+            await self._append(budget_exceeded_event(aid, result, value, now, "reserve"))
+            raise budget_exceeded_error(aid, result, value)
+        return result
+
+    @_completes
+    async def commit_reservation(self, reservation: Reservation, actual: float) -> AgentState:
+        """Record what the call really cost and free the hold, atomically.
+
+        See :meth:`iron_runtime_state.StateManager.commit_reservation`.
+        """
+        held = check_reservation(reservation)
+        value = check_amount(actual, "actual")
+        now = time.time()
+        result = await self._backend.commit(held, value, now)
+        if result.exceeded:
+            await self._append(overspend_event(result.state, held, value, now))
+        return result.state
+
+    async def release_reservation(self, reservation: Reservation) -> None:
+        """Free the hold without spending; ``ReservationError`` if it is not open."""
+        await self._backend.release(check_reservation(reservation), time.time())
+
+    async def budget_available(self, agent_id: str | AgentId) -> float:
+        """What can still be reserved: ``limit - spent - open holds`` (``inf`` without a limit)."""
+        state, reserved = await self._backend.reserved(coerce(agent_id), time.time())
+        return available(state, reserved)
+
+    @contextlib.asynccontextmanager
+    async def budget(
+        self, agent_id: str | AgentId, estimate: float, *, ttl: float = 60.0
+    ) -> AsyncIterator[AsyncBudgetHold]:
+        """A hold as an async context manager::
+
+            async with manager.budget(agent_id, 0.50) as hold:
+                cost = await call_the_model()
+                await hold.commit(cost)
+
+        The hold is taken on entering (``BudgetExceeded`` there), and released if the block
+        raises (cancellation included) or ends without ``commit``.
+        """
+        hold = AsyncBudgetHold(self, await self.reserve_budget(agent_id, estimate, ttl=ttl))
+        async with hold:
+            yield hold
+
+    # -- the audit trail's integrity, export and retention -----------------------------------------
+
+    async def verify_audit_log(self) -> AuditVerification:
+        """Check the whole hash chain; the report names the first bad record and why.
+
+        The hashing runs in a worker thread while the loop reads the trail batch by batch.
+        """
+        head = await self._backend.audit_head()
+        anchor = await self._backend.audit_anchor()
+        rows = self._backend.iter_audit_rows(anchor[0], VERIFY_BATCH)
+        chain = self._chain
+        return await _drain_in_thread(rows, lambda checked: verify_trail(chain, checked, anchor, head))
+
+    def iter_audit_log(
+        self,
+        *,
+        agent_id: str | AgentId | None = None,
+        event_type: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        after_seq: int | None = None,
+        limit: int | None = None,
+        page_size: int = 5000,
+    ) -> AsyncIterator[AuditRecord]:
+        """Like :meth:`audit_log`, but streamed page by page: ``async for``."""
+        query = audit_query(agent_id, event_type, since, until, after_seq, limit)
+        size = check_count(page_size, "page_size", minimum=1)
+        return self._pages(query, size)
+
+    async def _pages(self, query: AuditQuery, size: int) -> AsyncIterator[AuditRecord]:
+        pages = AuditPages(query, size)
+        while (next_query := pages.next_query()) is not None:
+            page = await self._backend.query_audit(next_query)
+            for record in page:
+                yield record
+            pages.advance(page)
+
+    async def export_audit_log(
+        self,
+        file: str | os.PathLike[str] | IO[str],
+        *,
+        format: Literal["jsonl", "csv"] = "jsonl",
+        **filters: Any,
+    ) -> int:
+        """Stream the audit trail (or the part ``filters`` select) to a path or text file.
+
+        Pages are read on the event loop and written by a worker thread, so neither the store
+        nor the file blocks the loop. Returns the record count.
+        """
+        fmt = check_export_format(format)
+        records = self.iter_audit_log(**filters)
+        return await _drain_in_thread(records, export_writer(file, fmt))
+
+    async def prune_audit_log(self, *, before: int) -> int:
+        """Remove the oldest records with a timestamp before ``before``; the rest still verifies."""
+        return await self._backend.prune_audit(check_timestamp(before, "before"))
+
+    async def purge_agents(
+        self,
+        *,
+        older_than: float,
+        status: AgentStatus | str | Iterable[AgentStatus | str] = (
+            AgentStatus.STOPPED,
+            AgentStatus.FAILED,
+        ),
+    ) -> list[str]:
+        """Remove agents with ``status`` whose state has not changed for ``older_than`` seconds."""
+        wanted, age = check_purge(status, older_than)
+        return await self._backend.purge_agents(wanted, time.time() - age)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Finish the calls left running by cancelled callers, then release the store and threads."""
+        import asyncio
+
+        while True:  # a call finishing in the background may start one more (a release)
+            with self._background_lock:
+                pending = list(self._background)
+            if not pending:
+                break
+            await asyncio.wait(pending)
+        await self._backend.close()
+
+    async def __aenter__(self) -> AsyncStateManager:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncStateManager({self.url!r})"
+
+    async def _append(self, event: AuditEvent) -> None:
+        log_events(await self._backend.append_audit((event,), self._chain))
+
+    async def _complete(self, operation: Coroutine[Any, Any, _R]) -> _R:
+        """Await ``operation`` in a task of its own that a cancelled caller leaves running.
+
+        The task hands its outcome straight to the future the caller awaits: what
+        ``asyncio.shield`` does, less a future and a turn of the loop, on every spend.
+        """
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[_R] = loop.create_future()
+        task = loop.create_task(_settle(operation, outcome))
+        try:
+            return await outcome
+        except asyncio.CancelledError:
+            if outcome.done() and not outcome.cancelled():
+                outcome.exception()  # finished as the caller was cancelled: nobody reads it
+            if task.done():
+                self._orphaned(task)
+            else:
+                self._leave_running(task)
+            raise
+
+    def _leave_running(self, task: asyncio.Task[Any]) -> None:
+        with self._background_lock:
+            self._background.add(task)
+        task.add_done_callback(self._orphaned)
+
+    def _orphaned(self, task: asyncio.Task[Any]) -> None:
+        """A call whose caller was cancelled has ended: nobody will read what it returned."""
+        import asyncio
+
+        with self._background_lock:
+            self._background.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            logger.debug("a call whose caller was cancelled ended with %r", error)
+        elif isinstance(hold := task.result(), Reservation):
+            self._leave_running(asyncio.ensure_future(self.release_reservation(hold)))
+
+
+class AsyncBudgetHold:
+    """An open reservation used as an async context manager (see :meth:`AsyncStateManager.budget`)."""
+
+    def __init__(self, manager: AsyncStateManager, reservation: Reservation) -> None:
+        """A hold on ``reservation``, settled through ``manager``."""
+        self.manager = manager
+        self.reservation = reservation
+        self.settled = False
+
+    async def commit(self, actual: float) -> AgentState:
+        """Record what was really spent and free the hold."""
+        check_unsettled(self.reservation, self.settled)
+        state = await self.manager.commit_reservation(self.reservation, actual)
+        self.settled = True
+        return state
+
+    async def release(self) -> None:
+        """Free the hold without spending."""
+        check_unsettled(self.reservation, self.settled)
+        await self.manager.release_reservation(self.reservation)
+        self.settled = True
+
+    async def __aenter__(self) -> AsyncBudgetHold:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.settled:
+            return
+        if exc_type is None:
+            warn_unsettled(self.reservation)
+        with contextlib.suppress(ReservationError):  # it expired meanwhile: nothing is held
+            await self.release()

@@ -1,0 +1,140 @@
+-- Helpers shared by the scripts. Redis scripts cannot import one another, so
+-- redis_layout.load_scripts() puts in front of each script the definitions below that it uses
+-- (each separated from the next by a blank line, with its comment right above it).
+--
+-- Numbers cross the wire as text: floats are written with the shortest digits that read back as
+-- the same double (like Python's repr), and integers that may pass 2^53 (pii counts) are only
+-- ever changed with HINCRBY, which is exact to 64 bits.
+
+local LIMIT_TOLERANCE = __LIMIT_TOLERANCE__ -- iron_runtime_state.models.LIMIT_TOLERANCE
+
+local GENESIS_HASH = '__GENESIS_HASH__' -- iron_runtime_state.audit_chain.GENESIS_HASH
+
+-- The shortest text that reads back as exactly x.
+local function num(x)
+  if x == 0 then return '0' end
+  local s = string.format('%.15g', x)
+  if tonumber(s) == x then return s end
+  s = string.format('%.16g', x)
+  if tonumber(s) == x then return s end
+  return string.format('%.17g', x)
+end
+
+-- An integer as plain digits (tostring switches to exponent notation above 1e14).
+local function int(x)
+  return string.format('%d', x)
+end
+
+-- models.exceeds: whether total passes limit, allowing for binary rounding.
+local function exceeds(total, limit)
+  return total > limit + LIMIT_TOLERANCE * math.max(1.0, limit)
+end
+
+-- The correctly rounded sum of a list of numbers, as Python's math.fsum computes it
+-- (Shewchuk's exact partials, then CPython's round-half-even correction).
+local function fsum(xs)
+  local p = {}
+  for _, x in ipairs(xs) do
+    local kept = {}
+    for _, y in ipairs(p) do
+      if math.abs(x) < math.abs(y) then x, y = y, x end
+      local hi = x + y
+      local lo = y - (hi - x)
+      if lo ~= 0 then kept[#kept + 1] = lo end
+      x = hi
+    end
+    kept[#kept + 1] = x
+    p = kept
+  end
+  local n = #p
+  if n == 0 then return 0 end
+  local hi = p[n]
+  local lo = 0
+  n = n - 1
+  while n > 0 do
+    local x = hi
+    local y = p[n]
+    n = n - 1
+    hi = x + y
+    lo = y - (hi - x)
+    if lo ~= 0 then break end
+  end
+  if n > 0 and ((lo < 0 and p[n] < 0) or (lo > 0 and p[n] > 0)) then
+    local y = lo * 2
+    local x = hi + y
+    if y == x - hi then hi = x end
+  end
+  return hi
+end
+
+-- The server's clock in seconds. Reservations expire by this one clock, so clients on hosts
+-- whose clocks disagree still agree on which holds are open.
+local function server_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+-- Drop the agent's expired holds; return the sum of the open ones and how many there are.
+-- holds is a sorted set of "<reservation id>:<amount>" members scored by expiry time.
+local function open_holds(holds, now)
+  if redis.call('EXISTS', holds) == 0 then return 0, 0 end
+  redis.call('ZREMRANGEBYSCORE', holds, '-inf', num(now or server_now()))
+  local amounts = redis.call('ZRANGE', holds, 0, -1)
+  for i = 1, #amounts do amounts[i] = tonumber(string.match(amounts[i], ':([^:]*)$')) end
+  return fsum(amounts), #amounts
+end
+
+-- Remove one hold ("<reservation id>:<amount>"); true when it existed and had not expired.
+local function take_hold(holds, hold)
+  local expires_at = redis.call('ZSCORE', holds, hold)
+  if not expires_at then return false end
+  redis.call('ZREM', holds, hold)
+  return tonumber(expires_at) > server_now()
+end
+
+-- Add delta to a float field of a statistics hash.
+local function add_float(key, field, delta)
+  local current = tonumber(redis.call('HGET', key, field) or '0')
+  redis.call('HSET', key, field, num(current + delta))
+end
+
+-- Finished agents (stopped, failed) are indexed by their last change, so that purge_agents finds
+-- the old ones without reading every agent. Running agents are not in the index.
+local function index_finished(finished, agent_id, old_status, new_status, now)
+  if new_status ~= 'running' then
+    redis.call('ZADD', finished, now, agent_id)
+  elseif old_status and old_status ~= 'running' then
+    redis.call('ZREM', finished, agent_id)
+  end
+end
+
+-- The four stored fields of an agent, read after a change, as scripts reply them.
+local function stored_fields(agent)
+  local f = redis.call('HMGET', agent, 'status', 'budget_spent', 'pii_detections', 'budget_limit')
+  return f[1], f[2], f[3], f[4] or ''
+end
+
+-- Remove an agent whose stored {status, budget_spent, pii_detections} are f, with its holds.
+-- A group left empty drops its statistics hash, so no rounding residue outlives its agents.
+local function drop_agent(k, agent_id, f)
+  redis.call('DEL', k.agent, k.holds)
+  redis.call('ZREM', k.ids, agent_id)
+  redis.call('ZREM', k.finished, agent_id)
+  redis.call('HINCRBY', k.stats, f[1], -1)
+  if f[3] ~= '0' then redis.call('HINCRBY', k.stats, 'pii_detections', '-' .. f[3]) end
+  local counts = redis.call('HMGET', k.stats, 'running', 'stopped', 'failed')
+  local left = 0
+  for i = 1, 3 do left = left + (tonumber(counts[i]) or 0) end
+  if left == 0 then
+    redis.call('DEL', k.stats)
+  else
+    add_float(k.stats, 'budget_spent', -tonumber(f[2]))
+  end
+end
+
+-- An audit stream entry's fields as a table (field name -> value).
+local function entry_fields(flat)
+  local e = {}
+  for i = 1, #flat, 2 do e[flat[i]] = flat[i + 1] end
+  return e
+end

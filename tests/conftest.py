@@ -1,0 +1,46 @@
+"""Redis server fixtures, shared by the contract suite and tests/test_redis.py.
+
+Session-scoped: each pytest process (each xdist worker) starts its own servers on free loopback
+ports the first time a test asks for one, and stops them at the end. Tests isolate themselves
+with a unique namespace each, so they can share a server.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from .redis_servers import RedisCluster, RedisServer, redis_available, short_tmpdir
+
+
+def _need_redis() -> None:
+    if not redis_available():
+        pytest.skip("redis-server is not installed (scripts/test installs it)")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A standalone redis-server, also listening on a unix socket (``.unix_path``)."""
+    _need_redis()
+    folder = short_tmpdir("iron-redis-")
+    server = RedisServer(folder, unix_socket=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A Redis Cluster of three masters."""
+    _need_redis()
+    folder = short_tmpdir("iron-cluster-")
+    cluster = RedisCluster(folder)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,271 @@
+"""Prometheus metrics: the FleetCollector in a registry, and ``iron-state metrics`` as a real process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+prometheus_client = pytest.importorskip("prometheus_client")
+
+from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from iron_runtime_state import (  # noqa: E402
+    AgentId,
+    AgentState,
+    AgentStatus,
+    AuditEvent,
+    BackendUnavailable,
+    FleetStats,
+    StateManager,
+)
+from iron_runtime_state._demo import run_fleet  # noqa: E402
+from iron_runtime_state.backends import SCHEMES  # noqa: E402
+from iron_runtime_state.metrics import FleetCollector  # noqa: E402
+
+NAMES = (
+    "iron_state_agents",
+    "iron_state_budget_spent",
+    "iron_state_pii_detections",
+    "iron_state_audit_records",
+    "iron_state_up",
+    "iron_state_scrape_duration_seconds",
+)
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Parsed exposition text: (name, labels) -> value."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def expected(manager: StateManager) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    stats = manager.stats()
+    return {
+        ("iron_state_agents", (("status", "running"),)): stats.running,
+        ("iron_state_agents", (("status", "stopped"),)): stats.stopped,
+        ("iron_state_agents", (("status", "failed"),)): stats.failed,
+        ("iron_state_budget_spent", ()): pytest.approx(stats.budget_spent),
+        ("iron_state_pii_detections", ()): stats.pii_detections,
+        ("iron_state_audit_records", ()): manager.audit_count(),
+        ("iron_state_up", ()): 1.0,
+    }
+
+
+def small_fleet() -> StateManager:
+    manager = StateManager()
+    a, b, c = (AgentId.test_fixture(n) for n in (1, 2, 3))
+    manager.save_agent_states(
+        [
+            AgentState(a, AgentStatus.RUNNING, budget_limit=10.0),
+            AgentState(b, AgentStatus.STOPPED, budget_spent=2.5),
+            AgentState(c, AgentStatus.FAILED),
+        ]
+    )
+    manager.record_spend(a, 1.25)
+    manager.record_pii_detection(a, 2)
+    manager.save_audit_log(AuditEvent(c, "agent_error"))
+    return manager
+
+
+def test_collector_reports_the_fleet() -> None:
+    manager = small_fleet()
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(manager))
+    found = samples(generate_latest(registry).decode())
+    assert {k: v for k, v in found.items() if k[0] != "iron_state_scrape_duration_seconds"} == expected(
+        manager
+    )
+    assert found[("iron_state_agents", (("status", "running"),))] == 1
+    assert found[("iron_state_budget_spent", ())] == pytest.approx(3.75)
+    assert found[("iron_state_pii_detections", ())] == 2
+    assert found[("iron_state_audit_records", ())] == 2
+    assert found[("iron_state_scrape_duration_seconds", ())] >= 0
+
+
+def test_collector_reads_totals_at_scrape_time_and_never_scans() -> None:
+    class Counting(StateManager):
+        calls: list[str] = []  # noqa: RUF012
+
+        def stats(self) -> FleetStats:
+            self.calls.append("stats")
+            return super().stats()
+
+        def audit_count(self) -> int:
+            self.calls.append("audit_count")
+            return super().audit_count()
+
+        def iter_agent_states(self, **kwargs: object) -> Iterator[AgentState]:  # type: ignore[override]
+            raise AssertionError("the collector must not scan the agents")
+
+        def list_agents(self) -> list[str]:
+            raise AssertionError("the collector must not scan the agents")
+
+    manager = Counting()
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(manager))
+    assert manager.calls == []  # describe() names the metrics without reading the store
+    assert samples(generate_latest(registry).decode())[("iron_state_agents", (("status", "running"),))] == 0
+    manager.save_agent_state(AgentState(AgentId.test_fixture(9), AgentStatus.RUNNING))
+    assert samples(generate_latest(registry).decode())[("iron_state_agents", (("status", "running"),))] == 1
+    assert manager.calls == ["stats", "audit_count"] * 2
+
+
+def test_describe_lists_every_metric_without_samples() -> None:
+    described = list(FleetCollector(StateManager()).describe())
+    assert [m.name for m in described] == list(NAMES)
+    assert all(m.type == "gauge" and not m.samples for m in described)
+    assert all(m.documentation for m in described)
+
+
+def test_a_failing_store_scrapes_as_down(caplog: pytest.LogCaptureFixture) -> None:
+    class Down(StateManager):
+        def stats(self) -> FleetStats:
+            raise BackendUnavailable("connection refused")
+
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(Down()))
+    found = samples(generate_latest(registry).decode())
+    assert found[("iron_state_up", ())] == 0
+    assert not any(name == "iron_state_agents" for name, _ in found)
+    assert "connection refused" in caplog.text
+
+
+def test_register_in_the_default_registry() -> None:
+    from prometheus_client import REGISTRY
+
+    collector = FleetCollector(small_fleet())
+    REGISTRY.register(collector)
+    try:
+        text = generate_latest(REGISTRY).decode()
+        assert 'iron_state_agents{status="failed"} 1.0' in text
+    finally:
+        REGISTRY.unregister(collector)
+
+
+def test_collector_needs_a_manager() -> None:
+    with pytest.raises(TypeError, match="StateManager"):
+        FleetCollector("memory://")  # type: ignore[arg-type]
+    assert "memory://" in repr(FleetCollector(StateManager()))
+
+
+def test_core_library_does_not_import_prometheus_client() -> None:
+    code = (
+        "import sys, iron_runtime_state, iron_runtime_state.cli;sys.exit('prometheus_client' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False, timeout=60).returncode == 0
+
+
+def test_serve_metrics_on_a_free_port() -> None:
+    from iron_runtime_state.metrics import serve_metrics
+
+    manager = small_fleet()
+    server, thread = serve_metrics(manager, port=0)
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+        text = scrape(f"http://127.0.0.1:{server.server_port}/metrics", time.monotonic() + 10)
+        assert samples(text)[("iron_state_agents", (("status", "stopped"),))] == 1
+        assert "python_gc" not in text  # only the fleet's metrics
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_metrics_command_without_the_extra_is_one_line(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['prometheus_client'] = None\n"
+        "from iron_runtime_state.cli import main\n"
+        "main(['metrics', '--url', 'memory://'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IRON_STATE_")}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: iron_runtime_state.metrics needs the 'metrics' extra: "
+        "pip install 'iron-runtime-state[metrics]'"
+    ]
+
+
+# -- iron-state metrics as a process ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def iron_state_command() -> list[str]:
+    script = Path(sys.executable).with_name("iron-state")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from iron_runtime_state.cli import main; main()"]
+
+
+def scrape(url: str, deadline: float) -> str:
+    """GET ``url``, retrying until the server is up or ``deadline`` passes."""
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                assert response.status == 200
+                assert response.headers["Content-Type"].startswith("text/plain")
+                return str(response.read().decode())
+        except (urllib.error.URLError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("sqlite" not in SCHEMES, reason="the SQLite backend is not registered")
+def test_metrics_endpoint_as_a_process(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    with StateManager.from_url(url) as manager:
+        run_fleet(manager, agents=50, steps=4, seed=3)
+        want = expected(manager)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IRON_STATE_")}
+    process = subprocess.Popen(
+        [*iron_state_command(), "metrics", "--port", str(port), "--url", url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        text = scrape(f"http://127.0.0.1:{port}/metrics", time.monotonic() + 30)
+        found = samples(text)
+        assert {k: v for k, v in found.items() if k in want} == want
+        # Live: a change in the store shows at the next scrape.
+        with StateManager.from_url(url) as manager:
+            manager.save_agent_state(AgentState(AgentId.test_fixture(77), AgentStatus.RUNNING))
+        again = samples(scrape(f"http://127.0.0.1:{port}/metrics", time.monotonic() + 10))
+        running = ("iron_state_agents", (("status", "running"),))
+        assert again[running] == want[running] + 1
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            out, err = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+    assert process.returncode == 0, err
+    assert f"http://127.0.0.1:{port}/metrics" in err
+    assert "Traceback" not in err
+    assert out == ""

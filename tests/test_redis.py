@@ -1,0 +1,953 @@
+"""What only the Redis store has: URLs, namespaces, the data model, Cluster, faults, processes.
+
+Every test runs against real redis-server processes (tests/redis_servers.py) on loopback ports;
+faults are real too: SIGKILL, SIGSTOP, a server restarted on its port, and a TCP proxy that
+drops a reply after the server has run the command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from iron_runtime_state import (
+    AgentId,
+    AgentState,
+    AgentStatus,
+    AuditEvent,
+    BackendError,
+    BackendUnavailable,
+    BudgetExceeded,
+    ConfigurationError,
+    SchemaError,
+    StateManager,
+)
+from iron_runtime_state.backends import SCHEMES
+from iron_runtime_state.backends.memory import MemoryBackend
+from iron_runtime_state.backends.redis import RedisBackend, open_redis
+from iron_runtime_state.backends.redis_layout import (
+    GROUPS,
+    OPTIONS,
+    GroupWalk,
+    RedisLayout,
+    key_slot,
+    load_scripts,
+    parse_redis_url,
+)
+from iron_runtime_state.models import LIMIT_TOLERANCE
+
+from .redis_servers import (
+    HOST,
+    REDIS_CLI,
+    RedisCluster,
+    RedisServer,
+    TlsFiles,
+    redis_available,
+    short_tmpdir,
+)
+
+pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
+
+
+def namespace() -> str:
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def ns() -> str:
+    """A namespace no other test uses."""
+    return namespace()
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, free to kill, stop and restart."""
+    folder = short_tmpdir("iron-fault-")
+    server = RedisServer(folder).start()
+    try:
+        yield server
+    finally:
+        if server.process is not None and server.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server.process.pid, signal.SIGCONT)
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def running(limit: float | None = None) -> AgentState:
+    return AgentState(AgentId.generate(), AgentStatus.RUNNING, budget_limit=limit)
+
+
+# -- URLs and options (no server needed) ---------------------------------------------------------
+
+
+def test_every_redis_scheme_is_registered() -> None:
+    for scheme in ("redis", "rediss", "unix", "redis+cluster"):
+        assert SCHEMES[scheme].module == "iron_runtime_state.backends.redis"
+        assert SCHEMES[scheme].extra == "redis"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://127.0.0.1:7000/2", {"nodes": ((HOST, 7000),), "db": 2, "ssl": False}),
+        ("redis://localhost", {"nodes": (("localhost", 6379),), "db": 0}),
+        ("redis://alice:s%40cr%2Ft@127.0.0.1:7000/0", {"username": "alice", "password": "s@cr/t"}),
+        ("redis://:only-password@127.0.0.1:7000", {"username": None, "password": "only-password"}),
+        ("rediss://127.0.0.1:7000/1?ssl_cert_reqs=none", {"ssl": True, "db": 1}),
+        ("unix:///tmp/redis.sock?db=3", {"unix_path": "/tmp/redis.sock", "db": 3}),
+        ("unix://bob:pw@/var/run/redis.sock", {"unix_path": "/var/run/redis.sock", "password": "pw"}),
+        (
+            "redis+cluster://127.0.0.1:7000,127.0.0.1:7001,[::1]:7002",
+            {"nodes": ((HOST, 7000), (HOST, 7001), ("::1", 7002)), "db": 0},
+        ),
+        ("REDIS://127.0.0.1:7000?namespace=tenant:42", {"namespace": "tenant:42", "scheme": "redis"}),
+        ("redis://127.0.0.1?timeout=2&socket_timeout=0.5", {"timeout": 2.0, "socket_timeout": 0.5}),
+    ],
+)
+def test_url_forms(url: str, expected: dict[str, object]) -> None:
+    config = parse_redis_url(url)
+    for name, value in expected.items():
+        assert getattr(config, name) == value, name
+
+
+def test_default_timeouts_bound_a_call_by_five_seconds() -> None:
+    config = parse_redis_url("redis://127.0.0.1")
+    assert config.timeout == 5.0
+    assert config.socket_timeout + config.socket_connect_timeout <= config.timeout
+    short = parse_redis_url("redis://127.0.0.1", timeout=1)
+    assert short.socket_timeout + short.socket_connect_timeout <= 1.0
+
+
+def test_rediss_carries_tls_settings() -> None:
+    config = parse_redis_url(
+        "rediss://h:6380/0?ssl_ca_certs=/etc/ca.pem&ssl_check_hostname=false", ssl_certfile="/c.pem"
+    )
+    assert config.connection_kind == "ssl"
+    kwargs = config.connection_kwargs()
+    assert kwargs["ssl_ca_certs"] == "/etc/ca.pem"
+    assert kwargs["ssl_check_hostname"] is False
+    assert kwargs["ssl_certfile"] == "/c.pem"
+    cluster = parse_redis_url("redis+cluster://h:1,h:2", ssl=True, ssl_cert_reqs="required")
+    assert cluster.connection_kind == "ssl"
+    assert cluster.connection_kwargs(("h", 2))["port"] == 2
+
+
+def test_password_is_masked() -> None:
+    config = parse_redis_url("redis://alice:hunter2@127.0.0.1:7000/1")
+    assert "hunter2" not in config.masked_url
+    assert "hunter2" not in repr(config)
+    assert config.masked_url == "redis://alice:***@127.0.0.1:7000/1?namespace=iron"
+    backend = open_redis("redis://alice:hunter2@127.0.0.1:1/0", namespace="x")
+    assert "hunter2" not in backend.url
+    backend.close()
+
+
+def test_namespace_from_url_or_keyword() -> None:
+    assert parse_redis_url("redis://h?namespace=a").namespace == "a"
+    assert parse_redis_url("redis://h?namespace=a", namespace="iron").namespace == "a"
+    assert parse_redis_url("redis://h?namespace=a", namespace="a").namespace == "a"
+    assert parse_redis_url("redis://h", namespace="b").namespace == "b"
+    with pytest.raises(ConfigurationError, match="namespace given twice"):
+        parse_redis_url("redis://h?namespace=a", namespace="b")
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "message"),
+    [
+        ("redis://h:notaport", {}, "bad port"),
+        ("redis://h:0", {}, "bad port"),
+        ("redis://h/zero", {}, "bad database"),
+        ("redis://h,g", {}, "takes one host"),
+        ("redis+cluster://h:1/3", {}, "only database 0"),
+        ("unix://", {}, "no socket path"),
+        ("unix://host/tmp/x.sock", {}, "has a host"),
+        ("redis://h?namespace={x}", {}, "namespace"),
+        ("redis://h?namespace=", {}, "namespace"),
+        ("redis://h", {"namespace": "a b"}, "namespace"),
+        ("redis://h?colour=red", {}, "unknown Redis option 'colour'"),
+        ("redis://h", {"colour": "red"}, "unknown Redis option 'colour'"),
+        ("redis://h", {"timeout": 0}, "finite and > 0"),
+        ("redis://h", {"timeout": "soon"}, "must be a number"),
+        ("redis://h", {"timeout": 1, "socket_timeout": 2}, "must not exceed timeout"),
+        ("redis://h", {"max_connections": 0}, "out of range"),
+        ("redis://h", {"ssl_ca_certs": "/ca.pem"}, "need a TLS connection"),
+        ("rediss://h", {"ssl": False}, "always uses TLS"),
+        ("rediss://h", {"ssl_cert_reqs": "maybe"}, "ssl_cert_reqs"),
+        ("http://h", {}, "not a Redis URL"),
+    ],
+)
+def test_bad_urls_and_options(url: str, options: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        parse_redis_url(url, **options)
+
+
+def test_unknown_option_names_the_accepted_ones() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        StateManager.with_redis("redis://127.0.0.1:1/0", namespace="x", sockettimeout=1)
+    for name in OPTIONS:
+        assert name in str(info.value)
+
+
+def test_missing_extra_names_the_pip_command() -> None:
+    code = (
+        "import sys; sys.modules['redis'] = None\n"
+        "from iron_runtime_state import MissingDependency, StateManager\n"
+        "for make in (lambda: StateManager.with_redis('redis://127.0.0.1:1/0'),\n"
+        "             lambda: StateManager.from_url('redis+cluster://127.0.0.1:1')):\n"
+        "    try:\n"
+        "        make()\n"
+        "    except MissingDependency as exc:\n"
+        "        assert isinstance(exc, ImportError)\n"
+        "        print(exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert all("pip install 'iron-runtime-state[redis]'" in line for line in lines)
+
+
+def test_key_layout_and_slots() -> None:
+    layout = RedisLayout("iron")
+    agent = AgentId.test_fixture(17)
+    keys = layout.agent_keys(agent)
+    g = layout.group_of(agent)
+    assert keys["agent"] == f"iron:{{iron:g{g}}}:agent:{agent}"
+    assert {key_slot(k) for k in keys.values()} == {layout.slot_of(agent)}
+    assert key_slot("{user1000}.following") == key_slot("{user1000}.followers")
+    assert key_slot("foo{}{bar}") == key_slot(b"foo{}{bar}")
+    assert len(set(layout.group_slots)) > GROUPS * 0.9  # groups spread over the slots
+
+
+def test_scripts_carry_the_python_constants() -> None:
+    scripts = load_scripts()
+    assert repr(LIMIT_TOLERANCE) in scripts["record_spend"].source
+    assert "__" not in "".join(s.source for s in scripts.values())
+    # Each script carries only the helpers it uses.
+    assert "fsum" not in scripts["save"].source
+    assert "local function fsum" in scripts["reserve"].source
+
+
+# -- the data model, namespaces, URLs against a real server -------------------------------------
+
+
+def test_operator_can_read_the_data_with_redis_cli(redis_server: RedisServer, ns: str) -> None:
+    manager = StateManager.with_redis(redis_server.url, namespace=ns)
+    state = AgentState(AgentId.generate(), AgentStatus.RUNNING, 0.1 + 0.2, 3, 10.0)
+    manager.save_agent_state(state)
+    manager.record_spend(state.agent_id, 1.25)
+    manager.save_audit_log(AuditEvent(state.agent_id, "tool_call", 1_700_000_000, "search"))
+    backend = manager.backend
+    assert isinstance(backend, RedisBackend)
+    key = backend.layout.agent_key(state.agent_id)
+
+    def cli(*args: str) -> list[str]:
+        out = subprocess.run(
+            [REDIS_CLI, "-h", HOST, "-p", str(redis_server.port), *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
+        return out.stdout.splitlines()
+
+    fields = cli("HGETALL", key)
+    data = dict(zip(fields[::2], fields[1::2], strict=True))
+    assert data["status"] == "running"
+    assert float(data["budget_spent"]) == 0.1 + 0.2 + 1.25
+    assert data["pii_detections"] == "3"
+    assert float(data["budget_limit"]) == 10.0
+    assert float(data["changed_at"]) > 1_700_000_000
+    stats = cli("HGETALL", backend.layout.stats_key(backend.layout.group_of(state.agent_id)))
+    assert stats[stats.index("running") + 1] == "1"
+    entry = cli("XRANGE", backend.layout.audit_log, "-", "+")
+    assert entry[0] == "1-0"
+    assert entry[1:9] == [
+        "agent_id",
+        state.agent_id.as_str(),
+        "event_type",
+        "tool_call",
+        "timestamp",
+        "1700000000",
+        "details",
+        "search",
+    ]
+    manager.close()
+
+
+def test_namespaces_isolate_tenants(redis_server: RedisServer) -> None:
+    first, second = namespace(), namespace()
+    a = StateManager.with_redis(redis_server.url, namespace=first)
+    b = StateManager.from_url(f"{redis_server.url}?namespace={second}")
+    shared = AgentId.generate()
+    a.save_agent_state(AgentState(shared, AgentStatus.RUNNING, 5.0, 1, 10.0))
+    a.save_agent_state(running())
+    a.record_spend(shared, 1.0)
+    a.record_pii_detection(shared, 2)
+    a.save_audit_log(AuditEvent(shared, "note", 1, "only in a"))
+    a.prune_audit_log(before=0)
+    assert b.get_agent_state(shared) is None
+    assert b.list_agents() == []
+    assert list(b.iter_agent_states()) == []
+    assert b.stats().total == 0
+    assert b.audit_log() == []
+    assert b.audit_log(agent_id=shared) == []
+    assert b.audit_count() == 0
+    assert b.verify_audit_log().checked == 0
+    assert b.purge_agents(older_than=0) == []
+    # The same id in the other namespace is another agent.
+    b.save_agent_state(AgentState(shared, AgentStatus.STOPPED))
+    got = a.get_agent_state(shared)
+    assert got is not None
+    assert (got.status, got.budget_spent, got.pii_detections) == (AgentStatus.RUNNING, 6.0, 3)
+    assert b.stats().total == 1
+    assert a.stats().total == 2
+    assert b.remove_agent_state(shared) is True
+    assert a.get_agent_state(shared) is not None
+    # Every key that names the namespace starts with it.
+    tagged = list(redis_server.client().scan_iter(match=f"*{first}*", count=1000))
+    assert tagged
+    assert all(key.startswith(f"{first}:".encode()) for key in tagged)
+    a.close()
+    b.close()
+
+
+def test_user_and_password(redis_server: RedisServer, ns: str) -> None:
+    client = redis_server.client()
+    user = f"u{uuid.uuid4().hex[:8]}"
+    client.acl_setuser(user, enabled=True, passwords=["+s3cr3t@/x"], keys=["*"], commands=["+@all"])
+    try:
+        url = f"redis://{user}:s3cr3t%40%2Fx@{HOST}:{redis_server.port}/0?namespace={ns}"
+        with StateManager.from_url(url) as manager:
+            agent = running()
+            manager.save_agent_state(agent)
+            assert manager.get_agent_state(agent.agent_id) == agent
+            assert "s3cr3t" not in manager.url
+        bad = f"redis://{user}:wrong@{HOST}:{redis_server.port}/0?namespace={ns}"
+        with StateManager.from_url(bad) as manager:
+            started = time.monotonic()
+            with pytest.raises(BackendError, match="credentials") as info:
+                manager.list_agents()
+            assert not isinstance(info.value, BackendUnavailable)
+            assert time.monotonic() - started < 1.0  # not retried: it cannot get better
+            assert isinstance(info.value.__cause__, redis.AuthenticationError)
+    finally:
+        client.acl_deluser(user)
+
+
+def test_unix_socket_reaches_the_same_data(redis_server: RedisServer, ns: str) -> None:
+    assert redis_server.unix_path is not None
+    over_tcp = StateManager.with_redis(redis_server.url, namespace=ns)
+    over_unix = StateManager.from_url(f"unix://{redis_server.unix_path}?namespace={ns}")
+    agent = running(limit=3.0)
+    over_unix.save_agent_state(agent)
+    over_tcp.record_spend(agent.agent_id, 1.0)
+    got = over_unix.get_agent_state(agent.agent_id)
+    assert got is not None
+    assert got.budget_spent == 1.0
+    assert over_unix.url.startswith("unix:///")
+    over_tcp.close()
+    over_unix.close()
+
+
+def test_database_number_selects_a_database(redis_server: RedisServer, ns: str) -> None:
+    url = f"redis://{HOST}:{redis_server.port}/3?namespace={ns}"
+    with StateManager.from_url(url) as manager:
+        manager.save_agent_state(running())
+        layout = RedisLayout(ns)
+        assert redis_server.client(db=3).exists(layout.meta) == 1
+        assert redis_server.client(db=0).exists(layout.meta) == 0
+
+
+@pytest.fixture(scope="module")
+def tls_server() -> Iterator[RedisServer]:
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl tool is needed to make a test certificate")
+    folder = short_tmpdir("iron-tls-")
+    try:
+        tls = TlsFiles(folder / "tls").create()
+        server = RedisServer(folder / "server", tls=tls).start()
+    except (subprocess.CalledProcessError, RuntimeError) as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"this redis-server cannot serve TLS: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_rediss_over_tls(tls_server: RedisServer, ns: str) -> None:
+    assert tls_server.tls is not None
+    url = f"rediss://{HOST}:{tls_server.port}/0?namespace={ns}&ssl_ca_certs={tls_server.tls.ca}"
+    with StateManager.from_url(url) as manager:
+        agent = running(limit=2.0)
+        manager.save_agent_state(agent)
+        assert manager.record_spend(agent.agent_id, 1.5).budget_spent == 1.5
+        assert manager.url.startswith("rediss://")
+    # Without the CA the server's certificate is refused.
+    unverified = f"rediss://{HOST}:{tls_server.port}/0?namespace={ns}"
+    with StateManager.from_url(unverified, timeout=1) as manager, pytest.raises(BackendUnavailable):
+        manager.list_agents()
+
+
+def test_layout_mismatch_is_a_schema_error(redis_server: RedisServer, ns: str) -> None:
+    redis_server.client().hset(f"{ns}:meta", mapping={"layout": "99", "groups": "256"})
+    with StateManager.with_redis(redis_server.url, namespace=ns) as manager, pytest.raises(SchemaError):
+        manager.list_agents()
+
+
+def test_closed_store_says_so(redis_server: RedisServer, ns: str) -> None:
+    manager = StateManager.with_redis(redis_server.url, namespace=ns)
+    manager.stats()
+    manager.close()
+    manager.close()
+    with pytest.raises(BackendError, match="closed"):
+        manager.stats()
+
+
+def test_floats_round_trip_and_add_like_python(redis_server: RedisServer, ns: str) -> None:
+    manager = StateManager.with_redis(redis_server.url, namespace=ns)
+    memory = StateManager(MemoryBackend())
+    agent = AgentState(AgentId.generate(), AgentStatus.RUNNING, 0.0, 0, 1.0)
+    for m in (manager, memory):
+        m.save_agent_state(agent)
+    amounts = [0.1] * 10 + [1e-12, 3e-10]
+    for amount in amounts:
+        results = []
+        for m in (manager, memory):
+            try:
+                results.append(m.record_spend(agent.agent_id, amount).budget_spent)
+            except BudgetExceeded as exc:
+                results.append(-exc.spent)
+        assert results[0] == results[1]
+    rng = random.Random(7)
+    holds = [rng.uniform(0.0001, 0.01) * rng.choice([1, 1e-7, 1e3]) for _ in range(40)]
+    big = AgentState(AgentId.generate(), AgentStatus.RUNNING, 0.0, 0, 1e9)
+    for m in (manager, memory):
+        m.save_agent_state(big)
+        for amount in holds:
+            m.reserve_budget(big.agent_id, amount)
+    # The open holds are summed exactly (math.fsum) in Lua as in Python.
+    assert manager.budget_available(big.agent_id) == memory.budget_available(big.agent_id)
+    assert manager.backend.reserved(big.agent_id, time.time())[1] == math.fsum(holds)
+    manager.close()
+
+
+def test_scripts_are_reloaded_after_script_flush(redis_server: RedisServer, ns: str) -> None:
+    manager = StateManager.with_redis(redis_server.url, namespace=ns)
+    agents = [running() for _ in range(3)]
+    manager.save_agent_states(agents)
+    redis_server.client().script_flush()
+    manager.record_spend(agents[0].agent_id, 1.0)
+    redis_server.client().script_flush()
+    manager.save_agent_states(agents)  # pipelined EVALSHA: NOSCRIPT, then loaded and resent
+    assert manager.stats().total == 3
+    manager.close()
+
+
+def test_paging_walks_everything_once(
+    redis_server: RedisServer, ns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager = StateManager.with_redis(redis_server.url, namespace=ns)
+    backend = manager.backend
+    assert isinstance(backend, RedisBackend)
+    old = time.time() - 3600
+    states = [running() for _ in range(700)]
+    manager.save_agent_states(states)
+    walk = GroupWalk(backend.layout, 1)  # one id per group per trip
+    walked: list[bytes] = []
+    while not walk.done:
+        walked += [agent for _, agent in walk.advance(backend._batch(walk.commands(), "list agents"))]
+    assert sorted(walked) == sorted(s.agent_id.as_str().encode() for s in states)
+    # Purge, a candidate per call; failed agents stay when only stopped ones go.
+    monkeypatch.setattr(RedisLayout, "purge_chunk", 1)
+    for s in states[:40]:
+        manager.set_status(s.agent_id, AgentStatus.STOPPED)
+    for s in states[40:50]:
+        manager.set_status(s.agent_id, AgentStatus.FAILED)
+    gone = backend.purge_agents([AgentStatus.STOPPED], time.time() + 1)
+    assert sorted(gone) == sorted(s.agent_id.as_str() for s in states[:40])
+    assert backend.purge_agents([AgentStatus.STOPPED], old) == []
+    assert sorted(backend.purge_agents([AgentStatus.RUNNING], time.time() + 1)) == sorted(
+        s.agent_id.as_str() for s in states[50:]
+    )
+    assert manager.stats().total == 10
+    manager.close()
+    # Audit queries, a few candidates per script call, and prunes, a few records per call.
+    monkeypatch.setattr(RedisLayout, "query_budget", 3)
+    monkeypatch.setattr(RedisLayout, "prune_chunk", 2)
+    manager = StateManager.with_redis(redis_server.url, namespace=namespace())
+    backend = manager.backend
+    assert isinstance(backend, RedisBackend)
+    a, b = states[0].agent_id, states[1].agent_id
+    manager.save_audit_logs(
+        [AuditEvent(a if i % 4 else b, "tick" if i % 2 else "tock", 100 + i, str(i)) for i in range(40)]
+    )
+    assert [r.timestamp for r in manager.audit_log(since=130)] == list(range(130, 140))
+    assert len(manager.audit_log(agent_id=b)) == 10
+    assert [r.timestamp for r in manager.audit_log(agent_id=a, event_type="tock", limit=4)] == [
+        102,
+        106,
+        110,
+        114,
+    ]
+    assert manager.prune_audit_log(before=121) == 21
+    assert len(manager.audit_log(agent_id=b)) == 4  # i = 24, 28, 32, 36
+    layout = backend.layout
+    client = redis_server.client()
+    anchor = manager.verify_audit_log().anchor_seq
+    assert anchor == 21
+    for key in client.smembers(layout.audit_indexes):
+        assert client.zrangebyscore(key, "-inf", anchor) == []
+    assert manager.prune_audit_log(before=10**6) == 19
+    assert client.scard(layout.audit_indexes) == 0
+    assert client.keys(f"{layout.audit_prefix}by_*") == []
+    assert manager.verify_audit_log().ok
+    manager.close()
+
+
+# -- Cluster ----------------------------------------------------------------------------------------
+
+
+def test_cluster_spreads_agents_and_lists_them_from_every_master(
+    redis_cluster: RedisCluster, ns: str
+) -> None:
+    manager = StateManager.from_url(f"{redis_cluster.url}?namespace={ns}")
+    states = [AgentState(AgentId.generate(), AgentStatus.RUNNING, float(i), i % 3) for i in range(300)]
+    for s in states[::3]:
+        s.status = AgentStatus.STOPPED
+    assert manager.save_agent_states(states) == 300
+    per_node = []
+    for node in redis_cluster.nodes:
+        client = node.client()
+        per_node.append(sum(1 for _ in client.scan_iter(match=f"{ns}:*:agent:*", count=1000)))
+    assert sum(per_node) == 300
+    assert all(count > 30 for count in per_node), per_node
+    assert sorted(manager.list_agents()) == sorted(s.agent_id.as_str() for s in states)
+    listed = list(manager.iter_agent_states(batch_size=7))
+    assert sorted(listed, key=lambda s: s.agent_id) == sorted(states, key=lambda s: s.agent_id)
+    assert len(list(manager.iter_agent_states(status=AgentStatus.STOPPED, batch_size=10))) == 100
+    stats = manager.stats()
+    assert (stats.total, stats.running, stats.stopped) == (300, 200, 100)
+    assert stats.budget_spent == sum(range(300))
+    ids = [s.agent_id for s in states[::-1]]
+    assert manager.get_agent_states(ids) == states[::-1]
+    manager.close()
+
+
+def test_cluster_keeps_each_agents_keys_in_one_slot(redis_cluster: RedisCluster, ns: str) -> None:
+    manager = StateManager.from_url(f"{redis_cluster.url}?namespace={ns}")
+    agent = running(limit=10.0)
+    manager.save_agent_state(agent)
+    manager.reserve_budget(agent.agent_id, 1.0)
+    manager.set_status(agent.agent_id, AgentStatus.STOPPED)
+    backend = manager.backend
+    assert isinstance(backend, RedisBackend)
+    client = redis_cluster.nodes[0].client()
+    keys = backend.layout.agent_keys(agent.agent_id)
+    slots = {client.execute_command("CLUSTER", "KEYSLOT", key) for key in keys.values()}
+    assert slots == {backend.layout.slot_of(agent.agent_id)}
+    audit = [backend.layout.audit_log, backend.layout.audit_head, backend.layout.audit_by_type("x")]
+    assert len({client.execute_command("CLUSTER", "KEYSLOT", key) for key in audit}) == 1
+    cluster_client = redis_cluster.client()
+    for key in keys.values():
+        assert cluster_client.exists(key) == 1, key
+    manager.close()
+
+
+def test_cluster_follows_moved_after_a_stale_slot_table(redis_cluster: RedisCluster, ns: str) -> None:
+    backend = open_redis(f"redis+cluster://{HOST}:{redis_cluster.nodes[0].port}", namespace=ns)
+    manager = StateManager(backend)
+    agents = [running() for _ in range(20)]
+    manager.save_agent_states(agents)
+    wrong = backend._pool((HOST, redis_cluster.nodes[1].port))
+    backend._table = [wrong] * 16384  # every slot on one master: most commands get MOVED
+    assert manager.get_agent_state(agents[0].agent_id) == agents[0]
+    backend._table = [wrong] * 16384
+    assert manager.get_agent_states([a.agent_id for a in agents]) == agents
+    manager.close()
+
+
+def test_wrong_kind_of_url_is_explained(
+    redis_server: RedisServer, redis_cluster: RedisCluster, ns: str
+) -> None:
+    standalone = StateManager.from_url(f"redis+cluster://{HOST}:{redis_server.port}?namespace={ns}")
+    with standalone, pytest.raises(ConfigurationError, match="not a Redis Cluster node"):
+        standalone.stats()
+    node = StateManager.from_url(f"redis://{HOST}:{redis_cluster.nodes[0].port}/0?namespace={ns}")
+    with node, pytest.raises(ConfigurationError, match="redis\\+cluster://"):
+        node.stats()
+
+
+def test_stats_never_scans(redis_server: RedisServer, redis_cluster: RedisCluster) -> None:
+    for url, nodes in ((redis_server.url, [redis_server]), (redis_cluster.url, redis_cluster.nodes)):
+        manager = StateManager.from_url(f"{url}?namespace={namespace()}")
+        manager.save_agent_states(running() for _ in range(400))
+        for node in nodes:
+            node.client().config_resetstat()
+        stats = manager.stats()
+        assert stats.total == 400
+        calls: dict[str, int] = {}
+        for node in nodes:
+            for name, info in node.client().info("commandstats").items():
+                calls[name] = calls.get(name, 0) + int(info["calls"])
+        for setup in ("hello", "client|setinfo", "config|resetstat", "info"):  # connections, this test
+            calls.pop(f"cmdstat_{setup}", None)
+        # One HMGET per slot group's statistics hash, whatever the number of agents; no SCAN,
+        # no KEYS, no agent read.
+        assert calls == {"cmdstat_hmget": GROUPS}, calls
+        manager.close()
+
+
+# -- faults -------------------------------------------------------------------------------------------
+
+
+def test_server_down_raises_within_the_default_bound_then_recovers(server: RedisServer, ns: str) -> None:
+    manager = StateManager.with_redis(server.url, namespace=ns)
+    agent = running(limit=5.0)
+    manager.save_agent_state(agent)
+    server.kill()
+    for call in (manager.stats, lambda: manager.record_spend(agent.agent_id, 1.0)):
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable) as info:
+            call()
+        assert time.monotonic() - started <= 5.0
+        assert isinstance(info.value, ConnectionError)
+        assert info.value.__cause__ is not None
+    server.start()  # same port, empty (persistence is off)
+    assert manager.get_agent_state(agent.agent_id) is None
+    manager.save_agent_state(agent)
+    assert manager.record_spend(agent.agent_id, 1.0).budget_spent == 1.0
+    manager.close()
+
+
+def test_timeout_option_bounds_a_hung_server(server: RedisServer, ns: str) -> None:
+    manager = StateManager.with_redis(server.url, namespace=ns, timeout=1.0)
+    agent = running()
+    manager.save_agent_state(agent)
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGSTOP)  # accepts connections, answers nothing
+    try:
+        for call in (manager.stats, lambda: manager.record_spend(agent.agent_id, 1.0)):
+            started = time.monotonic()
+            with pytest.raises(BackendUnavailable):
+                call()
+            assert time.monotonic() - started <= 1.5
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    assert manager.get_agent_state(agent.agent_id) is not None
+    manager.close()
+
+
+def test_a_quick_restart_is_bridged_by_retries(server: RedisServer, ns: str) -> None:
+    manager = StateManager.with_redis(server.url, namespace=ns)
+    manager.save_agent_state(running())
+    server.kill()
+    restarter = threading.Timer(0.3, server.start)
+    restarter.start()
+    try:
+        assert manager.stats().total == 0  # retried until the (empty) server was back
+    finally:
+        restarter.join()
+    manager.close()
+
+
+class ReplyDropper:
+    """A TCP proxy to a Redis server that can swallow the server's next reply and hang up.
+
+    The server has run the command by then: a client that retried it would apply it twice.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.drop = 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server((HOST, 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((HOST, self.target))
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, replies: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if replies:
+                    with self._lock:
+                        dropping = self.drop > 0
+                        self.drop -= dropping
+                    if dropping:
+                        break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_a_lost_reply_is_never_applied_twice(redis_server: RedisServer, ns: str) -> None:
+    proxy = ReplyDropper(redis_server.port)
+    direct = StateManager.with_redis(redis_server.url, namespace=ns)
+    through = StateManager.with_redis(f"redis://{HOST}:{proxy.port}/0", namespace=ns)
+    agent = running(limit=100.0)
+    direct.save_agent_state(agent)
+    assert through.get_agent_state(agent.agent_id) == agent  # connection made and pooled
+    # The scripts are in the server's cache, so the reply to drop is the one of the real run.
+    through.release_reservation(through.reserve_budget(agent.agent_id, 1.0))
+    through.save_audit_log(AuditEvent(agent.agent_id, "note", 1, "first"))
+    through.record_spend(agent.agent_id, 1.0)
+
+    proxy.drop = 1
+    with pytest.raises(BackendUnavailable, match="may or may not have been applied"):
+        through.record_spend(agent.agent_id, 7.0)
+    got = direct.get_agent_state(agent.agent_id)
+    assert got is not None
+    assert got.budget_spent == 8.0  # applied by the server once, not retried
+
+    assert through.get_agent_state(agent.agent_id) is not None  # a new pooled connection
+    proxy.drop = 1
+    with pytest.raises(BackendUnavailable):
+        through.save_audit_log(AuditEvent(agent.agent_id, "note", 1, "once"))
+    assert direct.audit_count() == 2
+    assert direct.verify_audit_log().ok
+    assert through.get_agent_state(agent.agent_id) is not None
+    proxy.drop = 1
+    hold = None
+    with pytest.raises(BackendUnavailable):
+        hold = through.reserve_budget(agent.agent_id, 5.0)
+    assert hold is None
+    assert direct.budget_available(agent.agent_id) == 100.0 - 8.0 - 5.0
+
+    # Reads are safe to repeat: the lost reply is fetched again.
+    assert through.get_agent_state(agent.agent_id) is not None
+    proxy.drop = 1
+    assert through.stats().total == 1
+    proxy.drop = 1
+    assert through.get_agent_state(agent.agent_id) is not None
+    # And the manager carries on over a fresh connection.
+    assert through.record_spend(agent.agent_id, 1.0).budget_spent == 9.0
+    through.close()
+    direct.close()
+    proxy.close()
+
+
+# -- processes ---------------------------------------------------------------------------------------
+
+SPEND_WORKER = """
+import sys
+from iron_runtime_state import BudgetExceeded, StateManager
+url, agent, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+manager = StateManager.from_url(url)
+done = refused = 0
+for _ in range(n):
+    try:
+        manager.record_spend(agent, 1.0)
+        done += 1
+    except BudgetExceeded:
+        refused += 1
+print(done, refused)
+"""
+
+
+def _spawn(code: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _finish(process: subprocess.Popen[str]) -> str:
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    return out
+
+
+@pytest.mark.parametrize("topology", ["redis", "redis-cluster"])
+def test_four_processes_spend_exactly_to_the_limit(
+    request: pytest.FixtureRequest, topology: str, ns: str
+) -> None:
+    target = request.getfixturevalue("redis_server" if topology == "redis" else "redis_cluster")
+    url = f"{target.url}?namespace={ns}"
+    manager = StateManager.from_url(url)
+    agent = running(limit=1500.0)
+    manager.save_agent_state(agent)
+    workers = [_spawn(SPEND_WORKER, url, agent.agent_id.as_str(), "500") for _ in range(4)]
+    counts = [tuple(map(int, _finish(w).split())) for w in workers]
+    final = manager.get_agent_state(agent.agent_id)
+    assert final is not None
+    assert final.budget_spent == 1500.0  # exactly the limit: never past it, nothing lost
+    assert sum(done for done, _ in counts) == 1500
+    assert sum(refused for _, refused in counts) == 500
+    assert manager.stats().budget_spent == 1500.0
+    assert len(manager.audit_log(agent_id=agent.agent_id, event_type="budget_exceeded")) == 500
+    manager.close()
+
+
+RESERVE_WORKER = """
+import json, random, sys, time
+from iron_runtime_state import BudgetExceeded, StateManager
+url, agent, seed, limit = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+manager = StateManager.from_url(url)
+rng = random.Random(seed)
+committed = []
+for _ in range(100):
+    amount = rng.choice([0.5, 1.0, 2.0, 3.0])
+    try:
+        hold = manager.reserve_budget(agent, amount, ttl=30)
+    except BudgetExceeded:
+        continue
+    state, reserved = manager.backend.reserved(hold.agent_id, time.time())
+    if state.budget_spent + reserved > limit + 1e-9:
+        sys.exit("spent + reserved passed the limit: %r + %r" % (state.budget_spent, reserved))
+    if rng.random() < 0.3:
+        manager.release_reservation(hold)
+    else:
+        actual = rng.choice([amount, amount / 2, 0.0])
+        manager.commit_reservation(hold, actual)
+        committed.append(actual)
+print(json.dumps(committed))
+"""
+
+
+def test_reservations_across_four_processes_never_pass_the_limit(redis_server: RedisServer, ns: str) -> None:
+    url = f"{redis_server.url}?namespace={ns}"
+    manager = StateManager.from_url(url)
+    limit = 120.0
+    agent = running(limit=limit)
+    manager.save_agent_state(agent)
+    workers = [
+        _spawn(RESERVE_WORKER, url, agent.agent_id.as_str(), str(seed), str(limit)) for seed in range(4)
+    ]
+    violations = []
+    while any(w.poll() is None for w in workers):  # watch from outside too, atomically each time
+        state, reserved = manager.backend.reserved(agent.agent_id, time.time())
+        if state.budget_spent + reserved > limit + 1e-9:
+            violations.append((state.budget_spent, reserved))
+        time.sleep(0.02)
+    committed = [amount for w in workers for amount in json.loads(_finish(w))]
+    assert not violations
+    final = manager.get_agent_state(agent.agent_id)
+    assert final is not None
+    assert final.budget_spent == math.fsum(committed)
+    assert final.budget_spent <= limit
+    assert manager.budget_available(agent.agent_id) == limit - final.budget_spent
+    manager.close()
+
+
+HOLDER = """
+import sys, time
+from iron_runtime_state import StateManager
+manager = StateManager.from_url(sys.argv[1])
+for _ in range(3):
+    manager.reserve_budget(sys.argv[2], 2.0, ttl=float(sys.argv[3]))
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_holds_of_a_killed_process_expire(redis_server: RedisServer, ns: str) -> None:
+    url = f"{redis_server.url}?namespace={ns}"
+    manager = StateManager.from_url(url)
+    agent = running(limit=10.0)
+    manager.save_agent_state(agent)
+    ttl = 2.0  # long enough that the check right after the kill cannot race the expiry
+    holder = _spawn(HOLDER, url, agent.agent_id.as_str(), str(ttl))
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == "held"
+    held_at = time.time()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(10)
+    assert manager.budget_available(agent.agent_id) == 4.0
+    with pytest.raises(BudgetExceeded):
+        manager.reserve_budget(agent.agent_id, 5.0)
+    keys = RedisLayout(ns).agent_keys(agent.agent_id)
+    client = redis_server.client()
+    assert client.pttl(keys["holds"]) > 0  # the keys carry their own expiry: nothing can leak
+    # Nobody touches the agent: the server drops the keys by itself after the last expiry.
+    deadline = time.monotonic() + 10
+    while client.exists(keys["holds"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.exists(keys["holds"]) == 0
+    assert time.time() >= held_at + ttl
+    assert manager.budget_available(agent.agent_id) == 10.0
+    manager.reserve_budget(agent.agent_id, 10.0)
+    manager.close()
+
+
+# -- a fault on one master of a cluster ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_cluster() -> Iterator[RedisCluster]:
+    folder = short_tmpdir("iron-cfault-")
+    cluster = RedisCluster(folder)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_cluster_master_down_then_back(own_cluster: RedisCluster, ns: str) -> None:
+    manager = StateManager.from_url(f"{own_cluster.url}?namespace={ns}", timeout=2.0)
+    states = [running() for _ in range(60)]
+    manager.save_agent_states(states)
+    backend = manager.backend
+    assert isinstance(backend, RedisBackend)
+    victim = own_cluster.nodes[1]
+    on_victim = [
+        s
+        for s in states
+        if backend._route(backend.layout.slot_of(s.agent_id), time.monotonic()).connection_kwargs["port"]
+        == victim.port
+    ]
+    elsewhere = [s for s in states if s not in on_victim]
+    assert on_victim
+    assert elsewhere
+    victim.kill()
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable):
+        manager.get_agent_state(on_victim[0].agent_id)
+    assert time.monotonic() - started <= 2.5
+    assert manager.get_agent_state(elsewhere[0].agent_id) == elsewhere[0]
+    victim.start()  # same port and node id (nodes.conf): it takes its slots back, empty
+    own_cluster.wait_ok()
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            assert manager.get_agent_state(on_victim[0].agent_id) is None  # its data died with it
+            break
+        except BackendUnavailable:
+            if time.monotonic() > deadline:
+                raise
+    manager.save_agent_state(on_victim[0])
+    assert manager.get_agent_state(on_victim[0].agent_id) == on_victim[0]
+    manager.close()
