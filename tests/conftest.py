@@ -8,11 +8,12 @@ with a unique namespace each, so they can share a server.
 from __future__ import annotations
 
 import shutil
+import subprocess
 from collections.abc import Iterator
 
 import pytest
 
-from .redis_servers import RedisCluster, RedisServer, redis_available, short_tmpdir
+from .redis_servers import RedisCluster, RedisServer, TlsFiles, redis_available, short_tmpdir
 
 
 def _need_redis() -> None:
@@ -43,4 +44,24 @@ def redis_cluster() -> Iterator[RedisCluster]:
         yield cluster.start()
     finally:
         cluster.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tls_server() -> Iterator[RedisServer]:
+    """A standalone redis-server that speaks TLS only, with a throwaway CA (``.tls.ca``)."""
+    _need_redis()
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl tool is needed to make a test certificate")
+    folder = short_tmpdir("iron-tls-")
+    try:
+        tls = TlsFiles(folder / "tls").create()
+        server = RedisServer(folder / "server", tls=tls).start()
+    except (subprocess.CalledProcessError, RuntimeError) as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"this redis-server cannot serve TLS: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
         shutil.rmtree(folder, ignore_errors=True)

@@ -2,7 +2,8 @@
 
 Each server listens on 127.0.0.1 only, on a free port chosen at start, in its own temporary
 folder, with persistence off. Under pytest-xdist every worker starts its own servers. Nothing
-here talks to any other address, and nothing is mocked.
+here talks to any other address, and nothing is mocked. :class:`ReplyDropper` is a real TCP
+proxy in front of a server that loses a reply on demand (after the server ran the command).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -240,6 +242,51 @@ class RedisCluster:
         """Stop every node."""
         for node in self.nodes:
             node.stop()
+
+
+class ReplyDropper:
+    """A TCP proxy to a Redis server that can swallow the server's next reply and hang up.
+
+    The server has run the command by then: a client that retried it would apply it twice.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.drop = 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server((HOST, 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((HOST, self.target))
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, replies: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if replies:
+                    with self._lock:
+                        dropping = self.drop > 0
+                        self.drop -= dropping
+                    if dropping:
+                        break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        self._listener.close()
 
 
 class TlsFiles:

@@ -14,7 +14,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -49,6 +48,7 @@ from iron_runtime_state.backends.redis_layout import (
     load_scripts,
     parse_redis_url,
 )
+from iron_runtime_state.backends.redis_policy import Attempt, Call, RetryPolicy
 from iron_runtime_state.models import LIMIT_TOLERANCE
 
 from .redis_servers import (
@@ -56,7 +56,7 @@ from .redis_servers import (
     REDIS_CLI,
     RedisCluster,
     RedisServer,
-    TlsFiles,
+    ReplyDropper,
     redis_available,
     short_tmpdir,
 )
@@ -244,6 +244,63 @@ def test_scripts_carry_the_python_constants() -> None:
     assert "local function fsum" in scripts["reserve"].source
 
 
+def _attempt(*, cluster: bool = False, idempotent: bool = False, started: float | None = None) -> Attempt:
+    config = parse_redis_url("redis+cluster://h:1" if cluster else "redis://h:1")
+    script = RedisLayout("iron").record_spend(AgentId.test_fixture(1), 1.0, 0.0)
+    call = Call(script.slot, script.command(), idempotent, "record spend")
+    return RetryPolicy(config).attempt(call, time.monotonic() if started is None else started)
+
+
+@pytest.mark.parametrize(
+    ("failure", "sent", "idempotent", "outcome"),
+    [
+        (redis.exceptions.TryAgainError("TRYAGAIN"), True, False, "pause"),
+        (redis.exceptions.ClusterDownError("CLUSTERDOWN"), True, False, "pause"),
+        (redis.exceptions.ReadOnlyError("READONLY"), True, False, "pause"),
+        (redis.exceptions.BusyLoadingError("LOADING"), True, False, "pause"),  # not run
+        (redis.exceptions.ConnectionError("refused"), False, False, "pause"),  # never sent
+        (redis.exceptions.TimeoutError("no reply"), True, True, "pause"),  # a read: repeat it
+        (redis.exceptions.ConnectionError("reset"), True, False, "may or may not have been applied"),
+        (redis.exceptions.TimeoutError("no reply"), True, False, "may or may not have been applied"),
+        (redis.exceptions.AuthenticationError("WRONGPASS"), False, True, "credentials"),
+        (redis.exceptions.OutOfMemoryError("OOM"), True, False, "out of memory"),
+        (redis.exceptions.NoPermissionError("NOPERM"), True, False, "may not record spend"),
+        (redis.exceptions.ResponseError("WRONGTYPE"), True, True, "refused to record spend"),
+        (redis.exceptions.DataError("bad"), False, True, "failed: DataError"),
+    ],
+)
+def test_what_each_failure_means(failure: Exception, sent: bool, idempotent: bool, outcome: str) -> None:
+    """The policy both backends follow (redis_policy.py), failure by failure, without a server."""
+    attempt = _attempt(cluster=True, idempotent=idempotent)
+    if outcome == "pause":
+        assert 0.0 < attempt.failed(failure, sent) <= 0.05
+        assert attempt.failed(failure, sent) <= 0.1  # the pauses grow
+        return
+    with pytest.raises((BackendError, BackendUnavailable), match=outcome) as info:
+        attempt.failed(failure, sent)
+    assert info.value.__cause__ is failure
+
+
+def test_redirects_noscript_and_giving_up() -> None:
+    attempt = _attempt(cluster=True)
+    assert attempt.command[0] == "EVALSHA"
+    assert attempt.failed(redis.exceptions.NoScriptError("NOSCRIPT"), True) == 0.0  # resend now
+    assert attempt.command[0] == "EVAL"
+    assert attempt.command[2:] == _attempt().command[2:]
+    with pytest.raises(BackendError, match="NOSCRIPT"):  # EVAL cannot lack its script
+        attempt.failed(redis.exceptions.NoScriptError("NOSCRIPT"), True)
+    ask = redis.exceptions.AskError("3999 127.0.0.1:7001")
+    assert attempt.failed(ask, True) == 0.0
+    assert attempt.asking == ("127.0.0.1", 7001)
+    assert attempt.failed(redis.exceptions.MovedError("3999 127.0.0.1:7002"), True) > 0.0
+    assert attempt.asking is None  # MOVED: back to the slot table, reloaded
+    with pytest.raises(ConfigurationError, match="redis\\+cluster://"):
+        _attempt().failed(redis.exceptions.MovedError("3999 127.0.0.1:7002"), True)
+    late = _attempt(idempotent=True, started=time.monotonic() - 4.0)  # 5 s budget: no room left
+    with pytest.raises(BackendUnavailable, match="gave up trying to record spend"):
+        late.failed(redis.exceptions.ConnectionError("refused"), False)
+
+
 # -- the data model, namespaces, URLs against a real server -------------------------------------
 
 
@@ -373,24 +430,6 @@ def test_database_number_selects_a_database(redis_server: RedisServer, ns: str) 
         layout = RedisLayout(ns)
         assert redis_server.client(db=3).exists(layout.meta) == 1
         assert redis_server.client(db=0).exists(layout.meta) == 0
-
-
-@pytest.fixture(scope="module")
-def tls_server() -> Iterator[RedisServer]:
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl tool is needed to make a test certificate")
-    folder = short_tmpdir("iron-tls-")
-    try:
-        tls = TlsFiles(folder / "tls").create()
-        server = RedisServer(folder / "server", tls=tls).start()
-    except (subprocess.CalledProcessError, RuntimeError) as exc:
-        shutil.rmtree(folder, ignore_errors=True)
-        pytest.skip(f"this redis-server cannot serve TLS: {exc}")
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_rediss_over_tls(tls_server: RedisServer, ns: str) -> None:
@@ -667,51 +706,6 @@ def test_a_quick_restart_is_bridged_by_retries(server: RedisServer, ns: str) -> 
     finally:
         restarter.join()
     manager.close()
-
-
-class ReplyDropper:
-    """A TCP proxy to a Redis server that can swallow the server's next reply and hang up.
-
-    The server has run the command by then: a client that retried it would apply it twice.
-    """
-
-    def __init__(self, port: int) -> None:
-        self.target = port
-        self.drop = 0
-        self._lock = threading.Lock()
-        self._listener = socket.create_server((HOST, 0))
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection((HOST, self.target))
-            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, replies: bool) -> None:
-        try:
-            while data := source.recv(65536):
-                if replies:
-                    with self._lock:
-                        dropping = self.drop > 0
-                        self.drop -= dropping
-                    if dropping:
-                        break
-                sink.sendall(data)
-        except OSError:
-            pass
-        for sock in (source, sink):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def close(self) -> None:
-        self._listener.close()
 
 
 def test_a_lost_reply_is_never_applied_twice(redis_server: RedisServer, ns: str) -> None:

@@ -204,7 +204,8 @@ class AsyncStateManager:
     The asyncio twin of :class:`~iron_runtime_state.StateManager`: the same constructors and
     methods, as coroutines. ``AsyncStateManager()`` keeps everything in this process's memory
     (called directly, no thread); SQLite runs in a few worker threads, so the event loop never
-    waits on the file. Use it as ``async with`` or call :meth:`close`.
+    waits on the file; Redis is native (``redis.asyncio``, with automatic pipelining). Use it as
+    ``async with`` or call :meth:`close`.
     """
 
     def __init__(
@@ -361,7 +362,8 @@ class AsyncStateManager:
         """Atomic read-modify-write: ``fn`` gets a copy and returns the new state.
 
         ``fn`` is a plain (not ``async``) function; it may run more than once, in a worker
-        thread, so it must be pure and quick. Raises ``AgentNotFound`` when the agent has no state.
+        thread (SQLite) or on the event loop (Redis), so it must be pure and quick. Raises
+        ``AgentNotFound`` when the agent has no state.
         """
         aid = coerce(agent_id)
         if inspect.iscoroutinefunction(fn):

@@ -62,7 +62,13 @@ class SyncFacade:
 
     @property
     def backend(self) -> Any:
-        """The store: the sync backend behind the threaded adapter (what tamper helpers edit)."""
+        """The store, as the tests use ``StateManager.backend``.
+
+        Behind the threaded adapter: the sync backend itself (what the memory tamper helpers
+        edit). A native asyncio backend (Redis): that backend behind this facade, so a call such
+        as ``manager.backend.reserved(...)`` runs the native coroutine on the loop; the Redis
+        tamper helpers edit Redis directly and need no backend.
+        """
         backend = self._target.backend
         if isinstance(backend, ThreadedAsyncBackend):
             return backend.sync_backend

@@ -32,7 +32,7 @@ from ..ids import AgentId
 from ..models import AgentState, AgentStatus, AuditEvent, AuditRecord, FleetStats, Reservation
 from .base import AuditQuery, Backend, CommitResult, SpendResult, UpdateFn
 from .redis_layout import DEFAULT_NAMESPACE, RedisConfig, RedisLayout, Routed, parse_redis_url
-from .redis_ops import Batch, Call, Emit, Op, Pause, RedisOps
+from .redis_ops import Batch, Call, Emit, Op, Pause, RedisOps, Request
 from .redis_policy import (
     UNREACHABLE,
     Attempt,
@@ -170,13 +170,13 @@ class RedisBackend(Backend):
 
     # -- running operations ----------------------------------------------------------------------
 
-    def _drive(self, op: Op[_T]) -> _T:
-        """Run an operation of :class:`RedisOps`: carry each request to Redis and its reply back."""
-        if not self._ready:
-            self._prepare()
-        return self._drive_ready(op)
+    def _drive(self, op: Op[_T], *, check: bool = True) -> _T:
+        """Run an operation of :class:`RedisOps`: carry each request to Redis and its reply back.
 
-    def _drive_ready(self, op: Op[_T]) -> _T:
+        ``check=False`` skips the one-time namespace check (for the check itself).
+        """
+        if check and not self._ready:
+            self._prepare()
         reply: Any = None
         while True:
             try:
@@ -185,7 +185,8 @@ class RedisBackend(Backend):
                 result: _T = stop.value
                 return result
             try:
-                reply = self._do(request)
+                # A Call is nearly every request: run it without the dispatch's extra frame.
+                reply = self._run(request) if type(request) is Call else self._do(request)
             except BaseException:
                 op.close()  # lets the operation clean up (see redis_ops)
                 raise
@@ -210,7 +211,7 @@ class RedisBackend(Backend):
                 op.close()
                 raise
 
-    def _do(self, request: Call | Batch | Pause | Emit) -> Any:
+    def _do(self, request: Request) -> Any:
         if type(request) is Call:
             return self._run(request)
         if type(request) is Batch:
@@ -225,7 +226,7 @@ class RedisBackend(Backend):
         with self._lock:
             if self._closed:
                 raise self._policy.closed_error()
-        self._drive_ready(self._ops.prepare())
+        self._drive(self._ops.prepare(), check=False)
         self._ready = True
 
     def _run(self, call: Call) -> Any:

@@ -79,6 +79,15 @@ _ASKING: Final = _pack(("ASKING",))
 _REPLY_ERRORS: Final = (rexc.ResponseError, rexc.BusyLoadingError, rexc.AuthenticationError)
 
 
+def _failure(error: BaseException) -> rexc.RedisError:
+    """``error`` as a redis-py error: what a caller finds in place of the reply it lost."""
+    if isinstance(error, rexc.RedisError):
+        return error
+    failure = rexc.ConnectionError(f"the connection to Redis broke: {type(error).__name__}: {error}")
+    failure.__cause__ = error
+    return failure
+
+
 class _Entry:
     """One command on its way: its bytes, and the future its caller awaits.
 
@@ -96,10 +105,10 @@ class _Entry:
         #: Whether the command was written, so that it may have run.
         self.sent = False
 
-    def settle(self, reply: Any) -> None:
-        """Hand the reply (or failure) to the caller, unless it stopped waiting."""
+    def fail(self, error: rexc.RedisError) -> None:
+        """Hand a failure to the caller in place of the reply, unless it stopped waiting."""
         if not self.future.done():
-            self.future.set_result(reply)
+            self.future.set_result(error)
 
 
 class _Session:
@@ -117,6 +126,8 @@ class _Session:
 
     async def write(self, entries: Sequence[_Entry]) -> None:
         """Send the commands in one write; their replies reach their entries as they come."""
+        if not entries:
+            return
         inflight = self._inflight
         if not inflight:
             self._last = time.monotonic()
@@ -163,18 +174,18 @@ class _Session:
 
     async def _dispatch_replies(self) -> None:
         """Hand each reply to the oldest command in flight, for as long as the connection lives."""
-        conn, inflight = self.conn, self._inflight
+        read, inflight, clock = self.conn.read_response, self._inflight, time.monotonic
         while True:
             try:
-                reply = await conn.read_response(disconnect_on_error=False)
+                reply = await read(disconnect_on_error=False)
             except _REPLY_ERRORS as exc:
                 reply = exc
-            self._last = time.monotonic()
+            self._last = clock()
             if not inflight:
                 raise rexc.InvalidResponse(f"Redis sent a reply nobody asked for: {reply!r:.60}")
             entry = inflight.popleft()
-            if entry is not None:
-                entry.settle(reply)
+            if entry is not None and not entry.future.done():
+                entry.future.set_result(reply)
 
     def fail(self, error: BaseException) -> None:
         """The connection is lost: every command in flight on it fails with ``error``."""
@@ -184,10 +195,11 @@ class _Session:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        failure = _failure(error)
         inflight, self._inflight = self._inflight, collections.deque()
         for entry in inflight:
             if entry is not None:
-                entry.settle(error)
+                entry.fail(failure)
         if self._reader is not asyncio.current_task():
             self._reader.cancel()  # it disconnects
 
@@ -271,9 +283,10 @@ class _Pipe:
         return _Session(conn, self._socket_timeout)
 
     def _fail_outbox(self, error: BaseException) -> None:
+        failure = _failure(error)
         batch, self._outbox = self._outbox, []
         for entry in batch:
-            entry.settle(error)
+            entry.fail(failure)
 
     async def close(self) -> None:
         """Fail what is queued or in flight, stop the writer and close the connection."""
@@ -385,13 +398,13 @@ class AsyncRedisBackend(AsyncBackend):
 
     # -- running operations ----------------------------------------------------------------------
 
-    async def _drive(self, op: Op[_T]) -> _T:
-        """Run an operation of :class:`RedisOps`: carry each request to Redis and its reply back."""
-        if not self._ready:
-            await self._prepare()
-        return await self._drive_ready(op)
+    async def _drive(self, op: Op[_T], *, check: bool = True) -> _T:
+        """Run an operation of :class:`RedisOps`: carry each request to Redis and its reply back.
 
-    async def _drive_ready(self, op: Op[_T]) -> _T:
+        ``check=False`` skips the one-time namespace check (for the check itself).
+        """
+        if check and not self._ready:
+            await self._prepare()
         reply: Any = None
         while True:
             try:
@@ -400,7 +413,8 @@ class AsyncRedisBackend(AsyncBackend):
                 result: _T = stop.value
                 return result
             try:
-                reply = await self._do(request)
+                # A Call is nearly every request: run it without the dispatch's extra frame.
+                reply = await (self._run(request) if type(request) is Call else self._do(request))
             except BaseException:
                 op.close()  # lets the operation clean up (see redis_ops)
                 raise
@@ -444,7 +458,7 @@ class AsyncRedisBackend(AsyncBackend):
         """
         if self._closed:
             raise self._policy.closed_error()
-        await self._drive_ready(self._ops.prepare())
+        await self._drive(self._ops.prepare(), check=False)
         self._ready = True
 
     async def _run(self, call: Call) -> Any:
@@ -515,9 +529,12 @@ class AsyncRedisBackend(AsyncBackend):
             failed = await self._reload_scripts(items, failed, route, out)
         if failed:
             replies = await asyncio.gather(
-                *(self._retry(Call(*items[i], True, what), started, exc, sent) for i, exc, sent in failed)
+                *(self._retry(Call(*items[i], True, what), started, exc, sent) for i, exc, sent in failed),
+                return_exceptions=True,  # every retry ends before the first error is raised
             )
             for (i, _, _), reply in zip(failed, replies, strict=True):
+                if isinstance(reply, BaseException):
+                    raise reply
                 out[i] = reply
         return out
 
