@@ -367,41 +367,52 @@ def _check_synchronous(value: object) -> str:
     )
 
 
-def _check_busy_timeout(value: object) -> float:
+def _option_number(value: object, whole: bool, low: float, high: float, problem: str) -> float:
+    """An option's number (URL query values arrive as text); ``problem`` says what is expected."""
     if isinstance(value, str):
         with contextlib.suppress(ValueError):
-            value = float(value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-        if 0.0 <= seconds <= _MAX_BUSY_TIMEOUT:
-            return seconds
-    raise ConfigurationError(
-        f"busy_timeout must be a number of seconds from 0 to {_MAX_BUSY_TIMEOUT:g}, "
-        f"got {str(value)[:32]!r}; it bounds how long a call waits for another writer"
+            value = int(value) if whole else float(value)
+    kinds = (int,) if whole else (int, float)
+    if isinstance(value, kinds) and not isinstance(value, bool) and low <= value <= high:
+        return value
+    raise ConfigurationError(f"{problem}, got {str(value)[:32]!r}")
+
+
+def _check_busy_timeout(value: object) -> float:
+    return float(
+        _option_number(
+            value,
+            False,
+            0.0,
+            _MAX_BUSY_TIMEOUT,
+            f"busy_timeout must be a number of seconds from 0 to {_MAX_BUSY_TIMEOUT:g} "
+            "(it bounds how long a call waits for another writer)",
+        )
     )
 
 
 def _check_read_cache(value: object) -> int:
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 10_000_000:
-        return value
-    raise ConfigurationError(
-        f"read_cache must be a whole number of agent states cached per thread (0 turns it off), "
-        f"got {str(value)[:32]!r}"
+    return int(
+        _option_number(
+            value,
+            True,
+            0,
+            10_000_000,
+            "read_cache must be a whole number of agent states cached per thread (0 turns it off)",
+        )
     )
 
 
 def _check_page_cache(value: object) -> int:
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65_536:
-        return value
-    raise ConfigurationError(
-        f"page_cache_mib must be a whole number of MiB from 1 to 65536 (SQLite's page cache per "
-        f"connection), got {str(value)[:32]!r}"
+    return int(
+        _option_number(
+            value,
+            True,
+            1,
+            65_536,
+            "page_cache_mib must be a whole number of MiB from 1 to 65536 "
+            "(SQLite's page cache per connection)",
+        )
     )
 
 
