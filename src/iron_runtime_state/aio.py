@@ -33,7 +33,6 @@ import inspect
 import os
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Concatenate, Final, Literal, ParamSpec, TypeVar
@@ -69,6 +68,7 @@ from .manager import (
     log_events,
     logger,
     make_update,
+    new_reservation_id,
     overspend_event,
     parse_ids,
     pii_event,
@@ -453,7 +453,7 @@ class AsyncStateManager:
         value = check_amount(amount, "amount", allow_zero=False)
         seconds = check_ttl(ttl)
         now = time.time()
-        result = await self._backend.reserve(aid, value, seconds, now, uuid.uuid4().hex)
+        result = await self._backend.reserve(aid, value, seconds, now, new_reservation_id())
         if isinstance(result, SpendResult):
             await self._append(budget_exceeded_event(aid, result, value, now, "reserve"))
             raise budget_exceeded_error(aid, result, value)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import itertools
 import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from secrets import token_hex
 from types import TracebackType
 from typing import IO, Any, Final, Literal
 
@@ -64,6 +65,37 @@ EXPORT_COLUMNS: Final = (
     "prev_hash",
     "hash",
 )
+
+# -- reservation ids ---------------------------------------------------------------------------------
+
+
+class _ReservationIds:
+    """Unique reservation ids: 64 random bits per process, then a counter.
+
+    Holds live in shared stores, so ids must not collide across processes and hosts; drawing
+    16 random bytes for each one costs more than the rest of a reservation on the in-memory
+    store. A forked child draws a new prefix, so it never repeats its parent's ids.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._renew()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._renew)
+
+    def _renew(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._next = itertools.count(1)
+
+    def __call__(self) -> str:
+        with self._lock:  # itertools.count is not atomic on free-threaded builds
+            n = next(self._next)
+        return f"{self._prefix}{n:016x}"
+
+
+#: A new reservation id (32 hex digits), for the sync and async managers alike.
+new_reservation_id: Final = _ReservationIds()
+
 
 # -- checks and events shared by the sync and async managers ------------------------------------
 
@@ -633,7 +665,7 @@ class StateManager:
         value = check_amount(amount, "amount", allow_zero=False)
         seconds = check_ttl(ttl)
         now = time.time()
-        result = self._backend.reserve(aid, value, seconds, now, token_hex(16))
+        result = self._backend.reserve(aid, value, seconds, now, new_reservation_id())
         if isinstance(result, SpendResult):
             self._append(budget_exceeded_event(aid, result, value, now, "reserve"))
             raise budget_exceeded_error(aid, result, value)

@@ -1,0 +1,44 @@
+"""Reservation ids: unique across threads, and across a fork (holds live in shared stores)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from iron_runtime_state.manager import new_reservation_id
+
+
+def test_ids_are_unique_across_threads() -> None:
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        ids = [new_reservation_id() for _ in range(2000)]
+        with lock:
+            seen.extend(ids)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(seen)) == len(seen) == 16_000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in seen[:10])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_never_repeats_its_parents_ids() -> None:
+    parent_next = new_reservation_id()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        os.write(write, new_reservation_id().encode())
+        os._exit(0)
+    os.close(write)
+    child_id = os.read(read, 64).decode()
+    os.waitpid(pid, 0)
+    os.close(read)
+    assert child_id[:16] != parent_next[:16]
+    assert new_reservation_id()[:16] == parent_next[:16]
