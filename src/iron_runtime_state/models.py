@@ -29,6 +29,7 @@ __all__ = [
 _INF: Final = math.inf
 _MAX_COUNT: Final = 2**63
 _new_object = object.__new__
+_set_frozen = object.__setattr__
 EVENT_TYPE_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,63}")
 MAX_DETAILS_BYTES: Final = 64 * 1024
 MAX_TIMESTAMP: Final = 2**53  # exact in a float and in JSON numbers everywhere
@@ -402,6 +403,18 @@ class Reservation:
     agent_id: AgentId
     amount: float
     expires_at: float
+
+    @classmethod
+    def _trusted(
+        cls, reservation_id: str, agent_id: AgentId, amount: float, expires_at: float
+    ) -> Reservation:
+        """Build from values a store just checked (a frozen dataclass's __init__ is slow)."""
+        new: Reservation = _new_object(cls)
+        _set_frozen(new, "reservation_id", reservation_id)
+        _set_frozen(new, "agent_id", agent_id)
+        _set_frozen(new, "amount", amount)
+        _set_frozen(new, "expires_at", expires_at)
+        return new
 
 
 @dataclass(frozen=True, slots=True)

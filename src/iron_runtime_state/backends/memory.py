@@ -38,6 +38,7 @@ _CODE: Final = {status._value_: code for code, status in enumerate(_STATUSES)}
 _RUNNING: Final = 0
 _FREE: Final = 255
 _NAN: Final = math.nan
+_SPARE_HOLDS: Final = 256
 _new_state = object.__new__
 
 
@@ -104,6 +105,7 @@ class MemoryBackend(Backend):
         self._free: list[int] = []
         # Open holds, only for agents that have some.
         self._holds: dict[int, _Holds] = {}
+        self._spare_holds: list[_Holds] = []
         # Aggregates for stats().
         self._counts = [0, 0, 0]
         self._spent_total = 0.0
@@ -310,8 +312,16 @@ class MemoryBackend(Backend):
             return 0.0
         total = holds.expire(now)
         if not holds.amounts:
-            del self._holds[key]
+            self._drop_holds(key, holds)
         return total
+
+    def _drop_holds(self, key: int, holds: _Holds) -> None:
+        """Forget an agent's emptied holds, keeping a few for reuse (reserve-commit cycles)."""
+        del self._holds[key]
+        if len(self._spare_holds) < _SPARE_HOLDS:
+            holds.expiries.clear()
+            holds.total = 0.0
+            self._spare_holds.append(holds)
 
     def record_spend(self, agent_id: AgentId, amount: float, now: float) -> SpendResult:
         key = agent_id._int
@@ -369,16 +379,16 @@ class MemoryBackend(Backend):
             expires_at = now + ttl
             holds = self._holds.get(key)
             if holds is None:
-                holds = self._holds[key] = _Holds()
+                holds = self._holds[key] = self._spare_holds.pop() if self._spare_holds else _Holds()
             holds.add(reservation_id, amount, expires_at)
-            return Reservation(reservation_id, agent_id, amount, expires_at)
+            return Reservation._trusted(reservation_id, agent_id, amount, expires_at)
 
     def _take_hold(self, reservation: Reservation, now: float, action: str) -> None:
         key = reservation.agent_id._int
         holds = self._holds.get(key)
         entry = None if holds is None else holds.take(reservation.reservation_id)
         if holds is not None and not holds.amounts:
-            del self._holds[key]
+            self._drop_holds(key, holds)
         if entry is None or entry[1] <= now:
             raise ReservationError(
                 f"cannot {action} reservation {reservation.reservation_id}: it is not open "
