@@ -7,13 +7,23 @@ with a unique namespace each, so they can share a server.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 
 import pytest
 
-from .redis_servers import RedisCluster, RedisServer, TlsFiles, redis_available, short_tmpdir
+from .redis_servers import (
+    RedisCluster,
+    RedisServer,
+    TlsFiles,
+    namespace,
+    redis_available,
+    short_tmpdir,
+)
 
 
 def _need_redis() -> None:
@@ -63,5 +73,27 @@ def tls_server() -> Iterator[RedisServer]:
     try:
         yield server
     finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def ns() -> str:
+    """A namespace no other test uses."""
+    return namespace()
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, free to kill, stop and restart."""
+    _need_redis()
+    folder = short_tmpdir("iron-fault-")
+    server = RedisServer(folder).start()
+    try:
+        yield server
+    finally:
+        if server.process is not None and server.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server.process.pid, signal.SIGCONT)
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)

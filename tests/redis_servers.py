@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -320,3 +321,8 @@ class TlsFiles:
 def short_tmpdir(prefix: str) -> Path:
     """A fresh folder under /tmp (unix socket paths must stay under ~100 characters)."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def namespace() -> str:
+    """A namespace no other test uses."""
+    return f"t{uuid.uuid4().hex[:12]}"

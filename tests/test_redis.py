@@ -7,7 +7,6 @@ drops a reply after the server has run the command.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -57,36 +56,12 @@ from .redis_servers import (
     RedisCluster,
     RedisServer,
     ReplyDropper,
+    namespace,
     redis_available,
     short_tmpdir,
 )
 
 pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
-
-
-def namespace() -> str:
-    return f"t{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def ns() -> str:
-    """A namespace no other test uses."""
-    return namespace()
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    """A redis-server of this test's own, free to kill, stop and restart."""
-    folder = short_tmpdir("iron-fault-")
-    server = RedisServer(folder).start()
-    try:
-        yield server
-    finally:
-        if server.process is not None and server.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(server.process.pid, signal.SIGCONT)
-        server.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def running(limit: float | None = None) -> AgentState:

@@ -9,7 +9,6 @@ a reply after the server ran the command, a slot migrating between two cluster m
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import signal
@@ -39,34 +38,17 @@ from iron_runtime_state.backends.async_base import open_async_backend
 from iron_runtime_state.backends.redis_async import AsyncRedisBackend, open_redis_async
 from iron_runtime_state.backends.redis_layout import RedisLayout
 
-from .redis_servers import HOST, RedisCluster, RedisServer, ReplyDropper, redis_available, short_tmpdir
+from .redis_servers import (
+    HOST,
+    RedisCluster,
+    RedisServer,
+    ReplyDropper,
+    namespace,
+    redis_available,
+    short_tmpdir,
+)
 
 pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
-
-
-def namespace() -> str:
-    return f"t{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def ns() -> str:
-    """A namespace no other test uses."""
-    return namespace()
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    """A redis-server of this test's own, free to kill, stop and restart."""
-    folder = short_tmpdir("iron-afault-")
-    server = RedisServer(folder).start()
-    try:
-        yield server
-    finally:
-        if server.process is not None and server.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(server.process.pid, signal.SIGCONT)
-        server.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def running(limit: float | None = None) -> AgentState:
