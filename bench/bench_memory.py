@@ -95,13 +95,17 @@ def operations(n_agents: int, n: int, runs: int) -> list[Comparison]:
     plain = PlainStore()
     ids = [AgentId.generate() for _ in range(n_agents)]
     keys = [a.as_str() for a in ids]
+    # Two versions of each agent, saved in turn, so that every save changes the stored values.
     states = [AgentState(a, AgentStatus.RUNNING, 0.0, 0, None) for a in ids]
+    states += [AgentState(a, AgentStatus.RUNNING, 1.5, 1, None) for a in ids]
     plains = [PlainState(k, "running", 0.0, 0, None) for k in keys]
+    plains += [PlainState(k, "running", 1.5, 1, None) for k in keys]
     for s in states:
         manager.save_agent_state(s)
     for p in plains:
         plain.save(p)
     m = len(keys)
+    m2 = len(states)
     results = []
 
     def ours_get(count: int) -> None:
@@ -119,12 +123,12 @@ def operations(n_agents: int, n: int, runs: int) -> list[Comparison]:
     def ours_save(count: int) -> None:
         save = manager.save_agent_state
         for i in range(count):
-            save(states[i % m])
+            save(states[i % m2])
 
     def base_save(count: int) -> None:
         save = plain.save
         for i in range(count):
-            save(plains[i % m])
+            save(plains[i % m2])
 
     results.append(compare("save_agent_state", ours_save, base_save, n=n, runs=runs, target="<= 1.5x time"))
 

@@ -1,11 +1,13 @@
-"""What only the in-memory store has: its compact column layout, slot reuse and hold heap."""
+"""What only the in-memory store has: its column layout, slot reuse and hold bookkeeping."""
 
 from __future__ import annotations
 
 import threading
 import time
 
-from iron_runtime_state import AgentId, AgentState, AgentStatus, StateManager
+import pytest
+
+from iron_runtime_state import AgentId, AgentState, AgentStatus, Reservation, ReservationError, StateManager
 from iron_runtime_state.backends.memory import MemoryBackend
 
 
@@ -19,7 +21,7 @@ def test_removed_slots_are_reused() -> None:
         manager.remove_agent_state(agent_id)
     for _ in range(50):
         manager.save_agent_state(AgentState(AgentId.generate(), AgentStatus.STOPPED))
-    assert len(backend._status) == 100  # no growth: the 50 freed slots were taken again
+    assert backend._size == 100  # no growth: the 50 freed slots were taken again
     stats = manager.stats()
     assert (stats.total, stats.running, stats.stopped) == (100, 50, 50)
     assert stats.budget_spent == 50.0
@@ -77,3 +79,101 @@ def test_ids_are_rebuilt_exactly_from_the_compact_key() -> None:
     assert manager.list_agents() == ["agent_00000000-0000-0000-0000-000000000001"]
     (state,) = manager.iter_agent_states()
     assert state.agent_id == fixture
+
+
+def test_columns_grow_past_their_capacity_and_keep_every_value() -> None:
+    backend = MemoryBackend()
+    manager = StateManager(backend)
+    ids = [AgentId.generate() for _ in range(3000)]  # the columns start at 1,024 slots
+    for n, agent_id in enumerate(ids):
+        manager.save_agent_state(AgentState(agent_id, AgentStatus.RUNNING, n / 4, n, n + 0.5))
+    assert backend._size == 3000
+    assert len(backend._status) >= 3000
+    for n, agent_id in enumerate(ids):
+        assert manager.get_agent_state(agent_id) == AgentState(
+            agent_id, AgentStatus.RUNNING, n / 4, n, n + 0.5
+        )
+    manager.record_spend(ids[-1], 1.0)  # writes go to the arrays the reads come from
+    state = manager.get_agent_state(ids[-1])
+    assert state is not None
+    assert state.budget_spent == 2999 / 4 + 1.0
+    assert manager.stats().pii_detections == sum(range(3000))
+
+
+def test_a_save_that_changes_nothing_keeps_the_totals() -> None:
+    manager = StateManager()
+    state = AgentState(AgentId.generate(), AgentStatus.RUNNING, 1.5, 2, 10.0)
+    for _ in range(3):
+        manager.save_agent_state(state)
+    stats = manager.stats()
+    assert (stats.total, stats.budget_spent, stats.pii_detections) == (1, 1.5, 2)
+    state.status, state.budget_spent, state.pii_detections = AgentStatus.FAILED, 0.25, 7
+    manager.save_agent_state(state)
+    stats = manager.stats()
+    assert (stats.running, stats.failed, stats.budget_spent, stats.pii_detections) == (0, 1, 0.25, 7)
+
+
+def test_one_hold_then_several_then_none() -> None:
+    # One open hold is kept as a tuple, several in a _Holds; both shapes settle exactly.
+    backend = MemoryBackend()
+    manager = StateManager(backend)
+    agent_id = AgentId.generate()
+    manager.save_agent_state(AgentState(agent_id, AgentStatus.RUNNING, budget_limit=10.0))
+    first = manager.reserve_budget(agent_id, 1.0)
+    assert isinstance(backend._holds[agent_id._int], tuple)
+    second = manager.reserve_budget(agent_id, 2.0)
+    third = manager.reserve_budget(agent_id, 3.0)
+    assert not isinstance(backend._holds[agent_id._int], tuple)
+    assert manager.budget_available(agent_id) == 4.0
+    manager.commit_reservation(second, 1.5)
+    assert manager.budget_available(agent_id) == 10.0 - 1.5 - 1.0 - 3.0
+    manager.release_reservation(first)
+    manager.commit_reservation(third, 3.0)
+    assert agent_id._int not in backend._holds  # nothing held: nothing kept
+    assert manager.budget_available(agent_id) == 10.0 - 4.5
+    for settled in (first, second, third):
+        with pytest.raises(ReservationError, match="not open"):
+            manager.release_reservation(settled)
+
+
+def test_expired_holds_of_either_shape_are_dropped_and_refuse_to_settle() -> None:
+    backend = MemoryBackend()
+    agent_id = AgentId.generate()
+    backend.save(AgentState(agent_id, AgentStatus.RUNNING, budget_limit=10.0), now=0.0)
+    lone = backend.reserve(agent_id, 4.0, ttl=10.0, now=0.0, reservation_id="lone")
+    assert isinstance(lone, Reservation)
+    assert backend.reserved(agent_id, now=9.0)[1] == 4.0
+    assert backend.reserved(agent_id, now=10.0)[1] == 0.0  # expired: dropped
+    assert agent_id._int not in backend._holds
+    with pytest.raises(ReservationError):
+        backend.commit(lone, 1.0, now=10.0)
+    a = backend.reserve(agent_id, 4.0, ttl=5.0, now=20.0, reservation_id="a")
+    b = backend.reserve(agent_id, 4.0, ttl=50.0, now=20.0, reservation_id="b")
+    assert isinstance(a, Reservation)
+    assert isinstance(b, Reservation)
+    # At 30 'a' has expired, so 6.0 fits beside 'b' (4.0); an expired hold cannot be committed.
+    c = backend.reserve(agent_id, 6.0, ttl=50.0, now=30.0, reservation_id="c")
+    assert isinstance(c, Reservation)
+    with pytest.raises(ReservationError):
+        backend.commit(a, 1.0, now=30.0)
+    backend.commit(b, 4.0, now=31.0)
+    backend.commit(c, 6.0, now=31.0)
+    state, reserved = backend.reserved(agent_id, now=31.0)
+    assert (state.budget_spent, reserved) == (10.0, 0.0)
+
+
+def test_purge_uses_the_time_a_finished_agent_last_changed() -> None:
+    # Running agents are never purged, so only finished agents' change times are kept.
+    backend = MemoryBackend()
+    old, recent, running = (AgentId.generate() for _ in range(3))
+    backend.save(AgentState(old, AgentStatus.RUNNING), now=0.0)
+    backend.save(AgentState(recent, AgentStatus.RUNNING), now=0.0)
+    backend.save(AgentState(running, AgentStatus.STOPPED), now=0.0)
+    backend.set_status(old, AgentStatus.STOPPED, now=100.0)
+    backend.save(AgentState(recent, AgentStatus.FAILED), now=100.0)
+    backend.record_pii(recent, 1, now=500.0)  # a change while failed counts
+    backend.set_status(running, AgentStatus.RUNNING, now=100.0)
+    removed = backend.purge_agents([AgentStatus.STOPPED, AgentStatus.FAILED], changed_before=200.0)
+    assert removed == [old.as_str()]
+    assert backend.purge_agents([AgentStatus.FAILED], changed_before=600.0) == [recent.as_str()]
+    assert backend.list_ids() == [running.as_str()]

@@ -235,6 +235,8 @@ def _parse_cached(value: str) -> AgentId | None:
 
 #: The id for a canonical ``str``, or ``None`` (cached; the manager's hot paths call it directly).
 parse_cached = _parse_cached
+#: The cache's own ``get``: the id for a string seen before, or ``None`` (the hottest path).
+cached_id: Final = _CACHE.get
 
 
 def try_parse(value: object) -> AgentId | None:

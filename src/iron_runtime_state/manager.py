@@ -29,7 +29,7 @@ from .errors import (
     StateTypeError,
     ValidationError,
 )
-from .ids import AgentId, coerce, parse_cached, try_parse
+from .ids import AgentId, cached_id, coerce, parse_cached, try_parse
 from .models import (
     AgentState,
     AgentStatus,
@@ -46,6 +46,9 @@ from .models import (
 __all__ = ["BudgetHold", "StateManager"]
 
 _time = time.time
+_cached_id = cached_id
+_INF: Final = math.inf
+_MAX_COUNT: Final = 2**63
 audit_logger: Final = logging.getLogger("iron_runtime_state.audit")
 logger: Final = logging.getLogger("iron_runtime_state")
 
@@ -75,7 +78,7 @@ def new_reservation_id() -> str:
     ``random`` module's generator is seeded from the OS and reseeded in a forked child, and is
     an order of magnitude cheaper than reading the OS's random source for every hold.
     """
-    return f"{_getrandbits(128):032x}"
+    return _getrandbits(128).to_bytes(16, "big").hex()
 
 
 # -- checks and events shared by the sync and async managers ------------------------------------
@@ -101,6 +104,11 @@ def check_state(state: object) -> AgentState:
     if not isinstance(state, AgentState):
         raise StateTypeError(f"expected an AgentState, got {type(state).__name__}")
     return state.checked_copy()
+
+
+def check_spend(amount: object) -> float:
+    """An amount to spend or reserve: finite and > 0."""
+    return check_amount(amount, "amount", allow_zero=False)
 
 
 def check_ttl(ttl: object) -> float:
@@ -499,15 +507,42 @@ class StateManager:
 
     def save_agent_state(self, state: AgentState) -> None:
         """Insert or replace the agent's state; an invalid state raises and stores nothing."""
-        if type(state) is not AgentState and not isinstance(state, AgentState):
-            raise StateTypeError(f"expected an AgentState, got {type(state).__name__}")
-        self._backend.save(state.checked_copy(), _time())
+        if type(state) is not AgentState:
+            state = check_state(state)  # a subclass is copied; anything else raises
+        # Each field is read once and those values are checked and stored, so a thread changing
+        # ``state`` meanwhile cannot slip an invalid value past the checks. This is
+        # AgentState.checked_copy() without building the copy: saving is the hottest write.
+        agent_id = state.agent_id
+        status = state.status
+        spent = state.budget_spent
+        pii = state.pii_detections
+        limit = state.budget_limit
+        if not (
+            type(agent_id) is AgentId
+            and type(status) is AgentStatus
+            and type(spent) is float
+            and 0.0 <= spent < _INF
+            and type(pii) is int
+            and 0 <= pii < _MAX_COUNT
+            and (limit is None or (type(limit) is float and 0.0 <= limit < _INF))
+        ):
+            state = AgentState._trusted(agent_id, status, spent, pii, limit)
+            state.validate()  # normalises ints, or raises the precise error
+            spent, pii, limit = state.budget_spent, state.pii_detections, state.budget_limit
+        self._backend.save_values(agent_id, status, spent, pii, limit, _time())
 
     def get_agent_state(self, agent_id: str | AgentId) -> AgentState | None:
         """An independent copy of the agent's state; ``None`` if absent or not a valid id."""
-        aid = parse_cached(agent_id) if type(agent_id) is str else try_parse(agent_id)
-        if aid is None:
-            return None
+        if type(agent_id) is str:
+            aid = _cached_id(agent_id)  # the id cache's dict.get: a hit costs one lookup
+            if aid is None:
+                aid = parse_cached(agent_id)
+                if aid is None:
+                    return None
+        else:
+            aid = try_parse(agent_id)
+            if aid is None:
+                return None
         return self._backend.get(aid)
 
     def list_agents(self) -> list[str]:
@@ -601,9 +636,9 @@ class StateManager:
         a ``budget_exceeded`` event is written and :class:`BudgetExceeded` is raised. Raises
         ``AgentNotRunning`` for an agent that is stopped or failed.
         """
-        aid = coerce(agent_id)
-        value = check_amount(amount, "amount", allow_zero=False)
-        now = time.time()
+        aid = agent_id if type(agent_id) is AgentId else coerce(agent_id)
+        value = amount if type(amount) is float and 0.0 < amount < _INF else check_spend(amount)
+        now = _time()
         result = self._backend.record_spend(aid, value, now)
         if result.exceeded:
             self._append(budget_exceeded_event(aid, result, value, now, "spend"))
@@ -642,11 +677,12 @@ class StateManager:
         :meth:`commit_reservation` or :meth:`release_reservation`; after ``ttl`` seconds the
         store releases it by itself, even if this process died.
         """
-        aid = coerce(agent_id)
-        value = check_amount(amount, "amount", allow_zero=False)
-        seconds = check_ttl(ttl)
-        now = time.time()
-        result = self._backend.reserve(aid, value, seconds, now, new_reservation_id())
+        aid = agent_id if type(agent_id) is AgentId else coerce(agent_id)
+        value = amount if type(amount) is float and 0.0 < amount < _INF else check_spend(amount)
+        seconds = ttl if type(ttl) is float and 0.0 < ttl < _INF else check_ttl(ttl)
+        now = _time()
+        reservation_id = _getrandbits(128).to_bytes(16, "big").hex()  # new_reservation_id(), inlined
+        result = self._backend.reserve(aid, value, seconds, now, reservation_id)
         if isinstance(result, SpendResult):
             self._append(budget_exceeded_event(aid, result, value, now, "reserve"))
             raise budget_exceeded_error(aid, result, value)
@@ -659,9 +695,9 @@ class StateManager:
         ``budget_exceeded`` event is written. Committing a hold that is not open raises
         :class:`ReservationError` and charges nothing.
         """
-        held = check_reservation(reservation)
-        value = check_amount(actual, "actual")
-        now = time.time()
+        held = reservation if type(reservation) is Reservation else check_reservation(reservation)
+        value = actual if type(actual) is float and 0.0 <= actual < _INF else check_amount(actual, "actual")
+        now = _time()
         result = self._backend.commit(held, value, now)
         if result.exceeded:
             self._append(overspend_event(result.state, held, value, now))

@@ -29,7 +29,6 @@ __all__ = [
 _INF: Final = math.inf
 _MAX_COUNT: Final = 2**63
 _new_object = object.__new__
-_set_frozen = object.__setattr__
 EVENT_TYPE_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,63}")
 MAX_DETAILS_BYTES: Final = 64 * 1024
 MAX_TIMESTAMP: Final = 2**53  # exact in a float and in JSON numbers everywhere
@@ -410,11 +409,17 @@ class Reservation:
     ) -> Reservation:
         """Build from values a store just checked (a frozen dataclass's __init__ is slow)."""
         new: Reservation = _new_object(cls)
-        _set_frozen(new, "reservation_id", reservation_id)
-        _set_frozen(new, "agent_id", agent_id)
-        _set_frozen(new, "amount", amount)
-        _set_frozen(new, "expires_at", expires_at)
+        _set_reservation_id(new, reservation_id)
+        _set_agent_id(new, agent_id)
+        _set_amount(new, amount)
+        _set_expires_at(new, expires_at)
         return new
+
+
+# The slots' own setters: the fastest way to fill a frozen instance (Reservation._trusted).
+_set_reservation_id, _set_agent_id, _set_amount, _set_expires_at = (
+    Reservation.__dict__[name].__set__ for name in ("reservation_id", "agent_id", "amount", "expires_at")
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -145,6 +145,22 @@ class Backend(abc.ABC):
     def save(self, state: AgentState, now: float) -> None:
         """Insert or replace ``state`` (already validated; the backend may keep it)."""
 
+    def save_values(
+        self,
+        agent_id: AgentId,
+        status: AgentStatus,
+        budget_spent: float,
+        pii_detections: int,
+        budget_limit: float | None,
+        now: float,
+    ) -> None:
+        """Insert or replace a state given as valid field values: the manager's save path.
+
+        The manager reads each field of the caller's state once, checks those values and passes
+        them here, so no copy is built; this default builds one for :meth:`save`.
+        """
+        self.save(AgentState._trusted(agent_id, status, budget_spent, pii_detections, budget_limit), now)
+
     def save_many(self, states: Sequence[AgentState], now: float) -> None:
         """Insert or replace many states; backends override this to batch the writes."""
         for state in states:
@@ -280,6 +296,7 @@ class Backend(abc.ABC):
 _ITERATORS = frozenset({"iter_states", "iter_audit_rows"})
 _WRAPPED = (
     "save",
+    "save_values",
     "save_many",
     "get",
     "get_many",

@@ -9,7 +9,6 @@ the GIL (free-threaded CPython included); each operation holds it for a few micr
 from __future__ import annotations
 
 import bisect
-import heapq
 import math
 import threading
 from array import array
@@ -20,13 +19,13 @@ from ..audit_chain import GENESIS_HASH, AuditChain, AuditRow
 from ..errors import AgentNotFound, AgentNotRunning, ReservationError
 from ..ids import AgentId
 from ..models import (
+    LIMIT_TOLERANCE,
     AgentState,
     AgentStatus,
     AuditEvent,
     AuditRecord,
     FleetStats,
     Reservation,
-    exceeds,
 )
 from .base import AuditQuery, Backend, CommitResult, SpendResult, UpdateFn
 
@@ -36,50 +35,69 @@ _STATUSES: Final = (AgentStatus.RUNNING, AgentStatus.STOPPED, AgentStatus.FAILED
 # Keyed by the member's plain value: hashing a str is C-fast, hashing an Enum member is not.
 _CODE: Final = {status._value_: code for code, status in enumerate(_STATUSES)}
 _RUNNING: Final = 0
+_RUNNING_STATUS: Final = AgentStatus.RUNNING
 _FREE: Final = 255
 _NAN: Final = math.nan
-_SPARE_HOLDS: Final = 256
+_INF: Final = math.inf
+_TOLERANCE: Final = LIMIT_TOLERANCE
 _new_state = object.__new__
 
 
+#: One open hold: (reservation_id, amount, expires_at).
+_Hold = tuple[str, float, float]
+
+
 class _Holds:
-    """One agent's open reservations: O(log n) expiry and an O(1) running total."""
+    """An agent's open reservations when it has more than one, and their running total.
 
-    __slots__ = ("amounts", "expiries", "total")
+    An agent with a single hold keeps it as a plain ``_Hold`` tuple, the common case and the
+    cheapest to make and drop; a second hold turns it into one of these.
 
-    def __init__(self) -> None:
-        self.amounts: dict[str, tuple[float, float]] = {}  # id -> (amount, expires_at)
-        self.expiries: list[tuple[float, str]] = []  # a heap of (expires_at, id)
-        self.total = 0.0
+    ``soonest`` is never later than the first expiry, so a hold can only have expired when
+    ``now >= soonest``; only then are the holds scanned. A settled hold may leave ``soonest``
+    early, which costs one scan that finds the true value.
+    """
+
+    __slots__ = ("amounts", "soonest", "total")
+
+    def __init__(self, first: _Hold) -> None:
+        reservation_id, amount, expires_at = first
+        self.amounts: dict[str, tuple[float, float]] = {reservation_id: (amount, expires_at)}
+        self.soonest = expires_at
+        self.total = amount
 
     def add(self, reservation_id: str, amount: float, expires_at: float) -> None:
         self.amounts[reservation_id] = (amount, expires_at)
-        heapq.heappush(self.expiries, (expires_at, reservation_id))
         self.total += amount
-
-    def take(self, reservation_id: str) -> tuple[float, float] | None:
-        entry = self.amounts.pop(reservation_id, None)
-        if entry is not None:
-            self._subtract(entry[0])
-        return entry
+        if expires_at < self.soonest:
+            self.soonest = expires_at
 
     def expire(self, now: float) -> float:
         """Drop holds whose time is up; return the total of those left."""
-        expiries = self.expiries
-        while expiries and expiries[0][0] <= now:
-            _, rid = heapq.heappop(expiries)
-            entry = self.amounts.get(rid)
-            if entry is not None and entry[1] <= now:
-                del self.amounts[rid]
-                self._subtract(entry[0])
-        if len(expiries) > 2 * len(self.amounts) + 16:  # settled holds linger in the heap
-            self.expiries = [(e, rid) for rid, (_, e) in self.amounts.items()]
-            heapq.heapify(self.expiries)
+        if now < self.soonest:
+            return self.total
+        amounts = self.amounts
+        soonest = math.inf
+        for reservation_id, (amount, expires_at) in list(amounts.items()):
+            if expires_at <= now:
+                del amounts[reservation_id]
+                self.total -= amount
+            elif expires_at < soonest:
+                soonest = expires_at
+        self.soonest = soonest
+        if not amounts:
+            self.total = 0.0  # exactly zero once nothing is held: rounding never builds up
         return self.total
 
-    def _subtract(self, amount: float) -> None:
-        # Exactly zero once nothing is held, so rounding never builds up across holds.
-        self.total = self.total - amount if self.amounts else 0.0
+
+def _floats(column: array[float]) -> memoryview[float]:
+    """A view of a float column (a memoryview can only be cast from bytes)."""
+    return memoryview(column).cast("B").cast("d")
+
+
+def _ints(column: array[int]) -> memoryview[int]:
+    """A view of an int column."""
+    return memoryview(column).cast("B").cast("q")
 
 
 def _id_str(key: int) -> str:
@@ -97,15 +115,20 @@ class MemoryBackend(Backend):
         self._lock = threading.RLock()
         # Agent columns; a slot's status byte is _FREE while the slot is unused.
         self._index: dict[int, int] = {}
-        self._status = bytearray()
+        self._status = bytearray()  # one byte per slot, in use or not
+        self._size = 0  # slots ever used; those past it are spare capacity
+        self._free: list[int] = []  # used slots freed by remove, reused first
+        # Numeric columns: read from the arrays, written through memoryviews of them, which
+        # store a value faster than an array's own __setitem__ (reading is faster from the
+        # array). An array cannot grow while viewed: _grow releases the views, extends the
+        # arrays and views them again.
         self._spent = array("d")
         self._pii = array("q")
         self._limit = array("d")  # NaN: no limit
-        self._changed = array("d")  # Unix time of the last change, for purge_agents
-        self._free: list[int] = []
+        self._changed = array("d")  # last change of a finished agent, for purge_agents
+        self._view_columns()
         # Open holds, only for agents that have some.
-        self._holds: dict[int, _Holds] = {}
-        self._spare_holds: list[_Holds] = []
+        self._holds: dict[int, _Hold | _Holds] = {}
         # Aggregates for stats().
         self._counts = [0, 0, 0]
         self._spent_total = 0.0
@@ -134,72 +157,107 @@ class MemoryBackend(Backend):
             None if limit != limit else limit,
         )
 
-    def _write(self, slot: int, state: AgentState, now: float) -> None:
-        """Store ``state`` in an occupied slot, keeping the aggregates in step."""
-        code = _CODE[state.status._value_]
-        old = self._status[slot]
-        if old != code:
-            self._counts[old] -= 1
-            self._counts[code] += 1
-            self._status[slot] = code
-        self._spent_total += state.budget_spent - self._spent[slot]
-        self._spent[slot] = state.budget_spent
-        self._pii_total += state.pii_detections - self._pii[slot]
-        self._pii[slot] = state.pii_detections
-        limit = state.budget_limit
-        self._limit[slot] = _NAN if limit is None else limit
-        self._changed[slot] = now
+    def _write(self, slot: int, code: int, spent: float, pii: int, limit: float | None, now: float) -> None:
+        """Store valid values in an occupied slot, keeping the aggregates in step.
 
-    def _insert(self, key: int, state: AgentState, now: float) -> None:
-        code = _CODE[state.status._value_]
-        limit = state.budget_limit
+        A field that did not change costs one comparison; saves usually change one or two.
+        """
+        codes = self._status
+        old = codes[slot]
+        if old != code:
+            counts = self._counts
+            counts[old] -= 1
+            counts[code] += 1
+            codes[slot] = code
+        before = self._spent[slot]
+        if before != spent:
+            self._spent_total += spent - before
+            self._spent_view[slot] = spent
+        had = self._pii[slot]
+        if had != pii:
+            self._pii_total += pii - had
+            self._pii_view[slot] = pii
+        self._limit_view[slot] = _NAN if limit is None else limit
+        if code != _RUNNING:  # running agents are never purged: their time is not needed
+            self._changed_view[slot] = now
+
+    def _view_columns(self) -> None:
+        self._spent_view = _floats(self._spent)
+        self._pii_view = _ints(self._pii)
+        self._limit_view = _floats(self._limit)
+        self._changed_view = _floats(self._changed)
+
+    def _grow(self) -> None:
+        """Add spare slots (an eighth more, at least 1,024), viewing the columns again."""
+        extra = max(1024, self._size // 8)
+        for view in (self._spent_view, self._pii_view, self._limit_view, self._changed_view):
+            view.release()
+        zeros = bytes(8 * extra)
+        for column in (self._spent, self._pii, self._limit, self._changed):
+            column.frombytes(zeros)
+        self._status.extend(b"\xff" * extra)  # _FREE
+        self._view_columns()
+
+    def _insert(self, key: int, code: int, spent: float, pii: int, limit: float | None, now: float) -> None:
         if self._free:
             slot = self._free.pop()
-            self._status[slot] = code
-            self._spent[slot] = state.budget_spent
-            self._pii[slot] = state.pii_detections
-            self._limit[slot] = _NAN if limit is None else limit
-            self._changed[slot] = now
         else:
-            slot = len(self._status)
-            self._status.append(code)
-            self._spent.append(state.budget_spent)
-            self._pii.append(state.pii_detections)
-            self._limit.append(_NAN if limit is None else limit)
-            self._changed.append(now)
+            if self._size == len(self._status):
+                self._grow()
+            slot = self._size
+            self._size = slot + 1
+        self._status[slot] = code
+        self._spent_view[slot] = spent
+        self._pii_view[slot] = pii
+        self._limit_view[slot] = _NAN if limit is None else limit
+        self._changed_view[slot] = now
         self._index[key] = slot
         self._counts[code] += 1
-        self._spent_total += state.budget_spent
-        self._pii_total += state.pii_detections
+        self._spent_total += spent
+        self._pii_total += pii
 
     def save(self, state: AgentState, now: float) -> None:
-        key = state.agent_id._int
-        code = _CODE[state.status._value_]
-        spent = state.budget_spent
-        pii = state.pii_detections
-        limit = state.budget_limit
+        self.save_values(
+            state.agent_id, state.status, state.budget_spent, state.pii_detections, state.budget_limit, now
+        )
+
+    def save_values(
+        self,
+        agent_id: AgentId,
+        status: AgentStatus,
+        budget_spent: float,
+        pii_detections: int,
+        budget_limit: float | None,
+        now: float,
+    ) -> None:
+        key = agent_id._int
+        code = _RUNNING if status is _RUNNING_STATUS else _CODE[status._value_]
         lock = self._lock
-        lock.acquire()
+        lock.acquire()  # acquire/release costs half of what ``with`` does on CPython 3.11
         try:
             slot = self._index.get(key)
             if slot is None:
-                self._insert(key, state, now)
+                self._insert(key, code, budget_spent, pii_detections, budget_limit, now)
                 return
             # _write, inlined: this is the hottest write path.
-            status = self._status
-            old = status[slot]
+            codes = self._status
+            old = codes[slot]
             if old != code:
-                self._counts[old] -= 1
-                self._counts[code] += 1
-                status[slot] = code
-            column = self._spent
-            self._spent_total += spent - column[slot]
-            column[slot] = spent
-            counts = self._pii
-            self._pii_total += pii - counts[slot]
-            counts[slot] = pii
-            self._limit[slot] = _NAN if limit is None else limit
-            self._changed[slot] = now
+                counts = self._counts
+                counts[old] -= 1
+                counts[code] += 1
+                codes[slot] = code
+            before = self._spent[slot]
+            if before != budget_spent:
+                self._spent_total += budget_spent - before
+                self._spent_view[slot] = budget_spent
+            had = self._pii[slot]
+            if had != pii_detections:
+                self._pii_total += pii_detections - had
+                self._pii_view[slot] = pii_detections
+            self._limit_view[slot] = _NAN if budget_limit is None else budget_limit
+            if code != _RUNNING:
+                self._changed_view[slot] = now
         finally:
             lock.release()
 
@@ -254,8 +312,8 @@ class MemoryBackend(Backend):
             else:
                 self._spent_total = 0.0  # no drift left behind once the store is empty
             self._status[slot] = _FREE
-            self._spent[slot] = 0.0
-            self._pii[slot] = 0
+            self._spent_view[slot] = 0.0
+            self._pii_view[slot] = 0
             self._free.append(slot)
             return True
 
@@ -300,51 +358,66 @@ class MemoryBackend(Backend):
         with self._lock:
             slot = self._slot(agent_id)
             new = fn(self._state(agent_id, slot))
-            self._write(slot, new, now)
+            code = _CODE[new.status._value_]
+            self._write(slot, code, new.budget_spent, new.pii_detections, new.budget_limit, now)
             return new.copy()
 
     # -- atomic counters ---------------------------------------------------------------------
+    # The hot paths take the lock with acquire/release (half the cost of ``with`` on CPython
+    # 3.11), check the limit with exceeds()'s rule inlined, and build results outside the lock.
 
     def _open_holds(self, key: int, now: float) -> float:
         """Sum of the agent's unexpired holds, dropping the expired ones."""
         holds = self._holds.get(key)
         if holds is None:
             return 0.0
+        if isinstance(holds, tuple):
+            if now < holds[2]:
+                return holds[1]
+            del self._holds[key]
+            return 0.0
         total = holds.expire(now)
         if not holds.amounts:
-            self._drop_holds(key, holds)
+            del self._holds[key]
         return total
 
-    def _drop_holds(self, key: int, holds: _Holds) -> None:
-        """Forget an agent's emptied holds, keeping a few for reuse (reserve-commit cycles)."""
-        del self._holds[key]
-        if len(self._spare_holds) < _SPARE_HOLDS:
-            holds.expiries.clear()
-            holds.total = 0.0
-            self._spare_holds.append(holds)
+    def _not_running(self, agent_id: AgentId, code: int, action: str) -> AgentNotRunning:
+        return AgentNotRunning(agent_id.as_str(), _STATUSES[code].value, action)
 
     def record_spend(self, agent_id: AgentId, amount: float, now: float) -> SpendResult:
         key = agent_id._int
-        with self._lock:
-            slot = self._slot(agent_id)
-            if self._status[slot] != _RUNNING:
-                raise AgentNotRunning(agent_id.as_str(), _STATUSES[self._status[slot]].value, "record spend")
+        lock = self._lock
+        lock.acquire()
+        try:
+            slot = self._index.get(key)
+            if slot is None:
+                raise AgentNotFound(agent_id.as_str())
+            code = self._status[slot]
+            if code != _RUNNING:
+                raise self._not_running(agent_id, code, "record spend")
             spent = self._spent[slot]
             limit = self._limit[slot]
-            reserved = self._open_holds(key, now) if key in self._holds else 0.0
-            if limit == limit and exceeds(spent + reserved + amount, limit):
-                return SpendResult(self._state(agent_id, slot), exceeded=True, reserved=reserved)
-            self._spent[slot] = spent + amount
-            self._spent_total += amount
-            self._changed[slot] = now
-            return SpendResult(self._state(agent_id, slot), reserved=reserved)
+            reserved = self._open_holds(key, now)
+            total = spent + reserved + amount
+            # exceeds(total, limit), inlined; a NaN limit (none) never compares true.
+            exceeded = total > limit + _TOLERANCE * (limit if limit > 1.0 else 1.0)
+            if not exceeded:
+                spent += amount
+                self._spent_view[slot] = spent
+                self._spent_total += amount
+            pii = self._pii[slot]
+        finally:
+            lock.release()
+        state = AgentState._trusted(agent_id, _RUNNING_STATUS, spent, pii, None if limit != limit else limit)
+        return SpendResult(state, exceeded, reserved)
 
     def record_pii(self, agent_id: AgentId, count: int, now: float) -> AgentState:
         with self._lock:
             slot = self._slot(agent_id)
-            self._pii[slot] += count
+            self._pii_view[slot] = self._pii[slot] + count
             self._pii_total += count
-            self._changed[slot] = now
+            if self._status[slot] != _RUNNING:
+                self._changed_view[slot] = now
             return self._state(agent_id, slot)
 
     def set_status(
@@ -357,7 +430,7 @@ class MemoryBackend(Backend):
             self._counts[old] -= 1
             self._counts[code] += 1
             self._status[slot] = code
-            self._changed[slot] = now
+            self._changed_view[slot] = now
             return _STATUSES[old], self._state(agent_id, slot)
 
     # -- reservations ----------------------------------------------------------------------
@@ -366,52 +439,93 @@ class MemoryBackend(Backend):
         self, agent_id: AgentId, amount: float, ttl: float, now: float, reservation_id: str
     ) -> Reservation | SpendResult:
         key = agent_id._int
-        with self._lock:
-            slot = self._slot(agent_id)
-            if self._status[slot] != _RUNNING:
-                raise AgentNotRunning(
-                    agent_id.as_str(), _STATUSES[self._status[slot]].value, "reserve budget"
-                )
-            reserved = self._open_holds(key, now)
-            limit = self._limit[slot]
-            if limit == limit and exceeds(self._spent[slot] + reserved + amount, limit):
-                return SpendResult(self._state(agent_id, slot), exceeded=True, reserved=reserved)
-            expires_at = now + ttl
+        lock = self._lock
+        lock.acquire()
+        try:
+            slot = self._index.get(key)
+            if slot is None:
+                raise AgentNotFound(agent_id.as_str())
+            code = self._status[slot]
+            if code != _RUNNING:
+                raise self._not_running(agent_id, code, "reserve budget")
             holds = self._holds.get(key)
             if holds is None:
-                holds = self._holds[key] = self._spare_holds.pop() if self._spare_holds else _Holds()
-            holds.add(reservation_id, amount, expires_at)
-            return Reservation._trusted(reservation_id, agent_id, amount, expires_at)
+                reserved = 0.0
+            else:
+                reserved = self._open_holds(key, now)
+                holds = self._holds.get(key)  # gone if every hold had expired
+            limit = self._limit[slot]
+            total = self._spent[slot] + reserved + amount
+            if total > limit + _TOLERANCE * (limit if limit > 1.0 else 1.0):  # exceeds(), inlined
+                return SpendResult(self._state(agent_id, slot), exceeded=True, reserved=reserved)
+            expires_at = now + ttl
+            if holds is None:
+                self._holds[key] = (reservation_id, amount, expires_at)
+            elif isinstance(holds, tuple):
+                more = self._holds[key] = _Holds(holds)
+                more.add(reservation_id, amount, expires_at)
+            else:
+                holds.add(reservation_id, amount, expires_at)
+        finally:
+            lock.release()
+        return Reservation._trusted(reservation_id, agent_id, amount, expires_at)
 
     def _take_hold(self, reservation: Reservation, now: float, action: str) -> None:
+        """Drop the reservation's hold; ``ReservationError`` if it is not open."""
         key = reservation.agent_id._int
         holds = self._holds.get(key)
-        entry = None if holds is None else holds.take(reservation.reservation_id)
-        if holds is not None and not holds.amounts:
-            self._drop_holds(key, holds)
-        if entry is None or entry[1] <= now:
-            raise ReservationError(
-                f"cannot {action} reservation {reservation.reservation_id}: it is not open "
-                "(already committed or released, expired after its ttl, or its agent was "
-                "removed); if money was spent after the hold expired, record it with record_spend"
-            )
+        if isinstance(holds, tuple):
+            if holds[0] != reservation.reservation_id:
+                raise _not_open(reservation, action)
+            del self._holds[key]
+            expires_at = holds[2]
+        else:
+            entry = None if holds is None else holds.amounts.pop(reservation.reservation_id, None)
+            if holds is None or entry is None:
+                raise _not_open(reservation, action)
+            if holds.amounts:
+                holds.total -= entry[0]
+            else:
+                del self._holds[key]
+            expires_at = entry[1]
+        if expires_at <= now:  # it had expired: dropped as expiry would, but it was not open
+            raise _not_open(reservation, action)
 
     def commit(self, reservation: Reservation, actual: float, now: float) -> CommitResult:
         agent_id = reservation.agent_id
-        with self._lock:
-            self._take_hold(reservation, now, "commit")
-            slot = self._slot(agent_id)
+        lock = self._lock
+        lock.acquire()
+        try:
+            key = agent_id._int
+            holds = self._holds.get(key)
+            if isinstance(holds, tuple) and holds[0] == reservation.reservation_id and now < holds[2]:
+                del self._holds[key]  # the common case of _take_hold, inlined
+            else:
+                self._take_hold(reservation, now, "commit")
+            slot = self._index.get(key)
+            if slot is None:  # not reached: removing an agent drops its holds first
+                raise AgentNotFound(agent_id.as_str())
             spent = self._spent[slot] + actual
-            self._spent[slot] = spent
+            self._spent_view[slot] = spent
             self._spent_total += actual
-            self._changed[slot] = now
+            code = self._status[slot]
+            if code != _RUNNING:
+                self._changed_view[slot] = now
+            pii = self._pii[slot]
             limit = self._limit[slot]
-            exceeded = limit == limit and exceeds(spent, limit)
-            return CommitResult(self._state(agent_id, slot), exceeded=exceeded)
+        finally:
+            lock.release()
+        exceeded = spent > limit + _TOLERANCE * (limit if limit > 1.0 else 1.0)  # exceeds(), inlined
+        state = AgentState._trusted(agent_id, _STATUSES[code], spent, pii, None if limit != limit else limit)
+        return CommitResult(state, exceeded)
 
     def release(self, reservation: Reservation, now: float) -> None:
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             self._take_hold(reservation, now, "release")
+        finally:
+            lock.release()
 
     def reserved(self, agent_id: AgentId, now: float) -> tuple[AgentState, float]:
         with self._lock:
@@ -549,6 +663,14 @@ class MemoryBackend(Backend):
 
     def close(self) -> None:
         """Nothing to release: the data lives as long as this object."""
+
+
+def _not_open(reservation: Reservation, action: str) -> ReservationError:
+    return ReservationError(
+        f"cannot {action} reservation {reservation.reservation_id}: it is not open "
+        "(already committed or released, expired after its ttl, or its agent was "
+        "removed); if money was spent after the hold expired, record it with record_spend"
+    )
 
 
 def _seq(record: AuditRecord) -> int:
