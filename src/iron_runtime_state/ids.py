@@ -107,8 +107,8 @@ class AgentId:
     def _trusted(cls, canonical: str, as_int: int) -> AgentId:
         """Build from a string already known to be canonical (store reads, generation)."""
         new = object.__new__(cls)
-        object.__setattr__(new, "_value", canonical)
-        object.__setattr__(new, "_int", as_int)
+        _set_value(new, canonical)  # the slots' own setters: AgentId.__setattr__ refuses
+        _set_int(new, as_int)
         return new
 
     @classmethod
@@ -211,6 +211,8 @@ class AgentId:
         return self
 
 
+_set_value = AgentId.__dict__["_value"].__set__
+_set_int = AgentId.__dict__["_int"].__set__
 _CACHE: dict[str, AgentId] = {}
 _CACHE_MAX: Final = 16384
 
