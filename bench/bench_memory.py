@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _harness import Comparison, compare, header, rss_bytes, save_json
 from iron_runtime_state import AgentId, AgentState, AgentStatus, AuditEvent, StateManager
-from iron_runtime_state.audit_chain import AuditChain
+from iron_runtime_state.audit_chain import GENESIS_HASH, AuditChain, canonical_event_json
 
 
 @dataclass(slots=True)
@@ -197,6 +198,29 @@ def operations(n_agents: int, n: int, runs: int) -> list[Comparison]:
             append(batch, keyed)
 
     results.append(compare("audit append: HMAC chain vs no chain", with_hmac, without_chain, n=n, runs=runs))
+
+    # The floor: what one seal costs next to an unchained append. The chained append does the
+    # unchained one plus a seal, so its ratio cannot go below 1 + seal / unchained append.
+    seal, agent = chain.seal, ids[0].as_str()
+
+    def seal_only(count: int) -> None:
+        for i in range(count):
+            seal(GENESIS_HASH, i, agent, "tool_call", 1_700_000_000, "called search with 3 arguments")
+
+    floor = compare("  one seal vs one unchained append", seal_only, without_chain, n=n, runs=runs)
+    print(f"  => the chained append cannot cost less than {1 + floor.ratio:.2f}x here", flush=True)
+    results.append(floor)
+    # And with no encoding at all: hashlib's SHA-256 of an already encoded record.
+    body = canonical_event_json(agent, "tool_call", 1_700_000_000, event.details)
+    message = f"{GENESIS_HASH}\n1\n{body}".encode()
+
+    def hash_only(count: int) -> None:
+        for _ in range(count):
+            hashlib.sha256(message).hexdigest()
+
+    bare = compare("  bare sha256 vs unchained append", hash_only, without_chain, n=n, runs=runs)
+    print(f"  => even a seal that only hashed would cost {1 + bare.ratio:.2f}x", flush=True)
+    results.append(bare)
     return results
 
 
