@@ -403,7 +403,7 @@ class MemoryBackend(Backend):
                 raise self._not_running(agent_id, code, "record spend")
             spent = self._spent[slot]
             limit = self._limit[slot]
-            reserved = self._open_holds(key, now)
+            reserved = self._open_holds(key, now) if key in self._holds else 0.0
             total = spent + reserved + amount
             # exceeds(total, limit), inlined; a NaN limit (none) never compares true.
             exceeded = total > limit + _TOLERANCE * (limit if limit > 1.0 else 1.0)
