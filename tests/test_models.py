@@ -41,6 +41,7 @@ def test_defaults_match_the_seed() -> None:
         ("pii_detections", -1, ValidationError),
         ("pii_detections", 1.0, StateTypeError),
         ("pii_detections", False, StateTypeError),
+        ("pii_detections", 2**63, ValidationError),
         ("budget_limit", -1.0, ValidationError),
         ("budget_limit", math.nan, ValidationError),
         ("budget_limit", "10", StateTypeError),

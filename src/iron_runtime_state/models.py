@@ -139,7 +139,7 @@ class AgentState:
         spent = self.budget_spent
         if type(spent) is not float or not 0.0 <= spent < _INF:
             self.budget_spent = check_amount(spent, "AgentState.budget_spent")
-        if type(self.pii_detections) is not int or self.pii_detections < 0:
+        if type(self.pii_detections) is not int or not 0 <= self.pii_detections < _MAX_COUNT:
             self.pii_detections = check_count(self.pii_detections, "AgentState.pii_detections")
         limit = self.budget_limit
         if limit is not None and (type(limit) is not float or not 0.0 <= limit < _INF):

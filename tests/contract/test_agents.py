@@ -102,6 +102,9 @@ def test_invalid_state_is_never_stored(manager: StateManager) -> None:
     state.pii_detections = True  # bool is not a count
     with pytest.raises(StateTypeError):
         manager.save_agent_state(state)
+    state.pii_detections = 2**63  # past what every store keeps (a signed 64-bit count)
+    with pytest.raises(ValidationError, match="2\\*\\*63"):
+        manager.save_agent_state(state)
     state.pii_detections = 0
     state.agent_id = state.agent_id.as_str()  # type: ignore[assignment]
     with pytest.raises(TypeError, match=r"AgentId\.parse"):
