@@ -237,6 +237,15 @@ def _parse_cached(value: str) -> AgentId | None:
 
 #: The id for a canonical ``str``, or ``None`` (cached; the manager's hot paths call it directly).
 parse_cached = _parse_cached
+def remember_id(agent_id: AgentId) -> None:
+    """Put an id a store has just taken into the parse cache, unless its text is there already.
+
+    Stores call it for a new agent, so that lookups by text share the stored id's objects.
+    """
+    if type(agent_id) is AgentId and len(_CACHE) < _CACHE_MAX:
+        _CACHE.setdefault(agent_id._value, agent_id)
+
+
 #: The cache's own ``get``: the id for a string seen before, or ``None`` (the hottest path).
 cached_id: Final = _CACHE.get
 

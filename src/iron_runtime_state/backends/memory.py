@@ -23,7 +23,7 @@ from typing import Final
 
 from ..audit_chain import GENESIS_HASH, AuditChain, AuditRow
 from ..errors import AgentNotFound, AgentNotRunning, ReservationError
-from ..ids import AgentId
+from ..ids import AgentId, remember_id
 from ..models import (
     LIMIT_TOLERANCE,
     AgentState,
@@ -244,6 +244,10 @@ class MemoryBackend(Backend):
             slot = self._index.get(key)
             if slot is None:
                 self._insert(key, code, budget_spent, pii_detections, budget_limit, now)
+                # Later lookups by the id's text then get this AgentId from the parse cache,
+                # whose int is our key itself: the index matches it by identity, without
+                # reading a second copy of the number.
+                remember_id(agent_id)
                 return
             # _write, inlined: this is the hottest write path.
             codes = self._status
