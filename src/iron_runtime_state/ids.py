@@ -237,6 +237,8 @@ def _parse_cached(value: str) -> AgentId | None:
 
 #: The id for a canonical ``str``, or ``None`` (cached; the manager's hot paths call it directly).
 parse_cached = _parse_cached
+
+
 def remember_id(agent_id: AgentId) -> None:
     """Put an id a store has just taken into the parse cache, unless its text is there already.
 

@@ -529,7 +529,7 @@ class StateManager:
             state = AgentState._trusted(agent_id, status, spent, pii, limit)
             state.validate()  # normalises ints, or raises the precise error
             spent, pii, limit = state.budget_spent, state.pii_detections, state.budget_limit
-        self._backend.save_values(agent_id, status, spent, pii, limit, _time())
+        self._backend.save_values(agent_id, status, spent, pii, limit)
 
     def get_agent_state(self, agent_id: str | AgentId) -> AgentState | None:
         """An independent copy of the agent's state; ``None`` if absent or not a valid id."""

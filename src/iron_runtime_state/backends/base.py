@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -152,14 +153,17 @@ class Backend(abc.ABC):
         budget_spent: float,
         pii_detections: int,
         budget_limit: float | None,
-        now: float,
     ) -> None:
         """Insert or replace a state given as valid field values: the manager's save path.
 
         The manager reads each field of the caller's state once, checks those values and passes
-        them here, so no copy is built; this default builds one for :meth:`save`.
+        them here, so no copy is built. The store takes the time of the change itself (a store
+        that keeps it only for some states need not read the clock for the others); this
+        default builds the state for :meth:`save`.
         """
-        self.save(AgentState._trusted(agent_id, status, budget_spent, pii_detections, budget_limit), now)
+        self.save(
+            AgentState._trusted(agent_id, status, budget_spent, pii_detections, budget_limit), time.time()
+        )
 
     def save_many(self, states: Sequence[AgentState], now: float) -> None:
         """Insert or replace many states; backends override this to batch the writes."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+import time
 from array import array
 from collections.abc import Iterator, Sequence
 from typing import Final
@@ -47,6 +48,7 @@ _NAN: Final = math.nan
 _INF: Final = math.inf
 _TOLERANCE: Final = LIMIT_TOLERANCE
 _new_state = object.__new__
+_time = time.time
 
 
 #: One open hold: (reservation_id, amount, expires_at).
@@ -223,9 +225,14 @@ class MemoryBackend(Backend):
         self._pii_total += pii
 
     def save(self, state: AgentState, now: float) -> None:
-        self.save_values(
-            state.agent_id, state.status, state.budget_spent, state.pii_detections, state.budget_limit, now
-        )
+        key = state.agent_id._int
+        code = _CODE[state.status._value_]
+        with self._lock:
+            slot = self._index.get(key)
+            if slot is None:
+                self._insert(key, code, state.budget_spent, state.pii_detections, state.budget_limit, now)
+            else:
+                self._write(slot, code, state.budget_spent, state.pii_detections, state.budget_limit, now)
 
     def save_values(
         self,
@@ -234,7 +241,6 @@ class MemoryBackend(Backend):
         budget_spent: float,
         pii_detections: int,
         budget_limit: float | None,
-        now: float,
     ) -> None:
         key = agent_id._int
         code = _RUNNING if status is _RUNNING_STATUS else _CODE[status._value_]
@@ -243,7 +249,7 @@ class MemoryBackend(Backend):
         try:
             slot = self._index.get(key)
             if slot is None:
-                self._insert(key, code, budget_spent, pii_detections, budget_limit, now)
+                self._insert(key, code, budget_spent, pii_detections, budget_limit, _time())
                 # Later lookups by the id's text then get this AgentId from the parse cache,
                 # whose int is our key itself: the index matches it by identity, without
                 # reading a second copy of the number.
@@ -266,8 +272,8 @@ class MemoryBackend(Backend):
                 self._pii_total += pii_detections - had
                 self._pii_view[slot] = pii_detections
             self._limit_view[slot] = _NAN if budget_limit is None else budget_limit
-            if code != _RUNNING:
-                self._changed_view[slot] = now
+            if code != _RUNNING:  # the clock is read only for the change times kept
+                self._changed_view[slot] = _time()
         finally:
             lock.release()
 
