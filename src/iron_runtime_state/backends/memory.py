@@ -255,18 +255,16 @@ class MemoryBackend(Backend):
                 # reading a second copy of the number.
                 remember_id(agent_id)
                 return
-            # _write, inlined: this is the hottest write path.
-            codes = self._status
-            old = codes[slot]
+            # _write, inlined: this is the hottest write path. A save usually changes the
+            # spend, so it is written without a test; the status and the count usually not.
+            old = self._status[slot]
             if old != code:
                 counts = self._counts
                 counts[old] -= 1
                 counts[code] += 1
-                codes[slot] = code
-            before = self._spent[slot]
-            if before != budget_spent:
-                self._spent_total += budget_spent - before
-                self._spent_view[slot] = budget_spent
+                self._status[slot] = code
+            self._spent_total += budget_spent - self._spent[slot]
+            self._spent_view[slot] = budget_spent
             had = self._pii[slot]
             if had != pii_detections:
                 self._pii_total += pii_detections - had
