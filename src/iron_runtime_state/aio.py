@@ -58,6 +58,7 @@ from .manager import (
     check_iteration,
     check_purge,
     check_reservation,
+    check_spend,
     check_state,
     check_timestamp,
     check_ttl,
@@ -407,7 +408,7 @@ class AsyncStateManager:
         is written and :class:`~iron_runtime_state.BudgetExceeded` is raised.
         """
         aid = coerce(agent_id)
-        value = check_amount(amount, "amount", allow_zero=False)
+        value = check_spend(amount)
         now = time.time()
         result = await self._backend.record_spend(aid, value, now)
         if result.exceeded:
@@ -450,7 +451,7 @@ class AsyncStateManager:
         See :meth:`iron_runtime_state.StateManager.reserve_budget`.
         """
         aid = coerce(agent_id)
-        value = check_amount(amount, "amount", allow_zero=False)
+        value = check_spend(amount)
         seconds = check_ttl(ttl)
         now = time.time()
         result = await self._backend.reserve(aid, value, seconds, now, new_reservation_id())

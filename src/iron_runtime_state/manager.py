@@ -31,6 +31,7 @@ from .errors import (
 )
 from .ids import AgentId, cached_id, coerce, parse_cached, try_parse
 from .models import (
+    MAX_COUNT,
     AgentState,
     AgentStatus,
     AuditEvent,
@@ -48,7 +49,6 @@ __all__ = ["BudgetHold", "StateManager"]
 _time = time.time
 _cached_id = cached_id
 _INF: Final = math.inf
-_MAX_COUNT: Final = 2**63
 audit_logger: Final = logging.getLogger("iron_runtime_state.audit")
 logger: Final = logging.getLogger("iron_runtime_state")
 
@@ -523,7 +523,7 @@ class StateManager:
             and type(spent) is float
             and 0.0 <= spent < _INF
             and type(pii) is int
-            and 0 <= pii < _MAX_COUNT
+            and 0 <= pii < MAX_COUNT
             and (limit is None or (type(limit) is float and 0.0 <= limit < _INF))
         ):
             state = AgentState._trusted(agent_id, status, spent, pii, limit)
@@ -681,8 +681,7 @@ class StateManager:
         value = amount if type(amount) is float and 0.0 < amount < _INF else check_spend(amount)
         seconds = ttl if type(ttl) is float and 0.0 < ttl < _INF else check_ttl(ttl)
         now = _time()
-        reservation_id = _getrandbits(128).to_bytes(16, "big").hex()  # new_reservation_id(), inlined
-        result = self._backend.reserve(aid, value, seconds, now, reservation_id)
+        result = self._backend.reserve(aid, value, seconds, now, new_reservation_id())
         if isinstance(result, SpendResult):
             self._append(budget_exceeded_event(aid, result, value, now, "reserve"))
             raise budget_exceeded_error(aid, result, value)

@@ -27,7 +27,8 @@ __all__ = [
 ]
 
 _INF: Final = math.inf
-_MAX_COUNT: Final = 2**63
+#: Counts are signed 64-bit in every store: they must stay below this.
+MAX_COUNT: Final = 2**63
 _new_object = object.__new__
 EVENT_TYPE_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,63}")
 MAX_DETAILS_BYTES: Final = 64 * 1024
@@ -88,7 +89,7 @@ def check_count(value: object, what: str, *, minimum: int = 0) -> int:
             raise StateTypeError(f"{what} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValidationError(f"{what} must be >= {minimum}, got {value}")
-    if value >= 2**63:
+    if value >= MAX_COUNT:
         raise ValidationError(f"{what} must be below 2**63, got {value}")
     return value
 
@@ -119,7 +120,7 @@ class AgentState:
             and type(spent) is float
             and 0.0 <= spent < _INF
             and type(pii) is int
-            and 0 <= pii < _MAX_COUNT
+            and 0 <= pii < MAX_COUNT
             and (limit is None or (type(limit) is float and 0.0 <= limit < _INF))
         ):
             self.validate()
@@ -139,7 +140,7 @@ class AgentState:
         spent = self.budget_spent
         if type(spent) is not float or not 0.0 <= spent < _INF:
             self.budget_spent = check_amount(spent, "AgentState.budget_spent")
-        if type(self.pii_detections) is not int or not 0 <= self.pii_detections < _MAX_COUNT:
+        if type(self.pii_detections) is not int or not 0 <= self.pii_detections < MAX_COUNT:
             self.pii_detections = check_count(self.pii_detections, "AgentState.pii_detections")
         limit = self.budget_limit
         if limit is not None and (type(limit) is not float or not 0.0 <= limit < _INF):
@@ -186,7 +187,7 @@ class AgentState:
             and type(spent) is float
             and 0.0 <= spent < _INF
             and type(pii) is int
-            and 0 <= pii < _MAX_COUNT
+            and 0 <= pii < MAX_COUNT
             and (limit is None or (type(limit) is float and 0.0 <= limit < _INF))
         ):
             new.validate()  # the slow path: normalises ints, or raises the precise error

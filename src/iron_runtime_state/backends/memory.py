@@ -168,19 +168,17 @@ class MemoryBackend(Backend):
     def _write(self, slot: int, code: int, spent: float, pii: int, limit: float | None, now: float) -> None:
         """Store valid values in an occupied slot, keeping the aggregates in step.
 
-        A field that did not change costs one comparison; saves usually change one or two.
+        The spend is written outright (a save usually changes it); the status and the count,
+        which usually do not change, cost one comparison each when they did not.
         """
-        codes = self._status
-        old = codes[slot]
+        old = self._status[slot]
         if old != code:
             counts = self._counts
             counts[old] -= 1
             counts[code] += 1
-            codes[slot] = code
-        before = self._spent[slot]
-        if before != spent:
-            self._spent_total += spent - before
-            self._spent_view[slot] = spent
+            self._status[slot] = code
+        self._spent_total += spent - self._spent[slot]
+        self._spent_view[slot] = spent
         had = self._pii[slot]
         if had != pii:
             self._pii_total += pii - had
@@ -255,8 +253,7 @@ class MemoryBackend(Backend):
                 # reading a second copy of the number.
                 remember_id(agent_id)
                 return
-            # _write, inlined: this is the hottest write path. A save usually changes the
-            # spend, so it is written without a test; the status and the count usually not.
+            # _write, inlined: this is the hottest write path.
             old = self._status[slot]
             if old != code:
                 counts = self._counts
