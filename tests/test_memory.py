@@ -177,3 +177,231 @@ def test_purge_uses_the_time_a_finished_agent_last_changed() -> None:
     assert removed == [old.as_str()]
     assert backend.purge_agents([AgentStatus.FAILED], changed_before=600.0) == [recent.as_str()]
     assert backend.list_ids() == [running.as_str()]
+
+
+# -- the manager's save and get, done whole by the store (Backend.manager_methods) ---------------
+
+
+def generic(backend: MemoryBackend) -> StateManager:
+    """A manager on ``backend`` that uses its generic save and get, as on every other store."""
+    manager = StateManager(backend)
+    del manager.save_agent_state, manager.get_agent_state  # the class's methods show through
+    return manager
+
+
+class _Subclass(AgentState):
+    pass
+
+
+def _bad_states(agent_id: AgentId) -> list[object]:
+    """Inputs to save: each invalid in one way, or valid only once copied or normalised."""
+
+    def mutated(**fields: object) -> AgentState:
+        state = AgentState(agent_id, AgentStatus.RUNNING, 1.0, 1, 5.0)
+        for name, value in fields.items():
+            object.__setattr__(state, name, value)
+        return state
+
+    return [
+        None,
+        "agent state",
+        {"agent_id": agent_id.as_str(), "status": "running"},
+        mutated(agent_id=agent_id.as_str()),
+        mutated(status="running"),
+        mutated(status=None),
+        mutated(budget_spent=-1.0),
+        mutated(budget_spent=float("nan")),
+        mutated(budget_spent=float("inf")),
+        mutated(budget_spent="1.0"),
+        mutated(budget_spent=True),
+        mutated(budget_spent=3),  # valid: stored as 3.0
+        mutated(pii_detections=True),
+        mutated(pii_detections=-1),
+        mutated(pii_detections=2**63),
+        mutated(pii_detections=1.0),
+        mutated(budget_limit=-0.5),
+        mutated(budget_limit=float("inf")),
+        mutated(budget_limit=False),
+        mutated(budget_limit=7),  # valid: stored as 7.0
+        mutated(status=AgentStatus.FAILED),  # valid, and not running
+        _Subclass(agent_id, AgentStatus.STOPPED, 2.0, 2, None),  # valid: saved as a copy
+    ]
+
+
+def _outcome(manager: StateManager, agent_id: AgentId, state: object) -> tuple[object, ...]:
+    try:
+        manager.save_agent_state(state)  # type: ignore[arg-type]
+        error = None
+    except Exception as exc:
+        error = (type(exc), str(exc))
+    stored = manager.get_agent_state(agent_id)
+    assert stored is None or type(stored) is AgentState
+    return error, stored, manager.stats()
+
+
+def test_the_memory_manager_binds_the_stores_own_save_and_get() -> None:
+    backend = MemoryBackend()
+    manager = StateManager(backend)
+    assert manager.save_agent_state.__func__ is MemoryBackend._save_agent_state  # type: ignore[attr-defined]
+    assert manager.get_agent_state.__func__ is MemoryBackend._get_agent_state  # type: ignore[attr-defined]
+    assert manager.save_agent_state.__self__ is backend  # type: ignore[attr-defined]
+    assert generic(MemoryBackend()).save_agent_state.__func__ is StateManager.save_agent_state  # type: ignore[attr-defined]
+
+
+def test_the_bound_save_treats_every_input_as_the_generic_one_does() -> None:
+    agent_id = AgentId.generate()
+    for existing in (False, True):
+        for state in _bad_states(agent_id):
+            managers = [StateManager(MemoryBackend()), generic(MemoryBackend())]
+            if existing:
+                for manager in managers:
+                    manager.save_agent_state(AgentState(agent_id, AgentStatus.STOPPED, 0.5, 0, 9.0))
+            fast, slow = (_outcome(manager, agent_id, state) for manager in managers)
+            assert fast == slow, state
+    # And the valid ones were stored normalised.
+    manager = StateManager()
+    manager.save_agent_state(AgentState(agent_id, AgentStatus.RUNNING, 3, 1, 7))
+    stored = manager.get_agent_state(agent_id)
+    assert stored is not None
+    assert (type(stored.budget_spent), type(stored.budget_limit)) == (float, float)
+
+
+def test_the_bound_get_answers_every_input_as_the_generic_one_does() -> None:
+    fast, slow = StateManager(MemoryBackend()), generic(MemoryBackend())
+    agent_id = AgentId.generate()
+    for manager in (fast, slow):
+        manager.save_agent_state(AgentState(agent_id, AgentStatus.FAILED, 1.25, 3, None))
+    text = agent_id.as_str()
+    inputs: list[object] = [
+        agent_id,
+        text,
+        str(text),  # an equal string that is another object
+        text.upper(),
+        text[:-1],
+        AgentId.generate(),
+        AgentId.generate().as_str(),
+        "",
+        "nope",
+        None,
+        42,
+        b"agent_",
+    ]
+    for value in inputs:
+        assert fast.get_agent_state(value) == slow.get_agent_state(value), value  # type: ignore[arg-type]
+    state = fast.get_agent_state(text)
+    assert state == AgentState(agent_id, AgentStatus.FAILED, 1.25, 3, None)
+    assert state is not fast.get_agent_state(text)  # a copy every time
+
+
+def test_a_manager_subclass_that_overrides_save_keeps_its_own() -> None:
+    calls: list[AgentState] = []
+
+    class Audited(StateManager):
+        def save_agent_state(self, state: AgentState) -> None:
+            calls.append(state)
+            super().save_agent_state(state)
+
+    manager = Audited()
+    state = AgentState(AgentId.generate(), AgentStatus.RUNNING)
+    manager.save_agent_state(state)
+    assert calls == [state]
+    assert manager.get_agent_state(state.agent_id) == state
+    assert manager.get_agent_state.__func__ is MemoryBackend._get_agent_state  # type: ignore[attr-defined]
+
+
+def test_a_store_subclass_gets_the_generic_save_and_get() -> None:
+    saved: list[AgentId] = []
+
+    class Counting(MemoryBackend):
+        def save_values(
+            self,
+            agent_id: AgentId,
+            status: AgentStatus,
+            budget_spent: float,
+            pii_detections: int,
+            budget_limit: float | None,
+        ) -> None:
+            saved.append(agent_id)
+            super().save_values(agent_id, status, budget_spent, pii_detections, budget_limit)
+
+    manager = StateManager(Counting())
+    state = AgentState(AgentId.generate(), AgentStatus.STOPPED, 1.0)
+    manager.save_agent_state(state)
+    assert saved == [state.agent_id]
+    assert manager.get_agent_state(state.agent_id.as_str()) == state
+    assert manager.stats().stopped == 1
+
+
+def test_a_read_by_text_never_finds_an_agent_in_a_removed_agents_slot() -> None:
+    backend = MemoryBackend()
+    manager = StateManager(backend)
+    gone = AgentId.generate()
+    manager.save_agent_state(AgentState(gone, AgentStatus.RUNNING, 1.0))
+    assert manager.get_agent_state(gone.as_str()) is not None  # its text now leads to its slot
+    assert manager.remove_agent_state(gone)
+    newcomer = AgentId.generate()
+    manager.save_agent_state(AgentState(newcomer, AgentStatus.FAILED, 2.0))
+    assert backend._index[newcomer._int] == 0  # the freed slot was reused
+    assert manager.get_agent_state(gone.as_str()) is None
+    assert manager.get_agent_state(newcomer.as_str()) == AgentState(newcomer, AgentStatus.FAILED, 2.0)
+    # Purging frees slots through the same path.
+    manager.set_status(newcomer, AgentStatus.STOPPED)
+    assert manager.purge_agents(older_than=0) == [newcomer.as_str()]
+    assert manager.get_agent_state(newcomer.as_str()) is None
+
+
+def test_texts_remembered_for_reads_stay_bounded() -> None:
+    from iron_runtime_state.backends.memory import _BY_TEXT_MAX
+
+    backend = MemoryBackend()
+    manager = StateManager(backend)
+    ids = [AgentId.generate() for _ in range(_BY_TEXT_MAX + 100)]
+    manager.save_agent_states(AgentState(a, AgentStatus.RUNNING, 1.0, 3) for a in ids)
+    for _ in range(2):
+        for agent_id in ids:
+            state = manager.get_agent_state(agent_id.as_str())
+            assert state is not None
+            assert state.agent_id == agent_id
+            assert len(backend._by_text) <= _BY_TEXT_MAX
+
+
+def test_reads_by_text_race_removals_and_slot_reuse_without_mixing_agents() -> None:
+    manager = StateManager()
+    ids = [AgentId.generate() for _ in range(32)]
+    texts = [a.as_str() for a in ids]
+    for which, agent_id in enumerate(ids):
+        manager.save_agent_state(AgentState(agent_id, AgentStatus.RUNNING, 0.0, which))
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def churn() -> None:
+        # Remove and re-add agents so that slots keep changing hands.
+        n = 0
+        while not stop.is_set():
+            which = n % len(ids)
+            manager.remove_agent_state(ids[which])
+            # Each agent's count is its own number: a read can tell whose values it got.
+            manager.save_agent_state(AgentState(ids[which], AgentStatus.RUNNING, float(n % 7), which))
+            n += 1
+
+    def read() -> None:
+        try:
+            while not stop.is_set():
+                for which, text in enumerate(texts):
+                    state = manager.get_agent_state(text)
+                    if state is not None and (state.agent_id.as_str(), state.pii_detections) != (text, which):
+                        errors.append(f"agent {which} read as {state}")
+        except Exception as exc:
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=churn) for _ in range(2)] + [
+        threading.Thread(target=read) for _ in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert manager.stats().total == len(ids)

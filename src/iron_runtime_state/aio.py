@@ -59,7 +59,6 @@ from .manager import (
     check_purge,
     check_reservation,
     check_spend,
-    check_state,
     check_timestamp,
     check_ttl,
     check_unsettled,
@@ -88,6 +87,7 @@ from .models import (
     Reservation,
     check_amount,
     check_count,
+    check_state,
 )
 
 if TYPE_CHECKING:

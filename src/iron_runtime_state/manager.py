@@ -42,6 +42,7 @@ from .models import (
     check_amount,
     check_count,
     check_event_type,
+    check_state,
 )
 
 __all__ = ["BudgetHold", "StateManager"]
@@ -58,6 +59,8 @@ ENV_AUDIT_KEY: Final = "IRON_STATE_AUDIT_KEY"
 BATCH_SIZE: Final = 500
 VERIFY_BATCH: Final = 5000  # rows per read while verifying the chain
 EXPORT_FORMATS: Final = ("jsonl", "csv")
+#: The methods a store may replace with its own whole versions (Backend.manager_methods).
+_BINDABLE: Final = frozenset({"save_agent_state", "get_agent_state"})
 EXPORT_COLUMNS: Final = (
     "seq",
     "agent_id",
@@ -97,13 +100,6 @@ def audit_key_bytes(key: bytes | str | None) -> bytes | None:
             "audit_key must be at least 16 bytes; generate one with secrets.token_bytes(32)"
         )
     return bytes(key)
-
-
-def check_state(state: object) -> AgentState:
-    """A validated private copy of ``state``; mutating the original later changes nothing."""
-    if not isinstance(state, AgentState):
-        raise StateTypeError(f"expected an AgentState, got {type(state).__name__}")
-    return state.checked_copy()
 
 
 def check_spend(amount: object) -> float:
@@ -444,6 +440,11 @@ class StateManager:
             raise StateTypeError(f"backend must be a Backend, got {type(backend).__name__}")
         self._backend: Backend = backend if backend is not None else MemoryBackend()
         self._chain = AuditChain(audit_key_bytes(audit_key))
+        # A store may do a hot method's whole job itself (Backend.manager_methods); a subclass
+        # of the manager that overrides one keeps its own.
+        for name, method in self._backend.manager_methods().items():
+            if name in _BINDABLE and getattr(type(self), name) is getattr(StateManager, name):
+                setattr(self, name, method)
 
     # -- constructors --------------------------------------------------------------------------
 

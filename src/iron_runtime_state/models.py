@@ -239,6 +239,13 @@ class AgentState:
         )
 
 
+def check_state(state: object) -> AgentState:
+    """A validated private copy of ``state``; mutating the original later changes nothing."""
+    if not isinstance(state, AgentState):
+        raise StateTypeError(f"expected an AgentState, got {type(state).__name__}")
+    return state.checked_copy()
+
+
 def _now() -> int:
     return int(time.time())
 

@@ -165,6 +165,17 @@ class Backend(abc.ABC):
             AgentState._trusted(agent_id, status, budget_spent, pii_detections, budget_limit), time.time()
         )
 
+    def manager_methods(self) -> dict[str, Callable[..., Any]]:
+        """Whole versions of hot ``StateManager`` methods, argument checks included; none here.
+
+        A store whose operations cost about as much as a Python call (the in-memory one) may
+        return its own ``save_agent_state`` and ``get_agent_state``, keyed by those names. The
+        manager then binds them in place of its generic methods, which saves a call and a
+        second pass over the arguments on every use. Each must behave exactly like the
+        manager's method it replaces, errors included.
+        """
+        return {}
+
     def save_many(self, states: Sequence[AgentState], now: float) -> None:
         """Insert or replace many states; backends override this to batch the writes."""
         for state in states:

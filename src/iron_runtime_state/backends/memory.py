@@ -19,20 +19,22 @@ import math
 import threading
 import time
 from array import array
-from collections.abc import Iterator, Sequence
-from typing import Final
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Final
 
 from ..audit_chain import GENESIS_HASH, AuditChain, AuditRow
 from ..errors import AgentNotFound, AgentNotRunning, ReservationError
-from ..ids import AgentId, remember_id
+from ..ids import AgentId, parse_cached, remember_id, try_parse
 from ..models import (
     LIMIT_TOLERANCE,
+    MAX_COUNT,
     AgentState,
     AgentStatus,
     AuditEvent,
     AuditRecord,
     FleetStats,
     Reservation,
+    check_state,
 )
 from .base import AuditQuery, Backend, CommitResult, SpendResult, UpdateFn
 
@@ -47,6 +49,7 @@ _FREE: Final = 255
 _NAN: Final = math.nan
 _INF: Final = math.inf
 _TOLERANCE: Final = LIMIT_TOLERANCE
+_BY_TEXT_MAX: Final = 16384  # entries of MemoryBackend._by_text, about 100 bytes each
 _new_state = object.__new__
 _time = time.time
 
@@ -135,6 +138,9 @@ class MemoryBackend(Backend):
         self._limit = array("d")  # NaN: no limit
         self._changed = array("d")  # last change of a finished agent, for purge_agents
         self._view_columns()
+        # The canonical text of ids read recently -> (id, slot), so that a read by text takes
+        # one lookup. Bounded; an entry goes when its agent is removed, before its slot is reused.
+        self._by_text: dict[str, tuple[AgentId, int]] = {}
         # Open holds, only for agents that have some.
         self._holds: dict[int, _Hold | _Holds] = {}
         # Aggregates for stats().
@@ -241,13 +247,61 @@ class MemoryBackend(Backend):
         budget_limit: float | None,
     ) -> None:
         key = agent_id._int
-        code = _RUNNING if status is _RUNNING_STATUS else _CODE[status._value_]
-        lock = self._lock
-        lock.acquire()  # acquire/release costs half of what ``with`` does on CPython 3.11
-        try:
+        code = _CODE[status._value_]
+        with self._lock:
             slot = self._index.get(key)
             if slot is None:
                 self._insert(key, code, budget_spent, pii_detections, budget_limit, _time())
+                remember_id(agent_id)
+            else:
+                self._write(slot, code, budget_spent, pii_detections, budget_limit, _time())
+
+    def manager_methods(self) -> dict[str, Callable[..., Any]]:
+        if type(self) is not MemoryBackend:
+            return {}  # a subclass may change how states are kept: it gets the generic path
+        return {"save_agent_state": self._save_agent_state, "get_agent_state": self._get_agent_state}
+
+    def _save_slow(self, state: object) -> None:
+        """Save what needs copying (a subclass) or normalising (ints), or raise the precise error."""
+        self.save(check_state(state), _time())
+
+    def _save_agent_state(self, state: object) -> None:
+        """Insert or replace the agent's state; an invalid state raises and stores nothing."""
+        # StateManager.save_agent_state and save_values in one call (see manager_methods). Each
+        # field is read once and those values are checked and stored, so a thread changing
+        # ``state`` meanwhile cannot slip an invalid value past the checks. A status is
+        # checked by identity first: most agents are running.
+        if type(state) is not AgentState:
+            self._save_slow(state)
+            return
+        agent_id = state.agent_id
+        status: object = state.status  # whatever was assigned since, checked below
+        spent = state.budget_spent
+        pii = state.pii_detections
+        limit = state.budget_limit
+        if status is _RUNNING_STATUS:
+            code = _RUNNING
+        elif type(status) is AgentStatus:
+            code = _CODE[status._value_]
+        else:
+            self._save_slow(state)
+            return
+        if not (
+            type(agent_id) is AgentId
+            and type(spent) is float
+            and 0.0 <= spent < _INF
+            and type(pii) is int
+            and 0 <= pii < MAX_COUNT
+            and (limit is None or (type(limit) is float and 0.0 <= limit < _INF))
+        ):
+            self._save_slow(state)
+            return
+        lock = self._lock
+        lock.acquire()  # acquire/release costs half of what ``with`` does on CPython 3.11
+        try:
+            slot = self._index.get(agent_id._int)
+            if slot is None:
+                self._insert(agent_id._int, code, spent, pii, limit, _time())
                 # Later lookups by the id's text then get this AgentId from the parse cache,
                 # whose int is our key itself: the index matches it by identity, without
                 # reading a second copy of the number.
@@ -260,14 +314,14 @@ class MemoryBackend(Backend):
                 counts[old] -= 1
                 counts[code] += 1
                 self._status[slot] = code
-            self._spent_total += budget_spent - self._spent[slot]
-            self._spent_view[slot] = budget_spent
+            self._spent_total += spent - self._spent[slot]
+            self._spent_view[slot] = spent
             had = self._pii[slot]
-            if had != pii_detections:
-                self._pii_total += pii_detections - had
-                self._pii_view[slot] = pii_detections
-            self._limit_view[slot] = _NAN if budget_limit is None else budget_limit
-            if code != _RUNNING:  # the clock is read only for the change times kept
+            if had != pii:
+                self._pii_total += pii - had
+                self._pii_view[slot] = pii
+            self._limit_view[slot] = _NAN if limit is None else limit
+            if code:  # not running (_RUNNING is 0): only then is the change time kept
                 self._changed_view[slot] = _time()
         finally:
             lock.release()
@@ -300,6 +354,49 @@ class MemoryBackend(Backend):
         state.budget_limit = None if limit != limit else limit
         return state
 
+    def _get_agent_state(self, agent_id: str | AgentId) -> AgentState | None:
+        """An independent copy of the agent's state; ``None`` if absent or not a valid id."""
+        # StateManager.get_agent_state and get in one call (see manager_methods). An id's text
+        # seen before leads straight to its slot (_by_text): one lookup instead of two.
+        if type(agent_id) is not str:
+            aid = try_parse(agent_id)
+            return None if aid is None else self.get(aid)
+        lock = self._lock
+        lock.acquire()  # acquire/release costs half of what ``with`` does on CPython 3.11
+        try:
+            hit = self._by_text.get(agent_id)
+            if hit is None:
+                return self._get_new_text(agent_id)
+            aid, slot = hit
+            code = self._status[slot]
+            spent = self._spent[slot]
+            pii = self._pii[slot]
+            limit = self._limit[slot]
+        finally:
+            lock.release()
+        state: AgentState = _new_state(AgentState)  # as in get, inlined
+        state.agent_id = aid
+        state.status = _STATUSES[code]
+        state.budget_spent = spent
+        state.pii_detections = pii
+        state.budget_limit = None if limit != limit else limit
+        return state
+
+    def _get_new_text(self, text: str) -> AgentState | None:
+        """Read by an id's text not in ``_by_text``; remember it there if the agent exists."""
+        aid = parse_cached(text)
+        if aid is None:
+            return None
+        with self._lock:
+            slot = self._index.get(aid._int)
+            if slot is None:
+                return None
+            by_text = self._by_text
+            if len(by_text) >= _BY_TEXT_MAX:
+                by_text.clear()  # bounded: a fleet larger than this re-learns its texts
+            by_text[text] = (aid, slot)
+            return self._state(aid, slot)
+
     def get_many(self, agent_ids: Sequence[AgentId]) -> list[AgentState | None]:
         index = self._index
         with self._lock:
@@ -315,6 +412,7 @@ class MemoryBackend(Backend):
             slot = self._index.pop(key, None)
             if slot is None:
                 return False
+            self._by_text.pop(agent_id._value, None)  # the slot may go to another agent
             self._holds.pop(key, None)
             self._counts[self._status[slot]] -= 1
             self._pii_total -= self._pii[slot]
