@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -405,3 +407,14 @@ def test_reads_by_text_race_removals_and_slot_reuse_without_mixing_agents() -> N
         thread.join()
     assert errors == []
     assert manager.stats().total == len(ids)
+
+
+def test_a_store_may_only_replace_the_methods_the_manager_allows() -> None:
+    from iron_runtime_state import ConfigurationError
+
+    class Overreaching(MemoryBackend):
+        def manager_methods(self) -> dict[str, Callable[..., Any]]:
+            return {"record_spend": lambda *args: None}
+
+    with pytest.raises(ConfigurationError, match="may only replace"):
+        StateManager(Overreaching())

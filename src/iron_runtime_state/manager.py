@@ -25,6 +25,7 @@ from .backends import AuditQuery, Backend, SpendResult, open_backend
 from .backends.memory import MemoryBackend
 from .errors import (
     BudgetExceeded,
+    ConfigurationError,
     ReservationError,
     StateTypeError,
     ValidationError,
@@ -443,7 +444,12 @@ class StateManager:
         # A store may do a hot method's whole job itself (Backend.manager_methods); a subclass
         # of the manager that overrides one keeps its own.
         for name, method in self._backend.manager_methods().items():
-            if name in _BINDABLE and getattr(type(self), name) is getattr(StateManager, name):
+            if name not in _BINDABLE:
+                raise ConfigurationError(
+                    f"{type(self._backend).__name__}.manager_methods() offers {name!r}; a store "
+                    f"may only replace {sorted(_BINDABLE)}"
+                )
+            if getattr(type(self), name) is getattr(StateManager, name):
                 setattr(self, name, method)
 
     # -- constructors --------------------------------------------------------------------------
