@@ -137,7 +137,10 @@ def make_update(
     def apply(current: AgentState) -> AgentState:
         new = fn(current)
         if not isinstance(new, AgentState):
-            raise StateTypeError(f"the update function must return an AgentState, got {type(new).__name__}")
+            raise StateTypeError(
+                f"the update function must return an AgentState, got {type(new).__name__}; "
+                "return the state it was given, changed"
+            )
         if new.agent_id != agent_id:
             raise ValidationError(
                 f"the update function changed agent_id from {agent_id} to {new.agent_id}; "

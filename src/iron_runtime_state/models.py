@@ -242,7 +242,10 @@ class AgentState:
 def check_state(state: object) -> AgentState:
     """A validated private copy of ``state``; mutating the original later changes nothing."""
     if not isinstance(state, AgentState):
-        raise StateTypeError(f"expected an AgentState, got {type(state).__name__}")
+        raise StateTypeError(
+            f"expected an AgentState, got {type(state).__name__}; build one with "
+            "AgentState(agent_id, AgentStatus.RUNNING) or AgentState.from_dict(data)"
+        )
     return state.checked_copy()
 
 

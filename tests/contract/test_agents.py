@@ -109,7 +109,7 @@ def test_invalid_state_is_never_stored(manager: StateManager) -> None:
     state.agent_id = state.agent_id.as_str()  # type: ignore[assignment]
     with pytest.raises(TypeError, match=r"AgentId\.parse"):
         manager.save_agent_state(state)
-    with pytest.raises(StateTypeError):
+    with pytest.raises(StateTypeError, match=r"got dict; build one with AgentState\("):
         manager.save_agent_state({"agent_id": "x"})  # type: ignore[arg-type]
     assert manager.list_agents() == []
     assert manager.stats().total == 0
