@@ -305,11 +305,18 @@ class TlsFiles:
         ca_key = self.folder / "ca.key"
         csr = self.folder / "server.csr"
         ext = self.folder / "ext.cnf"
-        ext.write_text("subjectAltName=IP:127.0.0.1\n")
+        # The extensions Python 3.13's strict verification (VERIFY_X509_STRICT) asks for.
+        ext.write_text(
+            "subjectAltName=IP:127.0.0.1\n"
+            "authorityKeyIdentifier=keyid,issuer\n"
+            "basicConstraints=critical,CA:FALSE\n"
+            "keyUsage=critical,digitalSignature\n"
+            "extendedKeyUsage=serverAuth\n"
+        )
         ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
         for args in (
             ["req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(self.ca), "-days", "2",
-             "-subj", "/CN=iron test CA"],
+             "-subj", "/CN=iron test CA", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
             ["req", *ec, "-keyout", str(self.key), "-out", str(csr), "-subj", "/CN=127.0.0.1"],
             ["x509", "-req", "-in", str(csr), "-CA", str(self.ca), "-CAkey", str(ca_key),
              "-CAcreateserial", "-out", str(self.cert), "-days", "2", "-extfile", str(ext)],
