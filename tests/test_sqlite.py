@@ -355,6 +355,46 @@ def test_eight_processes_create_one_new_file_at_once(path: Path, workers: Worker
     assert header_of(path) == (SCHEMA_VERSION, APPLICATION_ID)
 
 
+def test_a_schema_created_while_a_new_file_is_checked_is_not_mistaken_for_a_stranger(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another opener creates the schema in the middle of this opener's identity check (after it
+    # read the version and application id, before it lists the tables). The check reads one
+    # snapshot, so it sees either the empty file or the finished schema, never tables without
+    # a version (which it would refuse as a stranger's database).
+    real_connect = sqlite3.connect
+    other: list[threading.Thread] = []
+    failures: list[BaseException] = []
+
+    def create_elsewhere() -> None:
+        try:
+            StateManager.with_sqlite(path).close()
+        except BaseException as exc:  # pragma: no cover - reported below
+            failures.append(exc)
+
+    def on_statement(sql: str) -> None:
+        if sql == sqlite_backend._SQL_OBJECTS and not other:
+            other.append(threading.Thread(target=create_elsewhere))
+            other[0].start()
+            time.sleep(0.5)  # the other opener's schema is committed by now, unless it must wait
+
+    def connect(*args: object, **kwargs: object) -> sqlite3.Connection:
+        db = real_connect(*args, **kwargs)  # type: ignore[call-overload]
+        if threading.current_thread() is threading.main_thread():
+            db.set_trace_callback(on_statement)
+        return db  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    with StateManager.with_sqlite(path) as manager:
+        manager.save_agent_state(running())
+    other[0].join()
+    assert failures == []
+    monkeypatch.undo()
+    with StateManager.with_sqlite(path) as manager:
+        assert manager.stats().total == 1
+    assert header_of(path) == (SCHEMA_VERSION, APPLICATION_ID)
+
+
 def test_sixteen_threads_share_one_manager(path: Path) -> None:
     manager = StateManager.with_sqlite(path)
     shared = running()

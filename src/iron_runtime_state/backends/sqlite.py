@@ -896,8 +896,16 @@ class SQLiteBackend(Backend):
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         migrations = MIGRATIONS  # read now, not at import: tests extend it
-        version, _, names = self._read_identity(db)
-        if version < len(migrations) or db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        # One read transaction, so that the version, the application id and the tables come
+        # from the same moment: another process may be creating the schema meanwhile, and
+        # reads in autocommit could see its tables but not yet its version.
+        db.execute("BEGIN")
+        try:
+            version, _, names = self._read_identity(db)
+            journal = db.execute("PRAGMA journal_mode").fetchone()[0]
+        finally:
+            _roll_back_if_open(db)  # it only read
+        if version < len(migrations) or journal != "wal":
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise BackendError(
