@@ -45,6 +45,7 @@ from .errors import ReservationError, StateTypeError
 from .ids import AgentId, coerce, try_parse
 from .manager import (
     BATCH_SIZE,
+    VERIFY_ATTEMPTS,
     VERIFY_BATCH,
     AuditPages,
     audit_key_bytes,
@@ -505,13 +506,19 @@ class AsyncStateManager:
     async def verify_audit_log(self) -> AuditVerification:
         """Check the whole hash chain; the report names the first bad record and why.
 
-        The hashing runs in a worker thread while the loop reads the trail batch by batch.
+        The hashing runs in a worker thread while the loop reads the trail batch by batch. A
+        prune that runs meanwhile moves the anchor; a check it broke is made again.
         """
-        head = await self._backend.audit_head()
-        anchor = await self._backend.audit_anchor()
-        rows = self._backend.iter_audit_rows(anchor[0], VERIFY_BATCH)
         chain = self._chain
-        return await _drain_in_thread(rows, lambda checked: verify_trail(chain, checked, anchor, head))
+        for _ in range(VERIFY_ATTEMPTS):
+            head = await self._backend.audit_head()
+            anchor = await self._backend.audit_anchor()
+            rows = self._backend.iter_audit_rows(anchor[0], VERIFY_BATCH)
+            check = functools.partial(verify_trail, chain, anchor=anchor, head=head)
+            result = await _drain_in_thread(rows, check)
+            if result.ok or await self._backend.audit_anchor() == anchor:
+                return result
+        return result
 
     def iter_audit_log(
         self,
