@@ -8,6 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from iron_runtime_state import AgentId, AgentState, AgentStatus, Reservation, ReservationError, StateManager
 from iron_runtime_state.backends.memory import MemoryBackend
@@ -418,3 +420,61 @@ def test_a_store_may_only_replace_the_methods_the_manager_allows() -> None:
 
     with pytest.raises(ConfigurationError, match="may only replace"):
         StateManager(Overreaching())
+
+
+_POOL = [AgentId.generate() for _ in range(4)]
+_VALID: dict[str, list[object]] = {
+    "status": [AgentStatus.RUNNING, AgentStatus.STOPPED, AgentStatus.FAILED],
+    "budget_spent": [0.0, 1.5, 2],  # an int is valid: stored as a float
+    "pii_detections": [0, 3, 2**63 - 1],
+    "budget_limit": [None, 5.0, 7],
+}
+_INVALID: dict[str, list[object]] = {
+    "status": ["running", None],
+    "budget_spent": [-1.0, float("nan"), True, "1"],
+    "pii_detections": [2**63, -1, False, 1.0],
+    "budget_limit": [-0.5, float("inf"), True],
+}
+_save = st.tuples(
+    st.just("save"),
+    st.sampled_from(range(len(_POOL))),
+    st.fixed_dictionaries({name: st.sampled_from(values) for name, values in _VALID.items()}),
+    st.one_of(  # half the saves break one field
+        st.none(),
+        st.sampled_from([(name, bad) for name, values in _INVALID.items() for bad in values]),
+    ),
+)
+_operation = st.one_of(
+    _save,
+    _save,
+    st.tuples(st.just("get"), st.sampled_from(range(len(_POOL))), st.booleans()),
+    st.tuples(st.just("remove"), st.sampled_from(range(len(_POOL)))),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_operation, max_size=30))
+def test_any_sequence_of_saves_reads_and_removes_matches_the_generic_manager(
+    operations: list[tuple[Any, ...]],
+) -> None:
+    fast, slow = StateManager(MemoryBackend()), generic(MemoryBackend())
+    for kind, which, *rest in operations:
+        agent_id = _POOL[which]
+        outcomes = []
+        for manager in (fast, slow):
+            outcome: object = None
+            try:
+                if kind == "save":
+                    fields, broken = rest
+                    state = AgentState(agent_id, **fields)
+                    if broken is not None:
+                        object.__setattr__(state, *broken)  # mutated after construction
+                    manager.save_agent_state(state)
+                elif kind == "get":
+                    outcome = manager.get_agent_state(agent_id.as_str() if rest[0] else agent_id)
+                else:
+                    outcome = manager.remove_agent_state(agent_id)
+            except Exception as exc:
+                outcome = (type(exc), str(exc))
+            outcomes.append((outcome, manager.stats()))
+        assert outcomes[0] == outcomes[1], (kind, which, rest)
