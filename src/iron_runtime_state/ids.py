@@ -217,6 +217,13 @@ _CACHE: dict[str, AgentId] = {}
 _CACHE_MAX: Final = 16384
 
 
+def parse_canonical(value: str) -> AgentId | None:
+    """The id for a canonical string, or ``None``; not cached (for callers with a cache of their own)."""
+    if len(value) != len(PREFIX) + _UUID_LEN or _CANONICAL.fullmatch(value) is None:
+        return None
+    return AgentId._trusted(value, int(value[6:].replace("-", ""), 16))
+
+
 def _parse_cached(value: str) -> AgentId | None:
     """The id for a canonical string, or ``None``; cached because fleets look up the same ids.
 
@@ -226,9 +233,9 @@ def _parse_cached(value: str) -> AgentId | None:
     found = _CACHE.get(value)
     if found is not None:
         return found
-    if len(value) != len(PREFIX) + _UUID_LEN or _CANONICAL.fullmatch(value) is None:
+    found = parse_canonical(value)
+    if found is None:
         return None
-    found = AgentId._trusted(value, int(value[6:].replace("-", ""), 16))
     if len(_CACHE) >= _CACHE_MAX:
         _CACHE.clear()
     _CACHE[value] = found

@@ -27,7 +27,7 @@ from typing import Any, Final
 
 from ..audit_chain import GENESIS_HASH, AuditChain, AuditRow
 from ..errors import AgentNotFound, AgentNotRunning, ReservationError
-from ..ids import AgentId, parse_cached, remember_id, try_parse
+from ..ids import AgentId, parse_canonical, remember_id, try_parse
 from ..models import (
     LIMIT_TOLERANCE,
     MAX_COUNT,
@@ -370,14 +370,26 @@ class MemoryBackend(Backend):
             hit = self._by_text.get(agent_id)
             if hit is not None:
                 aid, slot = hit
-                code = self._status[slot]
-                spent = self._spent[slot]
-                pii = self._pii[slot]
-                limit = self._limit[slot]
+            else:
+                # A text not seen lately: parse it (a wrong length fails at once) and remember
+                # it. The parse cache is left alone: _by_text caches these texts already.
+                found = parse_canonical(agent_id)
+                if found is None:
+                    return None
+                known = self._index.get(found._int)
+                if known is None:
+                    return None
+                aid, slot = found, known
+                by_text = self._by_text
+                if len(by_text) >= _BY_TEXT_MAX:
+                    by_text.clear()  # bounded: a fleet larger than this re-learns its texts
+                by_text[agent_id] = (aid, slot)
+            code = self._status[slot]
+            spent = self._spent[slot]
+            pii = self._pii[slot]
+            limit = self._limit[slot]
         finally:
             lock.release()
-        if hit is None:
-            return self._get_new_text(agent_id)  # parses the text outside the lock
         state: AgentState = _new_state(AgentState)  # as in get, inlined
         state.agent_id = aid
         state.status = _STATUSES[code]
@@ -385,21 +397,6 @@ class MemoryBackend(Backend):
         state.pii_detections = pii
         state.budget_limit = None if limit != limit else limit
         return state
-
-    def _get_new_text(self, text: str) -> AgentState | None:
-        """Read by an id's text not in ``_by_text``; remember it there if the agent exists."""
-        aid = parse_cached(text)
-        if aid is None:
-            return None
-        with self._lock:
-            slot = self._index.get(aid._int)
-            if slot is None:
-                return None
-            by_text = self._by_text
-            if len(by_text) >= _BY_TEXT_MAX:
-                by_text.clear()  # bounded: a fleet larger than this re-learns its texts
-            by_text[text] = (aid, slot)
-            return self._state(aid, slot)
 
     def get_many(self, agent_ids: Sequence[AgentId]) -> list[AgentState | None]:
         index = self._index
