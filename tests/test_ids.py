@@ -144,3 +144,19 @@ def test_parse_never_raises_anything_but_id_error(value: str) -> None:
         assert code in set(IdErrorCode)
     else:
         assert agent_id.as_str() == value
+
+
+def test_the_uncached_canonical_parse_agrees_with_the_cached_one_and_caches_nothing() -> None:
+    from iron_runtime_state import ids
+
+    agent_id = AgentId.generate()
+    text = agent_id.as_str()
+    for value in [text, text.upper(), "agent-" + text[6:], text[:-1], "", "x" * 42, text + " "]:
+        ids._CACHE.pop(value, None)
+        found = ids.parse_canonical(value)
+        assert value not in ids._CACHE
+        assert found == ids.parse_cached(value)
+    parsed = ids.parse_canonical(text)
+    assert parsed == agent_id
+    assert parsed is not None
+    assert (parsed.as_str(), parsed.uuid) == (text, agent_id.uuid)
