@@ -62,9 +62,9 @@ VERIFY_BATCH: Final = 5000  # rows per read while verifying the chain
 #: Checks of the chain before a failure is reported: a prune that moves the anchor while the
 #: rows are read makes them start past the anchor that was read first, which is no tampering.
 VERIFY_ATTEMPTS: Final = 3
-EXPORT_FORMATS: Final = ("jsonl", "csv")
 #: The methods a store may replace with its own whole versions (Backend.manager_methods).
 _BINDABLE: Final = frozenset({"save_agent_state", "get_agent_state"})
+EXPORT_FORMATS: Final = ("jsonl", "csv")
 EXPORT_COLUMNS: Final = (
     "seq",
     "agent_id",

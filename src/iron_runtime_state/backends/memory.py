@@ -241,24 +241,6 @@ class MemoryBackend(Backend):
             else:
                 self._write(slot, code, state.budget_spent, state.pii_detections, state.budget_limit, now)
 
-    def save_values(
-        self,
-        agent_id: AgentId,
-        status: AgentStatus,
-        budget_spent: float,
-        pii_detections: int,
-        budget_limit: float | None,
-    ) -> None:
-        key = agent_id._int
-        code = _CODE[status._value_]
-        with self._lock:
-            slot = self._index.get(key)
-            if slot is None:
-                self._insert(key, code, budget_spent, pii_detections, budget_limit, _time())
-                remember_id(agent_id)
-            else:
-                self._write(slot, code, budget_spent, pii_detections, budget_limit, _time())
-
     def manager_methods(self) -> dict[str, Callable[..., Any]]:
         if type(self) is not MemoryBackend:
             return {}  # a subclass may change how states are kept: it gets the generic path
@@ -270,8 +252,8 @@ class MemoryBackend(Backend):
 
     def _save_agent_state(self, state: object) -> None:
         """Insert or replace the agent's state; an invalid state raises and stores nothing."""
-        # StateManager.save_agent_state and save_values in one call (see manager_methods). Each
-        # field is read once and those values are checked and stored, so a thread changing
+        # StateManager.save_agent_state and the store's write in one call (manager_methods).
+        # Each field is read once and those values are checked and stored, so a thread changing
         # ``state`` meanwhile cannot slip an invalid value past the checks. A status is
         # checked by identity first: most agents are running.
         if type(state) is not AgentState:
