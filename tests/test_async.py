@@ -390,10 +390,10 @@ def test_a_call_cancelled_in_its_thread_still_writes_its_event() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task  # returns at once, while the call is still held at the gate
-        assert backend.get(agent.agent_id) == agent  # nothing happened yet
+        assert backend.get(agent.agent_id.as_str()) == agent  # nothing happened yet
         backend.gate.set()
         await manager.close()  # waits for the call it left running
-        state = backend.get(agent.agent_id)
+        state = backend.get(agent.agent_id.as_str())
         assert state is not None
         assert state.pii_detections == 3
         events = StateManager(backend).audit_log(event_type="pii_detected")

@@ -42,7 +42,7 @@ from .backends import AuditQuery, Backend, SpendResult
 from .backends.async_base import AsyncBackend, ThreadedAsyncBackend, open_async_backend
 from .backends.memory import MemoryBackend
 from .errors import ReservationError, StateTypeError
-from .ids import AgentId, coerce, try_parse
+from .ids import AgentId, coerce, key_of
 from .manager import (
     BATCH_SIZE,
     VERIFY_ATTEMPTS,
@@ -315,10 +315,8 @@ class AsyncStateManager:
 
     async def get_agent_state(self, agent_id: str | AgentId) -> AgentState | None:
         """An independent copy of the agent's state; ``None`` if absent or not a valid id."""
-        aid = try_parse(agent_id)
-        if aid is None:
-            return None
-        return await self._backend.get(aid)
+        key = key_of(agent_id)
+        return None if key is None else await self._backend.get(key)
 
     async def list_agents(self) -> list[str]:
         """Every stored agent's canonical id, in no promised order."""
@@ -352,7 +350,7 @@ class AsyncStateManager:
     async def get_agent_states(self, agent_ids: Iterable[str | AgentId]) -> list[AgentState | None]:
         """The states of many agents in one batched read, in order; ``None`` where absent or invalid."""
         wanted, valid = parse_ids(agent_ids)
-        return place_found(wanted, await self._backend.get_many(valid) if valid else [])
+        return place_found(wanted, await self._backend.get_many([a.as_str() for a in valid]) if valid else [])
 
     async def remove_agent_state(self, agent_id: str | AgentId) -> bool:
         """Remove the agent (and its open reservations); ``True`` when something was removed."""

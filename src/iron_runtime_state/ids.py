@@ -17,6 +17,8 @@ __all__ = ["AgentId"]
 PREFIX: Final = "agent_"
 LEGACY_PREFIX: Final = "agent-"
 _UUID_LEN: Final = 36
+#: Characters in a canonical id: the prefix and a hyphenated UUID.
+CANONICAL_LENGTH: Final = len(PREFIX) + _UUID_LEN
 _CANONICAL = re.compile(r"agent_[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _UUID_ANY_CASE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _EXAMPLE: Final = "agent_550e8400-e29b-41d4-a716-446655440000"
@@ -91,29 +93,22 @@ class AgentId:
     """A validated agent identifier such as ``agent_550e8400-e29b-41d4-a716-446655440000``.
 
     Immutable and hashable; two ids are equal when their canonical strings are equal.
-    ``AgentId(s)`` is the same as :meth:`AgentId.parse`.
+    ``AgentId(s)`` is the same as :meth:`AgentId.parse`. It holds only the canonical text, so
+    a store that reads an id back builds one without parsing (:meth:`_trusted`).
     """
 
-    __slots__ = ("_int", "_value")
+    __slots__ = ("_value",)
     _value: str
-    _int: int
 
     def __init__(self, value: str) -> None:
-        parsed = AgentId.parse(value)
-        object.__setattr__(self, "_value", parsed._value)
-        object.__setattr__(self, "_int", parsed._int)
+        object.__setattr__(self, "_value", AgentId.parse(value)._value)
 
     @classmethod
-    def _trusted(cls, canonical: str, as_int: int) -> AgentId:
+    def _trusted(cls, canonical: str) -> AgentId:
         """Build from a string already known to be canonical (store reads, generation)."""
         new = object.__new__(cls)
-        _set_value(new, canonical)  # the slots' own setters: AgentId.__setattr__ refuses
-        _set_int(new, as_int)
+        object.__setattr__(new, "_value", canonical)
         return new
-
-    @classmethod
-    def _from_int(cls, as_int: int) -> AgentId:
-        return cls._trusted(PREFIX + str(uuid.UUID(int=as_int)), as_int)
 
     @staticmethod
     def parse(value: str) -> AgentId:
@@ -126,7 +121,7 @@ class AgentId:
                     f"AgentId.parse expects a str, got {type(value).__name__}; "
                     "pass the id's text, e.g. AgentId.parse('agent_<uuid>')"
                 )
-        found = _parse_cached(value)
+        found = parse_canonical(value)
         if found is None:
             raise _diagnose(value)
         return found
@@ -141,8 +136,7 @@ class AgentId:
     @staticmethod
     def generate() -> AgentId:
         """A new random id (UUID version 4)."""
-        u = uuid.uuid4()
-        return AgentId._trusted(PREFIX + str(u), u.int)
+        return AgentId._trusted(PREFIX + str(uuid.uuid4()))
 
     @staticmethod
     def from_uuid(value: uuid.UUID) -> AgentId:
@@ -152,7 +146,7 @@ class AgentId:
                 f"AgentId.from_uuid expects a uuid.UUID, got {type(value).__name__}; "
                 "use AgentId.parse() for strings"
             )
-        return AgentId._trusted(PREFIX + str(value), value.int)
+        return AgentId._trusted(PREFIX + str(value))
 
     @staticmethod
     def test_fixture(n: int) -> AgentId:
@@ -165,7 +159,7 @@ class AgentId:
                 IdErrorCode.INVALID_UUID,
                 f"use a number from 0 to {_FIXTURE_MAX} (12 hex digits)",
             )
-        return AgentId._from_int(n)
+        return AgentId._trusted(PREFIX + str(uuid.UUID(int=n)))
 
     def as_str(self) -> str:
         """The canonical string."""
@@ -174,7 +168,7 @@ class AgentId:
     @property
     def uuid(self) -> uuid.UUID:
         """The UUID part."""
-        return uuid.UUID(int=self._int)
+        return uuid.UUID(self._value[len(PREFIX) :])
 
     def __str__(self) -> str:
         return self._value
@@ -211,52 +205,25 @@ class AgentId:
         return self
 
 
-_set_value = AgentId.__dict__["_value"].__set__
-_set_int = AgentId.__dict__["_int"].__set__
-_CACHE: dict[str, AgentId] = {}
-_CACHE_MAX: Final = 16384
-
-
 def parse_canonical(value: str) -> AgentId | None:
-    """The id for a canonical string, or ``None``; not cached (for callers with a cache of their own)."""
-    if len(value) != len(PREFIX) + _UUID_LEN or _CANONICAL.fullmatch(value) is None:
+    """The id for a canonical string, or ``None``."""
+    if len(value) != CANONICAL_LENGTH or _CANONICAL.fullmatch(value) is None:
         return None
-    return AgentId._trusted(value, int(value[6:].replace("-", ""), 16))
+    return AgentId._trusted(value)
 
 
-def _parse_cached(value: str) -> AgentId | None:
-    """The id for a canonical string, or ``None``; cached because fleets look up the same ids.
+def key_of(value: object) -> str | None:
+    """The text a store is keyed by for ``value`` (an ``AgentId`` or a string), or ``None``.
 
-    A plain dict, cleared when full: a hit costs one dict lookup, and dict operations are
-    thread-safe on every CPython, free-threaded builds included.
+    Stores hold canonical ids only, so a read needs no parse: a string that is not canonical
+    simply finds nothing. Only text of the canonical length is passed on, so a store is never
+    asked to look up anything larger.
     """
-    found = _CACHE.get(value)
-    if found is not None:
-        return found
-    found = parse_canonical(value)
-    if found is None:
-        return None
-    if len(_CACHE) >= _CACHE_MAX:
-        _CACHE.clear()
-    _CACHE[value] = found
-    return found
-
-
-#: The id for a canonical ``str``, or ``None`` (cached; the manager's hot paths call it directly).
-parse_cached = _parse_cached
-
-
-def remember_id(agent_id: AgentId) -> None:
-    """Put an id a store has just taken into the parse cache, unless its text is there already.
-
-    Stores call it for a new agent, so that lookups by text share the stored id's objects.
-    """
-    if type(agent_id) is AgentId and len(_CACHE) < _CACHE_MAX:
-        _CACHE.setdefault(agent_id._value, agent_id)
-
-
-#: The cache's own ``get``: the id for a string seen before, or ``None`` (the hottest path).
-cached_id: Final = _CACHE.get
+    if type(value) is str:
+        return value if len(value) == CANONICAL_LENGTH else None
+    if isinstance(value, AgentId):
+        return value._value
+    return None
 
 
 def try_parse(value: object) -> AgentId | None:
@@ -264,7 +231,7 @@ def try_parse(value: object) -> AgentId | None:
     if type(value) is AgentId:
         return value
     if type(value) is str:
-        return _parse_cached(value)
+        return parse_canonical(value)
     if isinstance(value, AgentId):
         return value
     return None

@@ -30,7 +30,7 @@ from .errors import (
     StateTypeError,
     ValidationError,
 )
-from .ids import AgentId, cached_id, coerce, parse_cached, try_parse
+from .ids import AgentId, coerce, key_of, try_parse
 from .models import (
     MAX_COUNT,
     AgentState,
@@ -49,7 +49,6 @@ from .models import (
 __all__ = ["BudgetHold", "StateManager"]
 
 _time = time.time
-_cached_id = cached_id
 _INF: Final = math.inf
 audit_logger: Final = logging.getLogger("iron_runtime_state.audit")
 logger: Final = logging.getLogger("iron_runtime_state")
@@ -447,16 +446,6 @@ class StateManager:
             raise StateTypeError(f"backend must be a Backend, got {type(backend).__name__}")
         self._backend: Backend = backend if backend is not None else MemoryBackend()
         self._chain = AuditChain(audit_key_bytes(audit_key))
-        # A store may do a hot method's whole job itself (Backend.manager_methods); a subclass
-        # of the manager that overrides one keeps its own.
-        for name, method in self._backend.manager_methods().items():
-            if name not in _BINDABLE:
-                raise ConfigurationError(
-                    f"{type(self._backend).__name__}.manager_methods() offers {name!r}; a store "
-                    f"may only replace {sorted(_BINDABLE)}"
-                )
-            if getattr(type(self), name) is getattr(StateManager, name):
-                setattr(self, name, method)
 
     # -- constructors --------------------------------------------------------------------------
 
@@ -520,43 +509,12 @@ class StateManager:
 
     def save_agent_state(self, state: AgentState) -> None:
         """Insert or replace the agent's state; an invalid state raises and stores nothing."""
-        if type(state) is not AgentState:
-            state = check_state(state)  # a subclass is copied; anything else raises
-        # Each field is read once and those values are checked and stored, so a thread changing
-        # ``state`` meanwhile cannot slip an invalid value past the checks. This is
-        # AgentState.checked_copy() without building the copy: saving is the hottest write.
-        agent_id = state.agent_id
-        status = state.status
-        spent = state.budget_spent
-        pii = state.pii_detections
-        limit = state.budget_limit
-        if not (
-            type(agent_id) is AgentId
-            and type(status) is AgentStatus
-            and type(spent) is float
-            and 0.0 <= spent < _INF
-            and type(pii) is int
-            and 0 <= pii < MAX_COUNT
-            and (limit is None or (type(limit) is float and 0.0 <= limit < _INF))
-        ):
-            state = AgentState._trusted(agent_id, status, spent, pii, limit)
-            state.validate()  # normalises ints, or raises the precise error
-            spent, pii, limit = state.budget_spent, state.pii_detections, state.budget_limit
-        self._backend.save_values(agent_id, status, spent, pii, limit)
+        self._backend.save(check_state(state), _time())
 
     def get_agent_state(self, agent_id: str | AgentId) -> AgentState | None:
         """An independent copy of the agent's state; ``None`` if absent or not a valid id."""
-        if type(agent_id) is str:
-            aid = _cached_id(agent_id)  # the id cache's dict.get: a hit costs one lookup
-            if aid is None:
-                aid = parse_cached(agent_id)
-                if aid is None:
-                    return None
-        else:
-            aid = try_parse(agent_id)
-            if aid is None:
-                return None
-        return self._backend.get(aid)
+        key = key_of(agent_id)
+        return None if key is None else self._backend.get(key)
 
     def list_agents(self) -> list[str]:
         """Every stored agent's canonical id, in no promised order."""
@@ -593,7 +551,7 @@ class StateManager:
     def get_agent_states(self, agent_ids: Iterable[str | AgentId]) -> list[AgentState | None]:
         """The states of many agents in one batched read, in order; ``None`` where absent or invalid."""
         wanted, valid = parse_ids(agent_ids)
-        return place_found(wanted, self._backend.get_many(valid) if valid else [])
+        return place_found(wanted, self._backend.get_many([a.as_str() for a in valid]) if valid else [])
 
     def remove_agent_state(self, agent_id: str | AgentId) -> bool:
         """Remove the agent (and its open reservations); ``True`` when something was removed."""

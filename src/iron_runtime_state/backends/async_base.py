@@ -37,7 +37,7 @@ from ..errors import BackendError, ConfigurationError, StateError, StateTypeErro
 from ..ids import AgentId
 from ..models import AgentState, AgentStatus, AuditEvent, AuditRecord, FleetStats, Reservation
 from . import load_factory, open_backend, spec_for
-from .base import _ITERATORS, _WRAPPED, AuditQuery, Backend, CommitResult, SpendResult, UpdateFn
+from .base import ITERATORS as _ITERATORS, OPERATIONS as _WRAPPED, AuditQuery, Backend, CommitResult, SpendResult, UpdateFn
 
 if TYPE_CHECKING:
     import asyncio

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import abc
 import functools
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -25,7 +24,16 @@ from ..errors import BackendError, StateError
 from ..ids import AgentId
 from ..models import AgentState, AgentStatus, AuditEvent, AuditRecord, FleetStats, Reservation
 
-__all__ = ["AuditQuery", "Backend", "CommitResult", "SpendResult", "UpdateFn"]
+__all__ = [
+    "ITERATORS",
+    "OPERATIONS",
+    "AuditQuery",
+    "Backend",
+    "CommitResult",
+    "OpsBackend",
+    "SpendResult",
+    "UpdateFn",
+]
 
 UpdateFn = Callable[[AgentState], AgentState]
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -120,11 +128,11 @@ class Backend(abc.ABC):
         super().__init_subclass__(**kwargs)
         if not cls.driver_errors:
             return
-        for name in _WRAPPED:
+        for name in OPERATIONS:
             method = cls.__dict__.get(name)
             if method is None or getattr(method, "__isabstractmethod__", False):
                 continue
-            wrap = _wrap_iter if name in _ITERATORS else _wrap
+            wrap = _wrap_iter if name in ITERATORS else _wrap
             setattr(cls, name, wrap(method))
 
     def map_driver_error(self, exc: BaseException) -> StateError:
@@ -146,48 +154,23 @@ class Backend(abc.ABC):
     def save(self, state: AgentState, now: float) -> None:
         """Insert or replace ``state`` (already validated; the backend may keep it)."""
 
-    def save_values(
-        self,
-        agent_id: AgentId,
-        status: AgentStatus,
-        budget_spent: float,
-        pii_detections: int,
-        budget_limit: float | None,
-    ) -> None:
-        """Insert or replace a state given as valid field values: the manager's save path.
-
-        The manager reads each field of the caller's state once, checks those values and passes
-        them here, so no copy is built. The store takes the time of the change itself (a store
-        that keeps it only for some states need not read the clock for the others); this
-        default builds the state for :meth:`save`.
-        """
-        self.save(
-            AgentState._trusted(agent_id, status, budget_spent, pii_detections, budget_limit), time.time()
-        )
-
-    def manager_methods(self) -> dict[str, Callable[..., Any]]:
-        """Whole versions of hot ``StateManager`` methods, argument checks included; none here.
-
-        A store whose operations cost about as much as a Python call (the in-memory one) may
-        return its own ``save_agent_state`` and ``get_agent_state``, keyed by those names. The
-        manager then binds them in place of its generic methods, which saves a call and a
-        second pass over the arguments on every use. Each must behave exactly like the
-        manager's method it replaces, errors included.
-        """
-        return {}
-
     def save_many(self, states: Sequence[AgentState], now: float) -> None:
         """Insert or replace many states; backends override this to batch the writes."""
         for state in states:
             self.save(state, now)
 
     @abc.abstractmethod
-    def get(self, agent_id: AgentId) -> AgentState | None:
-        """An independent copy of the agent's state, or ``None``."""
+    def get(self, key: str) -> AgentState | None:
+        """An independent copy of the state of the agent whose canonical id is ``key``, or ``None``.
 
-    def get_many(self, agent_ids: Sequence[AgentId]) -> list[AgentState | None]:
-        """The states of many agents, in order; backends override this to batch the reads."""
-        return [self.get(agent_id) for agent_id in agent_ids]
+        Reads are keyed by the id's text and need no parse: a store holds canonical ids only,
+        so a ``key`` that is not one finds nothing. The manager passes only text of the
+        canonical length (:func:`~iron_runtime_state.ids.key_of`).
+        """
+
+    def get_many(self, keys: Sequence[str]) -> list[AgentState | None]:
+        """The states for many keys (as in :meth:`get`), in order; stores override this to batch."""
+        return [self.get(key) for key in keys]
 
     @abc.abstractmethod
     def remove(self, agent_id: AgentId) -> bool:
@@ -308,32 +291,63 @@ class Backend(abc.ABC):
         """Release connections and files; calling it twice is harmless."""
 
 
-_ITERATORS = frozenset({"iter_states", "iter_audit_rows"})
-_WRAPPED = (
-    "save",
-    "save_values",
-    "save_many",
-    "get",
-    "get_many",
-    "remove",
-    "list_ids",
-    "iter_states",
-    "stats",
-    "update",
-    "record_spend",
-    "record_pii",
-    "set_status",
-    "reserve",
-    "commit",
-    "release",
-    "reserved",
-    "append_audit",
-    "query_audit",
-    "iter_audit_rows",
-    "audit_anchor",
-    "audit_head",
-    "audit_count",
-    "prune_audit",
-    "purge_agents",
-    "close",
-)
+def _operations() -> tuple[tuple[str, ...], frozenset[str]]:
+    """The contract's operations, read off :class:`Backend` itself: every public method.
+
+    The one list the error wrappers, the asyncio adapter and the derived forwarders use, so a
+    new operation is declared once, on :class:`Backend`. An operation whose annotated result is
+    an ``Iterator`` streams its items.
+    """
+    names = tuple(
+        name
+        for name, value in vars(Backend).items()
+        if not name.startswith("_") and callable(value) and name != "map_driver_error"
+    )
+    iterators = frozenset(
+        name for name in names if str(vars(Backend)[name].__annotations__.get("return", "")).startswith("Iterator")
+    )
+    return names, iterators
+
+
+#: Every operation of the store contract, and those among them that stream their items.
+OPERATIONS, ITERATORS = _operations()
+
+
+class OpsBackend(Backend):
+    """A store whose operations are I/O-free generators on ``self.ops`` (the Redis stores).
+
+    Each contract operation is derived, not written out: it builds the operation of the same
+    name and arguments on ``self.ops`` and runs it with :meth:`_drive` (or, for an iterator,
+    :meth:`_iterate`). The driver only carries the operation's requests to the server and back.
+    """
+
+    ops: Any
+
+    @abc.abstractmethod
+    def _drive(self, op: Any) -> Any:
+        """Run one operation to its end and return its result."""
+
+    @abc.abstractmethod
+    def _iterate(self, op: Any) -> Iterator[Any]:
+        """Run an operation that hands out items, yielding them."""
+
+
+def _forwarder(name: str) -> Callable[..., Any]:
+    if name in ITERATORS:
+
+        def method(self: OpsBackend, *args: Any) -> Any:
+            return self._iterate(getattr(self.ops, name)(*args))
+    else:
+
+        def method(self: OpsBackend, *args: Any) -> Any:
+            return self._drive(getattr(self.ops, name)(*args))
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = getattr(Backend, name).__doc__
+    return method
+
+
+for _name in OPERATIONS:
+    if _name != "close":  # closing releases connections: each driver does it itself
+        setattr(OpsBackend, _name, _forwarder(_name))
+abc.update_abstractmethods(OpsBackend)

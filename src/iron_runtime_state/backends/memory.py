@@ -27,7 +27,7 @@ from typing import Any, Final
 
 from ..audit_chain import GENESIS_HASH, AuditChain, AuditRow
 from ..errors import AgentNotFound, AgentNotRunning, ReservationError
-from ..ids import AgentId, parse_canonical, remember_id, try_parse
+from ..ids import AgentId, parse_canonical, try_parse
 from ..models import (
     LIMIT_TOLERANCE,
     MAX_COUNT,
@@ -232,7 +232,7 @@ class MemoryBackend(Backend):
         self._pii_total += pii
 
     def save(self, state: AgentState, now: float) -> None:
-        key = state.agent_id._int
+        key = _int_of(state.agent_id)
         code = _CODE[state.status._value_]
         with self._lock:
             slot = self._index.get(key)
@@ -284,13 +284,13 @@ class MemoryBackend(Backend):
         lock = self._lock
         lock.acquire()  # acquire/release costs half of what ``with`` does on CPython 3.11
         try:
-            slot = self._index.get(agent_id._int)
+            slot = self._index.get(_int_of(agent_id))
             if slot is None:
-                self._insert(agent_id._int, code, spent, pii, limit, _time())
+                self._insert(_int_of(agent_id), code, spent, pii, limit, _time())
                 # Later lookups by the id's text then get this AgentId from the parse cache,
                 # whose int is our key itself: the index matches it by identity, without
                 # reading a second copy of the number.
-                remember_id(agent_id)
+                pass
                 return
             # _write, inlined: this is the hottest write path.
             old = self._status[slot]
@@ -316,13 +316,16 @@ class MemoryBackend(Backend):
             for state in states:
                 self.save(state, now)
 
-    def get(self, agent_id: AgentId) -> AgentState | None:
+    def get(self, key: str) -> AgentState | None:
+        agent_id = parse_canonical(key)
+        if agent_id is None:
+            return None
         # The hottest path: read the columns under the lock, build the copy outside it.
         # acquire/release costs half of what ``with`` does on CPython 3.11.
         lock = self._lock
         lock.acquire()
         try:
-            slot = self._index.get(agent_id._int)
+            slot = self._index.get(_int_of(agent_id))
             if slot is None:
                 return None
             code = self._status[slot]
@@ -358,7 +361,7 @@ class MemoryBackend(Backend):
                 found = parse_canonical(agent_id)
                 if found is None:
                     return None
-                known = self._index.get(found._int)
+                known = self._index.get(_int_of(found))
                 if known is None:
                     return None
                 aid, slot = found, known
@@ -380,17 +383,21 @@ class MemoryBackend(Backend):
         state.budget_limit = None if limit != limit else limit
         return state
 
-    def get_many(self, agent_ids: Sequence[AgentId]) -> list[AgentState | None]:
+    def get_many(self, keys: Sequence[str]) -> list[AgentState | None]:
         index = self._index
         with self._lock:
             out: list[AgentState | None] = []
-            for agent_id in agent_ids:
-                slot = index.get(agent_id._int)
+            for key in keys:
+                agent_id = parse_canonical(key)
+                slot = None if agent_id is None else index.get(_int_of(agent_id))
+                if agent_id is None or slot is None:
+                    out.append(None)
+                    continue
                 out.append(None if slot is None else self._state(agent_id, slot))
             return out
 
     def remove(self, agent_id: AgentId) -> bool:
-        key = agent_id._int
+        key = _int_of(agent_id)
         with self._lock:
             slot = self._index.pop(key, None)
             if slot is None:
@@ -425,7 +432,7 @@ class MemoryBackend(Backend):
                     slot = self._index.get(key)
                     if slot is None or (want is not None and self._status[slot] != want):
                         continue
-                    batch.append(self._state(AgentId._trusted(_id_str(key), key), slot))
+                    batch.append(self._state(AgentId._trusted(_id_str(key)), slot))
             yield from batch
 
     def stats(self) -> FleetStats:
@@ -441,7 +448,7 @@ class MemoryBackend(Backend):
             )
 
     def _slot(self, agent_id: AgentId) -> int:
-        slot = self._index.get(agent_id._int)
+        slot = self._index.get(_int_of(agent_id))
         if slot is None:
             raise AgentNotFound(agent_id.as_str())
         return slot
@@ -477,7 +484,7 @@ class MemoryBackend(Backend):
         return AgentNotRunning(agent_id.as_str(), _STATUSES[code].value, action)
 
     def record_spend(self, agent_id: AgentId, amount: float, now: float) -> SpendResult:
-        key = agent_id._int
+        key = _int_of(agent_id)
         lock = self._lock
         lock.acquire()
         try:
@@ -530,7 +537,7 @@ class MemoryBackend(Backend):
     def reserve(
         self, agent_id: AgentId, amount: float, ttl: float, now: float, reservation_id: str
     ) -> Reservation | SpendResult:
-        key = agent_id._int
+        key = _int_of(agent_id)
         lock = self._lock
         lock.acquire()
         try:
@@ -564,7 +571,7 @@ class MemoryBackend(Backend):
 
     def _take_hold(self, reservation: Reservation, now: float, action: str) -> None:
         """Drop the reservation's hold; ``ReservationError`` if it is not open."""
-        key = reservation.agent_id._int
+        key = _int_of(reservation.agent_id)
         holds = self._holds.get(key)
         if isinstance(holds, tuple):
             if holds[0] != reservation.reservation_id:
@@ -588,7 +595,7 @@ class MemoryBackend(Backend):
         lock = self._lock
         lock.acquire()
         try:
-            key = agent_id._int
+            key = _int_of(agent_id)
             holds = self._holds.get(key)
             if isinstance(holds, tuple) and holds[0] == reservation.reservation_id and now < holds[2]:
                 del self._holds[key]  # the common case of _take_hold, inlined
@@ -622,7 +629,7 @@ class MemoryBackend(Backend):
     def reserved(self, agent_id: AgentId, now: float) -> tuple[AgentState, float]:
         with self._lock:
             slot = self._slot(agent_id)
-            return self._state(agent_id, slot), self._open_holds(agent_id._int, now)
+            return self._state(agent_id, slot), self._open_holds(_int_of(agent_id), now)
 
     # -- audit trail -------------------------------------------------------------------------
 
@@ -748,7 +755,7 @@ class MemoryBackend(Backend):
                 if self._status[slot] in codes and self._changed[slot] < changed_before
             ]
             for key in doomed:
-                agent_id = AgentId._trusted(_id_str(key), key)
+                agent_id = AgentId._trusted(_id_str(key))
                 self.remove(agent_id)
                 removed.append(agent_id.as_str())
         return removed
@@ -778,3 +785,7 @@ def open_memory(url: str, **options: object) -> MemoryBackend:
             f"memory:// takes no options, got {sorted(options)}; remove them from the call"
         )
     return MemoryBackend()
+
+
+def _int_of(agent_id: AgentId) -> int:
+    return int(agent_id.as_str()[6:].replace("-", ""), 16)

@@ -954,35 +954,21 @@ class SQLiteBackend(Backend):
         for key, row in rows:
             conn.remember(key, row)
 
-    def get(self, agent_id: AgentId) -> AgentState | None:
-        # The hottest read: fresh_cache() and AgentState._trusted() are inlined here.
+    def get(self, key: str) -> AgentState | None:
         conn = self._connection()
-        key = agent_id._value
-        cache = conn.cache
-        row = None
-        if cache is not None:
-            version = conn.probe.execute(_SQL_DATA_VERSION).fetchone()[0]
-            if version != conn.version:
-                cache.clear()
-                conn.version = version
-            row = cache.get(key)
+        cache = conn.fresh_cache()
+        row = None if cache is None else cache.get(key)
         if row is None:
             row = conn.db.execute(_SQL_GET, (key,)).fetchone()
             if row is None:
                 return None
             conn.remember(key, row)
-        state: AgentState = _new_state(AgentState)  # no re-validation: the store holds valid values
-        state.agent_id = agent_id
-        state.status = _STATUSES[row[0]]
-        state.budget_spent = row[1]
-        state.pii_detections = row[2]
-        state.budget_limit = row[3]
-        return state
+        return _state(AgentId._trusted(key), row)
 
-    def get_many(self, agent_ids: Sequence[AgentId]) -> list[AgentState | None]:
+    def get_many(self, keys: Sequence[str]) -> list[AgentState | None]:
         conn = self._connection()
         found = dict(conn.fresh_cache() or {})
-        missing = [a._value for a in agent_ids if a._value not in found]
+        missing = [key for key in keys if key not in found]
         for start in range(0, len(missing), _IN_CHUNK):
             chunk = missing[start : start + _IN_CHUNK]
             sql = _SQL_GET_IN.format(", ".join("?" * len(chunk)))
@@ -990,9 +976,9 @@ class SQLiteBackend(Backend):
                 found[key] = stored = (row[0], row[1], row[2], row[3])
                 conn.remember(key, stored)
         out: list[AgentState | None] = []
-        for agent_id in agent_ids:
-            row = found.get(agent_id._value)
-            out.append(None if row is None else _state(agent_id, row))
+        for key in keys:
+            row = found.get(key)
+            out.append(None if row is None else _state(AgentId._trusted(key), row))
         return out
 
     def remove(self, agent_id: AgentId) -> bool:

@@ -1,0 +1,32 @@
+"""Names and defaults shared by the library and the command line, each defined once here."""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+__all__ = [
+    "CLI_DEFAULT_URL",
+    "DEFAULT_URL",
+    "ENV_AUDIT_KEY",
+    "ENV_DEBUG",
+    "ENV_URL",
+    "env_config",
+]
+
+#: The store of ``StateManager.from_env()`` when ``$IRON_STATE_URL`` is unset: this process's memory.
+DEFAULT_URL: Final = "memory://"
+#: The store of the ``iron-state`` commands without ``--url`` or ``$IRON_STATE_URL``: a file in
+#: the working folder, so that one command sees what another wrote.
+CLI_DEFAULT_URL: Final = "sqlite:///iron_state.db"
+#: The store URL.
+ENV_URL: Final = "IRON_STATE_URL"
+#: The HMAC key of the audit chain.
+ENV_AUDIT_KEY: Final = "IRON_STATE_AUDIT_KEY"
+#: Tracebacks and debug logs for the command line.
+ENV_DEBUG: Final = "IRON_STATE_DEBUG"
+
+
+def env_config(default_url: str = DEFAULT_URL) -> tuple[str, str | None]:
+    """The store URL and audit key from ``$IRON_STATE_URL`` and ``$IRON_STATE_AUDIT_KEY``."""
+    return os.environ.get(ENV_URL) or default_url, os.environ.get(ENV_AUDIT_KEY) or None
