@@ -25,7 +25,6 @@ import pytest
 typer_testing = pytest.importorskip("typer.testing")
 
 from iron_runtime_state import AgentId, AgentState, AgentStatus, AuditEvent, StateManager  # noqa: E402
-from iron_runtime_state import _cli_app as cli_app  # noqa: E402
 from iron_runtime_state._demo import run_fleet  # noqa: E402
 from iron_runtime_state.backends import SCHEMES  # noqa: E402
 from iron_runtime_state.cli import (  # noqa: E402
@@ -34,7 +33,12 @@ from iron_runtime_state.cli import (  # noqa: E402
     EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    app,
 )
+from iron_runtime_state.cli import audit as cli_audit  # noqa: E402
+from iron_runtime_state.cli import metrics as cli_metrics  # noqa: E402
+from iron_runtime_state.cli import session as cli_session  # noqa: E402
+from iron_runtime_state.cli.exit_codes import CommandError  # noqa: E402
 
 needs_sqlite = pytest.mark.skipif("sqlite" not in SCHEMES, reason="the SQLite backend is not registered")
 pytestmark = needs_sqlite
@@ -64,7 +68,7 @@ class Run:
 def invoke(*args: str, env: dict[str, str] | None = None, input: str | None = None) -> Run:
     """``iron-state ARGS`` through Typer's CliRunner (in this process)."""
     runner = typer_testing.CliRunner()
-    result = runner.invoke(cli_app.app, list(args), env=env, input=input, prog_name="iron-state")
+    result = runner.invoke(app, list(args), env=env, input=input, prog_name="iron-state")
     exc = result.exception if not isinstance(result.exception, SystemExit) else None
     return Run(result.exit_code, result.stdout, result.stderr, exc)
 
@@ -390,7 +394,7 @@ def test_audit_follow_prints_new_records_and_stops_cleanly_on_ctrl_c(
         elif len(polls) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli_app, "_sleep", fake_sleep)
+    monkeypatch.setattr(cli_audit, "_sleep", fake_sleep)
     run = invoke("audit", "--follow", "--limit", "2", "--interval", "0.1", "--url", own_fleet, "--json")
     assert run.code == EXIT_OK, run
     lines = [json.loads(line) for line in run.stdout.splitlines()]
@@ -489,7 +493,7 @@ def test_prune(own_fleet: str) -> None:
 
 
 def test_prune_asks_on_a_terminal(own_fleet: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli_app, "_stdin_is_terminal", lambda: True)
+    monkeypatch.setattr(cli_session, "_stdin_is_terminal", lambda: True)
     run = invoke("prune", "--before", "2000-01-01", "--url", own_fleet, input="n\n")
     assert run.code == EXIT_CHECK_FAILED, run
     assert "Remove the audit records before 2000-01-01T00:00:00Z" in run.stderr  # the question
@@ -584,7 +588,7 @@ def test_metrics_command_serves_the_collector(fleet: str, monkeypatch: pytest.Mo
             scraped.append(response.read().decode())
         raise KeyboardInterrupt  # what Ctrl-C does
 
-    monkeypatch.setattr(cli_app, "_serve_until_stopped", scrape_then_stop)
+    monkeypatch.setattr(cli_metrics, "_serve_until_stopped", scrape_then_stop)
     run = invoke("metrics", "--port", str(port), "--url", fleet)
     assert run.code == EXIT_OK, run
     assert f"http://127.0.0.1:{port}/metrics" in run.stderr
@@ -661,7 +665,7 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     url = sqlite_url(tmp_path / "typo.db")
     run = invoke("stats", "--url", url, "--debug")
     assert run.code != EXIT_OK
-    assert isinstance(run.exception, cli_app.CommandError)
+    assert isinstance(run.exception, CommandError)
     run = invoke("stats", "--url", "nosuch://x", env={"IRON_STATE_DEBUG": "1"})
     assert run.exception is not None
 

@@ -11,6 +11,7 @@ __all__ = [
     "ENV_AUDIT_KEY",
     "ENV_DEBUG",
     "ENV_URL",
+    "METRICS_PORT",
     "env_config",
 ]
 
@@ -25,6 +26,8 @@ ENV_URL: Final = "IRON_STATE_URL"
 ENV_AUDIT_KEY: Final = "IRON_STATE_AUDIT_KEY"
 #: Tracebacks and debug logs for the command line.
 ENV_DEBUG: Final = "IRON_STATE_DEBUG"
+#: The port ``/metrics`` is served on unless told otherwise (Prometheus exporters' custom range).
+METRICS_PORT: Final = 9464
 
 
 def env_config(default_url: str = DEFAULT_URL) -> tuple[str, str | None]:

@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from typing import Final
 from wsgiref.simple_server import WSGIServer
 
+from .config import METRICS_PORT
 from .errors import MissingDependency, StateError
 from .manager import StateManager
 from .models import AgentStatus
@@ -55,7 +56,7 @@ __all__ = ["DEFAULT_PORT", "PREFIX", "FleetCollector", "serve_metrics"]
 #: The prefix of every metric name.
 PREFIX: Final = "iron_state"
 #: The port ``iron-state metrics`` listens on by default.
-DEFAULT_PORT: Final = 9464
+DEFAULT_PORT: Final = METRICS_PORT
 
 logger: Final = logging.getLogger("iron_runtime_state.metrics")
 

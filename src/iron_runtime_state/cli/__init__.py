@@ -2,7 +2,21 @@
 
 Installed with the ``cli`` extra (``pip install 'iron-runtime-state[cli]'``); built with Typer
 and Rich, which only this entry point imports, lazily, so the library itself never needs them.
-The commands live in :mod:`iron_runtime_state._cli_app`; see ``docs/cli.md`` for the guide.
+See ``docs/cli.md`` for the guide. The package, by concern:
+
+==================  ============================================================================
+``application.py``  the Typer application, its commands under their headings, and the one place
+                    where an error becomes one line and an exit status
+``options.py``      the options several commands share, and how times and durations are read
+``session.py``      opening the store a command names, its output streams, confirmations
+``render.py``       tables, JSON and formatting shared by the commands
+``demo.py``         ``demo``
+``fleet.py``        ``agents``, ``show``, ``stats``, ``purge``
+``audit.py``        ``audit``, ``verify``, ``export``, ``prune``
+``copy.py``         ``copy``
+``metrics.py``      ``metrics``
+``exit_codes.py``   the exit statuses below, and :class:`CommandError`, which carries one
+==================  ============================================================================
 
 Every command takes ``--url`` (default ``$IRON_STATE_URL``, else ``sqlite:///iron_state.db`` in
 the working folder), prints tables, or JSON on stdout with ``--json`` (progress and messages go
@@ -27,6 +41,16 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Final
 
+from ..config import CLI_DEFAULT_URL as DEFAULT_URL
+from .exit_codes import (
+    EXIT_CHECK_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+)
+
 __all__ = [
     "DEFAULT_URL",
     "EXIT_CHECK_FAILED",
@@ -38,16 +62,6 @@ __all__ = [
     "main",
 ]
 
-#: The store the commands use without ``--url`` or ``$IRON_STATE_URL``: a file in this folder.
-DEFAULT_URL: Final = "sqlite:///iron_state.db"
-
-EXIT_OK: Final = 0
-EXIT_CHECK_FAILED: Final = 1
-EXIT_USAGE: Final = 2
-EXIT_UNAVAILABLE: Final = 3
-EXIT_NOT_FOUND: Final = 4
-EXIT_INTERRUPTED: Final = 130
-
 MISSING_EXTRA: Final = (
     "error: the iron-state command line needs the 'cli' extra: pip install 'iron-runtime-state[cli]'"
 )
@@ -56,7 +70,7 @@ MISSING_EXTRA: Final = (
 def main(argv: Sequence[str] | None = None) -> None:
     """Run ``iron-state`` with ``argv`` (default ``sys.argv[1:]``); exits with the status above."""
     try:
-        from ._cli_app import run
+        from .application import run
     except ImportError as exc:
         if exc.name is not None and exc.name.split(".")[0] not in ("typer", "rich", "click"):
             raise
@@ -67,9 +81,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def __getattr__(name: str) -> Any:
     # ``iron_runtime_state.cli.app``, the Typer application (for CliRunner and embedding),
-    # imported on first use so that importing this module never needs Typer.
+    # imported on first use so that importing this package never needs Typer.
     if name == "app":
-        from ._cli_app import app
+        from .application import app
 
         return app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,245 @@
+"""The audit trail: ``audit`` (read and follow it), ``verify``, ``export`` and ``prune``."""
+
+from __future__ import annotations
+
+import enum
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.text import Text
+
+from ..config import CLI_DEFAULT_URL
+from ..ids import AgentId
+from ..manager import StateManager
+from ..models import AuditRecord
+from .exit_codes import EXIT_CHECK_FAILED
+from .options import TIME_HELP, DebugOption, JsonOption, UrlOption, YesOption, parse_time
+from .render import audit_table, clip, emit_stream, fmt_time, print_verification
+from .session import Session, confirm
+
+__all__ = ["ExportFormat", "audit", "export", "prune", "tail_audit", "verify"]
+
+AgentFilter = Annotated[str | None, typer.Option("--agent", "-a", help="Only this agent's records.")]
+TypeFilter = Annotated[
+    str | None, typer.Option("--type", "-t", help="Only this event type, e.g. budget_exceeded, pii_detected.")
+]
+SinceFilter = Annotated[str | None, typer.Option("--since", help=f"Records at or after: {TIME_HELP}.")]
+UntilFilter = Annotated[str | None, typer.Option("--until", help=f"Records at or before: {TIME_HELP}.")]
+
+
+class ExportFormat(str, enum.Enum):
+    """The formats of ``iron-state export``."""
+
+    jsonl = "jsonl"
+    csv = "csv"
+
+
+def _audit_filters(
+    agent: str | None, event_type: str | None, since: str | None, until: str | None
+) -> dict[str, Any]:
+    filters: dict[str, Any] = {}
+    if agent is not None:
+        filters["agent_id"] = AgentId.parse_flexible(agent)
+    if event_type is not None:
+        filters["event_type"] = event_type
+    if since is not None:
+        filters["since"] = parse_time(since, "--since")
+    if until is not None:
+        filters["until"] = parse_time(until, "--until")
+    return filters
+
+
+def tail_audit(manager: StateManager, count: int, **filters: Any) -> list[AuditRecord]:
+    """The newest ``count`` records matching ``filters``, oldest first.
+
+    Queries only go forward in ``seq``, so this reads a window before the head and widens it
+    until it holds ``count`` matches (or covers the whole trail).
+    """
+    if count <= 0:
+        return []
+    head = manager.backend.audit_head()[0]
+    floor = max(manager.backend.audit_anchor()[0], filters.pop("after_seq", None) or 0)
+    window = max(4 * count, 256)
+    while True:
+        after = max(head - window, floor)
+        records = manager.audit_log(after_seq=after, **filters)
+        if len(records) >= count or after <= floor:
+            return records[-count:]
+        window *= 8
+
+
+#: How ``audit --follow`` waits between polls; tests replace it.
+_sleep: Callable[[float], None] = time.sleep
+
+
+def audit(
+    agent: AgentFilter = None,
+    event_type: TypeFilter = None,
+    since: SinceFilter = None,
+    until: UntilFilter = None,
+    after_seq: Annotated[
+        int | None, typer.Option("--after-seq", min=0, help="Only records after this seq.")
+    ] = None,
+    limit: Annotated[
+        int, typer.Option("--limit", "-l", min=0, help="Show the newest N matching records; 0 for all.")
+    ] = 20,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new records as they arrive (Ctrl-C stops).")
+    ] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.05, help="Seconds between polls with --follow.")
+    ] = 1.0,
+    url: UrlOption = CLI_DEFAULT_URL,
+    json_output: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """The audit trail, oldest first: the newest --limit records matching the filters.
+
+    With --json: a JSON array; with --json --follow: one JSON object per line (JSON Lines).
+    """
+    session = Session(url, json_output)
+    filters = _audit_filters(agent, event_type, since, until)
+    if after_seq is not None:
+        filters["after_seq"] = after_seq
+    with session.open() as manager:
+        # Read before the first query: whatever is appended after it is picked up by --follow.
+        head = manager.backend.audit_head()[0] if follow else 0
+        if limit == 0:
+            records: Iterable[AuditRecord] = manager.iter_audit_log(**filters)
+        else:
+            records = tail_audit(manager, limit, **dict(filters))
+        if not follow:
+            if session.json:
+                emit_stream(r.to_dict() for r in records)
+            else:
+                shown = list(records)
+                session.out.print(audit_table(shown, session.out.width))
+                session.note(f"{len(shown):,} records shown; the trail holds {manager.audit_count():,}")
+            return
+        _follow(session, manager, records, head, filters, interval)
+
+
+def _follow(
+    session: Session,
+    manager: StateManager,
+    first: Iterable[AuditRecord],
+    head: int,
+    filters: dict[str, Any],
+    interval: float,
+) -> None:
+    def show_records(records: Iterable[AuditRecord]) -> int:
+        last = 0
+        for r in records:
+            if session.json:
+                sys.stdout.write(json.dumps(r.to_dict()) + "\n")
+            else:
+                session.out.print(
+                    Text.assemble(
+                        (f"{r.seq:>8} ", "dim"),
+                        fmt_time(r.timestamp),
+                        " ",
+                        r.agent_id.as_str(),
+                        " ",
+                        (r.event_type, "cyan"),
+                        " ",
+                        clip(r.details, 120),
+                    )
+                )
+            last = r.seq
+        sys.stdout.flush()
+        return last
+
+    filters.pop("after_seq", None)
+    seen = max(show_records(first), head)
+    session.note(f"following {manager.url}; Ctrl-C to stop")
+    try:
+        while True:
+            _sleep(interval)
+            head = manager.backend.audit_head()[0]
+            if head <= seen:
+                continue
+            shown = show_records(manager.iter_audit_log(after_seq=seen, **filters))
+            seen = max(seen, head, shown)
+    except KeyboardInterrupt:
+        session.note("stopped")
+
+
+def verify(
+    url: UrlOption = CLI_DEFAULT_URL, json_output: JsonOption = False, debug: DebugOption = False
+) -> None:
+    """Check the audit trail's hash chain. Exit status 1, with the first bad record, if it is broken.
+
+    A chain sealed with an HMAC key verifies only with the same $IRON_STATE_AUDIT_KEY.
+    """
+    session = Session(url, json_output)
+    with session.open() as manager:
+        report = manager.verify_audit_log()
+        if session.json:
+            session.emit({"url": manager.url, **report.to_dict()})
+        else:
+            print_verification(session.out, manager.url, report)
+    if not report.ok:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+def export(
+    format: Annotated[
+        ExportFormat, typer.Option("--format", "-f", help="jsonl (with hashes) or csv.")
+    ] = ExportFormat.jsonl,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write to this file instead of stdout.", dir_okay=False),
+    ] = None,
+    agent: AgentFilter = None,
+    event_type: TypeFilter = None,
+    since: SinceFilter = None,
+    until: UntilFilter = None,
+    url: UrlOption = CLI_DEFAULT_URL,
+    debug: DebugOption = False,
+) -> None:
+    """Export the audit trail (or the filtered part) as JSON Lines or CSV, in seq order.
+
+    Each JSONL line carries prev_hash and hash, so the chain can be checked elsewhere.
+    """
+    session = Session(url)
+    filters = _audit_filters(agent, event_type, since, until)
+    with session.open() as manager:
+        if output is None:
+            count = manager.export_audit_log(sys.stdout, format=format.value, **filters)
+            sys.stdout.flush()
+        else:
+            count = manager.export_audit_log(output, format=format.value, **filters)
+        session.note(
+            f"exported {count:,} audit records as {format.value}" + (f" to {output}" if output else "")
+        )
+
+
+def prune(
+    before: Annotated[str, typer.Option("--before", help=f"Remove records older than this: {TIME_HELP}.")],
+    yes: YesOption = False,
+    url: UrlOption = CLI_DEFAULT_URL,
+    json_output: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Remove the oldest audit records (retention). What remains still verifies.
+
+    Only a prefix is removed: pruning stops at the first record that is not old enough.
+    """
+    session = Session(url, json_output)
+    cutoff = parse_time(before, "--before")
+    with session.open() as manager:
+        confirm(yes, f"Remove the audit records before {fmt_time(cutoff)} from {manager.url}?")
+        removed = manager.prune_audit_log(before=cutoff)
+        remaining = manager.audit_count()
+        if session.json:
+            session.emit({"url": manager.url, "before": cutoff, "removed": removed, "remaining": remaining})
+            return
+        session.say(
+            f"removed {removed:,} audit records before {fmt_time(cutoff)}; "
+            f"{remaining:,} remain in {manager.url}"
+        )

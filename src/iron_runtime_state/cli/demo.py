@@ -1,0 +1,215 @@
+"""``demo``: run a simulated fleet on a store and show what the library recorded."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from .._demo import DemoResult, run_fleet
+from ..config import CLI_DEFAULT_URL, METRICS_PORT
+from ..manager import StateManager
+from ..models import AgentState, AgentStatus, AuditRecord
+from .audit import tail_audit
+from .options import DebugOption, JsonOption, UrlOption
+from .render import audit_table, fmt_money, fmt_used, plural, status_text
+from .session import Session, clear_store, url_flag
+
+__all__ = ["demo"]
+
+
+def demo(
+    agents: Annotated[
+        int, typer.Option("--agents", "-n", min=1, max=1_000_000, help="Agents in the fleet.")
+    ] = 1000,
+    steps: Annotated[
+        int, typer.Option("--steps", "-s", min=1, max=10_000, help="Model calls per agent, at most.")
+    ] = 10,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Make the run reproducible (same ids and outcomes).")
+    ] = None,
+    reset: Annotated[
+        bool, typer.Option("--reset", help="First remove every agent and audit record from the store.")
+    ] = False,
+    url: UrlOption = CLI_DEFAULT_URL,
+    json_output: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Simulate a fleet of agents: budgets reserved and spent, PII, failures, exhausted limits.
+
+    Runs on the embedded default store, a SQLite file in this folder (or --url). Every run adds
+    a new fleet; --reset empties the store first.
+    """
+    session = Session(url, json_output)
+    with session.open(must_exist=False) as manager:
+        if reset:
+            removed, pruned = clear_store(manager)
+            session.note(f"reset: removed {removed:,} agents and {pruned:,} audit records from {manager.url}")
+        with session.progress() as progress:
+            task = progress.add_task("starting", total=agents * steps)
+
+            def advance(done: int, step: int, running: int) -> None:
+                progress.update(task, advance=done, description=f"step {step}/{steps} · {running:,} running")
+
+            result = run_fleet(manager, agents=agents, steps=steps, seed=seed, on_progress=advance)
+        states = [s for s in manager.get_agent_states(result.agent_ids) if s is not None]
+        stats = manager.stats()
+        audit_records = manager.audit_count()
+        if result.replaced:
+            session.note(
+                f"note: seed {seed}'s fleet was already in the store; its {result.replaced:,} agents "
+                "were replaced (use another --seed, or none, to add a new fleet)"
+            )
+        by_status = _by_status(states)
+        if session.json:
+            session.emit(
+                {
+                    "url": manager.url,
+                    "fleet": result.fleet,
+                    "seed": seed,
+                    "agents": agents,
+                    "steps": steps,
+                    "seconds": round(result.seconds, 3),
+                    "by_status": by_status,
+                    "calls": result.calls,
+                    "refused": result.refused,
+                    "overspent": result.overspent,
+                    "pii_events": result.pii_events,
+                    "agents_with_pii": sum(1 for s in states if s.pii_detections),
+                    "failed": result.failed,
+                    "finished": result.finished,
+                    "errors": result.errors,
+                    "replaced": result.replaced,
+                    "store": {**stats.to_dict(), "audit_records": audit_records},
+                }
+            )
+            return
+        last = tail_audit(manager, 8)
+        _print_demo(session, manager, result, states, by_status, stats.total, audit_records, last)
+
+
+def _by_status(states: Sequence[AgentState]) -> dict[str, dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    for status in AgentStatus:
+        group = [s for s in states if s.status is status]
+        rows[status.value] = {
+            "agents": len(group),
+            "budget_spent": round(sum(s.budget_spent for s in group), 4),
+            "budget_limit": round(sum(s.budget_limit or 0.0 for s in group), 4),
+            "pii_detections": sum(s.pii_detections for s in group),
+        }
+    return rows
+
+
+def _print_demo(
+    session: Session,
+    manager: StateManager,
+    result: DemoResult,
+    states: Sequence[AgentState],
+    by_status: dict[str, dict[str, Any]],
+    store_agents: int,
+    audit_records: int,
+    last: Sequence[AuditRecord],
+) -> None:
+    out = session.out
+    n = len(result.agent_ids)
+    out.print(
+        Text.assemble(
+            (f"Fleet {result.fleet}", "bold"),
+            f": {n:,} agents, up to {result.steps} model calls each, "
+            f"in {result.seconds:.1f} s on {manager.url}",
+        )
+    )
+    out.print("[bold]Agents by status[/bold]")
+    table = Table()
+    for name, justify in (
+        ("status", "left"),
+        ("agents", "right"),
+        ("spent", "right"),
+        ("limits", "right"),
+        ("used", "right"),
+        ("PII", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    total = {"agents": 0, "budget_spent": 0.0, "budget_limit": 0.0, "pii_detections": 0}
+    for status in AgentStatus:
+        row = by_status[status.value]
+        for key in total:
+            total[key] += row[key]
+        table.add_row(
+            status_text(status),
+            f"{row['agents']:,}",
+            fmt_money(row["budget_spent"]),
+            fmt_money(row["budget_limit"]),
+            fmt_used(row["budget_spent"], row["budget_limit"]),
+            f"{row['pii_detections']:,}",
+        )
+    table.add_section()
+    table.add_row(
+        "total",
+        f"{int(total['agents']):,}",
+        fmt_money(total["budget_spent"]),
+        fmt_money(total["budget_limit"]),
+        fmt_used(total["budget_spent"], total["budget_limit"]),
+        f"{int(total['pii_detections']):,}",
+    )
+    out.print(table)
+    pii_agents = sum(1 for s in states if s.pii_detections)
+    errors = ", ".join(
+        f"{count} {error}" for error, count in sorted(result.errors.items(), key=lambda e: -e[1])
+    )
+    lines = [
+        (
+            "Budget",
+            f"{plural(result.calls, 'model call')} reserved and committed; "
+            f"{plural(result.refused, 'agent')} stopped at their limit (reservation refused); "
+            f"{plural(result.overspent, 'call')} cost more than reserved and went over",
+        ),
+        ("PII", f"{plural(result.pii_events, 'detection event')} on {plural(pii_agents, 'agent')}"),
+        ("Failures", f"{plural(result.failed, 'agent')} failed" + (f": {errors}" if errors else "")),
+        ("Finished", f"{plural(result.finished, 'agent')} completed their task; the others still run"),
+        (
+            "Store",
+            f"{plural(store_agents, 'agent')} and {plural(audit_records, 'audit record')} in {manager.url}",
+        ),
+    ]
+    for label, text in lines:
+        # Wrapped by hand, with a hanging indent, so that nothing pads lines with spaces.
+        first, *rest = textwrap.wrap(
+            f"{label:<10}{text}", width=min(out.width, 120), subsequent_indent=" " * 10
+        )
+        out.print(Text.assemble((first[:10], "bold"), first[10:]))
+        for line in rest:
+            out.print(line, markup=False)
+    out.print()
+    out.print("[bold]Last audit events[/bold]")
+    out.print(audit_table(last, out.width))
+    flag = url_flag(session.url)
+    example = next((s for s in states if s.status is AgentStatus.FAILED), states[0] if states else None)
+    commands = [
+        (f"iron-state stats{flag}", "fleet totals"),
+        (f"iron-state agents --status failed{flag}", "the agents that failed"),
+        (f"iron-state agents --sort spent --limit 10{flag}", "the biggest spenders"),
+    ]
+    if example is not None:
+        commands.append((f"iron-state show {example.agent_id}{flag}", "one agent and its audit events"))
+    commands += [
+        (f"iron-state audit --type budget_exceeded --limit 5{flag}", "refused and exceeded budgets"),
+        (f"iron-state verify{flag}", "check the audit trail's hash chain"),
+        (f"iron-state metrics --port {METRICS_PORT}{flag}", "serve Prometheus metrics"),
+    ]
+    out.print()
+    if manager.url.startswith("memory:"):
+        out.print(
+            "memory:// lives only as long as this command; run the demo with --url sqlite:///demo.db "
+            "(or redis://...) to explore the fleet afterwards.",
+            markup=False,
+        )
+        return
+    out.print("[bold]Explore further[/bold]")
+    for command, why in commands:
+        out.print(Text.assemble("  ", (command, "cyan"), ("  # " + why, "dim")))

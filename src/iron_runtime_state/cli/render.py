@@ -1,0 +1,167 @@
+"""How the commands show things: numbers and times, the agent and audit tables, streamed JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from typing import Any, Final
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from ..models import AgentState, AgentStatus, AuditRecord, AuditVerification
+
+__all__ = [
+    "agents_table",
+    "audit_table",
+    "clip",
+    "emit_stream",
+    "finite",
+    "fmt_money",
+    "fmt_time",
+    "fmt_used",
+    "plural",
+    "print_verification",
+    "status_text",
+]
+
+#: The widest details column of an audit table.
+DETAILS_WIDTH: Final = 100
+
+
+def fmt_time(timestamp: int) -> str:
+    """Unix seconds as ISO 8601 UTC, e.g. ``2024-05-01T12:00:00Z``."""
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def fmt_money(value: float | None) -> str:
+    """An amount with two decimals, ``-`` for none."""
+    return "-" if value is None else f"{value:,.2f}"
+
+
+def fmt_used(spent: float, limit: float | None) -> str:
+    """Spend as a percentage of the limit."""
+    if limit is None:
+        return "-"
+    if limit == 0:
+        return "100%" if spent == 0 else "over"
+    return f"{100 * spent / limit:.0f}%"
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 agent``, ``2 agents``, ``1,000 agents``."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def clip(text: str, width: int = DETAILS_WIDTH) -> str:
+    """``text`` cut to ``width`` characters, an ellipsis marking the cut."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def finite(value: float) -> float | None:
+    """``value``, or ``None`` for an infinity (which JSON cannot hold)."""
+    return value if math.isfinite(value) else None
+
+
+def status_text(status: AgentStatus) -> Text:
+    """An agent status in its colour."""
+    style = {"running": "green", "stopped": "yellow", "failed": "red"}[status.value]
+    return Text(status.value, style=style)
+
+
+def audit_table(records: Sequence[AuditRecord], width: int) -> Table:
+    """Audit records, one line each, fitted to ``width`` columns.
+
+    Only the details are shortened (with an ellipsis); in a narrow terminal the time column goes
+    first, so that the ids, which users copy into other commands, stay whole.
+    """
+    seq_w = max((len(str(r.seq)) for r in records), default=3)
+    event_w = max((len(r.event_type) for r in records), default=5)
+
+    def room(time_w: int) -> int:
+        # Rich's default box: each column adds 2 of padding and 1 border, plus the last border.
+        columns = 5 if time_w else 4
+        return width - (max(seq_w, 3) + time_w + 42 + max(event_w, 5)) - 3 * columns - 1
+
+    # The full UTC time, then a shorter one, then none: the ids, which users copy, stay whole.
+    time_w, time_fmt = next(
+        ((w, f) for w, f in ((20, "%Y-%m-%dT%H:%M:%SZ"), (14, "%m-%d %H:%M:%S")) if room(w) >= 24), (0, "")
+    )
+    details_w = max(12, min(DETAILS_WIDTH, room(time_w)))
+    table = Table()
+    table.add_column("seq", no_wrap=True, justify="right")
+    if time_w:
+        table.add_column("time (UTC)", no_wrap=True, min_width=time_w)
+    table.add_column("agent", no_wrap=True, min_width=42)
+    table.add_column("event", no_wrap=True)
+    table.add_column("details", no_wrap=True, overflow="ellipsis", max_width=details_w)
+    for r in records:
+        cells: list[str | Text] = [str(r.seq)]
+        if time_w:
+            cells.append(datetime.fromtimestamp(r.timestamp, tz=timezone.utc).strftime(time_fmt))
+        cells += [
+            Text(r.agent_id.as_str()),
+            Text(r.event_type, style="cyan"),
+            Text(clip(r.details, details_w)),
+        ]
+        table.add_row(*cells)
+    return table
+
+
+def agents_table(states: Iterable[AgentState]) -> Table:
+    """Agents, one line each: status, spend against the limit, PII detections."""
+    table = Table()
+    table.add_column("agent", no_wrap=True)
+    table.add_column("status")
+    table.add_column("spent", justify="right")
+    table.add_column("limit", justify="right")
+    table.add_column("used", justify="right")
+    table.add_column("PII", justify="right")
+    for s in states:
+        table.add_row(
+            Text(s.agent_id.as_str()),
+            status_text(s.status),
+            fmt_money(s.budget_spent),
+            fmt_money(s.budget_limit),
+            fmt_used(s.budget_spent, s.budget_limit),
+            str(s.pii_detections),
+        )
+    return table
+
+
+def print_verification(out: Console, url: str, report: AuditVerification) -> None:
+    """One line: the audit chain of ``url`` verified, or where it breaks."""
+    span = ""
+    if report.checked:
+        span = f", seq {report.anchor_seq + 1 if report.anchor_seq else 1}..{report.last_seq}"
+    if report.ok:
+        pruned = f" (pruned before seq {report.anchor_seq + 1})" if report.anchor_seq else ""
+        out.print(
+            Text.assemble(
+                ("ok", "bold green"), f": {report.checked:,} audit records verified{span}{pruned} in {url}"
+            )
+        )
+    else:
+        out.print(
+            Text.assemble(
+                ("BROKEN", "bold red"),
+                f": the chain breaks at seq {report.first_bad_seq}: {report.reason} "
+                f"({report.checked:,} records before it verified) in {url}",
+            )
+        )
+
+
+def emit_stream(items: Iterable[Any]) -> None:
+    """A JSON array on stdout, written item by item (flat memory for any count)."""
+    write = sys.stdout.write
+    first = True
+    write("[")
+    for item in items:
+        write("\n  " if first else ",\n  ")
+        write(json.dumps(item, allow_nan=False))
+        first = False
+    write("\n]\n" if not first else "]\n")
