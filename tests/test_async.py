@@ -548,10 +548,12 @@ class NativeStore(ThreadedAsyncBackend):
 
     driver_errors = (FakeDriverError,)
 
-    async def get(self, agent_id: AgentId) -> AgentState | None:
-        raise FakeDriverError("connection reset")
+    async def call(self, name: str, *args: Any) -> Any:
+        if name == "get":
+            raise FakeDriverError("connection reset")
+        return await super().call(name, *args)
 
-    async def iter_states(self, status: AgentStatus | None, batch_size: int) -> AsyncIterator[AgentState]:
+    async def stream(self, name: str, *args: Any) -> AsyncIterator[Any]:
         yield running()
         raise FakeDriverError("connection reset")
 
@@ -648,13 +650,26 @@ def test_same_methods_and_parameters_as_state_manager() -> None:
             assert inspect.iscoroutinefunction(method), name
 
 
-def test_same_methods_as_the_sync_backend_contract() -> None:
-    from iron_runtime_state.backends import Backend
+def test_every_operation_of_the_sync_contract_is_reachable_by_name_on_an_async_store() -> None:
+    from iron_runtime_state.backends.base import ITERATORS, OPERATIONS
 
-    # save_values is the sync manager's copy-free save; the async manager saves with save().
-    # manager_methods lets a store replace the sync manager's hottest methods with its own.
-    sync_only = {"blocking", "schemes", "save_values", "manager_methods"}
-    assert {n for n in vars(Backend) if not n.startswith("_")} - sync_only <= set(vars(AsyncBackend))
+    async def main() -> None:
+        backend = ThreadedAsyncBackend(MemoryBackend())
+        agent = running()
+        await backend.save(agent, 0.0)
+        assert await backend.get(agent.agent_id.as_str()) == agent
+        assert [s async for s in backend.iter_states(None, 10)] == [agent]
+        for name in OPERATIONS:
+            assert callable(getattr(backend, name))
+        with pytest.raises(AttributeError):
+            _ = backend.no_such_operation
+        with pytest.raises(StateTypeError):
+            await backend.call("iter_states", None, 10)  # a stream, not a call
+        with pytest.raises(StateTypeError):
+            backend.stream("get", agent.agent_id.as_str())
+        assert {"iter_states", "iter_audit_rows"} == ITERATORS
+
+    asyncio.run(main())
 
 
 def test_importing_the_package_does_not_import_asyncio() -> None:

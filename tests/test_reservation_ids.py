@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from iron_runtime_state.manager import new_reservation_id
+from iron_runtime_state.core import new_reservation_id
 
 
 def test_ids_are_unique_across_threads() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,16 +75,19 @@ def test_the_async_manager_also_verifies_again_after_a_prune(monkeypatch: pytest
         async with AsyncStateManager() as manager:
             await manager.save_audit_logs(_events(AgentId.generate()))
             backend = manager._backend
-            read = backend.iter_audit_rows
+            read = backend.stream
             pruned: list[int] = []
 
             async def iter_rows(after_seq: int, batch_size: int) -> AsyncIterator[AuditRow]:
                 if not pruned:
-                    pruned.append(await backend.prune_audit(105))
-                async for row in read(after_seq, batch_size):
+                    pruned.append(await backend.call("prune_audit", 105))
+                async for row in read("iter_audit_rows", after_seq, batch_size):
                     yield row
 
-            monkeypatch.setattr(backend, "iter_audit_rows", iter_rows)
+            def stream(name: str, *args: Any) -> AsyncIterator[Any]:
+                return iter_rows(*args) if name == "iter_audit_rows" else read(name, *args)
+
+            monkeypatch.setattr(backend, "stream", stream)
             report = await manager.verify_audit_log()
             assert pruned == [5]
             assert report.ok, report

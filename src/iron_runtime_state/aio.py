@@ -8,10 +8,10 @@ iterators are async iterators and ``budget()`` is an async context manager::
         async with manager.budget(agent_id, 0.50) as hold:
             await hold.commit(await call_the_model())
 
-Nothing here checks, builds or encodes anything by itself: validation, audit events, paging and
-export formatting are the functions of :mod:`iron_runtime_state.manager` that ``StateManager``
-uses too, and the store is an :class:`~iron_runtime_state.backends.async_base.AsyncBackend`. This
-class awaits the store between those steps, and that is all it adds.
+Nothing here checks, builds or encodes anything by itself: validation, audit events, limits and
+results are decided by :class:`~iron_runtime_state.core.ManagerCore`, which ``StateManager``
+derives from too, and the store is an :class:`~iron_runtime_state.backends.async_base.AsyncBackend`.
+This class awaits the store between those steps, and that is all it adds.
 
 Cancellation: every store operation is atomic, so a cancelled call has either happened or not.
 The calls that write an audit event besides their change (``record_spend`` and
@@ -33,51 +33,37 @@ import inspect
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Iterator
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Concatenate, Final, Literal, ParamSpec, TypeVar
 
-from .audit_chain import AuditChain
-from .backends import AuditQuery, Backend, SpendResult
+from .backends import Backend
 from .backends.async_base import AsyncBackend, ThreadedAsyncBackend, open_async_backend
 from .backends.memory import MemoryBackend
-from .errors import ReservationError, StateTypeError
-from .ids import AgentId, coerce, key_of
-from .manager import (
+from .config import env_config
+from .core import (
     BATCH_SIZE,
-    VERIFY_ATTEMPTS,
+    DEFAULT_TTL,
+    PAGE_SIZE,
     VERIFY_BATCH,
     AuditPages,
+    ManagerCore,
+    Outcome,
+    StoreCall,
+    VerifyRows,
     audit_key_bytes,
-    audit_query,
     available,
-    budget_exceeded_error,
-    budget_exceeded_event,
-    check_event,
-    check_events,
-    check_export_format,
-    check_iteration,
-    check_purge,
     check_reservation,
-    check_spend,
     check_timestamp,
-    check_ttl,
     check_unsettled,
-    env_config,
-    export_writer,
-    in_batches,
     log_events,
     logger,
-    make_update,
     new_reservation_id,
-    overspend_event,
-    parse_ids,
-    pii_event,
-    place_found,
-    status_event,
-    verify_trail,
     warn_unsettled,
 )
+from .errors import ReservationError, StateTypeError
+from .export import check_export_format, export_writer
+from .ids import AgentId, coerce, key_of
 from .models import (
     AgentState,
     AgentStatus,
@@ -86,8 +72,6 @@ from .models import (
     AuditVerification,
     FleetStats,
     Reservation,
-    check_amount,
-    check_count,
     check_state,
 )
 
@@ -173,7 +157,7 @@ async def _drain_in_thread(source: AsyncIterator[_T], consume: Callable[[Iterabl
             await aclose()
 
 
-async def _settle(operation: Coroutine[Any, Any, _R], outcome: asyncio.Future[_R]) -> object:
+async def _run_to_end(operation: Coroutine[Any, Any, _R], outcome: asyncio.Future[_R]) -> object:
     """Run ``operation`` and hand its result or error to ``outcome`` while someone awaits it.
 
     Once nobody does (the caller was cancelled), the task itself ends as the operation did, for
@@ -200,7 +184,7 @@ class _Stopped(Exception):
     """Ends the worker side of :func:`_drain_in_thread` when its caller was cancelled."""
 
 
-class AsyncStateManager:
+class AsyncStateManager(ManagerCore):
     """Live state of a fleet of agents, over any store, for asyncio programs.
 
     The asyncio twin of :class:`~iron_runtime_state.StateManager`: the same constructors and
@@ -216,7 +200,7 @@ class AsyncStateManager:
         """Use ``backend`` (in-memory when ``None``); a sync ``Backend`` is served through
         :class:`~iron_runtime_state.backends.async_base.ThreadedAsyncBackend`. ``audit_key``
         makes the chain HMAC-keyed."""
-        key = audit_key_bytes(audit_key)
+        super().__init__(audit_key)
         if backend is None:
             backend = MemoryBackend()
         if isinstance(backend, Backend):
@@ -226,7 +210,6 @@ class AsyncStateManager:
                 f"backend must be an AsyncBackend or a Backend, got {type(backend).__name__}"
             )
         self._backend: AsyncBackend = backend
-        self._chain = AuditChain(key)
         self._background: set[asyncio.Task[Any]] = set()
         self._background_lock = threading.Lock()
 
@@ -311,50 +294,43 @@ class AsyncStateManager:
 
     async def save_agent_state(self, state: AgentState) -> None:
         """Insert or replace the agent's state; an invalid state raises and stores nothing."""
-        await self._backend.save(check_state(state), time.time())
+        await self._backend.call("save", check_state(state), time.time())
 
     async def get_agent_state(self, agent_id: str | AgentId) -> AgentState | None:
         """An independent copy of the agent's state; ``None`` if absent or not a valid id."""
         key = key_of(agent_id)
-        return None if key is None else await self._backend.get(key)
+        return None if key is None else await self._backend.call("get", key)
 
     async def list_agents(self) -> list[str]:
         """Every stored agent's canonical id, in no promised order."""
-        return await self._backend.list_ids()
+        return await self._backend.call("list_ids")  # type: ignore[no-any-return]
 
     async def save_audit_log(self, event: AuditEvent) -> AuditRecord:
         """Append ``event`` to the audit trail (and log it at DEBUG); returns the stored record."""
-        records = await self._backend.append_audit((check_event(event),), self._chain)
-        log_events(records)
-        return records[0]
+        return (await self._append(self._events_request((event,))))[0]
 
     # -- beyond the seed -------------------------------------------------------------------------
 
     async def save_audit_logs(self, events: Iterable[AuditEvent]) -> list[AuditRecord]:
         """Append many events in one atomic batch: all of them are stored, or none."""
-        batch = check_events(events)
-        if not batch:
-            return []
-        records = await self._backend.append_audit(batch, self._chain)
-        log_events(records)
-        return records
+        return await self._append(self._events_request(events))
 
     async def save_agent_states(self, states: Iterable[AgentState]) -> int:
         """Insert or replace many states in batches; all are validated before any is stored."""
-        checked = [check_state(state) for state in states]
+        batches = self._states_request(states)
         now = time.time()
-        for batch in in_batches(checked):
-            await self._backend.save_many(batch, now)
-        return len(checked)
+        for batch in batches:
+            await self._backend.call("save_many", batch, now)
+        return sum(map(len, batches))
 
     async def get_agent_states(self, agent_ids: Iterable[str | AgentId]) -> list[AgentState | None]:
         """The states of many agents in one batched read, in order; ``None`` where absent or invalid."""
-        wanted, valid = parse_ids(agent_ids)
-        return place_found(wanted, await self._backend.get_many([a.as_str() for a in valid]) if valid else [])
+        wanted, keys = self._ids_request(agent_ids)
+        return self._found(wanted, await self._backend.call("get_many", keys) if keys else [])
 
     async def remove_agent_state(self, agent_id: str | AgentId) -> bool:
         """Remove the agent (and its open reservations); ``True`` when something was removed."""
-        return await self._backend.remove(coerce(agent_id))
+        return await self._backend.call("remove", coerce(agent_id))  # type: ignore[no-any-return]
 
     async def update_agent_state(
         self, agent_id: str | AgentId, fn: Callable[[AgentState], AgentState]
@@ -365,21 +341,20 @@ class AsyncStateManager:
         thread (SQLite) or on the event loop (Redis), so it must be pure and quick. Raises
         ``AgentNotFound`` when the agent has no state.
         """
-        aid = coerce(agent_id)
         if inspect.iscoroutinefunction(fn):
             raise StateTypeError("the update function must be a plain function, not async def")
-        return await self._backend.update(aid, make_update(aid, fn), time.time())
+        aid, apply = self._update_request(agent_id, fn)
+        return await self._backend.call("update", aid, apply, time.time())  # type: ignore[no-any-return]
 
     def iter_agent_states(
         self, *, status: AgentStatus | str | None = None, batch_size: int = BATCH_SIZE
     ) -> AsyncIterator[AgentState]:
         """Every state, or those with ``status``, fetched ``batch_size`` at a time: ``async for``."""
-        wanted, size = check_iteration(status, batch_size)
-        return self._backend.iter_states(wanted, size)
+        return self._backend.stream("iter_states", *self._iteration_request(status, batch_size))
 
     async def stats(self) -> FleetStats:
         """Fleet totals, kept up to date by every change (no agent is read)."""
-        return await self._backend.stats()
+        return await self._backend.call("stats")  # type: ignore[no-any-return]
 
     async def audit_log(
         self,
@@ -392,12 +367,12 @@ class AsyncStateManager:
         limit: int | None = None,
     ) -> list[AuditRecord]:
         """Audit records in ``seq`` order; ``since``/``until`` bound the timestamp (inclusive)."""
-        query = audit_query(agent_id, event_type, since, until, after_seq, limit)
-        return await self._backend.query_audit(query)
+        query = self._audit_query(agent_id, event_type, since, until, after_seq, limit)
+        return await self._backend.call("query_audit", query)  # type: ignore[no-any-return]
 
     async def audit_count(self) -> int:
         """How many records the audit trail holds."""
-        return await self._backend.audit_count()
+        return await self._backend.call("audit_count")  # type: ignore[no-any-return]
 
     @_completes
     async def record_spend(self, agent_id: str | AgentId, amount: float) -> AgentState:
@@ -406,58 +381,39 @@ class AsyncStateManager:
         Past ``budget_limit`` (counting open holds) nothing changes, a ``budget_exceeded`` event
         is written and :class:`~iron_runtime_state.BudgetExceeded` is raised.
         """
-        aid = coerce(agent_id)
-        value = check_spend(amount)
-        now = time.time()
-        result = await self._backend.record_spend(aid, value, now)
-        if result.exceeded:
-            await self._append(budget_exceeded_event(aid, result, value, now, "spend"))
-            raise budget_exceeded_error(aid, result, value)
-        return result.state
+        request = self._spend_request(agent_id, amount)
+        return await self._settle(self._spent(request, await self._backend.call("record_spend", *request)))
 
     @_completes
     async def record_pii_detection(
         self, agent_id: str | AgentId, count: int = 1, *, details: str = ""
     ) -> AgentState:
         """Atomically add ``count`` (>= 1) PII detections and write a ``pii_detected`` event."""
-        aid = coerce(agent_id)
-        n = check_count(count, "count", minimum=1)
-        now = time.time()
-        event = pii_event(aid, n, details, now)
-        state = await self._backend.record_pii(aid, n, now)
-        await self._append(event)
-        return state
+        aid, n, now, event = self._pii_request(agent_id, count, details)
+        return await self._settle(Outcome(await self._backend.call("record_pii", aid, n, now), (event,)))
 
     @_completes
     async def set_status(self, agent_id: str | AgentId, status: AgentStatus | str) -> AgentState:
         """Atomically change the status; a real change writes a ``status_changed`` event."""
-        aid = coerce(agent_id)
-        new = AgentStatus.parse(status)
-        now = time.time()
-        old, state = await self._backend.set_status(aid, new, now)
-        if old is not new:
-            await self._append(status_event(aid, old, new, now))
-        return state
+        request = self._status_request(agent_id, status)
+        return await self._settle(self._status_set(request, await self._backend.call("set_status", *request)))
 
     # -- reservations ----------------------------------------------------------------------------
 
     @_completes
     async def reserve_budget(
-        self, agent_id: str | AgentId, amount: float, *, ttl: float = 60.0
+        self, agent_id: str | AgentId, amount: float, *, ttl: float = DEFAULT_TTL
     ) -> Reservation:
         """Hold ``amount`` of the agent's budget before a call whose cost is known only after.
 
         See :meth:`iron_runtime_state.StateManager.reserve_budget`.
         """
-        aid = coerce(agent_id)
-        value = check_spend(amount)
-        seconds = check_ttl(ttl)
-        now = time.time()
-        result = await self._backend.reserve(aid, value, seconds, now, new_reservation_id())
-        if isinstance(result, SpendResult):
-            await self._append(budget_exceeded_event(aid, result, value, now, "reserve"))
-            raise budget_exceeded_error(aid, result, value)
-        return result
+        request = self._spend_request(agent_id, amount)
+        seconds = self._ttl(ttl)
+        result = await self._backend.call(
+            "reserve", request[0], request[1], seconds, request[2], new_reservation_id()
+        )
+        return await self._settle(self._reserved(request, result))
 
     @_completes
     async def commit_reservation(self, reservation: Reservation, actual: float) -> AgentState:
@@ -465,26 +421,20 @@ class AsyncStateManager:
 
         See :meth:`iron_runtime_state.StateManager.commit_reservation`.
         """
-        held = check_reservation(reservation)
-        value = check_amount(actual, "actual")
-        now = time.time()
-        result = await self._backend.commit(held, value, now)
-        if result.exceeded:
-            await self._append(overspend_event(result.state, held, value, now))
-        return result.state
+        request = self._commit_request(reservation, actual)
+        return await self._settle(self._committed(request, await self._backend.call("commit", *request)))
 
     async def release_reservation(self, reservation: Reservation) -> None:
         """Free the hold without spending; ``ReservationError`` if it is not open."""
-        await self._backend.release(check_reservation(reservation), time.time())
+        await self._backend.call("release", check_reservation(reservation), time.time())
 
     async def budget_available(self, agent_id: str | AgentId) -> float:
         """What can still be reserved: ``limit - spent - open holds`` (``inf`` without a limit)."""
-        state, reserved = await self._backend.reserved(coerce(agent_id), time.time())
-        return available(state, reserved)
+        return available(*await self._backend.call("reserved", coerce(agent_id), time.time()))
 
     @contextlib.asynccontextmanager
     async def budget(
-        self, agent_id: str | AgentId, estimate: float, *, ttl: float = 60.0
+        self, agent_id: str | AgentId, estimate: float, *, ttl: float = DEFAULT_TTL
     ) -> AsyncIterator[AsyncBudgetHold]:
         """A hold as an async context manager::
 
@@ -507,16 +457,7 @@ class AsyncStateManager:
         The hashing runs in a worker thread while the loop reads the trail batch by batch. A
         prune that runs meanwhile moves the anchor; a check it broke is made again.
         """
-        chain = self._chain
-        for _ in range(VERIFY_ATTEMPTS):
-            head = await self._backend.audit_head()
-            anchor = await self._backend.audit_anchor()
-            rows = self._backend.iter_audit_rows(anchor[0], VERIFY_BATCH)
-            check = functools.partial(verify_trail, chain, anchor=anchor, head=head)
-            result = await _drain_in_thread(rows, check)
-            if result.ok or await self._backend.audit_anchor() == anchor:
-                return result
-        return result
+        return await self._drive(self._verify_steps())
 
     def iter_audit_log(
         self,
@@ -527,20 +468,11 @@ class AsyncStateManager:
         until: int | None = None,
         after_seq: int | None = None,
         limit: int | None = None,
-        page_size: int = 5000,
+        page_size: int = PAGE_SIZE,
     ) -> AsyncIterator[AuditRecord]:
         """Like :meth:`audit_log`, but streamed page by page: ``async for``."""
-        query = audit_query(agent_id, event_type, since, until, after_seq, limit)
-        size = check_count(page_size, "page_size", minimum=1)
-        return self._pages(query, size)
-
-    async def _pages(self, query: AuditQuery, size: int) -> AsyncIterator[AuditRecord]:
-        pages = AuditPages(query, size)
-        while (next_query := pages.next_query()) is not None:
-            page = await self._backend.query_audit(next_query)
-            for record in page:
-                yield record
-            pages.advance(page)
+        query = self._audit_query(agent_id, event_type, since, until, after_seq, limit)
+        return self._read_pages(self._pages(query, page_size))
 
     async def export_audit_log(
         self,
@@ -554,13 +486,12 @@ class AsyncStateManager:
         Pages are read on the event loop and written by a worker thread, so neither the store
         nor the file blocks the loop. Returns the record count.
         """
-        fmt = check_export_format(format)
-        records = self.iter_audit_log(**filters)
-        return await _drain_in_thread(records, export_writer(file, fmt))
+        write = export_writer(file, check_export_format(format))
+        return await _drain_in_thread(self.iter_audit_log(**filters), write)
 
     async def prune_audit_log(self, *, before: int) -> int:
         """Remove the oldest records with a timestamp before ``before``; the rest still verifies."""
-        return await self._backend.prune_audit(check_timestamp(before, "before"))
+        return await self._backend.call("prune_audit", check_timestamp(before, "before"))  # type: ignore[no-any-return]
 
     async def purge_agents(
         self,
@@ -572,8 +503,7 @@ class AsyncStateManager:
         ),
     ) -> list[str]:
         """Remove agents with ``status`` whose state has not changed for ``older_than`` seconds."""
-        wanted, age = check_purge(status, older_than)
-        return await self._backend.purge_agents(wanted, time.time() - age)
+        return await self._backend.call("purge_agents", *self._purge_request(status, older_than))  # type: ignore[no-any-return]
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -603,8 +533,42 @@ class AsyncStateManager:
     def __repr__(self) -> str:
         return f"AsyncStateManager({self.url!r})"
 
-    async def _append(self, event: AuditEvent) -> None:
-        log_events(await self._backend.append_audit((event,), self._chain))
+    # -- running the core's outcomes and steps ---------------------------------------------------
+
+    async def _append(self, events: list[AuditEvent] | tuple[AuditEvent, ...]) -> list[AuditRecord]:
+        if not events:
+            return []
+        records: list[AuditRecord] = await self._backend.call("append_audit", events, self._chain)
+        log_events(records)
+        return records
+
+    async def _settle(self, outcome: Outcome[_T]) -> _T:
+        """Append the outcome's events, then raise its error or return its value."""
+        await self._append(outcome.events)
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.value
+
+    async def _drive(self, steps: Generator[StoreCall | VerifyRows, Any, _T]) -> _T:
+        """Run a multi-call operation of the core to its end; the hashing in a worker thread."""
+        reply: Any = None
+        try:
+            while True:
+                step = steps.send(reply)
+                if isinstance(step, VerifyRows):
+                    rows = self._backend.stream("iter_audit_rows", step.anchor[0], VERIFY_BATCH)
+                    reply = await _drain_in_thread(rows, functools.partial(self._verify_rows, step=step))
+                else:
+                    reply = await self._backend.call(step.name, *step.args)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    async def _read_pages(self, pages: AuditPages) -> AsyncIterator[AuditRecord]:
+        while (next_query := pages.next_query()) is not None:
+            page = await self._backend.call("query_audit", next_query)
+            for record in page:
+                yield record
+            pages.advance(page)
 
     async def _complete(self, operation: Coroutine[Any, Any, _R]) -> _R:
         """Await ``operation`` in a task of its own that a cancelled caller leaves running.
@@ -616,7 +580,7 @@ class AsyncStateManager:
 
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future[_R] = loop.create_future()
-        task = loop.create_task(_settle(operation, outcome))
+        task = loop.create_task(_run_to_end(operation, outcome))
         try:
             return await outcome
         except asyncio.CancelledError:

@@ -1,38 +1,44 @@
 """``StateManager``: the object users hold.
 
-The manager validates, writes the audit events that operations imply, logs, and delegates the
-storing to a :class:`~iron_runtime_state.backends.Backend`. The checks and event building that
-do no I/O live in module-level functions here, shared with the asyncio manager.
+Each method checks its arguments, makes one call to the store, and settles the outcome; the
+checks, the audit events an operation writes and what it returns are decided once, in
+:class:`~iron_runtime_state.core.ManagerCore`, which the asyncio manager shares.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
-import logging
-import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from random import getrandbits as _getrandbits
+from collections.abc import Callable, Generator, Iterable, Iterator
 from types import TracebackType
-from typing import IO, Any, Final, Literal
+from typing import IO, Any, Literal, TypeVar
 
-from .audit_chain import AuditChain, AuditRow
-from .backends import AuditQuery, Backend, SpendResult, open_backend
+from .backends import Backend, open_backend
 from .backends.memory import MemoryBackend
-from .errors import (
-    BudgetExceeded,
-    ConfigurationError,
-    ReservationError,
-    StateTypeError,
-    ValidationError,
+from .config import env_config
+from .core import (
+    BATCH_SIZE,
+    DEFAULT_TTL,
+    PAGE_SIZE,
+    VERIFY_BATCH,
+    AuditPages,
+    ManagerCore,
+    Outcome,
+    StoreCall,
+    VerifyRows,
+    available,
+    check_reservation,
+    check_timestamp,
+    check_unsettled,
+    log_events,
+    new_reservation_id,
+    warn_unsettled,
 )
-from .ids import AgentId, coerce, key_of, try_parse
+from .errors import ReservationError, StateTypeError
+from .export import check_export_format, export_writer
+from .ids import AgentId, coerce, key_of
 from .models import (
-    MAX_COUNT,
     AgentState,
     AgentStatus,
     AuditEvent,
@@ -40,399 +46,15 @@ from .models import (
     AuditVerification,
     FleetStats,
     Reservation,
-    check_amount,
-    check_count,
-    check_event_type,
     check_state,
 )
 
 __all__ = ["BudgetHold", "StateManager"]
 
-_time = time.time
-_INF: Final = math.inf
-audit_logger: Final = logging.getLogger("iron_runtime_state.audit")
-logger: Final = logging.getLogger("iron_runtime_state")
+_T = TypeVar("_T")
 
-DEFAULT_URL: Final = "memory://"
-ENV_URL: Final = "IRON_STATE_URL"
-ENV_AUDIT_KEY: Final = "IRON_STATE_AUDIT_KEY"
-BATCH_SIZE: Final = 500
-VERIFY_BATCH: Final = 5000  # rows per read while verifying the chain
-#: Checks of the chain before a failure is reported: a prune that moves the anchor while the
-#: rows are read makes them start past the anchor that was read first, which is no tampering.
-VERIFY_ATTEMPTS: Final = 3
-#: The methods a store may replace with its own whole versions (Backend.manager_methods).
-_BINDABLE: Final = frozenset({"save_agent_state", "get_agent_state"})
-EXPORT_FORMATS: Final = ("jsonl", "csv")
-EXPORT_COLUMNS: Final = (
-    "seq",
-    "agent_id",
-    "event_type",
-    "timestamp",
-    "details",
-    "prev_hash",
-    "hash",
-)
 
-# -- reservation ids ---------------------------------------------------------------------------------
-
-
-def new_reservation_id() -> str:
-    """A new reservation id: 128 random bits as 32 hex digits, for both managers.
-
-    Holds live in shared stores, so ids must not collide across processes and hosts. The
-    ``random`` module's generator is seeded from the OS and reseeded in a forked child, and is
-    an order of magnitude cheaper than reading the OS's random source for every hold.
-    """
-    return _getrandbits(128).to_bytes(16, "big").hex()
-
-
-# -- checks and events shared by the sync and async managers ------------------------------------
-
-
-def audit_key_bytes(key: bytes | str | None) -> bytes | None:
-    """The HMAC key as bytes; text keys are UTF-8."""
-    if key is None:
-        return None
-    if isinstance(key, str):
-        key = key.encode("utf-8")
-    if not isinstance(key, (bytes, bytearray)):
-        raise StateTypeError(f"audit_key must be bytes or str, got {type(key).__name__}")
-    if len(key) < 16:
-        raise ValidationError(
-            "audit_key must be at least 16 bytes; generate one with secrets.token_bytes(32)"
-        )
-    return bytes(key)
-
-
-def check_spend(amount: object) -> float:
-    """An amount to spend or reserve: finite and > 0."""
-    return check_amount(amount, "amount", allow_zero=False)
-
-
-def check_ttl(ttl: object) -> float:
-    """A reservation's time to live in seconds: finite and > 0."""
-    return check_amount(ttl, "ttl (seconds)", allow_zero=False)
-
-
-def check_reservation(reservation: object) -> Reservation:
-    """``reservation`` if it is a :class:`Reservation`."""
-    if not isinstance(reservation, Reservation):
-        raise StateTypeError(f"expected a Reservation from reserve_budget, got {type(reservation).__name__}")
-    return reservation
-
-
-def check_timestamp(value: object, what: str) -> int:
-    """Unix seconds as an int (floats are floored)."""
-    if isinstance(value, float) and math.isfinite(value):
-        return math.floor(value)
-    return check_count(value, what)
-
-
-def make_update(
-    agent_id: AgentId, fn: Callable[[AgentState], AgentState]
-) -> Callable[[AgentState], AgentState]:
-    """Wrap a user's update function so its result is checked inside the atomic section."""
-    if not callable(fn):
-        raise StateTypeError(f"update function must be callable, got {type(fn).__name__}")
-
-    def apply(current: AgentState) -> AgentState:
-        new = fn(current)
-        if not isinstance(new, AgentState):
-            raise StateTypeError(
-                f"the update function must return an AgentState, got {type(new).__name__}; "
-                "return the state it was given, changed"
-            )
-        if new.agent_id != agent_id:
-            raise ValidationError(
-                f"the update function changed agent_id from {agent_id} to {new.agent_id}; "
-                "save a new agent with save_agent_state instead"
-            )
-        return check_state(new)
-
-    return apply
-
-
-def event_json(**fields: object) -> str:
-    """Details of the events the library writes itself: compact JSON with sorted keys."""
-    return json.dumps(fields, sort_keys=True, separators=(",", ":"))
-
-
-def budget_exceeded_event(
-    agent_id: AgentId, result: SpendResult, requested: float, now: float, action: str
-) -> AuditEvent:
-    """The ``budget_exceeded`` event for a refused spend or hold."""
-    state = result.state
-    return AuditEvent._trusted(
-        agent_id,
-        "budget_exceeded",
-        int(now),
-        event_json(
-            action=action,
-            limit=state.budget_limit,
-            spent=state.budget_spent,
-            reserved=result.reserved,
-            requested=requested,
-        ),
-    )
-
-
-def budget_exceeded_error(agent_id: AgentId, result: SpendResult, requested: float) -> BudgetExceeded:
-    """The error matching :func:`budget_exceeded_event`."""
-    state = result.state
-    return BudgetExceeded(
-        agent_id.as_str(),
-        limit=state.budget_limit if state.budget_limit is not None else math.inf,
-        spent=state.budget_spent,
-        requested=requested,
-        reserved=result.reserved,
-    )
-
-
-def overspend_event(state: AgentState, reservation: Reservation, actual: float, now: float) -> AuditEvent:
-    """The ``budget_exceeded`` event for a commit whose real cost passed the limit."""
-    return AuditEvent._trusted(
-        state.agent_id,
-        "budget_exceeded",
-        int(now),
-        event_json(
-            action="commit",
-            limit=state.budget_limit,
-            spent=state.budget_spent,
-            committed=actual,
-            reserved=reservation.amount,
-            reservation=reservation.reservation_id,
-        ),
-    )
-
-
-def pii_event(agent_id: AgentId, count: int, details: str, now: float) -> AuditEvent:
-    """The ``pii_detected`` event (validated now, before the counter changes)."""
-    if not isinstance(details, str):
-        raise StateTypeError(f"details must be a str, got {type(details).__name__}")
-    return AuditEvent(agent_id, "pii_detected", int(now), event_json(count=count, details=details))
-
-
-def status_event(agent_id: AgentId, old: AgentStatus, new: AgentStatus, now: float) -> AuditEvent:
-    """The ``status_changed`` event naming the old and the new status."""
-    return AuditEvent._trusted(
-        agent_id, "status_changed", int(now), event_json(**{"from": old.value, "to": new.value})
-    )
-
-
-def audit_query(
-    agent_id: str | AgentId | None,
-    event_type: str | None,
-    since: int | None,
-    until: int | None,
-    after_seq: int | None,
-    limit: int | None,
-) -> AuditQuery:
-    """Checked filters for the audit queries."""
-    return AuditQuery(
-        agent_id=None if agent_id is None else coerce(agent_id),
-        event_type=None if event_type is None else check_event_type(event_type),
-        since=None if since is None else check_timestamp(since, "since"),
-        until=None if until is None else check_timestamp(until, "until"),
-        after_seq=None if after_seq is None else check_count(after_seq, "after_seq"),
-        limit=None if limit is None else check_count(limit, "limit"),
-    )
-
-
-def statuses_of(status: AgentStatus | str | Iterable[AgentStatus | str]) -> tuple[AgentStatus, ...]:
-    """One status or several, as a tuple of members."""
-    if isinstance(status, (AgentStatus, str)):
-        return (AgentStatus.parse(status),)
-    return tuple(AgentStatus.parse(s) for s in status)
-
-
-def log_events(records: Sequence[AuditRecord]) -> None:
-    """Log appended records at DEBUG on ``iron_runtime_state.audit``, as the seed does."""
-    if audit_logger.isEnabledFor(logging.DEBUG):
-        for record in records:
-            event = record.event
-            audit_logger.debug(
-                "audit seq=%d agent=%s type=%s timestamp=%d details=%s",
-                record.seq,
-                event.agent_id,
-                event.event_type,
-                event.timestamp,
-                event.details[:200],
-            )
-
-
-def write_export(records: Iterable[AuditRecord], out: IO[str], fmt: str) -> int:
-    """Write records to a text stream as JSONL or CSV; returns how many."""
-    count = 0
-    if fmt == "jsonl":
-        dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-        for record in records:
-            out.write(dumps(record.to_dict()))
-            out.write("\n")
-            count += 1
-    else:
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(EXPORT_COLUMNS)
-        for record in records:
-            d = record.to_dict()
-            writer.writerow([d[c] for c in EXPORT_COLUMNS])
-            count += 1
-    return count
-
-
-def check_export_format(fmt: object) -> str:
-    """``fmt`` if it is a known export format."""
-    if fmt not in EXPORT_FORMATS:
-        raise ValidationError(f"unknown export format {str(fmt)[:32]!r}; use 'jsonl' or 'csv'")
-    return str(fmt)
-
-
-def check_event(event: object) -> AuditEvent:
-    """``event`` if it is an :class:`AuditEvent`."""
-    if not isinstance(event, AuditEvent):
-        raise StateTypeError(f"expected an AuditEvent, got {type(event).__name__}")
-    return event
-
-
-def check_events(events: Iterable[AuditEvent]) -> list[AuditEvent]:
-    """The events as a list, each checked to be an :class:`AuditEvent` (for one atomic batch)."""
-    batch = list(events)
-    for event in batch:
-        if not isinstance(event, AuditEvent):
-            raise StateTypeError(f"expected AuditEvent items, got {type(event).__name__}")
-    return batch
-
-
-def in_batches(states: Sequence[AgentState]) -> Iterator[Sequence[AgentState]]:
-    """``states`` cut into write batches of :data:`BATCH_SIZE`."""
-    for start in range(0, len(states), BATCH_SIZE):
-        yield states[start : start + BATCH_SIZE]
-
-
-def parse_ids(agent_ids: Iterable[str | AgentId]) -> tuple[list[AgentId | None], list[AgentId]]:
-    """Each wanted id parsed (``None`` where invalid), and the valid ones to read."""
-    wanted = [try_parse(a) for a in agent_ids]
-    return wanted, [a for a in wanted if a is not None]
-
-
-def place_found(wanted: list[AgentId | None], found: Sequence[AgentState | None]) -> list[AgentState | None]:
-    """The states read for the valid ids, put back in the order asked, ``None`` for invalid ids."""
-    states = iter(found)
-    return [None if a is None else next(states) for a in wanted]
-
-
-def check_iteration(status: AgentStatus | str | None, batch_size: object) -> tuple[AgentStatus | None, int]:
-    """The status filter and batch size of ``iter_agent_states``."""
-    wanted = None if status is None else AgentStatus.parse(status)
-    return wanted, check_count(batch_size, "batch_size", minimum=1)
-
-
-def available(state: AgentState, reserved: float) -> float:
-    """What can still be reserved: ``limit - spent - open holds`` (``inf`` without a limit)."""
-    if state.budget_limit is None:
-        return math.inf
-    return max(0.0, state.budget_limit - state.budget_spent - reserved)
-
-
-def check_purge(
-    status: AgentStatus | str | Iterable[AgentStatus | str], older_than: object
-) -> tuple[tuple[AgentStatus, ...], float]:
-    """The statuses and the age in seconds of ``purge_agents``; running agents are never purged."""
-    wanted = statuses_of(status)
-    if AgentStatus.RUNNING in wanted:
-        raise ValidationError("purge_agents removes finished agents only; pass STOPPED and/or FAILED")
-    return wanted, check_amount(older_than, "older_than (seconds)")
-
-
-def env_config() -> tuple[str, str | None]:
-    """The store URL and audit key from ``$IRON_STATE_URL`` and ``$IRON_STATE_AUDIT_KEY``."""
-    return os.environ.get(ENV_URL) or DEFAULT_URL, os.environ.get(ENV_AUDIT_KEY) or None
-
-
-class AuditPages:
-    """The cursor of a paged audit query: which page to ask for next (no I/O).
-
-    ``while (query := pages.next_query()) is not None: page = <fetch>; pages.advance(page)``
-    """
-
-    __slots__ = ("_after", "_done", "_query", "_remaining", "_size", "_take")
-
-    def __init__(self, query: AuditQuery, page_size: int) -> None:
-        self._query = query
-        self._size = page_size
-        self._after = query.after_seq
-        self._remaining = query.limit
-        self._take = 0
-        self._done = False
-
-    def next_query(self) -> AuditQuery | None:
-        """The query for the next page, or ``None`` when every page was read."""
-        remaining = self._remaining
-        if self._done or (remaining is not None and remaining <= 0):
-            return None
-        self._take = take = self._size if remaining is None else min(self._size, remaining)
-        q = self._query
-        return AuditQuery(q.agent_id, q.event_type, q.since, q.until, self._after, take)
-
-    def advance(self, page: Sequence[AuditRecord]) -> None:
-        """Move past ``page``, the answer to the last :meth:`next_query`."""
-        if len(page) < self._take:
-            self._done = True
-            return
-        self._after = page[-1].seq
-        if self._remaining is not None:
-            self._remaining -= len(page)
-
-
-def verify_trail(
-    chain: AuditChain, rows: Iterable[AuditRow], anchor: tuple[int, str], head: tuple[int, str]
-) -> AuditVerification:
-    """Verify stored rows from ``anchor`` up to the ``head`` read before them.
-
-    Records appended while the rows are read are past the head and left out, so a busy trail
-    verifies too.
-    """
-    head_seq = head[0]
-    bounded = (row for row in rows if row[0] <= head_seq)
-    return chain.verify(bounded, anchor_seq=anchor[0], anchor_hash=anchor[1], head=head)
-
-
-def export_writer(file: str | os.PathLike[str] | IO[str], fmt: str) -> Callable[[Iterable[AuditRecord]], int]:
-    """A function that writes records to ``file`` (a path, or a text file open for writing)."""
-    if isinstance(file, (str, os.PathLike)):
-        path = file
-
-        def write_file(records: Iterable[AuditRecord]) -> int:
-            with open(path, "w", encoding="utf-8", newline="") as out:
-                return write_export(records, out, fmt)
-
-        return write_file
-    if not isinstance(file, io.TextIOBase) and not hasattr(file, "write"):
-        raise StateTypeError("file must be a path or a text file opened for writing")
-    out = file
-
-    def write_stream(records: Iterable[AuditRecord]) -> int:
-        return write_export(records, out, fmt)
-
-    return write_stream
-
-
-def check_unsettled(reservation: Reservation, settled: bool) -> None:
-    """Raise :class:`ReservationError` if a budget hold was already committed or released."""
-    if settled:
-        raise ReservationError(f"reservation {reservation.reservation_id} was already settled")
-
-
-def warn_unsettled(reservation: Reservation) -> None:
-    """Log that a budget hold's block ended without ``commit()`` (it is then released)."""
-    logger.warning(
-        "budget hold %s for %s ended without commit(); releasing it unspent",
-        reservation.reservation_id,
-        reservation.agent_id,
-    )
-
-
-class StateManager:
+class StateManager(ManagerCore):
     """Live state of a fleet of agents, over any store.
 
     ``StateManager()`` keeps everything in this process's memory; :meth:`from_url` picks any
@@ -444,8 +66,8 @@ class StateManager:
         """Use ``backend`` (in-memory when ``None``); ``audit_key`` makes the chain HMAC-keyed."""
         if backend is not None and not isinstance(backend, Backend):
             raise StateTypeError(f"backend must be a Backend, got {type(backend).__name__}")
+        super().__init__(audit_key)
         self._backend: Backend = backend if backend is not None else MemoryBackend()
-        self._chain = AuditChain(audit_key_bytes(audit_key))
 
     # -- constructors --------------------------------------------------------------------------
 
@@ -509,7 +131,7 @@ class StateManager:
 
     def save_agent_state(self, state: AgentState) -> None:
         """Insert or replace the agent's state; an invalid state raises and stores nothing."""
-        self._backend.save(check_state(state), _time())
+        self._backend.save(check_state(state), time.time())
 
     def get_agent_state(self, agent_id: str | AgentId) -> AgentState | None:
         """An independent copy of the agent's state; ``None`` if absent or not a valid id."""
@@ -522,36 +144,29 @@ class StateManager:
 
     def save_audit_log(self, event: AuditEvent) -> AuditRecord:
         """Append ``event`` to the audit trail (and log it at DEBUG); returns the stored record."""
-        records = self._backend.append_audit((check_event(event),), self._chain)
-        log_events(records)
-        return records[0]
+        return self._append(self._events_request((event,)))[0]
 
     # -- beyond the seed -------------------------------------------------------------------------
 
     def save_audit_logs(self, events: Iterable[AuditEvent]) -> list[AuditRecord]:
         """Append many events in one atomic batch: all of them are stored, or none."""
-        batch = check_events(events)
-        if not batch:
-            return []
-        records = self._backend.append_audit(batch, self._chain)
-        log_events(records)
-        return records
+        return self._append(self._events_request(events))
 
     def save_agent_states(self, states: Iterable[AgentState]) -> int:
         """Insert or replace many states in batches; all are validated before any is stored.
 
         Returns how many were saved. Used for imports and ``iron-state copy``.
         """
-        checked = [check_state(state) for state in states]
+        batches = self._states_request(states)
         now = time.time()
-        for batch in in_batches(checked):
+        for batch in batches:
             self._backend.save_many(batch, now)
-        return len(checked)
+        return sum(map(len, batches))
 
     def get_agent_states(self, agent_ids: Iterable[str | AgentId]) -> list[AgentState | None]:
         """The states of many agents in one batched read, in order; ``None`` where absent or invalid."""
-        wanted, valid = parse_ids(agent_ids)
-        return place_found(wanted, self._backend.get_many([a.as_str() for a in valid]) if valid else [])
+        wanted, keys = self._ids_request(agent_ids)
+        return self._found(wanted, self._backend.get_many(keys) if keys else [])
 
     def remove_agent_state(self, agent_id: str | AgentId) -> bool:
         """Remove the agent (and its open reservations); ``True`` when something was removed."""
@@ -565,15 +180,14 @@ class StateManager:
         No concurrent update is lost. ``fn`` may run more than once, so it must be pure (and must
         not call this manager). Raises ``AgentNotFound`` when the agent has no state.
         """
-        aid = coerce(agent_id)
-        return self._backend.update(aid, make_update(aid, fn), time.time())
+        aid, apply = self._update_request(agent_id, fn)
+        return self._backend.update(aid, apply, time.time())
 
     def iter_agent_states(
         self, *, status: AgentStatus | str | None = None, batch_size: int = BATCH_SIZE
     ) -> Iterator[AgentState]:
         """Every state, or those with ``status``, fetched ``batch_size`` at a time."""
-        wanted, size = check_iteration(status, batch_size)
-        return self._backend.iter_states(wanted, size)
+        return self._backend.iter_states(*self._iteration_request(status, batch_size))
 
     def stats(self) -> FleetStats:
         """Fleet totals, kept up to date by every change (no agent is read)."""
@@ -593,7 +207,7 @@ class StateManager:
 
         Page with ``after_seq`` (the last ``seq`` you saw) and ``limit``.
         """
-        query = audit_query(agent_id, event_type, since, until, after_seq, limit)
+        query = self._audit_query(agent_id, event_type, since, until, after_seq, limit)
         return self._backend.query_audit(query)
 
     def audit_count(self) -> int:
@@ -607,40 +221,26 @@ class StateManager:
         a ``budget_exceeded`` event is written and :class:`BudgetExceeded` is raised. Raises
         ``AgentNotRunning`` for an agent that is stopped or failed.
         """
-        aid = agent_id if type(agent_id) is AgentId else coerce(agent_id)
-        value = amount if type(amount) is float and 0.0 < amount < _INF else check_spend(amount)
-        now = _time()
-        result = self._backend.record_spend(aid, value, now)
-        if result.exceeded:
-            self._append(budget_exceeded_event(aid, result, value, now, "spend"))
-            raise budget_exceeded_error(aid, result, value)
-        return result.state
+        request = self._spend_request(agent_id, amount)
+        return self._settle(self._spent(request, self._backend.record_spend(*request)))
 
     def record_pii_detection(
         self, agent_id: str | AgentId, count: int = 1, *, details: str = ""
     ) -> AgentState:
         """Atomically add ``count`` (>= 1) PII detections and write a ``pii_detected`` event."""
-        aid = coerce(agent_id)
-        n = check_count(count, "count", minimum=1)
-        now = time.time()
-        event = pii_event(aid, n, details, now)
-        state = self._backend.record_pii(aid, n, now)
-        self._append(event)
-        return state
+        aid, n, now, event = self._pii_request(agent_id, count, details)
+        return self._settle(Outcome(self._backend.record_pii(aid, n, now), (event,)))
 
     def set_status(self, agent_id: str | AgentId, status: AgentStatus | str) -> AgentState:
         """Atomically change the status; a real change writes a ``status_changed`` event."""
-        aid = coerce(agent_id)
-        new = AgentStatus.parse(status)
-        now = time.time()
-        old, state = self._backend.set_status(aid, new, now)
-        if old is not new:
-            self._append(status_event(aid, old, new, now))
-        return state
+        request = self._status_request(agent_id, status)
+        return self._settle(self._status_set(request, self._backend.set_status(*request)))
 
     # -- reservations ----------------------------------------------------------------------------
 
-    def reserve_budget(self, agent_id: str | AgentId, amount: float, *, ttl: float = 60.0) -> Reservation:
+    def reserve_budget(
+        self, agent_id: str | AgentId, amount: float, *, ttl: float = DEFAULT_TTL
+    ) -> Reservation:
         """Hold ``amount`` of the agent's budget before a call whose cost is known only after.
 
         Admitted only if ``spent + open holds + amount <= budget_limit``, atomically; otherwise
@@ -648,15 +248,9 @@ class StateManager:
         :meth:`commit_reservation` or :meth:`release_reservation`; after ``ttl`` seconds the
         store releases it by itself, even if this process died.
         """
-        aid = agent_id if type(agent_id) is AgentId else coerce(agent_id)
-        value = amount if type(amount) is float and 0.0 < amount < _INF else check_spend(amount)
-        seconds = ttl if type(ttl) is float and 0.0 < ttl < _INF else check_ttl(ttl)
-        now = _time()
-        result = self._backend.reserve(aid, value, seconds, now, new_reservation_id())
-        if isinstance(result, SpendResult):
-            self._append(budget_exceeded_event(aid, result, value, now, "reserve"))
-            raise budget_exceeded_error(aid, result, value)
-        return result
+        request = self._spend_request(agent_id, amount)
+        result = self._backend.reserve(*request[:2], self._ttl(ttl), request[2], new_reservation_id())
+        return self._settle(self._reserved(request, result))
 
     def commit_reservation(self, reservation: Reservation, actual: float) -> AgentState:
         """Record what the call really cost and free the hold, atomically.
@@ -665,13 +259,8 @@ class StateManager:
         ``budget_exceeded`` event is written. Committing a hold that is not open raises
         :class:`ReservationError` and charges nothing.
         """
-        held = reservation if type(reservation) is Reservation else check_reservation(reservation)
-        value = actual if type(actual) is float and 0.0 <= actual < _INF else check_amount(actual, "actual")
-        now = _time()
-        result = self._backend.commit(held, value, now)
-        if result.exceeded:
-            self._append(overspend_event(result.state, held, value, now))
-        return result.state
+        request = self._commit_request(reservation, actual)
+        return self._settle(self._committed(request, self._backend.commit(*request)))
 
     def release_reservation(self, reservation: Reservation) -> None:
         """Free the hold without spending; :class:`ReservationError` if it is not open."""
@@ -679,10 +268,9 @@ class StateManager:
 
     def budget_available(self, agent_id: str | AgentId) -> float:
         """What can still be reserved: ``limit - spent - open holds`` (``inf`` without a limit)."""
-        state, reserved = self._backend.reserved(coerce(agent_id), time.time())
-        return available(state, reserved)
+        return available(*self._backend.reserved(coerce(agent_id), time.time()))
 
-    def budget(self, agent_id: str | AgentId, estimate: float, *, ttl: float = 60.0) -> BudgetHold:
+    def budget(self, agent_id: str | AgentId, estimate: float, *, ttl: float = DEFAULT_TTL) -> BudgetHold:
         """A hold as a context manager::
 
             with manager.budget(agent_id, 0.50) as hold:
@@ -700,14 +288,7 @@ class StateManager:
 
         A prune that runs meanwhile moves the anchor; a check it broke is made again.
         """
-        for _ in range(VERIFY_ATTEMPTS):
-            head = self._backend.audit_head()
-            anchor = self._backend.audit_anchor()
-            rows = self._backend.iter_audit_rows(anchor[0], VERIFY_BATCH)
-            result = verify_trail(self._chain, rows, anchor, head)
-            if result.ok or self._backend.audit_anchor() == anchor:
-                return result
-        return result
+        return self._drive(self._verify_steps())
 
     def iter_audit_log(
         self,
@@ -718,19 +299,11 @@ class StateManager:
         until: int | None = None,
         after_seq: int | None = None,
         limit: int | None = None,
-        page_size: int = 5000,
+        page_size: int = PAGE_SIZE,
     ) -> Iterator[AuditRecord]:
         """Like :meth:`audit_log`, but streamed page by page (flat memory for any size)."""
-        query = audit_query(agent_id, event_type, since, until, after_seq, limit)
-        size = check_count(page_size, "page_size", minimum=1)
-        return self._pages(query, size)
-
-    def _pages(self, query: AuditQuery, size: int) -> Iterator[AuditRecord]:
-        pages = AuditPages(query, size)
-        while (next_query := pages.next_query()) is not None:
-            page = self._backend.query_audit(next_query)
-            yield from page
-            pages.advance(page)
+        query = self._audit_query(agent_id, event_type, since, until, after_seq, limit)
+        return self._read_pages(self._pages(query, page_size))
 
     def export_audit_log(
         self,
@@ -744,9 +317,8 @@ class StateManager:
         ``filters`` are those of :meth:`audit_log`. JSONL lines carry ``prev_hash`` and
         ``hash``, so the chain can be checked outside this library. Returns the record count.
         """
-        fmt = check_export_format(format)
-        records = self.iter_audit_log(**filters)
-        return export_writer(file, fmt)(records)
+        write = export_writer(file, check_export_format(format))
+        return write(self.iter_audit_log(**filters))
 
     def prune_audit_log(self, *, before: int) -> int:
         """Remove the oldest records with a timestamp before ``before`` (Unix seconds).
@@ -770,8 +342,7 @@ class StateManager:
 
         By default stopped and failed agents. Returns the removed ids.
         """
-        wanted, age = check_purge(status, older_than)
-        return self._backend.purge_agents(wanted, time.time() - age)
+        return self._backend.purge_agents(*self._purge_request(status, older_than))
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -793,14 +364,48 @@ class StateManager:
     def __repr__(self) -> str:
         return f"StateManager({self.url!r})"
 
-    def _append(self, event: AuditEvent) -> None:
-        log_events(self._backend.append_audit((event,), self._chain))
+    # -- running the core's outcomes and steps ---------------------------------------------------
+
+    def _append(self, events: list[AuditEvent] | tuple[AuditEvent, ...]) -> list[AuditRecord]:
+        if not events:
+            return []
+        records = self._backend.append_audit(events, self._chain)
+        log_events(records)
+        return records
+
+    def _settle(self, outcome: Outcome[_T]) -> _T:
+        """Append the outcome's events, then raise its error or return its value."""
+        self._append(outcome.events)
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.value
+
+    def _drive(self, steps: Generator[StoreCall | VerifyRows, Any, _T]) -> _T:
+        """Run a multi-call operation of the core to its end."""
+        reply: Any = None
+        try:
+            while True:
+                step = steps.send(reply)
+                if isinstance(step, VerifyRows):
+                    rows = self._backend.iter_audit_rows(step.anchor[0], VERIFY_BATCH)
+                    reply = self._verify_rows(rows, step)
+                else:
+                    reply = getattr(self._backend, step.name)(*step.args)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    def _read_pages(self, pages: AuditPages) -> Iterator[AuditRecord]:
+        while (next_query := pages.next_query()) is not None:
+            page = self._backend.query_audit(next_query)
+            yield from page
+            pages.advance(page)
 
 
 class BudgetHold:
     """An open reservation used as a context manager (see :meth:`StateManager.budget`)."""
 
     def __init__(self, manager: StateManager, reservation: Reservation) -> None:
+        """A hold on ``reservation``, settled through ``manager``."""
         self.manager = manager
         self.reservation = reservation
         self.settled = False

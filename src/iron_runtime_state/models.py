@@ -110,11 +110,14 @@ class AgentState:
     budget_limit: float | None = None
 
     def __post_init__(self) -> None:
-        # The common case in one expression (cheap); validate() gives the precise error.
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``TypeError``/``ValueError`` subclasses if a field is invalid; normalise ints."""
         spent = self.budget_spent
         pii = self.pii_detections
         limit = self.budget_limit
-        if not (
+        if (  # the common case in one expression; the checks below give the precise error
             type(self.agent_id) is AgentId
             and type(self.status) is AgentStatus
             and type(spent) is float
@@ -123,10 +126,7 @@ class AgentState:
             and 0 <= pii < MAX_COUNT
             and (limit is None or (type(limit) is float and 0.0 <= limit < _INF))
         ):
-            self.validate()
-
-    def validate(self) -> None:
-        """Raise ``TypeError``/``ValueError`` subclasses if a field is invalid; normalise ints."""
+            return
         if type(self.agent_id) is not AgentId and not isinstance(self.agent_id, AgentId):
             raise StateTypeError(
                 f"AgentState.agent_id must be an AgentId, got {type(self.agent_id).__name__}; "
@@ -137,12 +137,10 @@ class AgentState:
                 f"AgentState.status must be an AgentStatus, got {type(self.status).__name__}; "
                 "use AgentStatus.RUNNING, STOPPED or FAILED (AgentStatus.parse for strings)"
             )
-        spent = self.budget_spent
         if type(spent) is not float or not 0.0 <= spent < _INF:
             self.budget_spent = check_amount(spent, "AgentState.budget_spent")
         if type(self.pii_detections) is not int or not 0 <= self.pii_detections < MAX_COUNT:
             self.pii_detections = check_count(self.pii_detections, "AgentState.pii_detections")
-        limit = self.budget_limit
         if limit is not None and (type(limit) is not float or not 0.0 <= limit < _INF):
             self.budget_limit = check_amount(limit, "AgentState.budget_limit (or None)")
 
@@ -167,30 +165,11 @@ class AgentState:
     def checked_copy(self) -> AgentState:
         """A validated, normalised copy: what a store keeps when this state is saved.
 
-        Each field is read once, so a thread changing this object meanwhile cannot slip an
-        invalid value past the checks.
+        The copy is taken first and then validated, so a thread changing this object meanwhile
+        cannot slip an invalid value past the checks.
         """
-        agent_id = self.agent_id
-        status = self.status
-        spent = self.budget_spent
-        pii = self.pii_detections
-        limit = self.budget_limit
-        new: AgentState = _new_object(AgentState)
-        new.agent_id = agent_id
-        new.status = status
-        new.budget_spent = spent
-        new.pii_detections = pii
-        new.budget_limit = limit
-        if not (
-            type(agent_id) is AgentId
-            and type(status) is AgentStatus
-            and type(spent) is float
-            and 0.0 <= spent < _INF
-            and type(pii) is int
-            and 0 <= pii < MAX_COUNT
-            and (limit is None or (type(limit) is float and 0.0 <= limit < _INF))
-        ):
-            new.validate()  # the slow path: normalises ints, or raises the precise error
+        new = self.copy()
+        new.validate()
         return new
 
     def copy(self) -> AgentState:

@@ -1,13 +1,15 @@
 """The store contract for asyncio, and the adapter that serves it from any sync store.
 
-:class:`AsyncBackend` mirrors :class:`~iron_runtime_state.backends.Backend` method for method:
-the same names, arguments and meaning, as coroutines (the two iterators are async iterators).
-Everything a store does without I/O (validation, encoding, hashing, scripts, key layout) is
-shared with the sync backend of the same store, never written again here.
+:class:`AsyncBackend` runs the operations that :class:`~iron_runtime_state.backends.Backend`
+declares, by name: ``await store.call("record_spend", agent_id, amount, now)``, and
+``store.stream("iter_states", status, batch_size)`` for the two that hand out items. The
+operations are declared once, on ``Backend``; nothing here lists them again. Everything a store
+does without I/O (validation, encoding, hashing, scripts, key layout) is shared with the sync
+backend of the same store.
 
 A store with a native asyncio driver implements :class:`AsyncBackend` directly and names its
 factory as the ``async_factory`` of its URL scheme in the registry (the Redis store, over
-``redis.asyncio``, will). Every other store is served by :class:`ThreadedAsyncBackend`, which
+``redis.asyncio``). Every other store is served by :class:`ThreadedAsyncBackend`, which
 wraps the sync backend:
 
 - a store whose calls can block (``Backend.blocking``: SQLite's file I/O and locks) runs each
@@ -29,15 +31,12 @@ import contextlib
 import functools
 import itertools
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 
-from ..audit_chain import AuditChain, AuditRow
 from ..errors import BackendError, ConfigurationError, StateError, StateTypeError
-from ..ids import AgentId
-from ..models import AgentState, AgentStatus, AuditEvent, AuditRecord, FleetStats, Reservation
 from . import load_factory, open_backend, spec_for
-from .base import ITERATORS as _ITERATORS, OPERATIONS as _WRAPPED, AuditQuery, Backend, CommitResult, SpendResult, UpdateFn
+from .base import ITERATORS, OPERATIONS, Backend
 
 if TYPE_CHECKING:
     import asyncio
@@ -88,9 +87,12 @@ def _wrap_iter(method: _F) -> _F:
 class AsyncBackend(abc.ABC):
     """A store of agent states, reservations and one hash-chained audit trail, for asyncio.
 
-    The same contract as :class:`~iron_runtime_state.backends.Backend`, method for method, with
-    ``await``. Driver exceptions listed in ``driver_errors`` are mapped once, here, for every
-    method (as in the sync contract). An incomplete backend cannot be built.
+    The operations are those of :class:`~iron_runtime_state.backends.Backend`, with the same
+    arguments and meaning; they are not declared again here. A store runs one by name:
+    :meth:`call` for an operation that returns a result, :meth:`stream` for one of
+    :data:`~iron_runtime_state.backends.base.ITERATORS`. ``await store.get(key)`` works too,
+    as a shorthand for ``await store.call("get", key)``. Driver exceptions listed in
+    ``driver_errors`` are mapped once, here. An incomplete backend cannot be built.
     """
 
     #: Driver exception types that the wrapper turns into ``BackendError``.
@@ -104,12 +106,10 @@ class AsyncBackend(abc.ABC):
         super().__init_subclass__(**kwargs)
         if not cls.driver_errors:
             return
-        for name in _WRAPPED:
+        for name, wrap in (("call", _wrap), ("stream", _wrap_iter), ("close", _wrap)):
             method = cls.__dict__.get(name)
-            if method is None or getattr(method, "__isabstractmethod__", False):
-                continue
-            wrap = _wrap_iter if name in _ITERATORS else _wrap
-            setattr(cls, name, wrap(method))
+            if method is not None and not getattr(method, "__isabstractmethod__", False):
+                setattr(cls, name, wrap(method))
 
     def map_driver_error(self, exc: BaseException) -> StateError:
         """The library error for a driver exception (the wrapper chains ``exc`` as the cause).
@@ -123,125 +123,26 @@ class AsyncBackend(abc.ABC):
     def url(self) -> str:
         """The store's URL with any password masked."""
 
-    # -- agent states ---------------------------------------------------------------------
+    @abc.abstractmethod
+    async def call(self, name: str, *args: Any) -> Any:
+        """Run the operation ``name`` of the store contract with ``args``; its result."""
 
     @abc.abstractmethod
-    async def save(self, state: AgentState, now: float) -> None:
-        """Insert or replace ``state`` (already validated; the backend may keep it)."""
-
-    async def save_many(self, states: Sequence[AgentState], now: float) -> None:
-        """Insert or replace many states; backends override this to batch the writes."""
-        for state in states:
-            await self.save(state, now)
-
-    @abc.abstractmethod
-    async def get(self, agent_id: AgentId) -> AgentState | None:
-        """An independent copy of the agent's state, or ``None``."""
-
-    async def get_many(self, agent_ids: Sequence[AgentId]) -> list[AgentState | None]:
-        """The states of many agents, in order; backends override this to batch the reads."""
-        return [await self.get(agent_id) for agent_id in agent_ids]
-
-    @abc.abstractmethod
-    async def remove(self, agent_id: AgentId) -> bool:
-        """Remove the agent and its open reservations; ``True`` when it existed."""
-
-    @abc.abstractmethod
-    async def list_ids(self) -> list[str]:
-        """Every stored agent's canonical id."""
-
-    @abc.abstractmethod
-    def iter_states(self, status: AgentStatus | None, batch_size: int) -> AsyncIterator[AgentState]:
-        """Every state (or those with ``status``), fetched ``batch_size`` at a time."""
-
-    @abc.abstractmethod
-    async def stats(self) -> FleetStats:
-        """Fleet totals, from aggregates kept up to date by every change (no scan)."""
-
-    @abc.abstractmethod
-    async def update(self, agent_id: AgentId, fn: UpdateFn, now: float) -> AgentState:
-        """Atomically replace the state with ``fn(copy)``; ``AgentNotFound`` when absent.
-
-        ``fn`` is a plain function: it validates its own result and may be called more than once.
-        """
-
-    @abc.abstractmethod
-    async def record_spend(self, agent_id: AgentId, amount: float, now: float) -> SpendResult:
-        """Atomically add ``amount`` to ``budget_spent`` unless that passes the limit.
-
-        The check counts open reservations: ``spent + reserved + amount <= limit``. Raises
-        ``AgentNotFound`` or ``AgentNotRunning``; a refused spend is ``exceeded=True``.
-        """
-
-    @abc.abstractmethod
-    async def record_pii(self, agent_id: AgentId, count: int, now: float) -> AgentState:
-        """Atomically add ``count`` to ``pii_detections``; ``AgentNotFound`` when absent."""
-
-    @abc.abstractmethod
-    async def set_status(
-        self, agent_id: AgentId, status: AgentStatus, now: float
-    ) -> tuple[AgentStatus, AgentState]:
-        """Atomically set the status; returns the old status and the new state."""
-
-    # -- reservations ---------------------------------------------------------------------
-
-    @abc.abstractmethod
-    async def reserve(
-        self, agent_id: AgentId, amount: float, ttl: float, now: float, reservation_id: str
-    ) -> Reservation | SpendResult:
-        """Hold ``amount`` if ``spent + open holds + amount <= limit``; a ``SpendResult`` when refused."""
-
-    @abc.abstractmethod
-    async def commit(self, reservation: Reservation, actual: float, now: float) -> CommitResult:
-        """Record ``actual`` as spent and drop the hold, atomically; ``ReservationError`` if not open."""
-
-    @abc.abstractmethod
-    async def release(self, reservation: Reservation, now: float) -> None:
-        """Drop the hold without spending; ``ReservationError`` if it is not open."""
-
-    @abc.abstractmethod
-    async def reserved(self, agent_id: AgentId, now: float) -> tuple[AgentState, float]:
-        """The agent's state and the sum of its open (unexpired) holds."""
-
-    # -- audit trail ------------------------------------------------------------------------
-
-    @abc.abstractmethod
-    async def append_audit(self, events: Sequence[AuditEvent], chain: AuditChain) -> list[AuditRecord]:
-        """Append events in order, atomically as a batch, each sealed into the chain."""
-
-    @abc.abstractmethod
-    async def query_audit(self, query: AuditQuery) -> list[AuditRecord]:
-        """Records matching ``query`` in ``seq`` order, at most ``query.limit`` of them."""
-
-    @abc.abstractmethod
-    def iter_audit_rows(self, after_seq: int, batch_size: int) -> AsyncIterator[AuditRow]:
-        """Every record with ``seq > after_seq`` as plain rows, in ``seq`` order, in batches."""
-
-    @abc.abstractmethod
-    async def audit_anchor(self) -> tuple[int, str]:
-        """``(seq, hash)`` the first remaining record links to: ``(0, GENESIS_HASH)`` unpruned."""
-
-    @abc.abstractmethod
-    async def audit_head(self) -> tuple[int, str]:
-        """``(seq, hash)`` of the newest record ever appended (the anchor if none remain)."""
-
-    @abc.abstractmethod
-    async def audit_count(self) -> int:
-        """How many records the trail holds."""
-
-    @abc.abstractmethod
-    async def prune_audit(self, before: int) -> int:
-        """Remove the longest run of oldest records whose timestamp is before ``before``."""
-
-    @abc.abstractmethod
-    async def purge_agents(self, statuses: Sequence[AgentStatus], changed_before: float) -> list[str]:
-        """Remove agents with one of ``statuses`` whose state last changed before the time."""
-
-    # -- lifecycle --------------------------------------------------------------------------
+    def stream(self, name: str, *args: Any) -> AsyncIterator[Any]:
+        """Run the streaming operation ``name`` (one of ``ITERATORS``); its items."""
 
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections, files and threads; calling it twice is harmless."""
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        # ``await store.get(key)`` for ``await store.call("get", key)``: the operations are
+        # declared once, on Backend, and reached by name here.
+        if name in ITERATORS:
+            return functools.partial(self.stream, name)
+        if name in OPERATIONS:
+            return functools.partial(self.call, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 def _take(items: Iterator[_T], n: int) -> list[_T]:
@@ -449,113 +350,20 @@ class ThreadedAsyncBackend(AsyncBackend):
             with contextlib.suppress(StateError, RuntimeError):
                 await self._run(_close_iterator, items, lane=lane)
 
-    # -- agent states ---------------------------------------------------------------------
+    async def call(self, name: str, *args: Any) -> Any:
+        """Run the sync store's operation ``name`` (in a worker thread for a blocking store)."""
+        if name not in OPERATIONS or name in ITERATORS:
+            raise StateTypeError(f"{name!r} is not an operation of the store contract that returns a result")
+        return await self._run(getattr(self._backend, name), *args)
 
-    async def save(self, state: AgentState, now: float) -> None:
-        """See :meth:`AsyncBackend.save`."""
-        await self._run(self._backend.save, state, now)
+    def stream(self, name: str, *args: Any) -> AsyncIterator[Any]:
+        """The sync store's streaming operation ``name``, a batch per worker call.
 
-    async def save_many(self, states: Sequence[AgentState], now: float) -> None:
-        """See :meth:`AsyncBackend.save_many`."""
-        await self._run(self._backend.save_many, states, now)
-
-    async def get(self, agent_id: AgentId) -> AgentState | None:
-        """See :meth:`AsyncBackend.get`."""
-        return await self._run(self._backend.get, agent_id)
-
-    async def get_many(self, agent_ids: Sequence[AgentId]) -> list[AgentState | None]:
-        """See :meth:`AsyncBackend.get_many`."""
-        return await self._run(self._backend.get_many, agent_ids)
-
-    async def remove(self, agent_id: AgentId) -> bool:
-        """See :meth:`AsyncBackend.remove`."""
-        return await self._run(self._backend.remove, agent_id)
-
-    async def list_ids(self) -> list[str]:
-        """See :meth:`AsyncBackend.list_ids`."""
-        return await self._run(self._backend.list_ids)
-
-    def iter_states(self, status: AgentStatus | None, batch_size: int) -> AsyncIterator[AgentState]:
-        """See :meth:`AsyncBackend.iter_states`."""
-        return self._iterate(functools.partial(self._backend.iter_states, status, batch_size), batch_size)
-
-    async def stats(self) -> FleetStats:
-        """See :meth:`AsyncBackend.stats`."""
-        return await self._run(self._backend.stats)
-
-    async def update(self, agent_id: AgentId, fn: UpdateFn, now: float) -> AgentState:
-        """See :meth:`AsyncBackend.update` (``fn`` runs in the worker thread)."""
-        return await self._run(self._backend.update, agent_id, fn, now)
-
-    async def record_spend(self, agent_id: AgentId, amount: float, now: float) -> SpendResult:
-        """See :meth:`AsyncBackend.record_spend`."""
-        return await self._run(self._backend.record_spend, agent_id, amount, now)
-
-    async def record_pii(self, agent_id: AgentId, count: int, now: float) -> AgentState:
-        """See :meth:`AsyncBackend.record_pii`."""
-        return await self._run(self._backend.record_pii, agent_id, count, now)
-
-    async def set_status(
-        self, agent_id: AgentId, status: AgentStatus, now: float
-    ) -> tuple[AgentStatus, AgentState]:
-        """See :meth:`AsyncBackend.set_status`."""
-        return await self._run(self._backend.set_status, agent_id, status, now)
-
-    # -- reservations ---------------------------------------------------------------------
-
-    async def reserve(
-        self, agent_id: AgentId, amount: float, ttl: float, now: float, reservation_id: str
-    ) -> Reservation | SpendResult:
-        """See :meth:`AsyncBackend.reserve`."""
-        return await self._run(self._backend.reserve, agent_id, amount, ttl, now, reservation_id)
-
-    async def commit(self, reservation: Reservation, actual: float, now: float) -> CommitResult:
-        """See :meth:`AsyncBackend.commit`."""
-        return await self._run(self._backend.commit, reservation, actual, now)
-
-    async def release(self, reservation: Reservation, now: float) -> None:
-        """See :meth:`AsyncBackend.release`."""
-        await self._run(self._backend.release, reservation, now)
-
-    async def reserved(self, agent_id: AgentId, now: float) -> tuple[AgentState, float]:
-        """See :meth:`AsyncBackend.reserved`."""
-        return await self._run(self._backend.reserved, agent_id, now)
-
-    # -- audit trail ------------------------------------------------------------------------
-
-    async def append_audit(self, events: Sequence[AuditEvent], chain: AuditChain) -> list[AuditRecord]:
-        """See :meth:`AsyncBackend.append_audit`."""
-        return await self._run(self._backend.append_audit, events, chain)
-
-    async def query_audit(self, query: AuditQuery) -> list[AuditRecord]:
-        """See :meth:`AsyncBackend.query_audit`."""
-        return await self._run(self._backend.query_audit, query)
-
-    def iter_audit_rows(self, after_seq: int, batch_size: int) -> AsyncIterator[AuditRow]:
-        """See :meth:`AsyncBackend.iter_audit_rows`."""
-        return self._iterate(
-            functools.partial(self._backend.iter_audit_rows, after_seq, batch_size), batch_size
-        )
-
-    async def audit_anchor(self) -> tuple[int, str]:
-        """See :meth:`AsyncBackend.audit_anchor`."""
-        return await self._run(self._backend.audit_anchor)
-
-    async def audit_head(self) -> tuple[int, str]:
-        """See :meth:`AsyncBackend.audit_head`."""
-        return await self._run(self._backend.audit_head)
-
-    async def audit_count(self) -> int:
-        """See :meth:`AsyncBackend.audit_count`."""
-        return await self._run(self._backend.audit_count)
-
-    async def prune_audit(self, before: int) -> int:
-        """See :meth:`AsyncBackend.prune_audit`."""
-        return await self._run(self._backend.prune_audit, before)
-
-    async def purge_agents(self, statuses: Sequence[AgentStatus], changed_before: float) -> list[str]:
-        """See :meth:`AsyncBackend.purge_agents`."""
-        return await self._run(self._backend.purge_agents, statuses, changed_before)
+        The last argument of every streaming operation is its batch size.
+        """
+        if name not in ITERATORS:
+            raise StateTypeError(f"{name!r} is not a streaming operation of the store contract")
+        return self._iterate(functools.partial(getattr(self._backend, name), *args), args[-1])
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -350,4 +350,4 @@ def _forwarder(name: str) -> Callable[..., Any]:
 for _name in OPERATIONS:
     if _name != "close":  # closing releases connections: each driver does it itself
         setattr(OpsBackend, _name, _forwarder(_name))
-abc.update_abstractmethods(OpsBackend)
+abc.update_abstractmethods(OpsBackend)  # type: ignore[type-abstract]  # it is abstract: that is why
