@@ -36,7 +36,7 @@ from _harness import Comparison, Op, compare, header, rss_bytes, save_json
 from iron_runtime_state import AgentId, AgentState, AgentStatus, AuditEvent, StateManager
 from iron_runtime_state.audit_chain import GENESIS_HASH, AuditChain
 from iron_runtime_state.backends import AuditQuery
-from iron_runtime_state.backends import sqlite as store
+from iron_runtime_state.backends.sqlite import connection, schema, store
 
 # The store's own statements, so the baseline runs exactly what the store runs.
 UPSERT = store._SQL_UPSERT
@@ -44,8 +44,8 @@ APPEND = store._SQL_APPEND
 GET = store._SQL_GET
 PRAGMAS = (
     "PRAGMA synchronous = normal",
-    f"PRAGMA journal_size_limit = {store._JOURNAL_SIZE_LIMIT}",
-    f"PRAGMA cache_size = -{store.DEFAULT_PAGE_CACHE_MIB * 1024}",
+    f"PRAGMA journal_size_limit = {connection.JOURNAL_SIZE_LIMIT}",
+    f"PRAGMA cache_size = -{connection.DEFAULT_PAGE_CACHE_MIB * 1024}",
     "PRAGMA trusted_schema = OFF",
 )
 
@@ -95,7 +95,7 @@ def plain_schema(path: Path) -> sqlite3.Connection:
     """The same tables and indexes without any trigger (informational baseline)."""
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode = WAL")
-    for statement in store.MIGRATIONS[0]:
+    for statement in schema.MIGRATIONS[0]:
         if not statement.lstrip().upper().startswith("CREATE TRIGGER"):
             db.execute(statement)
     db.close()

@@ -42,7 +42,6 @@ from iron_runtime_state import (
 )
 from iron_runtime_state.audit_chain import AuditChain
 from iron_runtime_state.backends import AuditQuery, open_backend
-from iron_runtime_state.backends import sqlite as sqlite_backend
 from iron_runtime_state.backends.sqlite import (
     APPLICATION_ID,
     MIGRATIONS,
@@ -51,6 +50,7 @@ from iron_runtime_state.backends.sqlite import (
     audit_select,
     open_sqlite,
 )
+from iron_runtime_state.backends.sqlite import schema as sqlite_schema
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and permissions")
 
@@ -210,21 +210,22 @@ def test_options_in_url_and_keywords(path: Path) -> None:
         backend = manager.backend
         assert isinstance(backend, SQLiteBackend)
         assert backend.synchronous == "full"
-        db = backend._connection().db
+        db = backend._connections.get().db
         assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
         assert db.execute("PRAGMA busy_timeout").fetchone()[0] == 2500
         assert db.execute("PRAGMA cache_size").fetchone()[0] == -4096
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     backend = SQLiteBackend(path, synchronous="EXTRA")
     try:
-        assert backend._connection().db.execute("PRAGMA synchronous").fetchone()[0] == 3
+        assert backend._connections.get().db.execute("PRAGMA synchronous").fetchone()[0] == 3
     finally:
         backend.close()
     backend = open_sqlite(
         url_of(path) + "?read_cache=16&synchronous=full", busy_timeout=1, synchronous="normal"
     )
     try:  # a keyword wins over the URL
-        assert (backend.synchronous, backend._read_cache, backend._busy_timeout) == ("normal", 16, 1.0)
+        settings = backend._settings
+        assert (backend.synchronous, settings.read_cache, settings.busy_timeout) == ("normal", 16, 1.0)
     finally:
         backend.close()
 
@@ -373,7 +374,7 @@ def test_a_schema_created_while_a_new_file_is_checked_is_not_mistaken_for_a_stra
             failures.append(exc)
 
     def on_statement(sql: str) -> None:
-        if sql == sqlite_backend._SQL_OBJECTS and not other:
+        if sql == sqlite_schema.SQL_OBJECTS and not other:
             other.append(threading.Thread(target=create_elsewhere))
             other[0].start()
             time.sleep(0.5)  # the other opener's schema is committed by now, unless it must wait
@@ -432,7 +433,7 @@ def test_sixteen_threads_share_one_manager(path: Path) -> None:
     assert manager.verify_audit_log().checked == 16 * rounds
     backend = manager.backend
     assert isinstance(backend, SQLiteBackend)
-    connections = [c.db for c in backend._connections]
+    connections = [c.db for c in backend._connections.open]
     assert 1 <= len(connections) <= 17  # one per thread at most (ended threads' are closed)
     manager.close()
     for db in connections:
@@ -458,7 +459,7 @@ def test_connections_of_ended_threads_are_closed(path: Path) -> None:
                 t.start()
             for t in batch:
                 t.join()
-        assert len(backend._connections) <= 11
+        assert len(backend._connections.open) <= 11
 
 
 def test_a_forked_child_gets_its_own_connection(path: Path) -> None:
@@ -778,7 +779,7 @@ def test_migrations_are_applied_in_order(path: Path, monkeypatch: pytest.MonkeyP
         ("CREATE TABLE iron_test_later (step INTEGER NOT NULL)", "INSERT INTO iron_test_later VALUES (2)"),
         ("INSERT INTO iron_test_later SELECT max(step) + 1 FROM iron_test_later",),  # needs step 2 first
     )
-    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", MIGRATIONS + later)
+    monkeypatch.setattr(sqlite_schema, "MIGRATIONS", MIGRATIONS + later)
     with StateManager.with_sqlite(path) as manager:
         assert len(manager.list_agents()) == 2  # the data came through
     assert header_of(path) == (SCHEMA_VERSION + 2, APPLICATION_ID)
@@ -794,14 +795,14 @@ def test_migrations_are_applied_in_order(path: Path, monkeypatch: pytest.MonkeyP
 def test_a_failing_migration_changes_nothing(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_store(path)
     broken = (("CREATE TABLE iron_test_half (x)", "INSERT INTO no_such_table VALUES (1)"),)
-    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", MIGRATIONS + broken)
+    monkeypatch.setattr(sqlite_schema, "MIGRATIONS", MIGRATIONS + broken)
     with pytest.raises(BackendError, match=str(path)):
         StateManager.with_sqlite(path)
     assert header_of(path) == (SCHEMA_VERSION, APPLICATION_ID)
     db = raw(path)
     assert db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'iron_test_half'").fetchone()[0] == 0
     db.close()
-    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", MIGRATIONS)
+    monkeypatch.setattr(sqlite_schema, "MIGRATIONS", MIGRATIONS)
     with StateManager.with_sqlite(path) as manager:
         assert len(manager.list_agents()) == 3
 

@@ -18,7 +18,6 @@ manager's own driver.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from random import getrandbits
 from typing import Any, Final, Generic, NamedTuple, TypeVar
 
+from . import events
 from .audit_chain import AuditChain, AuditRow
 from .backends.base import AuditQuery, CommitResult, SpendResult, UpdateFn
 from .errors import BudgetExceeded, ReservationError, StateError, StateTypeError, ValidationError
@@ -98,11 +98,6 @@ def new_reservation_id() -> str:
     ``random`` module's generator is seeded from the OS and reseeded in a forked child.
     """
     return getrandbits(128).to_bytes(16, "big").hex()
-
-
-def event_json(**fields: object) -> str:
-    """Details of the events the library writes itself: compact JSON with sorted keys."""
-    return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
 
 def audit_key_bytes(key: bytes | str | None) -> bytes | None:
@@ -308,18 +303,7 @@ class ManagerCore:
         """A spend or hold past the limit: a ``budget_exceeded`` event and :class:`BudgetExceeded`."""
         aid, amount, now = request
         state = result.state
-        event = AuditEvent._trusted(
-            aid,
-            "budget_exceeded",
-            int(now),
-            event_json(
-                action=action,
-                limit=state.budget_limit,
-                spent=state.budget_spent,
-                reserved=result.reserved,
-                requested=amount,
-            ),
-        )
+        event = events.budget_exceeded(aid, state, result.reserved, amount, now, action)
         error = BudgetExceeded(
             aid.as_str(),
             limit=state.budget_limit if state.budget_limit is not None else math.inf,
@@ -352,21 +336,8 @@ class ManagerCore:
         if not result.exceeded:
             return Outcome(result.state)
         reservation, actual, now = request
-        state = result.state
-        event = AuditEvent._trusted(
-            state.agent_id,
-            "budget_exceeded",
-            int(now),
-            event_json(
-                action="commit",
-                limit=state.budget_limit,
-                spent=state.budget_spent,
-                committed=actual,
-                reserved=reservation.amount,
-                reservation=reservation.reservation_id,
-            ),
-        )
-        return Outcome(state, (event,))
+        event = events.overspent(result.state, reservation, actual, now)
+        return Outcome(result.state, (event,))
 
     @staticmethod
     def _pii_request(
@@ -378,7 +349,7 @@ class ManagerCore:
         if not isinstance(details, str):
             raise StateTypeError(f"details must be a str, got {type(details).__name__}")
         now = time.time()
-        return aid, n, now, AuditEvent(aid, "pii_detected", int(now), event_json(count=n, details=details))
+        return aid, n, now, events.pii_detected(aid, n, details, now)
 
     @staticmethod
     def _status_request(
@@ -396,8 +367,7 @@ class ManagerCore:
         old, state = result
         if old is new:
             return Outcome(state)
-        details = event_json(**{"from": old.value, "to": new.value})
-        return Outcome(state, (AuditEvent._trusted(aid, "status_changed", int(now), details),))
+        return Outcome(state, (events.status_changed(aid, old, new, now),))
 
     # -- the audit trail --------------------------------------------------------------------------
 

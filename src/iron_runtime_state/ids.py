@@ -107,7 +107,7 @@ class AgentId:
     def _trusted(cls, canonical: str) -> AgentId:
         """Build from a string already known to be canonical (store reads, generation)."""
         new = object.__new__(cls)
-        object.__setattr__(new, "_value", canonical)
+        _set_value(new, canonical)  # the slot's own setter: AgentId.__setattr__ refuses
         return new
 
     @staticmethod
@@ -203,6 +203,9 @@ class AgentId:
 
     def __deepcopy__(self, memo: object) -> AgentId:
         return self
+
+
+_set_value = AgentId.__dict__["_value"].__set__
 
 
 def parse_canonical(value: str) -> AgentId | None:

@@ -1,0 +1,31 @@
+"""The SQLite store: ``sqlite:///relative.db`` and ``sqlite:////absolute.db``.
+
+One file holds the agent states, the open budget holds, the fleet aggregates and the
+hash-chained audit trail. Every process and thread that opens the same file shares them.
+docs/sqlite.md has the user-facing version; the modules, each with the reasons for its design:
+
+- :mod:`.schema`: the tables and triggers, the ordered :data:`MIGRATIONS` and the check that a
+  file is a store of this or an older version (the on-disk format).
+- :mod:`.connection`: options and URLs, creating the file owner-only, WAL and ``synchronous``,
+  one connection per thread, transactions, and the read cache checked against
+  ``PRAGMA data_version``.
+- :mod:`.store`: :class:`SQLiteBackend`, the operations and the statements they run.
+"""
+
+from __future__ import annotations
+
+from .connection import OPTIONS, SYNCHRONOUS_MODES, parse_sqlite_url
+from .schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
+from .store import SQLiteBackend, audit_select, open_sqlite
+
+__all__ = [
+    "APPLICATION_ID",
+    "MIGRATIONS",
+    "OPTIONS",
+    "SCHEMA_VERSION",
+    "SYNCHRONOUS_MODES",
+    "SQLiteBackend",
+    "audit_select",
+    "open_sqlite",
+    "parse_sqlite_url",
+]
