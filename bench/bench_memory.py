@@ -1,28 +1,46 @@
-"""In-memory store: our operations against a dict behind a lock, and memory per agent.
+"""In-memory store: our operations against a dict behind a lock, at several fleet sizes.
 
 Run: .venv/bin/python bench/bench_memory.py [--quick] [--json out.json]
 
 Baseline: a plain dict of slotted dataclasses keyed by the id string, behind a threading.Lock,
 copying the dataclass on every read and write (what a careful hand-rolled store does, without
-validation, statistics, reservations or an audit trail).
+validation, statistics, reservations or an audit trail). Ours goes through the public
+``StateManager``. Both read and write agents in the same random order, so a large fleet pays
+its cache misses on both sides.
+
+Targets (time ratio, ours over the baseline, at every size): get <= 2.5x, save <= 3x,
+record_spend <= 4x; no cliff: the ratio at the largest size at most 1.3x the ratio at 1,000;
+at most 250 bytes held per agent at 1,000,000 agents.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
+import random
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _harness import Comparison, compare, header, rss_bytes, save_json
+from _harness import Comparison, Op, compare, header, save_json
 from iron_runtime_state import AgentId, AgentState, AgentStatus, AuditEvent, StateManager
-from iron_runtime_state.audit_chain import GENESIS_HASH, AuditChain, canonical_event_json
+from iron_runtime_state.audit_chain import AuditChain
+
+#: Operation name -> the largest time ratio aimed for.
+TARGETS = {
+    "get_agent_state(str)": 2.5,
+    "get_agent_state(AgentId)": 2.5,
+    "save_agent_state": 3.0,
+    "record_spend": 4.0,
+}
+CLIFF = 1.3  # ratio at the largest size / ratio at the smallest, at most
+BYTES_PER_AGENT = 250
 
 
 @dataclass(slots=True)
@@ -53,10 +71,10 @@ class PlainStore:
         with self.lock:
             self.data[s.agent_id] = copy
 
-    def update(self, key: str, fn: object) -> PlainState:
+    def update(self, key: str, fn: Callable[[PlainState], PlainState]) -> PlainState:
         with self.lock:
             s = self.data[key]
-            new = fn(PlainState(s.agent_id, s.status, s.budget_spent, s.pii_detections, s.budget_limit))  # type: ignore[operator]
+            new = fn(PlainState(s.agent_id, s.status, s.budget_spent, s.pii_detections, s.budget_limit))
             self.data[key] = new
             return PlainState(
                 new.agent_id, new.status, new.budget_spent, new.pii_detections, new.budget_limit
@@ -72,156 +90,108 @@ class PlainStore:
             return PlainState(s.agent_id, s.status, s.budget_spent, s.pii_detections, s.budget_limit)
 
 
-class NoChain(AuditChain):
-    """Bench-only: appends without hashing, to price the hash chain."""
+def calls(fn: Callable[[Any], object], items: list[Any]) -> Op:
+    """An operation that calls ``fn(item)`` for each of the first ``count`` items."""
 
-    def seal(
-        self, prev_hash: str, seq: int, agent_id: str, event_type: str, timestamp: int, details: str
-    ) -> str:
+    def run(count: int) -> None:
+        for item in items[:count]:
+            fn(item)
+
+    return run
+
+
+def fleet(agents: int, n: int) -> tuple[StateManager, PlainStore, list[AgentId]]:
+    """Both stores holding the same ``agents`` running agents, and ``n`` of them drawn at random."""
+    manager, plain = StateManager(), PlainStore()
+    ids = [AgentId.generate() for _ in range(agents)]
+    manager.save_agent_states(AgentState(a, AgentStatus.RUNNING) for a in ids)
+    for a in ids:
+        plain.save(PlainState(a.as_str(), "running", 0.0, 0, None))
+    rng = random.Random(agents)
+    return manager, plain, [ids[rng.randrange(agents)] for _ in range(n)]
+
+
+def fleet_ops(agents: int, n: int, runs: int) -> list[Comparison]:
+    """The table's four operations on a fleet of ``agents``, each ``n`` times per run."""
+    manager, plain, picked = fleet(agents, n)
+    texts = [a.as_str() for a in picked]
+    # Every save stores a spend not stored before, so that it changes the agent's values.
+    states = [AgentState(a, AgentStatus.RUNNING, float(k + 1), 1, None) for k, a in enumerate(picked)]
+    plains = [PlainState(t, "running", float(k + 1), 1, None) for k, t in enumerate(texts)]
+
+    def spend(count: int) -> None:
+        record = manager.record_spend
+        for agent_id in picked[:count]:
+            record(agent_id, 0.01)
+
+    def base_spend(count: int) -> None:
+        record = plain.spend
+        for key in texts[:count]:
+            record(key, 0.01)
+
+    base_get = calls(plain.get, texts)
+    pairs = [
+        ("get_agent_state(str)", calls(manager.get_agent_state, texts), base_get),
+        ("get_agent_state(AgentId)", calls(manager.get_agent_state, picked), base_get),
+        ("save_agent_state", calls(manager.save_agent_state, states), calls(plain.save, plains)),
+        ("record_spend", spend, base_spend),
+    ]
+    results = []
+    for name, ours, base in pairs:
+        result = compare(name, ours, base, n=n, runs=runs)
+        result.extra["agents"] = agents
+        results.append(result)
+    return results
+
+
+def bump(state: AgentState) -> AgentState:
+    state.pii_detections += 1
+    return state
+
+
+def bump_plain(state: PlainState) -> PlainState:
+    state.pii_detections += 1
+    return state
+
+
+class NoChain(AuditChain):
+    """Appends without hashing, to price the hash chain."""
+
+    def seal(self, prev_hash: str, seq: int, agent: str, kind: str, ts: int, details: str) -> str:
         return prev_hash
 
 
-def bump_ours(s: AgentState) -> AgentState:
-    s.pii_detections += 1
-    return s
+def other_ops(n: int, runs: int) -> list[Comparison]:
+    """Figures beyond the table, at 10,000 agents: updates, holds and the hash chain."""
+    manager, plain, picked = fleet(10_000, n)
+    texts = [a.as_str() for a in picked]
+    backend = manager.backend
+    event = AuditEvent(picked[0], "tool_call", 1_700_000_000, "called search with 3 arguments")
 
-
-def bump_plain(s: PlainState) -> PlainState:
-    s.pii_detections += 1
-    return s
-
-
-def operations(n_agents: int, n: int, runs: int) -> list[Comparison]:
-    manager = StateManager()
-    plain = PlainStore()
-    ids = [AgentId.generate() for _ in range(n_agents)]
-    keys = [a.as_str() for a in ids]
-    # Two versions of each agent, saved in turn, so that every save changes the stored values.
-    states = [AgentState(a, AgentStatus.RUNNING, 0.0, 0, None) for a in ids]
-    states += [AgentState(a, AgentStatus.RUNNING, 1.5, 1, None) for a in ids]
-    plains = [PlainState(k, "running", 0.0, 0, None) for k in keys]
-    plains += [PlainState(k, "running", 1.5, 1, None) for k in keys]
-    for s in states:
-        manager.save_agent_state(s)
-    for p in plains:
-        plain.save(p)
-    m = len(keys)
-    m2 = len(states)
-    results = []
-
-    def ours_get(count: int) -> None:
-        get = manager.get_agent_state
-        for i in range(count):
-            get(keys[i % m])
-
-    def base_get(count: int) -> None:
-        get = plain.get
-        for i in range(count):
-            get(keys[i % m])
-
-    results.append(compare("get_agent_state(str)", ours_get, base_get, n=n, runs=runs, target="<= 1.5x time"))
-
-    def ours_save(count: int) -> None:
-        save = manager.save_agent_state
-        for i in range(count):
-            save(states[i % m2])
-
-    def base_save(count: int) -> None:
-        save = plain.save
-        for i in range(count):
-            save(plains[i % m2])
-
-    results.append(compare("save_agent_state", ours_save, base_save, n=n, runs=runs, target="<= 1.5x time"))
-
-    def ours_update(count: int) -> None:
-        update = manager.update_agent_state
-        for i in range(count):
-            update(ids[i % m], bump_ours)
+    def update(count: int) -> None:
+        for agent_id in picked[:count]:
+            manager.update_agent_state(agent_id, bump)
 
     def base_update(count: int) -> None:
-        update = plain.update
-        for i in range(count):
-            update(keys[i % m], bump_plain)
+        for key in texts[:count]:
+            plain.update(key, bump_plain)
 
-    results.append(compare("update_agent_state", ours_update, base_update, n=n, runs=runs))
+    def spend(count: int) -> None:
+        for agent_id in picked[:count]:
+            manager.record_spend(agent_id, 0.01)
 
-    def ours_spend(count: int) -> None:
-        spend = manager.record_spend
-        for i in range(count):
-            spend(ids[i % m], 0.01)
+    def reserve_commit(count: int) -> None:
+        for agent_id in picked[:count]:
+            manager.commit_reservation(manager.reserve_budget(agent_id, 0.02), 0.01)
 
-    def base_spend(count: int) -> None:
-        spend = plain.spend
-        for i in range(count):
-            spend(keys[i % m], 0.01)
+    def append(chain: AuditChain) -> Op:
+        return calls(lambda _: backend.append_audit((event,), chain), picked)
 
-    results.append(compare("record_spend", ours_spend, base_spend, n=n, runs=runs))
-
-    def ours_pair(count: int) -> None:
-        reserve, commit = manager.reserve_budget, manager.commit_reservation
-        for i in range(count):
-            commit(reserve(ids[i % m], 0.02), 0.01)
-
-    results.append(
-        compare(
-            "reserve+commit vs record_spend", ours_pair, ours_spend, n=n // 2, runs=runs, target="<= 2.5x"
-        )
-    )
-
-    backend = manager.backend
-    chain, no_chain = AuditChain(), NoChain()
-    event = AuditEvent(ids[0], "tool_call", 1_700_000_000, "called search with 3 arguments")
-
-    def with_chain(count: int) -> None:
-        append = backend.append_audit
-        batch = (event,)
-        for _ in range(count):
-            append(batch, chain)
-
-    def without_chain(count: int) -> None:
-        append = backend.append_audit
-        batch = (event,)
-        for _ in range(count):
-            append(batch, no_chain)
-
-    results.append(
-        compare(
-            "audit append: chain vs no chain", with_chain, without_chain, n=n, runs=runs, target="<= 1.25x"
-        )
-    )
-    keyed = AuditChain(b"k" * 32)
-
-    def with_hmac(count: int) -> None:
-        append = backend.append_audit
-        batch = (event,)
-        for _ in range(count):
-            append(batch, keyed)
-
-    results.append(compare("audit append: HMAC chain vs no chain", with_hmac, without_chain, n=n, runs=runs))
-
-    # The floor: what one seal costs next to an unchained append. The chained append does the
-    # unchained one plus a seal, so its ratio cannot go below 1 + seal / unchained append.
-    seal, agent = chain.seal, ids[0].as_str()
-
-    def seal_only(count: int) -> None:
-        for i in range(count):
-            seal(GENESIS_HASH, i, agent, "tool_call", 1_700_000_000, "called search with 3 arguments")
-
-    floor = compare("  one seal vs one unchained append", seal_only, without_chain, n=n, runs=runs)
-    print(f"  => the chained append cannot cost less than {1 + floor.ratio:.2f}x here", flush=True)
-    results.append(floor)
-    # And with no encoding at all: hashlib's SHA-256 of an already encoded record.
-    body = canonical_event_json(agent, "tool_call", 1_700_000_000, event.details)
-    message = f"{GENESIS_HASH}\n1\n{body}".encode()
-
-    def hash_only(count: int) -> None:
-        for _ in range(count):
-            hashlib.sha256(message).hexdigest()
-
-    bare = compare("  bare sha256 vs unchained append", hash_only, without_chain, n=n, runs=runs)
-    print(f"  => even a seal that only hashed would cost {1 + bare.ratio:.2f}x", flush=True)
-    results.append(bare)
-    return results
+    return [
+        compare("update_agent_state vs dict update", update, base_update, n=n, runs=runs),
+        compare("reserve+commit vs record_spend", reserve_commit, spend, n=n // 2, runs=runs),
+        compare("audit append: chain vs no chain", append(AuditChain()), append(NoChain()), n=n, runs=runs),
+    ]
 
 
 MEMORY_CHILD = r"""
@@ -253,33 +223,58 @@ print(rss, (rss_bytes() - before) / n)
 
 
 def memory_per_agent(n: int) -> dict[str, float]:
+    """Bytes held per agent by ours and by the baseline, each measured in a fresh process."""
     out = {}
     for kind in ("ours", "plain"):
         code = MEMORY_CHILD.format(bench=str(Path(__file__).parent), n=n, kind=kind)
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         rss, held = (float(x) for x in result.stdout.split())
-        out[kind] = held
-        out[kind + "_rss"] = rss
-    print(
-        f"{'memory per agent at ' + format(n, ',') + ' agents':<42} ours {out['ours']:6.1f} B "
-        f"(RSS {out['ours_rss']:.1f})  dict of dataclasses {out['plain']:6.1f} B "
-        f"(RSS {out['plain_rss']:.1f})  target: <= 200 B (aim < 150)",
-        flush=True,
-    )
+        out[kind], out[kind + "_rss"] = held, rss
     return out
 
 
+def table(sizes: list[int], results: list[Comparison]) -> None:
+    """Time ratios (ours / baseline) per operation and fleet size, against the targets."""
+    by = {(r.name, r.extra["agents"]): r for r in results}
+    cols = "".join(f"{f'{size:,} agents':>17}" for size in sizes)
+    print(f"\n{'operation':<26}{cols}{'cliff':>8}  target", flush=True)
+    for name, target in TARGETS.items():
+        cells, ratios = "", []
+        for size in sizes:
+            r = by[(name, size)]
+            ratios.append(r.ratio)
+            cells += f"{r.ratio:6.2f}x {r.ours_s * 1e9:5.0f} ns{'' if r.ratio <= target else ' !':2}"
+        cliff = ratios[-1] / ratios[0]
+        mark = "" if cliff <= CLIFF else " !"
+        print(f"{name:<26}{cells}{cliff:6.2f}x{mark:2} <= {target}x, cliff <= {CLIFF}x", flush=True)
+    print("(time ratio, then our time per call; ! marks a missed target)", flush=True)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer operations and a smaller store")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer calls and runs, fleets up to 100,000")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     header("in-memory store vs dict behind a lock")
-    n, runs, agents = (20_000, 5, 100_000) if args.quick else (100_000, 9, 1_000_000)
-    results = operations(min(agents, 10_000), n, runs)
-    gc.collect()
-    memory = memory_per_agent(agents)
-    save_json(args.json, results, memory_per_agent=memory, rss=rss_bytes())
+    sizes = [1_000, 100_000] if args.quick else [1_000, 100_000, 1_000_000]
+    n, runs = (20_000, 5) if args.quick else (100_000, 9)
+    results: list[Comparison] = []
+    for size in sizes:
+        print(f"fleet of {size:,} agents ...", flush=True)
+        results += fleet_ops(size, n, runs)
+        gc.collect()
+    table(sizes, results)
+    print(flush=True)
+    others = other_ops(n, runs)
+    memory = memory_per_agent(sizes[-1])
+    mark = "" if memory["ours"] <= BYTES_PER_AGENT else "  !"
+    print(
+        f"\nmemory per agent at {sizes[-1]:,} agents: ours {memory['ours']:.0f} B "
+        f"(RSS {memory['ours_rss']:.0f} before trimming the heap), dict of dataclasses "
+        f"{memory['plain']:.0f} B (RSS {memory['plain_rss']:.0f}); target <= {BYTES_PER_AGENT} B{mark}",
+        flush=True,
+    )
+    save_json(args.json, results + others, memory_per_agent=memory, sizes=sizes)
 
 
 if __name__ == "__main__":
