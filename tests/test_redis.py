@@ -7,6 +7,7 @@ drops a reply after the server has run the command.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -36,18 +37,23 @@ from iron_runtime_state import (
     StateManager,
 )
 from iron_runtime_state.backends import SCHEMES
+from iron_runtime_state.backends.base import OPERATIONS, Backend
 from iron_runtime_state.backends.memory import MemoryBackend
-from iron_runtime_state.backends.redis import RedisBackend, open_redis
-from iron_runtime_state.backends.redis_layout import (
+from iron_runtime_state.backends.redis import (
     GROUPS,
     OPTIONS,
+    Attempt,
+    Call,
     GroupWalk,
+    RedisBackend,
     RedisLayout,
+    RetryPolicy,
     key_slot,
     load_scripts,
+    open_redis,
     parse_redis_url,
 )
-from iron_runtime_state.backends.redis_policy import Attempt, Call, RetryPolicy
+from iron_runtime_state.backends.redis.ops import RedisOps
 from iron_runtime_state.models import LIMIT_TOLERANCE
 
 from .redis_servers import (
@@ -202,12 +208,22 @@ def test_key_layout_and_slots() -> None:
     layout = RedisLayout("iron")
     agent = AgentId.test_fixture(17)
     keys = layout.agent_keys(agent)
-    g = layout.group_of(agent)
+    g = layout.group_of(agent.as_str())
+    assert g == agent.uuid.int % GROUPS == 17  # the low bits of the UUID, as every version stored them
     assert keys["agent"] == f"iron:{{iron:g{g}}}:agent:{agent}"
     assert {key_slot(k) for k in keys.values()} == {layout.slot_of(agent)}
     assert key_slot("{user1000}.following") == key_slot("{user1000}.followers")
     assert key_slot("foo{}{bar}") == key_slot(b"foo{}{bar}")
-    assert len(set(layout.group_slots)) > GROUPS * 0.9  # groups spread over the slots
+    assert len({keys.slot for keys in layout.group_keys}) > GROUPS * 0.9  # groups spread over the slots
+
+
+def test_each_operation_has_the_contracts_name_and_arguments() -> None:
+    """Both drivers run ``ops.<name>(*args)`` for contract operation ``name``: nothing may drift."""
+    for name in OPERATIONS:
+        if name == "close":  # each driver closes its own connections
+            continue
+        expected = list(inspect.signature(getattr(Backend, name)).parameters)
+        assert list(inspect.signature(getattr(RedisOps, name)).parameters) == expected, name
 
 
 def test_scripts_carry_the_python_constants() -> None:
@@ -245,7 +261,7 @@ def _attempt(*, cluster: bool = False, idempotent: bool = False, started: float 
     ],
 )
 def test_what_each_failure_means(failure: Exception, sent: bool, idempotent: bool, outcome: str) -> None:
-    """The policy both backends follow (redis_policy.py), failure by failure, without a server."""
+    """The policy both drivers follow (redis/policy.py), failure by failure, without a server."""
     attempt = _attempt(cluster=True, idempotent=idempotent)
     if outcome == "pause":
         assert 0.0 < attempt.failed(failure, sent) <= 0.05
@@ -306,7 +322,7 @@ def test_operator_can_read_the_data_with_redis_cli(redis_server: RedisServer, ns
     assert data["pii_detections"] == "3"
     assert float(data["budget_limit"]) == 10.0
     assert float(data["changed_at"]) > 1_700_000_000
-    stats = cli("HGETALL", backend.layout.stats_key(backend.layout.group_of(state.agent_id)))
+    stats = cli("HGETALL", backend.layout.keys_of(state.agent_id).stats)
     assert stats[stats.index("running") + 1] == "1"
     entry = cli("XRANGE", backend.layout.audit_log, "-", "+")
     assert entry[0] == "1-0"
@@ -584,6 +600,33 @@ def test_cluster_keeps_each_agents_keys_in_one_slot(redis_cluster: RedisCluster,
     for key in keys.values():
         assert cluster_client.exists(key) == 1, key
     manager.close()
+
+
+def test_text_that_is_no_id_finds_nothing(
+    redis_server: RedisServer, redis_cluster: RedisCluster, ns: str
+) -> None:
+    """Reads are keyed by text: any text of an id's length finds nothing, on any master."""
+    agent = running()
+    text = agent.agent_id.as_str()
+    misfits = [
+        text.upper().replace("AGENT_", "agent_"),  # uppercase hex: another key
+        text[:-8] + "0x123456",  # int() reads it, and it still names no stored key
+        text[:-8] + " +1_234 ",
+        text[:-8] + "zzzzzzzz",  # no group
+        text[:-1] + "é",
+        text[:-9] + "\ud800" + text[-8:],  # not even encodable
+    ]
+    for base_url in (redis_server.url, redis_cluster.url):
+        manager = StateManager.from_url(f"{base_url}?namespace={ns}")
+        manager.save_agent_state(agent)
+        backend = manager.backend
+        assert isinstance(backend, RedisBackend)
+        for misfit in misfits:
+            assert len(misfit) == len(text)
+            assert backend.get(misfit) is None, misfit
+            assert manager.get_agent_state(misfit) is None
+        assert backend.get_many([misfits[0], text, misfits[-1]]) == [None, agent, None]
+        manager.close()
 
 
 def test_cluster_follows_moved_after_a_stale_slot_table(redis_cluster: RedisCluster, ns: str) -> None:

@@ -35,8 +35,8 @@ from iron_runtime_state import (
 )
 from iron_runtime_state.backends import SCHEMES
 from iron_runtime_state.backends.async_base import open_async_backend
-from iron_runtime_state.backends.redis_async import AsyncRedisBackend, open_redis_async
-from iron_runtime_state.backends.redis_layout import RedisLayout
+from iron_runtime_state.backends.redis import RedisLayout, open_redis_async
+from iron_runtime_state.backends.redis.aio import AsyncRedisBackend
 
 from .redis_servers import (
     HOST,

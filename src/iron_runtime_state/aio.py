@@ -40,7 +40,7 @@ from typing import IO, TYPE_CHECKING, Any, Concatenate, Final, Literal, ParamSpe
 from .backends import Backend
 from .backends.async_base import AsyncBackend, ThreadedAsyncBackend, open_async_backend
 from .backends.memory import MemoryBackend
-from .config import env_config
+from .config import DEFAULT_NAMESPACE, env_config
 from .core import (
     BATCH_SIZE,
     DEFAULT_TTL,
@@ -257,7 +257,7 @@ class AsyncStateManager(ManagerCore):
         cls,
         url: str = "redis://localhost:6379/0",
         *,
-        namespace: str = "iron",
+        namespace: str = DEFAULT_NAMESPACE,
         audit_key: bytes | str | None = None,
         **options: Any,
     ) -> AsyncStateManager:

@@ -25,7 +25,7 @@ from typing import Final
 
 from .models import AuditVerification
 
-__all__ = ["GENESIS_HASH", "AuditChain", "AuditRow", "canonical_event_json"]
+__all__ = ["GENESIS_HASH", "AuditChain", "AuditRow", "ChainVerifier", "canonical_event_json"]
 
 GENESIS_HASH: Final = "0" * 64
 
@@ -75,6 +75,20 @@ class AuditChain:
             return _sha256(message).hexdigest()
         return _hmac_digest(self._key, message, "sha256").hex()
 
+    def seal_mark(self, kind: str, seq: int, digest: str) -> str | None:
+        """The keyed seal of a mark of the trail (``"head"``, ``"anchor"``, ``"checkpoint"``).
+
+        A store keeps it beside the mark, so that someone who can write to the store but does
+        not hold the key cannot move the head or the anchor unseen. ``None`` without a key.
+        """
+        if self._key is None:
+            return None
+        return _hmac_digest(self._key, f"{kind}\n{seq}\n{digest}".encode(), "sha256").hex()
+
+    def verifier(self, anchor: tuple[int, str] = (0, GENESIS_HASH)) -> ChainVerifier:
+        """A verifier of the chain that starts at ``anchor``, fed rows as they are read."""
+        return ChainVerifier(self, anchor)
+
     def verify(
         self,
         rows: Iterable[AuditRow],
@@ -86,50 +100,123 @@ class AuditChain:
         """Check rows in ``seq`` order against the chain that starts at the anchor.
 
         ``head`` is the store's own record of its last ``(seq, hash)``, when it keeps one: a
-        trail that ends before it lost its newest records.
+        trail that ends anywhere else fails.
         """
-        expected_prev = anchor_hash
-        last_seq = anchor_seq
-        checked = 0
-        seal = self.seal
+        verifier = self.verifier((anchor_seq, anchor_hash))
+        verifier.feed(rows)
+        if head is not None:
+            verifier.check_head(head)
+        return verifier.report()
 
-        def bad(seq: int, reason: str) -> AuditVerification:
-            return AuditVerification(
-                ok=False,
-                checked=checked,
-                first_bad_seq=seq,
-                reason=reason,
-                anchor_seq=anchor_seq,
-                anchor_hash=anchor_hash,
-                last_seq=last_seq if checked else None,
-            )
 
+class ChainVerifier:
+    """Checks a trail's rows as they arrive, from its anchor on; :meth:`report` says what it found.
+
+    Every row must come right after the one before it (``seq`` one more, ``prev_hash`` its
+    hash) and its hash must match its content; the first row links to the anchor. The first
+    problem is kept and later rows are ignored.
+    """
+
+    __slots__ = ("_chain", "anchor", "checked", "failure", "last")
+
+    def __init__(self, chain: AuditChain, anchor: tuple[int, str]) -> None:
+        self._chain = chain
+        self.anchor = anchor
+        #: ``(seq, hash)`` of the last row that verified (the anchor before any).
+        self.last = anchor
+        self.checked = 0
+        #: ``(seq, reason)`` of the first problem found.
+        self.failure: tuple[int, str] | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether nothing wrong was found so far."""
+        return self.failure is None
+
+    def fail(self, seq: int, reason: str) -> None:
+        """Record a problem found outside the rows (a mark, a seal, a count); the first one wins."""
+        if self.failure is None:
+            self.failure = (seq, reason)
+
+    def feed(self, rows: Iterable[AuditRow]) -> int:
+        """Check more rows (in ``seq`` order, after the last one fed); returns how many were read."""
+        read = 0
+        if self.failure is not None:
+            return read
+        last_seq, expected_prev = self.last
+        anchor_seq = self.anchor[0]
+        seal = self._chain.seal
         for seq, agent_id, event_type, timestamp, details, prev_hash, digest in rows:
-            if seq <= last_seq:
-                return bad(seq, f"seq {seq} is not after seq {last_seq}: records were reordered")
+            read += 1
+            if seq <= anchor_seq:
+                self.fail(
+                    seq,
+                    f"record seq {seq} lies at or before the anchor (seq {anchor_seq}): the "
+                    "anchor was moved forward over records that still exist",
+                )
+                break
+            if seq != last_seq + 1:
+                if seq <= last_seq:
+                    reason = f"seq {seq} is not after seq {last_seq}: records were reordered"
+                else:
+                    reason = f"records {last_seq + 1} to {seq - 1} are missing: they were removed"
+                self.fail(seq, reason)
+                break
             if prev_hash != expected_prev:
-                return bad(
+                self.fail(
                     seq,
                     "prev_hash does not match the hash of the record before it: a record was "
                     "removed, inserted or moved before this one",
                 )
+                break
             if seal(prev_hash, seq, agent_id, event_type, timestamp, details) != digest:
-                return bad(seq, "hash does not match the record's content: the record was edited")
+                self.fail(seq, "hash does not match the record's content: the record was edited")
+                break
             expected_prev = digest
             last_seq = seq
-            checked += 1
-        if head is not None and head[0] > anchor_seq:
-            head_seq, head_hash = head
-            if head_seq != last_seq or head_hash != expected_prev:
-                return bad(
-                    last_seq + 1 if head_seq > last_seq else head_seq,
-                    f"the trail ends at seq {last_seq} but the store's head is seq {head_seq}: "
-                    "the newest records were removed or replaced",
-                )
+            self.checked += 1
+        self.last = (last_seq, expected_prev)
+        return read
+
+    def check_head(self, head: tuple[int, str]) -> None:
+        """The store's head must be the last row checked (or the anchor when none remain)."""
+        if self.failure is not None or head == self.last:
+            return
+        head_seq, last_seq = head[0], self.last[0]
+        if head_seq > last_seq:
+            self.fail(
+                last_seq + 1,
+                f"the trail ends at seq {last_seq} but the store's head is seq {head_seq}: "
+                "the newest records were removed or replaced",
+            )
+        elif head_seq < last_seq:
+            self.fail(
+                head_seq + 1,
+                f"records run to seq {last_seq} but the store's head is seq {head_seq}: the head "
+                "was moved back, or records were placed after it",
+            )
+        else:
+            self.fail(head_seq, "the store's head hash is not the last record's hash: the head was rewritten")
+
+    def report(self) -> AuditVerification:
+        """What was found: ``ok``, or the first bad ``seq`` and why."""
+        anchor_seq, anchor_hash = self.anchor
+        last_seq = self.last[0] if self.checked else None
+        if self.failure is None:
+            return AuditVerification(
+                ok=True,
+                checked=self.checked,
+                anchor_seq=anchor_seq,
+                anchor_hash=anchor_hash,
+                last_seq=last_seq,
+            )
+        seq, reason = self.failure
         return AuditVerification(
-            ok=True,
-            checked=checked,
+            ok=False,
+            checked=self.checked,
+            first_bad_seq=seq,
+            reason=reason,
             anchor_seq=anchor_seq,
             anchor_hash=anchor_hash,
-            last_seq=last_seq if checked else None,
+            last_seq=last_seq,
         )

@@ -7,6 +7,7 @@ from typing import Final
 
 __all__ = [
     "CLI_DEFAULT_URL",
+    "DEFAULT_NAMESPACE",
     "DEFAULT_URL",
     "ENV_AUDIT_KEY",
     "ENV_DEBUG",
@@ -20,6 +21,8 @@ DEFAULT_URL: Final = "memory://"
 #: The store of the ``iron-state`` commands without ``--url`` or ``$IRON_STATE_URL``: a file in
 #: the working folder, so that one command sees what another wrote.
 CLI_DEFAULT_URL: Final = "sqlite:///iron_state.db"
+#: The prefix of every key a Redis store writes, unless told otherwise (``?namespace=``).
+DEFAULT_NAMESPACE: Final = "iron"
 #: The store URL.
 ENV_URL: Final = "IRON_STATE_URL"
 #: The HMAC key of the audit chain.

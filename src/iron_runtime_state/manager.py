@@ -16,7 +16,7 @@ from typing import IO, Any, Literal, TypeVar
 
 from .backends import Backend, open_backend
 from .backends.memory import MemoryBackend
-from .config import env_config
+from .config import DEFAULT_NAMESPACE, env_config
 from .core import (
     BATCH_SIZE,
     DEFAULT_TTL,
@@ -96,7 +96,7 @@ class StateManager(ManagerCore):
         cls,
         url: str = "redis://localhost:6379/0",
         *,
-        namespace: str = "iron",
+        namespace: str = DEFAULT_NAMESPACE,
         audit_key: bytes | str | None = None,
         **options: Any,
     ) -> StateManager:

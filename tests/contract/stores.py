@@ -23,7 +23,7 @@ import pytest
 
 from iron_runtime_state import AsyncStateManager, AuditEvent, AuditRecord, StateManager
 from iron_runtime_state.backends.memory import MemoryBackend
-from iron_runtime_state.backends.redis_layout import RedisLayout
+from iron_runtime_state.backends.redis import RedisLayout
 
 
 class StoreHandle:

@@ -304,7 +304,9 @@ def _operations() -> tuple[tuple[str, ...], frozenset[str]]:
         if not name.startswith("_") and callable(value) and name != "map_driver_error"
     )
     iterators = frozenset(
-        name for name in names if str(vars(Backend)[name].__annotations__.get("return", "")).startswith("Iterator")
+        name
+        for name in names
+        if str(vars(Backend)[name].__annotations__.get("return", "")).startswith("Iterator")
     )
     return names, iterators
 
@@ -344,7 +346,8 @@ def _forwarder(name: str) -> Callable[..., Any]:
 
     method.__name__ = method.__qualname__ = name
     method.__doc__ = getattr(Backend, name).__doc__
-    return method
+    # Inherited by the drivers, so __init_subclass__ does not see it: map driver errors here.
+    return _wrap_iter(method) if name in ITERATORS else _wrap(method)
 
 
 for _name in OPERATIONS:

@@ -1,5 +1,5 @@
 -- Helpers shared by the scripts. Redis scripts cannot import one another, so
--- redis_layout.load_scripts() puts in front of each script the definitions below that it uses
+-- scripts.load_scripts() puts in front of each script the definitions below that it uses
 -- (each separated from the next by a blank line, with its comment right above it).
 --
 -- Numbers cross the wire as text: floats are written with the shortest digits that read back as

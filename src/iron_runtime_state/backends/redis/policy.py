@@ -1,6 +1,6 @@
-"""What the Redis backends decide without I/O: which failures to retry, when, and where to.
+"""What the Redis drivers decide without I/O: which failures to retry, when, and where to.
 
-Shared by the sync backend (``redis.py``) and the asyncio one (``redis_async.py``). A backend
+Shared by the sync driver (:mod:`.sync`) and the asyncio one (:mod:`.aio`). A backend
 sends a command, reports a failure to the command's :class:`Attempt`, and does what it says:
 resend at once, pause (``time.sleep`` or ``asyncio.sleep``) and resend, or raise the library
 error it raises. The meaning of each failure, written once::
@@ -28,21 +28,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Final, NamedTuple, TypeVar
 
-from ..errors import (
-    BackendError,
-    BackendUnavailable,
-    ConfigurationError,
-    MissingDependency,
-    StateError,
-)
-from .redis_layout import CLUSTER_SLOTS, RedisConfig, load_scripts, parse_cluster_slots
+from redis import exceptions as rexc
 
-try:
-    from redis import exceptions as rexc
-except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
-    raise MissingDependency(
-        f"the Redis store needs the 'redis' extra: pip install 'iron-runtime-state[redis]' ({exc})"
-    ) from exc
+from ...errors import BackendError, BackendUnavailable, ConfigurationError, StateError
+from .keys import CLUSTER_SLOTS
+from .scripts import load_scripts
+from .url import Node, RedisConfig, address
 
 __all__ = [
     "FIRST_DELAY",
@@ -51,17 +42,14 @@ __all__ = [
     "UNREACHABLE",
     "Attempt",
     "Call",
-    "Node",
     "RetryPolicy",
     "SlotDiscovery",
-    "address",
+    "parse_cluster_slots",
     "plan_batches",
     "rexc",
     "stale_slot_table",
 ]
 
-#: A server: host and port.
-Node = tuple[str, int]
 _H = TypeVar("_H")
 
 FIRST_DELAY: Final = 0.05  # seconds before the first retry; doubles up to MAX_DELAY
@@ -89,12 +77,6 @@ class Call(NamedTuple):
     command: tuple[Any, ...]
     idempotent: bool
     what: str
-
-
-def address(node: Node) -> str:
-    """``host:port``, with an IPv6 host in brackets."""
-    host, port = node
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class RetryPolicy:
@@ -239,6 +221,22 @@ def stale_slot_table(exc: BaseException) -> bool:
     if isinstance(exc, (rexc.MovedError, *NOT_RUN)):
         return True
     return isinstance(exc, UNREACHABLE) and not isinstance(exc, rexc.AuthenticationError)
+
+
+def parse_cluster_slots(reply: Sequence[Any], asked_host: str) -> list[tuple[int, int, str, int]]:
+    """``(first slot, last slot, host, port)`` of each master from a ``CLUSTER SLOTS`` reply.
+
+    An empty host means the node that was asked (as Redis reports when it does not know its own
+    address).
+    """
+    ranges: list[tuple[int, int, str, int]] = []
+    for entry in reply:
+        first, last, master = int(entry[0]), int(entry[1]), entry[2]
+        host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
+        if not host or host == "?":
+            host = asked_host
+        ranges.append((first, last, host, int(master[1])))
+    return ranges
 
 
 class SlotDiscovery:

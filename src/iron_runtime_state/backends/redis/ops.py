@@ -1,24 +1,22 @@
-"""The Redis store's operations, written once for the sync and the asyncio backend, with no I/O.
+"""The Redis store's operations, written once for the sync and the asyncio driver, with no I/O.
 
-Each operation is a generator (an :data:`Op`): it yields requests, receives their replies, and
-returns the result; a backend only carries the requests to Redis and back::
+Each operation is a generator (an :data:`Op`) with the name and arguments of the store contract
+(:class:`~iron_runtime_state.backends.base.Backend`): it yields requests, receives their
+replies, and returns the result; a driver only carries the requests to Redis and back::
 
-    def get(self, agent_id):                       # here
+    def get(self, key):                                  # here
         reply = yield Call(slot, ("HMGET", ...), True, "read an agent")
-        return decode_state(agent_id, reply)
+        return decode_state(AgentId._trusted(key), reply)
 
-    def get(self, agent_id):                       # redis.py
-        return self._drive(self._ops.get(agent_id))
+    store.get(key)        # sync.py: derived, self._drive(self.ops.get(key))
+    await store.get(key)  # aio.py: store.call("get", key), which drives the same generator
 
-    async def get(self, agent_id):                 # redis_async.py
-        return await self._drive(self._ops.get(agent_id))
-
-Requests: :class:`~.redis_policy.Call` (one command; the reply), :class:`Batch` (commands that
+Requests: :class:`~.policy.Call` (one command; the reply), :class:`Batch` (commands that
 are safe to repeat, pipelined per server; the replies in order), :class:`Pause` (back off for a
 moment while another client wins a compare-and-set) and, in the two iterators only,
 :class:`Emit` (items for the consumer). So the compare-and-set loops of ``update`` and of audit
 appends, the paging of walks, queries, prunes and purges, and every encoding and decoding exist
-once, whatever drives them. A backend that raises while a request is out closes the operation
+once, whatever drives them. A driver that raises while a request is out closes the operation
 (``close()``), so an operation can clean up in ``except BaseException``.
 """
 
@@ -28,18 +26,14 @@ import itertools
 import random
 import time
 from collections.abc import Generator, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
-from ..audit_chain import AuditChain, AuditRow
-from ..errors import AgentNotFound, BackendError
-from ..ids import AgentId
-from ..models import AgentState, AgentStatus, AuditEvent, AuditRecord, FleetStats, Reservation
-from .base import AuditQuery, CommitResult, SpendResult, UpdateFn
-from .redis_layout import (
-    GroupWalk,
-    RedisLayout,
-    Routed,
-    ScriptCall,
+from ...audit_chain import AuditChain, AuditRow
+from ...errors import AgentNotFound, BackendError, StateError
+from ...ids import AgentId
+from ...models import AgentState, AgentStatus, AuditEvent, AuditRecord, FleetStats, Reservation
+from ..base import AuditQuery, CommitResult, SpendResult, UpdateFn
+from .decode import (
     decode_agent_id,
     decode_audit_row,
     decode_commit,
@@ -54,11 +48,13 @@ from .redis_layout import (
     decode_status,
     reservation_error,
     row_to_record,
-    seal_batch,
 )
-from .redis_policy import Call
+from .keys import GroupWalk, RedisLayout, Routed
+from .policy import Call, RetryPolicy, rexc
+from .scripts import ScriptCall
+from .url import RedisConfig
 
-__all__ = ["Batch", "Call", "Emit", "Op", "Pause", "RedisOps", "Request"]
+__all__ = ["Batch", "Call", "Emit", "Op", "Pause", "RedisOps", "RedisStore", "Request"]
 
 _T = TypeVar("_T")
 
@@ -88,8 +84,22 @@ Op = Generator[Request, Any, _T]
 
 
 def _script(call: ScriptCall, idempotent: bool, what: str) -> Call:
-    """Run a script: ``EVALSHA`` (the backends fall back to ``EVAL`` when the server lacks it)."""
+    """Run a script: ``EVALSHA`` (the drivers fall back to ``EVAL`` when the server lacks it)."""
     return Call(call.slot, call.command(), idempotent, what)
+
+
+def _seal(events: Sequence[AuditEvent], chain: AuditChain, head: tuple[int, str]) -> list[AuditRecord]:
+    """The records of ``events`` sealed into the chain on top of ``head``."""
+    seq, prev = head
+    records: list[AuditRecord] = []
+    for event in events:
+        seq += 1
+        digest = chain.seal(
+            prev, seq, event.agent_id.as_str(), event.event_type, event.timestamp, event.details
+        )
+        records.append(AuditRecord(seq, event, digest, prev))
+        prev = digest
+    return records
 
 
 def _contended(started: float, timeout: float, attempt: int) -> Pause | None:
@@ -131,24 +141,28 @@ class RedisOps:
         calls = [self.layout.save(state, now) for state in states]
         yield Batch([(c.slot, c.command()) for c in calls], "save agent states")
 
-    def get(self, agent_id: AgentId) -> Op[AgentState | None]:
+    def get(self, key: str) -> Op[AgentState | None]:
         """See ``Backend.get``."""
-        lay = self.layout
-        reply = yield Call(lay.slot_of(agent_id), lay.get_command(agent_id), True, "read an agent")
-        return decode_state(agent_id, reply)
+        read = self.layout.get_command(key)
+        if read is None:
+            return None
+        reply = yield Call(*read, True, "read an agent")
+        return decode_state(AgentId._trusted(key), reply)
 
-    def get_many(self, agent_ids: Sequence[AgentId]) -> Op[list[AgentState | None]]:
-        """See ``Backend.get_many``."""
-        lay = self.layout
-        items = [(lay.slot_of(a), lay.get_command(a)) for a in agent_ids]
-        replies = yield Batch(items, "read agent states")
-        return [decode_state(a, r) for a, r in zip(agent_ids, replies, strict=True)]
+    def get_many(self, keys: Sequence[str]) -> Op[list[AgentState | None]]:
+        """See ``Backend.get_many``: one pipelined read."""
+        reads = [self.layout.get_command(key) for key in keys]
+        replies = iter((yield Batch([r for r in reads if r is not None], "read agent states")))
+        return [
+            None if read is None else decode_state(AgentId._trusted(key), next(replies))
+            for key, read in zip(keys, reads, strict=True)
+        ]
 
     def remove(self, agent_id: AgentId) -> Op[bool]:
         """See ``Backend.remove``."""
         return bool((yield _script(self.layout.remove(agent_id), False, "remove an agent")) == 1)
 
-    def walk_round(self, walk: GroupWalk) -> Op[list[tuple[int, bytes]]]:
+    def _walk_round(self, walk: GroupWalk) -> Op[list[tuple[int, bytes]]]:
         """The next round of a walk over the groups' id sets: one pipelined read per server."""
         return walk.advance((yield Batch(walk.commands(), "list agents")))
 
@@ -157,17 +171,18 @@ class RedisOps:
         walk = GroupWalk(self.layout, self.layout.list_batch)
         ids: list[str] = []
         while not walk.done:
-            ids += [agent.decode() for _, agent in (yield from self.walk_round(walk))]
+            ids += [agent.decode() for _, agent in (yield from self._walk_round(walk))]
         return ids
 
     def iter_states(self, status: AgentStatus | None, batch_size: int) -> Op[None]:
         """See ``Backend.iter_states`` (an iterator: the states come as :class:`Emit`)."""
         walk = GroupWalk(self.layout, max(batch_size, 100))
         while not walk.done:
-            batch = yield from self.walk_round(walk)
+            batch = yield from self._walk_round(walk)
             for start in range(0, len(batch), batch_size):
-                ids = [decode_agent_id(agent) for _, agent in batch[start : start + batch_size]]
-                states = yield from self.get_many(ids)
+                # Ids read back are checked: garbage in the id set is a SchemaError, not a miss.
+                keys = [decode_agent_id(agent).as_str() for _, agent in batch[start : start + batch_size]]
+                states = yield from self.get_many(keys)
                 yield Emit([s for s in states if s is not None and (status is None or s.status is status)])
 
     def stats(self) -> Op[FleetStats]:
@@ -177,7 +192,9 @@ class RedisOps:
     def update(self, agent_id: AgentId, fn: UpdateFn, now: float) -> Op[AgentState]:
         """See ``Backend.update``: read, apply ``fn``, store if unchanged meanwhile, else again."""
         lay = self.layout
-        read = Call(lay.slot_of(agent_id), lay.get_command(agent_id), True, "read an agent")
+        command = lay.get_command(agent_id.as_str())
+        assert command is not None  # an id always has a group
+        read = Call(*command, True, "read an agent")
         started = time.monotonic()
         for attempt in itertools.count():
             fields = yield read
@@ -222,7 +239,7 @@ class RedisOps:
     # -- reservations -----------------------------------------------------------------------------
 
     def reserve(
-        self, agent_id: AgentId, amount: float, ttl: float, reservation_id: str
+        self, agent_id: AgentId, amount: float, ttl: float, now: float, reservation_id: str
     ) -> Op[Reservation | SpendResult]:
         """See ``Backend.reserve``.
 
@@ -238,19 +255,26 @@ class RedisOps:
         call = self.layout.commit(reservation, actual, now)
         return decode_commit(reservation, (yield _script(call, False, "commit a reservation")))
 
-    def release(self, reservation: Reservation) -> Op[None]:
-        """See ``Backend.release``."""
+    def release(self, reservation: Reservation, now: float) -> Op[None]:
+        """See ``Backend.release`` (a hold's expiry is the server's business: ``now`` is unused)."""
         if (yield _script(self.layout.release(reservation), False, "release a reservation")) != 1:
             raise reservation_error(reservation, "release")
 
-    def reserved(self, agent_id: AgentId) -> Op[tuple[AgentState, float]]:
-        """See ``Backend.reserved``."""
+    def reserved(self, agent_id: AgentId, now: float) -> Op[tuple[AgentState, float]]:
+        """See ``Backend.reserved`` (holds expire by the server's clock: ``now`` is unused)."""
         return decode_reserved(agent_id, (yield _script(self.layout.reserved(agent_id), True, "read holds")))
 
     # -- audit trail ------------------------------------------------------------------------------
 
-    def read_head(self, anchor: bool = False) -> Op[tuple[int, str]]:
-        """``(seq, hash)`` of the trail's head (or of its anchor, after a prune)."""
+    def audit_anchor(self) -> Op[tuple[int, str]]:
+        """See ``Backend.audit_anchor``."""
+        return (yield from self._read_head(anchor=True))
+
+    def audit_head(self) -> Op[tuple[int, str]]:
+        """See ``Backend.audit_head``."""
+        return (yield from self._read_head(anchor=False))
+
+    def _read_head(self, anchor: bool) -> Op[tuple[int, str]]:
         slot, command = self.layout.head_command(anchor)
         return decode_head((yield Call(slot, command, True, "read the audit head")))
 
@@ -262,10 +286,10 @@ class RedisOps:
         """
         if not events:
             return []
-        head = self._head or (yield from self.read_head())
+        head = self._head or (yield from self.audit_head())
         started = time.monotonic()
         for attempt in itertools.count():
-            records = seal_batch(events, chain, head)
+            records = _seal(events, chain, head)
             call = self.layout.append_audit(events, [r.hash for r in records], head)
             try:
                 reply = yield _script(call, False, "append to the audit trail")
@@ -335,7 +359,7 @@ class RedisOps:
     def _clean_audit_indexes(self) -> Op[None]:
         """Drop pruned seqs from the per-agent and per-type indexes, a batch at a time."""
         lay = self.layout
-        anchor = (yield from self.read_head(anchor=True))[0]
+        anchor = (yield from self.audit_anchor())[0]
         cursor: bytes | int = 0
         while True:
             command = ("SSCAN", lay.audit_indexes, cursor, "COUNT", 200)
@@ -358,7 +382,7 @@ class RedisOps:
             walk = GroupWalk(lay, lay.purge_chunk)
             while not walk.done:
                 by_group: dict[int, list[str]] = {}
-                for g, agent in (yield from self.walk_round(walk)):
+                for g, agent in (yield from self._walk_round(walk)):
                     by_group.setdefault(g, []).append(agent.decode())
                 for g, ids in by_group.items():
                     removed += yield from self._purge(g, ids, wanted, changed_before)
@@ -383,3 +407,37 @@ class RedisOps:
     ) -> Op[list[str]]:
         reply = yield _script(self.layout.purge(group, ids, statuses, cutoff), False, "purge agents")
         return [agent.decode() for agent in reply]
+
+
+class RedisStore:
+    """What both drivers hold for one store: its settings, key layout, operations and policy.
+
+    The sync and the asyncio driver add only how they carry requests to Redis and back.
+    """
+
+    #: Driver exception types that the store contract's wrapper maps with :meth:`map_driver_error`.
+    driver_errors: ClassVar[tuple[type[BaseException], ...]] = (rexc.RedisError,)
+
+    def __init__(self, config: RedisConfig) -> None:
+        """The store ``config`` describes; nothing connects until the first call."""
+        self._config = config
+        self._layout = RedisLayout(config.namespace)
+        #: Every operation of the store, as I/O-free generators.
+        self.ops = RedisOps(self._layout, config.timeout)
+        self._policy = RetryPolicy(config)
+        self._ready = False  # the namespace's layout was checked; False again after close()
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        """The store's URL with any password masked."""
+        return self._policy.url
+
+    @property
+    def layout(self) -> RedisLayout:
+        """The namespace's key layout (for tools and tests that read Redis directly)."""
+        return self._layout
+
+    def map_driver_error(self, exc: BaseException) -> StateError:
+        """The library error for a redis-py exception that escaped the retry logic."""
+        return self._policy.map_error(exc)

@@ -1,11 +1,13 @@
-"""The Redis store: ``redis://``, ``rediss://``, ``unix://`` and ``redis+cluster://``.
+"""The sync Redis driver: :class:`RedisBackend`, over redis-py's blocking connection pools.
 
 State is shared by every process and host that uses the same server and namespace. What this
-module does not do itself is written once for it and for the asyncio backend
-(``redis_async.py``): the data model, URLs and Lua scripts in :mod:`.redis_layout`, every
-operation in :mod:`.redis_ops`, and what a failure means in :mod:`.redis_policy`. This module
-only moves bytes: it routes each command to the server that holds its slot over plain
-redis-py connection pools, runs it, and retries what the policy says is safe to retry.
+module does not do itself is written once for it and for the asyncio driver (:mod:`.aio`):
+URLs in :mod:`.url`, keys in :mod:`.keys`, Lua scripts in :mod:`.scripts`, every operation in
+:mod:`.ops`, and what a failure means in :mod:`.policy`. Its store operations are not written
+here either: :class:`~iron_runtime_state.backends.base.OpsBackend` derives each from the
+generator of the same name on :attr:`RedisBackend.ops`. This module only moves bytes: it routes
+each command to the server that holds its slot, runs it, and retries what the policy says is
+safe to retry.
 
 Faults and retries. redis-py's own retries are off. A call that fails because the server cannot
 be reached is tried again, with growing pauses, while its time budget (``timeout``, 5 s by
@@ -24,40 +26,16 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import Any, Final, TypeVar
 
-from ..audit_chain import AuditChain, AuditRow
-from ..errors import BackendError, MissingDependency, StateError
-from ..ids import AgentId
-from ..models import AgentState, AgentStatus, AuditEvent, AuditRecord, FleetStats, Reservation
-from .base import AuditQuery, Backend, CommitResult, SpendResult, UpdateFn
-from .redis_layout import DEFAULT_NAMESPACE, RedisConfig, RedisLayout, Routed, parse_redis_url
-from .redis_ops import Batch, Call, Emit, Op, Pause, RedisOps, Request
-from .redis_policy import (
-    UNREACHABLE,
-    Attempt,
-    Node,
-    RetryPolicy,
-    SlotDiscovery,
-    plan_batches,
-    rexc,
-    stale_slot_table,
-)
+from redis.connection import Connection, ConnectionPool, SSLConnection, UnixDomainSocketConnection
 
-if TYPE_CHECKING:
-    from .async_base import AsyncBackend
-
-try:
-    from redis.connection import (
-        Connection,
-        ConnectionPool,
-        SSLConnection,
-        UnixDomainSocketConnection,
-    )
-except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
-    raise MissingDependency(
-        f"the Redis store needs the 'redis' extra: pip install 'iron-runtime-state[redis]' ({exc})"
-    ) from exc
+from ...errors import BackendError
+from ..base import OpsBackend
+from .keys import Routed
+from .ops import Batch, Call, Emit, Op, Pause, RedisStore, Request
+from .policy import UNREACHABLE, Attempt, SlotDiscovery, plan_batches, rexc, stale_slot_table
+from .url import Node, RedisConfig
 
 # hiredis (part of the extra) packs a command in C; redis-py wraps that in a slower loop.
 _hiredis_pack: Callable[[tuple[Any, ...]], Any] | None
@@ -68,7 +46,7 @@ try:
 except ImportError:  # pragma: no cover - hiredis is in the 'redis' extra
     _hiredis_pack = None
 
-__all__ = ["RedisBackend", "open_redis", "open_redis_async"]
+__all__ = ["RedisBackend"]
 
 _T = TypeVar("_T")
 _CONNECTION_CLASSES: Final[dict[str, type[Connection] | type[UnixDomainSocketConnection]]] = {
@@ -78,42 +56,24 @@ _CONNECTION_CLASSES: Final[dict[str, type[Connection] | type[UnixDomainSocketCon
 }
 
 
-class RedisBackend(Backend):
+class RedisBackend(RedisStore, OpsBackend):
     """A store in Redis, standalone or Cluster; thread-safe and safe to share across processes.
 
-    Build it with :func:`open_redis` (or ``StateManager.with_redis`` / ``from_url``).
+    Build it with :func:`~iron_runtime_state.backends.redis.open_redis` (or
+    ``StateManager.with_redis`` / ``from_url``).
     """
 
     schemes = ("redis", "rediss", "unix", "redis+cluster")
-    driver_errors = (rexc.RedisError,)
 
     def __init__(self, config: RedisConfig) -> None:
-        self._config = config
-        self._layout = RedisLayout(config.namespace)
-        self._ops = RedisOps(self._layout, config.timeout)
-        self._policy = RetryPolicy(config)
-        self._url = config.masked_url
+        """The store ``config`` describes; nothing connects until the first call."""
+        super().__init__(config)
         self._lock = threading.Lock()
         self._pools: dict[Node, ConnectionPool] = {}
         self._single: ConnectionPool | None = None
         self._table: Sequence[ConnectionPool | None] | None = None  # cluster: each slot's master
         if not config.cluster:
             self._single = self._new_pool(config.nodes[0] if config.nodes else None)
-        self._ready = False  # the namespace's layout was checked; False again after close()
-        self._closed = False
-
-    @property
-    def url(self) -> str:
-        return self._url
-
-    @property
-    def layout(self) -> RedisLayout:
-        """The namespace's key layout (for tools and tests that read Redis directly)."""
-        return self._layout
-
-    def map_driver_error(self, exc: BaseException) -> StateError:
-        """The library error for a redis-py exception that escaped the retry logic."""
-        return self._policy.map_error(exc)
 
     # -- connections and routing ----------------------------------------------------------------
 
@@ -188,7 +148,7 @@ class RedisBackend(Backend):
                 # A Call is nearly every request: run it without the dispatch's extra frame.
                 reply = self._run(request) if type(request) is Call else self._do(request)
             except BaseException:
-                op.close()  # lets the operation clean up (see redis_ops)
+                op.close()  # lets the operation clean up (see .ops)
                 raise
 
     def _iterate(self, op: Op[None]) -> Iterator[Any]:
@@ -226,7 +186,7 @@ class RedisBackend(Backend):
         with self._lock:
             if self._closed:
                 raise self._policy.closed_error()
-        self._drive(self._ops.prepare(), check=False)
+        self._drive(self.ops.prepare(), check=False)
         self._ready = True
 
     def _run(self, call: Call) -> Any:
@@ -324,95 +284,12 @@ class RedisBackend(Backend):
                 if isinstance(reply, rexc.ResponseError):
                     raise reply
             return replies
-        raise BackendError(f"Redis at {self._url} keeps forgetting the scripts just loaded")
-
-    # -- agent states --------------------------------------------------------------------------
-
-    def save(self, state: AgentState, now: float) -> None:
-        self._drive(self._ops.save(state, now))
-
-    def save_many(self, states: Sequence[AgentState], now: float) -> None:
-        self._drive(self._ops.save_many(states, now))
-
-    def get(self, agent_id: AgentId) -> AgentState | None:
-        return self._drive(self._ops.get(agent_id))
-
-    def get_many(self, agent_ids: Sequence[AgentId]) -> list[AgentState | None]:
-        return self._drive(self._ops.get_many(agent_ids))
-
-    def remove(self, agent_id: AgentId) -> bool:
-        return self._drive(self._ops.remove(agent_id))
-
-    def list_ids(self) -> list[str]:
-        return self._drive(self._ops.list_ids())
-
-    def iter_states(self, status: AgentStatus | None, batch_size: int) -> Iterator[AgentState]:
-        return self._iterate(self._ops.iter_states(status, batch_size))
-
-    def stats(self) -> FleetStats:
-        return self._drive(self._ops.stats())
-
-    def update(self, agent_id: AgentId, fn: UpdateFn, now: float) -> AgentState:
-        return self._drive(self._ops.update(agent_id, fn, now))
-
-    # -- atomic counters ------------------------------------------------------------------------
-
-    def record_spend(self, agent_id: AgentId, amount: float, now: float) -> SpendResult:
-        return self._drive(self._ops.record_spend(agent_id, amount, now))
-
-    def record_pii(self, agent_id: AgentId, count: int, now: float) -> AgentState:
-        return self._drive(self._ops.record_pii(agent_id, count, now))
-
-    def set_status(
-        self, agent_id: AgentId, status: AgentStatus, now: float
-    ) -> tuple[AgentStatus, AgentState]:
-        return self._drive(self._ops.set_status(agent_id, status, now))
-
-    # -- reservations -----------------------------------------------------------------------------
-
-    def reserve(
-        self, agent_id: AgentId, amount: float, ttl: float, now: float, reservation_id: str
-    ) -> Reservation | SpendResult:
-        return self._drive(self._ops.reserve(agent_id, amount, ttl, reservation_id))
-
-    def commit(self, reservation: Reservation, actual: float, now: float) -> CommitResult:
-        return self._drive(self._ops.commit(reservation, actual, now))
-
-    def release(self, reservation: Reservation, now: float) -> None:
-        self._drive(self._ops.release(reservation))
-
-    def reserved(self, agent_id: AgentId, now: float) -> tuple[AgentState, float]:
-        return self._drive(self._ops.reserved(agent_id))
-
-    # -- audit trail ------------------------------------------------------------------------------
-
-    def append_audit(self, events: Sequence[AuditEvent], chain: AuditChain) -> list[AuditRecord]:
-        return self._drive(self._ops.append_audit(events, chain))
-
-    def query_audit(self, query: AuditQuery) -> list[AuditRecord]:
-        return self._drive(self._ops.query_audit(query))
-
-    def iter_audit_rows(self, after_seq: int, batch_size: int) -> Iterator[AuditRow]:
-        return self._iterate(self._ops.iter_audit_rows(after_seq, batch_size))
-
-    def audit_anchor(self) -> tuple[int, str]:
-        return self._drive(self._ops.read_head(anchor=True))
-
-    def audit_head(self) -> tuple[int, str]:
-        return self._drive(self._ops.read_head())
-
-    def audit_count(self) -> int:
-        return self._drive(self._ops.audit_count())
-
-    def prune_audit(self, before: int) -> int:
-        return self._drive(self._ops.prune_audit(before))
-
-    def purge_agents(self, statuses: Sequence[AgentStatus], changed_before: float) -> list[str]:
-        return self._drive(self._ops.purge_agents(statuses, changed_before))
+        raise BackendError(f"Redis at {self.url} keeps forgetting the scripts just loaded")
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Close every connection; calling it twice is harmless."""
         with self._lock:
             self._closed = True
             self._ready = False
@@ -446,27 +323,3 @@ def _run_many(pool: ConnectionPool, commands: list[tuple[Any, ...]]) -> list[Any
         return replies
     finally:
         pool.release(conn)
-
-
-def open_redis(url: str, *, namespace: str = DEFAULT_NAMESPACE, **options: Any) -> RedisBackend:
-    """Build the Redis store for ``url`` (no connection is made until the first call).
-
-    ``namespace`` prefixes every key (``?namespace=`` in the URL works too). ``options``:
-    ``timeout`` (seconds a call may take in all, retries included; default 5),
-    ``socket_timeout``, ``socket_connect_timeout``, ``username``, ``password``, ``db``,
-    ``max_connections``, ``client_name``, ``ssl`` and the TLS options ``ssl_ca_certs``,
-    ``ssl_ca_path``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_password``, ``ssl_cert_reqs``,
-    ``ssl_check_hostname``. An unknown option raises ``ConfigurationError`` naming them all.
-    """
-    return RedisBackend(parse_redis_url(url, namespace=namespace, **options))
-
-
-def open_redis_async(url: str, *, namespace: str = DEFAULT_NAMESPACE, **options: Any) -> AsyncBackend:
-    """The asyncio Redis store for ``url`` (``redis_async.AsyncRedisBackend``); the same options.
-
-    The registry's ``async_factory`` for the Redis schemes. It lives here, where the registry
-    points, and imports the asyncio backend only when called, so sync programs never load it.
-    """
-    from .redis_async import open_redis_async as factory
-
-    return factory(url, namespace=namespace, **options)

@@ -1,8 +1,9 @@
-"""The Redis store for asyncio, on ``redis.asyncio``, with automatic pipelining.
+"""The asyncio Redis driver, on ``redis.asyncio``, with automatic pipelining.
 
-The same keys, Lua scripts, operations and retry policy as the sync backend (``redis.py``):
-every operation is a generator of :mod:`.redis_ops`, every failure is judged by
-:mod:`.redis_policy`, and this module only carries commands to Redis and replies back.
+The same keys, Lua scripts, operations and retry policy as the sync driver (:mod:`.sync`):
+every operation is a generator of :mod:`.ops`, run by name through :meth:`AsyncRedisBackend.call`
+and :meth:`~AsyncRedisBackend.stream`, every failure is judged by :mod:`.policy`, and this
+module only carries commands to Redis and replies back.
 
 Automatic pipelining. Commands that concurrent tasks issue in one turn of the event loop are
 written together, one write per server, on one ``redis.asyncio`` connection per server; a reader
@@ -31,27 +32,19 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Final, TypeVar
 
-from ..audit_chain import AuditChain, AuditRow
-from ..errors import BackendError, MissingDependency, StateError
-from ..ids import AgentId
-from ..models import AgentState, AgentStatus, AuditEvent, AuditRecord, FleetStats, Reservation
-from .async_base import AsyncBackend
-from .base import AuditQuery, CommitResult, SpendResult, UpdateFn
-from .redis_layout import DEFAULT_NAMESPACE, RedisConfig, RedisLayout, Routed, parse_redis_url
-from .redis_ops import Batch, Call, Emit, Op, Pause, RedisOps, Request
-from .redis_policy import Node, RetryPolicy, SlotDiscovery, plan_batches, rexc, stale_slot_table
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
 
-try:
-    from redis.asyncio.connection import (
-        AbstractConnection,
-        Connection,
-        SSLConnection,
-        UnixDomainSocketConnection,
-    )
-except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
-    raise MissingDependency(
-        f"the Redis store needs the 'redis' extra: pip install 'iron-runtime-state[redis]' ({exc})"
-    ) from exc
+from ...errors import BackendError
+from ..async_base import AsyncBackend
+from .keys import Routed
+from .ops import Batch, Call, Emit, Op, Pause, RedisStore, Request
+from .policy import SlotDiscovery, plan_batches, rexc, stale_slot_table
+from .url import Node, RedisConfig
 
 _pack: Callable[[tuple[Any, ...]], bytes]
 try:
@@ -65,7 +58,7 @@ except ImportError:  # pragma: no cover - hiredis is in the 'redis' extra
         return b"".join(_packer.pack_command(*command))
 
 
-__all__ = ["AsyncRedisBackend", "open_redis_async"]
+__all__ = ["AsyncRedisBackend"]
 
 _T = TypeVar("_T")
 _CONNECTION_CLASSES: Final[dict[str, type[AbstractConnection]]] = {
@@ -298,43 +291,22 @@ class _Pipe:
             await self._session.close()
 
 
-class AsyncRedisBackend(AsyncBackend):
+class AsyncRedisBackend(RedisStore, AsyncBackend):
     """A store in Redis, standalone or Cluster, for asyncio; shares its data with the sync backend.
 
-    Build it with :func:`open_redis_async` (or ``AsyncStateManager.with_redis`` / ``from_url``).
-    Use it from one event loop at a time.
+    Build it with :func:`~iron_runtime_state.backends.redis.open_redis_async` (or
+    ``AsyncStateManager.with_redis`` / ``from_url``). Use it from one event loop at a time.
     """
-
-    driver_errors = (rexc.RedisError,)
 
     def __init__(self, config: RedisConfig) -> None:
         """The store ``config`` describes; nothing connects until the first call."""
-        self._config = config
-        self._layout = RedisLayout(config.namespace)
-        self._ops = RedisOps(self._layout, config.timeout)
-        self._policy = RetryPolicy(config)
+        super().__init__(config)
         self._pipes: dict[Node, _Pipe] = {}
         self._single: _Pipe | None = None
         self._table: Sequence[_Pipe | None] | None = None  # cluster: each slot's master
         self._loading: asyncio.Future[Sequence[_Pipe | None]] | None = None
         if not config.cluster:
             self._single = self._new_pipe(config.nodes[0] if config.nodes else None)
-        self._ready = False  # the namespace's layout was checked; False again after close()
-        self._closed = False
-
-    @property
-    def url(self) -> str:
-        """The store's URL with any password masked."""
-        return self._policy.url
-
-    @property
-    def layout(self) -> RedisLayout:
-        """The namespace's key layout (for tools and tests that read Redis directly)."""
-        return self._layout
-
-    def map_driver_error(self, exc: BaseException) -> StateError:
-        """The library error for a redis-py exception that escaped the retry logic."""
-        return self._policy.map_error(exc)
 
     # -- connections and routing ----------------------------------------------------------------
 
@@ -416,7 +388,7 @@ class AsyncRedisBackend(AsyncBackend):
                 # A Call is nearly every request: run it without the dispatch's extra frame.
                 reply = await (self._run(request) if type(request) is Call else self._do(request))
             except BaseException:
-                op.close()  # lets the operation clean up (see redis_ops)
+                op.close()  # lets the operation clean up (see .ops)
                 raise
 
     async def _iterate(self, op: Op[None]) -> AsyncIterator[Any]:
@@ -458,11 +430,11 @@ class AsyncRedisBackend(AsyncBackend):
         """
         if self._closed:
             raise self._policy.closed_error()
-        await self._drive(self._ops.prepare(), check=False)
+        await self._drive(self.ops.prepare(), check=False)
         self._ready = True
 
     async def _run(self, call: Call) -> Any:
-        """Run one command on the server of its slot; see :mod:`.redis_policy` for retries."""
+        """Run one command on the server of its slot; see :mod:`.policy` for retries."""
         started = time.monotonic()
         pipe = self._single
         if pipe is None and self._table is not None:
@@ -575,113 +547,15 @@ class AsyncRedisBackend(AsyncBackend):
                 out[i] = reply
         return left
 
-    # -- agent states --------------------------------------------------------------------------
+    # -- the store contract ----------------------------------------------------------------------
 
-    async def save(self, state: AgentState, now: float) -> None:
-        """See :meth:`AsyncBackend.save`."""
-        await self._drive(self._ops.save(state, now))
+    async def call(self, name: str, *args: Any) -> Any:
+        """Run the store operation ``name`` (see :class:`~iron_runtime_state.backends.base.Backend`)."""
+        return await self._drive(getattr(self.ops, name)(*args))
 
-    async def save_many(self, states: Sequence[AgentState], now: float) -> None:
-        """See :meth:`AsyncBackend.save_many`."""
-        await self._drive(self._ops.save_many(states, now))
-
-    async def get(self, agent_id: AgentId) -> AgentState | None:
-        """See :meth:`AsyncBackend.get`."""
-        return await self._drive(self._ops.get(agent_id))
-
-    async def get_many(self, agent_ids: Sequence[AgentId]) -> list[AgentState | None]:
-        """See :meth:`AsyncBackend.get_many`."""
-        return await self._drive(self._ops.get_many(agent_ids))
-
-    async def remove(self, agent_id: AgentId) -> bool:
-        """See :meth:`AsyncBackend.remove`."""
-        return await self._drive(self._ops.remove(agent_id))
-
-    async def list_ids(self) -> list[str]:
-        """See :meth:`AsyncBackend.list_ids`."""
-        return await self._drive(self._ops.list_ids())
-
-    def iter_states(self, status: AgentStatus | None, batch_size: int) -> AsyncIterator[AgentState]:
-        """See :meth:`AsyncBackend.iter_states`."""
-        return self._iterate(self._ops.iter_states(status, batch_size))
-
-    async def stats(self) -> FleetStats:
-        """See :meth:`AsyncBackend.stats`."""
-        return await self._drive(self._ops.stats())
-
-    async def update(self, agent_id: AgentId, fn: UpdateFn, now: float) -> AgentState:
-        """See :meth:`AsyncBackend.update` (``fn`` runs on the event loop)."""
-        return await self._drive(self._ops.update(agent_id, fn, now))
-
-    # -- atomic counters ------------------------------------------------------------------------
-
-    async def record_spend(self, agent_id: AgentId, amount: float, now: float) -> SpendResult:
-        """See :meth:`AsyncBackend.record_spend`."""
-        return await self._drive(self._ops.record_spend(agent_id, amount, now))
-
-    async def record_pii(self, agent_id: AgentId, count: int, now: float) -> AgentState:
-        """See :meth:`AsyncBackend.record_pii`."""
-        return await self._drive(self._ops.record_pii(agent_id, count, now))
-
-    async def set_status(
-        self, agent_id: AgentId, status: AgentStatus, now: float
-    ) -> tuple[AgentStatus, AgentState]:
-        """See :meth:`AsyncBackend.set_status`."""
-        return await self._drive(self._ops.set_status(agent_id, status, now))
-
-    # -- reservations -----------------------------------------------------------------------------
-
-    async def reserve(
-        self, agent_id: AgentId, amount: float, ttl: float, now: float, reservation_id: str
-    ) -> Reservation | SpendResult:
-        """See :meth:`AsyncBackend.reserve`."""
-        return await self._drive(self._ops.reserve(agent_id, amount, ttl, reservation_id))
-
-    async def commit(self, reservation: Reservation, actual: float, now: float) -> CommitResult:
-        """See :meth:`AsyncBackend.commit`."""
-        return await self._drive(self._ops.commit(reservation, actual, now))
-
-    async def release(self, reservation: Reservation, now: float) -> None:
-        """See :meth:`AsyncBackend.release`."""
-        await self._drive(self._ops.release(reservation))
-
-    async def reserved(self, agent_id: AgentId, now: float) -> tuple[AgentState, float]:
-        """See :meth:`AsyncBackend.reserved`."""
-        return await self._drive(self._ops.reserved(agent_id))
-
-    # -- audit trail ------------------------------------------------------------------------------
-
-    async def append_audit(self, events: Sequence[AuditEvent], chain: AuditChain) -> list[AuditRecord]:
-        """See :meth:`AsyncBackend.append_audit`."""
-        return await self._drive(self._ops.append_audit(events, chain))
-
-    async def query_audit(self, query: AuditQuery) -> list[AuditRecord]:
-        """See :meth:`AsyncBackend.query_audit`."""
-        return await self._drive(self._ops.query_audit(query))
-
-    def iter_audit_rows(self, after_seq: int, batch_size: int) -> AsyncIterator[AuditRow]:
-        """See :meth:`AsyncBackend.iter_audit_rows`."""
-        return self._iterate(self._ops.iter_audit_rows(after_seq, batch_size))
-
-    async def audit_anchor(self) -> tuple[int, str]:
-        """See :meth:`AsyncBackend.audit_anchor`."""
-        return await self._drive(self._ops.read_head(anchor=True))
-
-    async def audit_head(self) -> tuple[int, str]:
-        """See :meth:`AsyncBackend.audit_head`."""
-        return await self._drive(self._ops.read_head())
-
-    async def audit_count(self) -> int:
-        """See :meth:`AsyncBackend.audit_count`."""
-        return await self._drive(self._ops.audit_count())
-
-    async def prune_audit(self, before: int) -> int:
-        """See :meth:`AsyncBackend.prune_audit`."""
-        return await self._drive(self._ops.prune_audit(before))
-
-    async def purge_agents(self, statuses: Sequence[AgentStatus], changed_before: float) -> list[str]:
-        """See :meth:`AsyncBackend.purge_agents`."""
-        return await self._drive(self._ops.purge_agents(statuses, changed_before))
+    def stream(self, name: str, *args: Any) -> AsyncIterator[Any]:
+        """Run the streaming store operation ``name`` (one of ``ITERATORS``); its items."""
+        return self._iterate(getattr(self.ops, name)(*args))
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -697,11 +571,3 @@ class AsyncRedisBackend(AsyncBackend):
 
     def __repr__(self) -> str:
         return f"AsyncRedisBackend({self.url!r})"
-
-
-def open_redis_async(url: str, *, namespace: str = DEFAULT_NAMESPACE, **options: Any) -> AsyncRedisBackend:
-    """Build the asyncio Redis store for ``url``; the same URLs and options as ``open_redis``.
-
-    No connection is made until the first call.
-    """
-    return AsyncRedisBackend(parse_redis_url(url, namespace=namespace, **options))

@@ -1,0 +1,116 @@
+"""The Lua scripts: loaded once from ``lua/`` beside this module, and the calls that run them.
+
+Redis scripts cannot import one another, so each script is sent as the definitions of
+``lua/_prelude.lua`` that it uses (directly or through each other) followed by its own file;
+the prelude's placeholders take the Python constants they stand for (:data:`LIMIT_TOLERANCE`,
+:data:`GENESIS_HASH`), so the two languages agree by construction.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Final, NamedTuple
+
+from ...audit_chain import GENESIS_HASH
+from ...errors import SchemaError
+from ...models import LIMIT_TOLERANCE
+
+__all__ = ["SCRIPT_NAMES", "Script", "ScriptCall", "load_scripts"]
+
+SCRIPT_NAMES: Final = (
+    "save",
+    "remove",
+    "record_spend",
+    "record_pii",
+    "set_status",
+    "reserve",
+    "commit",
+    "release",
+    "reserved",
+    "purge",
+    "meta",
+    "append_audit",
+    "query_audit",
+    "prune_audit",
+    "prune_indexes",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """A Lua script as sent to Redis: the shared prelude followed by the script's own file."""
+
+    name: str
+    source: str
+    sha: str
+
+
+_DEFINITION_RE: Final = re.compile(r"^local (?:function )?([A-Za-z_][A-Za-z0-9_]*)", re.MULTILINE)
+_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _prelude_blocks(prelude: str) -> list[tuple[str, str]]:
+    """The prelude's top-level definitions as ``(name, text)``, each with its comment."""
+    blocks: list[tuple[str, str]] = []
+    for chunk in re.split(r"\n\s*\n", prelude):
+        found = _DEFINITION_RE.search(chunk)
+        if found is not None:
+            blocks.append((found.group(1), chunk.strip("\n")))
+    return blocks
+
+
+def _assemble(blocks: list[tuple[str, str]], body: str) -> str:
+    """The prelude definitions that ``body`` uses (directly or through each other), then ``body``.
+
+    Each helper in a script is a closure made on every call, so a script carries only the
+    helpers it needs.
+    """
+    defined = {name for name, _ in blocks}
+    needed: set[str] = set()
+    pending = set(_NAME_RE.findall(body)) & defined
+    texts = dict(blocks)
+    while pending:
+        name = pending.pop()
+        needed.add(name)
+        pending |= (set(_NAME_RE.findall(texts[name])) & defined) - needed - {name}
+    parts = [text for name, text in blocks if name in needed]
+    return "\n\n".join([*parts, body])
+
+
+@functools.cache
+def load_scripts() -> dict[str, Script]:
+    """Every script of ``lua/``, with the prelude helpers it uses and their constants."""
+    folder = resources.files("iron_runtime_state.backends.redis").joinpath("lua")
+    prelude = folder.joinpath("_prelude.lua").read_text(encoding="utf-8")
+    for placeholder, value in (
+        ("__LIMIT_TOLERANCE__", repr(LIMIT_TOLERANCE)),
+        ("__GENESIS_HASH__", GENESIS_HASH),
+    ):
+        if placeholder not in prelude:  # pragma: no cover - a broken package
+            raise SchemaError(f"backends/redis/lua/_prelude.lua lacks {placeholder}")
+        prelude = prelude.replace(placeholder, value)
+    blocks = _prelude_blocks(prelude)
+    scripts: dict[str, Script] = {}
+    for name in SCRIPT_NAMES:
+        body = folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+        source = _assemble(blocks, f"-- {name}.lua\n{body}")
+        scripts[name] = Script(name, source, hashlib.sha1(source.encode()).hexdigest())
+    return scripts
+
+
+class ScriptCall(NamedTuple):
+    """One script to run: where (the slot of its keys), with which keys and arguments."""
+
+    script: Script
+    slot: int
+    keys: Sequence[str]
+    args: Sequence[str | int | float | bytes]
+
+    def command(self) -> tuple[Any, ...]:
+        """The ``EVALSHA`` command."""
+        return ("EVALSHA", self.script.sha, len(self.keys), *self.keys, *self.args)

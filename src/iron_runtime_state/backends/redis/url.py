@@ -1,0 +1,382 @@
+"""Where and how to reach Redis: URLs, options, namespaces, TLS settings; no connection is made here.
+
+:func:`parse_redis_url` turns a URL and ``open_redis``'s keyword options into a
+:class:`RedisConfig`; every option is checked here, once, for both drivers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import parse_qsl, quote, unquote
+
+from ...config import DEFAULT_NAMESPACE
+from ...errors import ConfigurationError
+
+__all__ = [
+    "DEFAULT_NAMESPACE",
+    "OPTIONS",
+    "Node",
+    "RedisConfig",
+    "address",
+    "check_namespace",
+    "parse_redis_url",
+]
+
+#: A server: host and port.
+Node = tuple[str, int]
+
+DEFAULT_PORT: Final = 6379
+
+_NAMESPACE_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+
+#: Options accepted by ``open_redis`` (as keywords, or in the URL's query string), with their
+#: meaning for the error message that lists them.
+OPTIONS: Final[Mapping[str, str]] = {
+    "namespace": "key prefix isolating this fleet from others on the same server",
+    "timeout": "seconds a call may take in all, retries included (default 5)",
+    "socket_timeout": "seconds to wait for one reply (default min(2, timeout / 2))",
+    "socket_connect_timeout": "seconds to wait for a connection (default min(1, timeout / 2))",
+    "username": "ACL user (overrides the URL's)",
+    "password": "password (overrides the URL's)",
+    "db": "database number (standalone only)",
+    "max_connections": "connections per server in the pool (default 100)",
+    "client_name": "name shown by CLIENT LIST",
+    "ssl": "use TLS (implied by rediss://)",
+    "ssl_ca_certs": "CA bundle file to verify the server",
+    "ssl_ca_path": "directory of CA certificates",
+    "ssl_certfile": "client certificate file (mutual TLS)",
+    "ssl_keyfile": "client private key file",
+    "ssl_password": "password of the client private key",
+    "ssl_cert_reqs": "'required' (default), 'optional' or 'none'",
+    "ssl_check_hostname": "check the server's name against its certificate (default true)",
+}
+_FLOAT_OPTIONS: Final = frozenset({"timeout", "socket_timeout", "socket_connect_timeout"})
+_INT_OPTIONS: Final = frozenset({"db", "max_connections"})
+_BOOL_OPTIONS: Final = frozenset({"ssl", "ssl_check_hostname"})
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+_CERT_REQS: Final = ("required", "optional", "none")
+_SCHEME_EXAMPLES: Final = (
+    "redis://[user:password@]host[:port][/db]",
+    "rediss://[user:password@]host[:port][/db]",
+    "unix://[user:password@]/path/to/redis.sock[?db=N]",
+    "redis+cluster://[user:password@]host:port[,host:port...]",
+)
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    """Where and how to connect, parsed from a URL and options; no connection is made here."""
+
+    scheme: str
+    namespace: str
+    nodes: tuple[Node, ...] = ()  # TCP servers: one, or a cluster's seed nodes
+    unix_path: str | None = None
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ssl: bool = False
+    ssl_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    timeout: float = 5.0
+    socket_timeout: float = 2.0
+    socket_connect_timeout: float = 1.0
+    max_connections: int = 100
+    client_name: str | None = None
+
+    @property
+    def cluster(self) -> bool:
+        """Whether this is a Redis Cluster (``redis+cluster://``)."""
+        return self.scheme == "redis+cluster"
+
+    @property
+    def masked_url(self) -> str:
+        """The URL with the password replaced by ``***`` and the namespace spelled out."""
+        auth = ""
+        if self.username or self.password:
+            auth = quote(self.username or "", safe="") + (":***" if self.password else "") + "@"
+        query = f"?namespace={self.namespace}"
+        if self.unix_path is not None:
+            db = f"&db={self.db}" if self.db else ""
+            return f"unix://{auth}{self.unix_path}{query}{db}"
+        hosts = ",".join(address(node) for node in self.nodes)
+        path = "" if self.cluster else f"/{self.db}"
+        return f"{self.scheme}://{auth}{hosts}{path}{query}"
+
+    @property
+    def connection_kind(self) -> str:
+        """``"unix"``, ``"ssl"`` or ``"tcp"``: which redis-py connection class to use."""
+        if self.unix_path is not None:
+            return "unix"
+        return "ssl" if self.ssl else "tcp"
+
+    def connection_kwargs(self, node: Node | None = None) -> dict[str, Any]:
+        """Keyword arguments for a redis-py connection (pool) to ``node`` (or the one server).
+
+        redis-py's own retries stay off: the backend retries only what is safe to repeat.
+        """
+        kwargs: dict[str, Any] = {
+            "db": self.db,
+            "username": self.username,
+            "password": self.password,
+            "socket_timeout": self.socket_timeout,
+            "socket_connect_timeout": self.socket_connect_timeout,
+            "client_name": self.client_name,
+        }
+        if self.unix_path is not None:
+            kwargs["path"] = self.unix_path
+        else:
+            host, port = node if node is not None else self.nodes[0]
+            kwargs["host"] = host
+            kwargs["port"] = port
+            if self.ssl:
+                kwargs.update(self.ssl_options)
+        return kwargs
+
+
+def address(node: Node) -> str:
+    """``host:port``, with an IPv6 host in brackets."""
+    host, port = node
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_namespace(namespace: object) -> str:
+    """``namespace`` if it is a valid key prefix: 1 to 64 of ``A-Z a-z 0-9 _ . : -``."""
+    if not isinstance(namespace, str):
+        raise ConfigurationError(f"namespace must be a str, got {type(namespace).__name__}")
+    if _NAMESPACE_RE.fullmatch(namespace) is None:
+        raise ConfigurationError(
+            f"namespace {namespace[:64]!r} is invalid: use 1 to 64 characters of letters, digits "
+            "and _ . : -, starting with a letter or digit (braces would break Redis Cluster hash tags)"
+        )
+    return namespace
+
+
+def _option_error(name: str) -> ConfigurationError:
+    accepted = "; ".join(f"{key} ({meaning})" for key, meaning in OPTIONS.items())
+    return ConfigurationError(f"unknown Redis option {name[:64]!r}; accepted options: {accepted}")
+
+
+def _convert(name: str, value: object) -> object:
+    """An option value, converted from URL text where needed, and type-checked."""
+    if name in _FLOAT_OPTIONS:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigurationError(f"Redis option {name} must be a number, got {value!r:.40}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigurationError(f"Redis option {name} must be a number, got {type(value).__name__}")
+        if not (0.0 < float(value) < math.inf):
+            raise ConfigurationError(f"Redis option {name} must be finite and > 0 seconds, got {value!r}")
+        return float(value)
+    if name in _INT_OPTIONS:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise ConfigurationError(
+                    f"Redis option {name} must be an integer, got {value!r:.40}"
+                ) from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigurationError(f"Redis option {name} must be an int, got {type(value).__name__}")
+        if value < (1 if name == "max_connections" else 0):
+            raise ConfigurationError(f"Redis option {name} is out of range: {value}")
+        return value
+    if name in _BOOL_OPTIONS:
+        if isinstance(value, str):
+            text = value.lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ConfigurationError(f"Redis option {name} must be true or false, got {value[:32]!r}")
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"Redis option {name} must be a bool, got {type(value).__name__}")
+        return value
+    if value is not None and not isinstance(value, str):
+        raise ConfigurationError(f"Redis option {name} must be a str, got {type(value).__name__}")
+    if name == "ssl_cert_reqs" and value not in _CERT_REQS:
+        raise ConfigurationError(f"Redis option ssl_cert_reqs must be one of {_CERT_REQS}, got {value!r}")
+    return value
+
+
+def _optional_str(value: object) -> str | None:
+    assert value is None or isinstance(value, str)
+    return value
+
+
+def _float(value: object) -> float:
+    assert isinstance(value, float)
+    return value
+
+
+def _parse_port(text: str, url: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 < port < 65536:
+        raise ConfigurationError(f"bad port {text[:16]!r} in Redis URL {url[:80]!r}; use host:port")
+    return port
+
+
+def _parse_hosts(netloc: str, url: str) -> tuple[Node, ...]:
+    nodes: list[Node] = []
+    for part in netloc.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part.startswith("["):  # [ipv6]:port
+            end = part.find("]")
+            if end < 0:
+                raise ConfigurationError(f"unclosed '[' in Redis URL {url[:80]!r}")
+            host, rest = part[1:end], part[end + 1 :]
+            port = _parse_port(rest[1:], url) if rest.startswith(":") else DEFAULT_PORT
+        elif part.count(":") == 1:
+            host, _, port_text = part.partition(":")
+            port = _parse_port(port_text, url)
+        else:
+            host, port = part, DEFAULT_PORT
+        if not host:
+            raise ConfigurationError(f"missing host in Redis URL {url[:80]!r}")
+        nodes.append((unquote(host), port))
+    return tuple(nodes)
+
+
+def parse_redis_url(url: str, *, namespace: str | None = None, **options: object) -> RedisConfig:
+    """The connection settings for a Redis URL and ``open_redis``'s options.
+
+    ``?namespace=`` in the URL and the ``namespace`` keyword must agree when both are given
+    (the keyword's default, ``"iron"``, yields to the URL). Other query parameters are the same
+    options as the keywords; a keyword wins over the query.
+    """
+    if not isinstance(url, str):
+        raise ConfigurationError(f"a Redis URL must be a str, got {type(url).__name__}")
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in ("redis", "rediss", "unix", "redis+cluster"):
+        raise ConfigurationError(
+            f"{url[:80]!r} is not a Redis URL; use one of: {', '.join(_SCHEME_EXAMPLES)}"
+        )
+    rest = rest.partition("#")[0]
+    rest, _, query_text = rest.partition("?")
+    settings: dict[str, object] = {}
+    for key, text in parse_qsl(query_text, keep_blank_values=True):
+        if key not in OPTIONS:
+            raise _option_error(key)
+        settings[key] = text
+    url_namespace = settings.pop("namespace", None)
+    for key, given in options.items():
+        if key not in OPTIONS or key == "namespace":
+            raise _option_error(key)
+        settings[key] = given
+    settings = {key: _convert(key, value) for key, value in settings.items()}
+
+    if url_namespace is not None and namespace not in (None, DEFAULT_NAMESPACE, url_namespace):
+        raise ConfigurationError(
+            f"namespace given twice: {namespace!r} as a keyword and {url_namespace!r} in the URL; "
+            "keep one of them"
+        )
+    chosen = url_namespace if url_namespace is not None else namespace
+    ns = check_namespace(DEFAULT_NAMESPACE if chosen is None else chosen)
+
+    # user:password@ comes before the last '@' of the authority (or of the unix path's start).
+    if scheme == "unix":
+        authority, slash, path = rest.partition("/")
+        path = slash + path
+    else:
+        authority, slash, path = rest.partition("/")
+    userinfo, at, hostpart = authority.rpartition("@")
+    if not at:
+        hostpart = authority
+    username: str | None = None
+    password: str | None = None
+    if userinfo:
+        user_text, colon, password_text = userinfo.partition(":")
+        username = unquote(user_text) or None
+        password = unquote(password_text) if colon else None
+    if "username" in settings:
+        username = _optional_str(settings.pop("username"))
+    if "password" in settings:
+        password = _optional_str(settings.pop("password"))
+
+    db = settings.pop("db", 0)
+    assert isinstance(db, int)
+    nodes: tuple[Node, ...] = ()
+    unix_path: str | None = None
+    if scheme == "unix":
+        if hostpart:
+            raise ConfigurationError(
+                f"unix:// URL {url[:80]!r} has a host; write unix:///absolute/path/to/redis.sock"
+            )
+        unix_path = unquote(path)
+        if not unix_path or unix_path == "/":
+            raise ConfigurationError(f"unix:// URL {url[:80]!r} has no socket path")
+    else:
+        nodes = _parse_hosts(hostpart or "localhost", url)
+        if not nodes:
+            raise ConfigurationError(f"no host in Redis URL {url[:80]!r}")
+        if scheme != "redis+cluster" and len(nodes) > 1:
+            raise ConfigurationError(
+                f"{scheme}:// takes one host; for several Redis Cluster nodes use "
+                "redis+cluster://host:port,host:port"
+            )
+        db_text = path.strip("/")
+        if db_text:
+            try:
+                db = int(db_text)
+            except ValueError:
+                raise ConfigurationError(
+                    f"bad database {db_text[:16]!r} in Redis URL {url[:80]!r}; the path is a number, as in /0"
+                ) from None
+    if scheme == "redis+cluster" and db != 0:
+        raise ConfigurationError("Redis Cluster has only database 0; remove the /db from the URL")
+    if db < 0:
+        raise ConfigurationError(f"the Redis database number must be >= 0, got {db}")
+
+    ssl = bool(settings.pop("ssl", scheme == "rediss"))
+    if scheme == "rediss" and not ssl:
+        raise ConfigurationError("rediss:// always uses TLS; use redis:// for a plain connection")
+    if scheme == "unix" and ssl:
+        raise ConfigurationError("TLS does not apply to unix:// sockets")
+    ssl_options = {key: settings.pop(key) for key in list(settings) if key.startswith("ssl_")}
+    if ssl_options and not ssl:
+        raise ConfigurationError(
+            f"TLS options {sorted(ssl_options)} need a TLS connection: use rediss:// (or ssl=True "
+            "with redis+cluster://)"
+        )
+
+    timeout = _float(settings.pop("timeout", 5.0))
+    socket_timeout = _float(settings.pop("socket_timeout", min(2.0, timeout / 2)))
+    connect_timeout = _float(settings.pop("socket_connect_timeout", min(1.0, timeout / 2)))
+    for name, seconds in (("socket_timeout", socket_timeout), ("socket_connect_timeout", connect_timeout)):
+        if seconds > timeout:
+            raise ConfigurationError(
+                f"{name} ({seconds:g} s) must not exceed timeout ({timeout:g} s), the bound on a whole "
+                "call; raise timeout or lower it"
+            )
+    max_connections = settings.pop("max_connections", 100)
+    client_name = settings.pop("client_name", None)
+    assert isinstance(max_connections, int)
+    assert client_name is None or isinstance(client_name, str)
+    assert not settings, settings
+    return RedisConfig(
+        scheme=scheme,
+        namespace=ns,
+        nodes=nodes,
+        unix_path=unix_path,
+        db=db,
+        username=username,
+        password=password,
+        ssl=ssl,
+        ssl_options=ssl_options,
+        timeout=timeout,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        max_connections=max_connections,
+        client_name=client_name,
+    )
