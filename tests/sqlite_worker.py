@@ -146,6 +146,36 @@ def hold(url: str, agent: str, amount: str, ttl: str) -> None:
         time.sleep(600)
 
 
+def changes(url: str, agent: str, refused: str) -> None:
+    """Change counters and statuses, and spend past a limit, until killed (each implies an event)."""
+    with StateManager.from_url(url) as manager:
+        say("ready")
+        statuses = (AgentStatus.STOPPED, AgentStatus.RUNNING)
+        n = 0
+        while True:
+            n += 1
+            manager.record_pii_detection(agent, 1 + n % 3, details=f"n{n}")
+            manager.set_status(agent, statuses[n % 2])
+            try:
+                manager.record_spend(refused, 1.0)
+            except BudgetExceeded:
+                say("refused")
+
+
+def hold_ahead(url: str, agent: str, amount: str, skew: str) -> None:
+    """Reserve with a clock ``skew`` seconds off the real one; report what the store allowed."""
+    real = time.time
+    time.time = lambda: real() + float(skew)
+    with StateManager.from_url(url) as manager:
+        available = manager.budget_available(agent)
+        try:
+            manager.reserve_budget(agent, float(amount), ttl=60.0)
+        except BudgetExceeded:
+            say("refused", available)
+        else:
+            say("held", available)
+
+
 def append(url: str, tag: str, count: str) -> None:
     """Append numbered events (singles and batches) once the parent says go."""
     with StateManager.from_url(url) as manager:
@@ -199,6 +229,8 @@ JOBS: dict[str, Callable[..., None]] = {
     "mixed": mixed,
     "reserve": reserve,
     "hold": hold,
+    "hold_ahead": hold_ahead,
+    "changes": changes,
     "append": append,
     "create": create,
     "open": open_store,

@@ -38,7 +38,8 @@ from iron_runtime_state import (
     StateManager,
     StateTypeError,
 )
-from iron_runtime_state.backends import SCHEMES, BackendSpec
+from iron_runtime_state.audit_chain import AuditChain
+from iron_runtime_state.backends import SCHEMES, BackendSpec, Change
 from iron_runtime_state.backends.async_base import (
     AsyncBackend,
     ThreadedAsyncBackend,
@@ -113,9 +114,11 @@ class GatedMemory(MemoryBackend):
         self.entered.set()
         assert self.gate.wait(10), "the test never opened the gate"
 
-    def record_pii(self, agent_id: AgentId, count: int, now: float) -> AgentState:
+    def record_pii(
+        self, agent_id: AgentId, count: int, now: float, event: AuditEvent, chain: AuditChain
+    ) -> Change:
         self._wait()
-        return super().record_pii(agent_id, count, now)
+        return super().record_pii(agent_id, count, now, event, chain)
 
     def save_many(self, states: Sequence[AgentState], now: float) -> None:
         time.sleep(self.delay)  # a slow write that does not hold the GIL, as a disk would

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -812,3 +813,112 @@ def test_copy_as_a_process_sqlite_to_redis_and_back(fleet: str, redis_url: str, 
 def test_state_json_round_trip_of_agents(fleet: str) -> None:
     rows = ok("agents", "--limit", "0", "--url", fleet, "--json").json()
     assert all(isinstance(AgentState.from_dict(row).status, AgentStatus) for row in rows)
+
+
+# -- inspection never creates a store; a failed copy leaves no destination ---------------------------
+
+
+def _beside(path: Path) -> list[str]:
+    """The files in the path's folder: SQLite's -wal and -shm would show a store was opened."""
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+def test_inspection_writes_no_store_into_an_empty_or_missing_file(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    bare = tmp_path / "bare.db"  # a SQLite database with no table in it
+    db = sqlite3.connect(bare)
+    db.execute("CREATE TABLE t (x)")
+    db.execute("DROP TABLE t")
+    db.close()
+    bare_bytes = bare.read_bytes()
+    agent = str(AgentId.test_fixture(1))
+    commands = [["stats"], ["verify"], ["agents"], ["show", agent], ["audit"], ["export"]]
+    for path in (empty, bare):
+        for command in commands:
+            run = invoke(*command, "--url", sqlite_url(path))
+            one_error_line(run, EXIT_UNAVAILABLE, str(path), "no SQLite store")
+    assert empty.read_bytes() == b""
+    assert bare.read_bytes() == bare_bytes
+    missing = tmp_path / "missing.db"
+    for command in commands:
+        one_error_line(invoke(*command, "--url", sqlite_url(missing)), EXIT_NOT_FOUND, "no such file")
+    assert _beside(missing) == ["bare.db", "empty.db"]
+
+
+def test_a_copy_from_a_source_it_cannot_use_creates_no_destination(fleet: str, tmp_path: Path) -> None:
+    dest = tmp_path / "dest.db"
+    broken = invoke("copy", fleet, sqlite_url(dest), env={"IRON_STATE_AUDIT_KEY": KEY})
+    one_error_line(broken, EXIT_CHECK_FAILED, "broken at seq")
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    one_error_line(invoke("copy", sqlite_url(empty), sqlite_url(dest)), EXIT_UNAVAILABLE, "no SQLite store")
+    missing = sqlite_url(tmp_path / "missing.db")
+    one_error_line(invoke("copy", missing, sqlite_url(dest)), EXIT_NOT_FOUND, "no such file")
+    short_key = invoke("copy", fleet, sqlite_url(dest), "--dest-audit-key-env", "SHORT", env={"SHORT": "k"})
+    one_error_line(short_key, EXIT_USAGE, "shorter than 16 bytes")
+    assert _beside(dest) == ["empty.db"]
+    assert empty.read_bytes() == b""
+
+
+def test_a_copy_that_fails_midway_removes_the_destination_it_created(
+    fleet: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from iron_runtime_state import BackendUnavailable
+
+    def lost_connection(self: StateManager, events: Any) -> Any:
+        raise BackendUnavailable("the destination went away")
+
+    monkeypatch.setattr(StateManager, "save_audit_logs", lost_connection)
+    dest = tmp_path / "dest.db"
+    one_error_line(invoke("copy", fleet, sqlite_url(dest)), EXIT_UNAVAILABLE, "went away")
+    assert _beside(dest) == []  # no empty or half-filled store left behind
+    kept = tmp_path / "kept.db"  # a destination that was there before the copy stays
+    with open_manager(sqlite_url(kept)) as manager:
+        manager.save_agent_state(AgentState(AgentId.test_fixture(9), AgentStatus.RUNNING))
+    one_error_line(invoke("copy", fleet, sqlite_url(kept), "--append"), EXIT_UNAVAILABLE, "went away")
+    monkeypatch.undo()
+    with open_manager(sqlite_url(kept)) as manager:
+        assert manager.get_agent_state(AgentId.test_fixture(9)) is not None
+    assert ok("copy", fleet, sqlite_url(dest)).code == EXIT_OK
+
+
+def test_a_checkpoint_catches_a_truncation_that_verify_alone_cannot(own_fleet: str, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "cp.json"
+    run = ok("checkpoint", "--url", own_fleet, "--out", str(checkpoint))
+    saved = json.loads(checkpoint.read_text(encoding="utf-8"))
+    assert set(saved) == {"seq", "hash", "time", "signature"}
+    assert saved["signature"] == ""  # no key: unsigned
+    assert json.loads(ok("checkpoint", "--url", own_fleet).stdout)["seq"] == saved["seq"]
+    one_error_line(invoke("checkpoint", "--url", own_fleet, "--out", str(checkpoint)), EXIT_USAGE, "exists")
+    assert ok("verify", "--url", own_fleet, "--checkpoint", str(checkpoint)).stdout.startswith("ok: ")
+    # Remove the newest records and move the head back to match: a valid, shorter chain.
+    path = tmp_path / "own.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        keep = saved["seq"] - 3
+        (digest,) = db.execute("SELECT hash FROM iron_audit WHERE seq = ?", (keep,)).fetchone()
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("DELETE FROM iron_audit WHERE seq > ?", (keep,))
+        db.execute("UPDATE iron_audit_chain SET head_seq = ?, head_hash = ?", (keep, digest))
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    assert ok("verify", "--url", own_fleet).stdout.startswith("ok: ")
+    run = invoke("verify", "--url", own_fleet, "--checkpoint", str(checkpoint))
+    assert run.code == EXIT_CHECK_FAILED, run
+    assert "checkpoint" in run.stdout
+    assert (
+        invoke("verify", "--url", own_fleet, "--checkpoint", str(checkpoint), "--json").json()["ok"] is False
+    )
+
+
+def test_a_bad_checkpoint_file_is_one_error_line(own_fleet: str, tmp_path: Path) -> None:
+    one_error_line(
+        invoke("verify", "--url", own_fleet, "--checkpoint", str(tmp_path / "nope.json")), EXIT_USAGE
+    )
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json", encoding="utf-8")
+    one_error_line(invoke("verify", "--url", own_fleet, "--checkpoint", str(bad)), EXIT_USAGE, "checkpoint")
+    bad.write_text('{"seq": 1}', encoding="utf-8")
+    one_error_line(invoke("verify", "--url", own_fleet, "--checkpoint", str(bad)), EXIT_USAGE, "keys")

@@ -11,14 +11,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iron_runtime_state import (
+    GENESIS_HASH,
     AgentId,
     AgentState,
     AgentStatus,
+    AuditEvent,
     FleetStats,
     Reservation,
     ReservationError,
     StateManager,
+    events,
 )
+from iron_runtime_state.audit_chain import AuditChain
+from iron_runtime_state.backends import AuditMarks, AuditQuery
 from iron_runtime_state.backends.memory import MemoryBackend
 
 
@@ -148,24 +153,25 @@ def test_expired_holds_are_dropped_and_refuse_to_settle() -> None:
     backend = MemoryBackend()
     agent_id = AgentId.generate()
     backend.save(AgentState(agent_id, AgentStatus.RUNNING, budget_limit=10.0), now=0.0)
-    lone = backend.reserve(agent_id, 4.0, ttl=10.0, now=0.0, reservation_id="lone")
+    chain = AuditChain()
+    lone = backend.reserve(agent_id, 4.0, ttl=10.0, now=0.0, reservation_id="lone", chain=chain)
     assert isinstance(lone, Reservation)
     assert backend.reserved(agent_id, now=9.0)[1] == 4.0
     assert backend.reserved(agent_id, now=10.0)[1] == 0.0  # expired: dropped
     assert agent_id.as_str() not in backend._holds
     with pytest.raises(ReservationError):
-        backend.commit(lone, 1.0, now=10.0)
-    a = backend.reserve(agent_id, 4.0, ttl=5.0, now=20.0, reservation_id="a")
-    b = backend.reserve(agent_id, 4.0, ttl=50.0, now=20.0, reservation_id="b")
+        backend.commit(lone, 1.0, now=10.0, chain=chain)
+    a = backend.reserve(agent_id, 4.0, ttl=5.0, now=20.0, reservation_id="a", chain=chain)
+    b = backend.reserve(agent_id, 4.0, ttl=50.0, now=20.0, reservation_id="b", chain=chain)
     assert isinstance(a, Reservation)
     assert isinstance(b, Reservation)
     # At 30 'a' has expired, so 6.0 fits beside 'b' (4.0); an expired hold cannot be committed.
-    c = backend.reserve(agent_id, 6.0, ttl=50.0, now=30.0, reservation_id="c")
+    c = backend.reserve(agent_id, 6.0, ttl=50.0, now=30.0, reservation_id="c", chain=chain)
     assert isinstance(c, Reservation)
     with pytest.raises(ReservationError):
-        backend.commit(a, 1.0, now=30.0)
-    backend.commit(b, 4.0, now=31.0)
-    backend.commit(c, 6.0, now=31.0)
+        backend.commit(a, 1.0, now=30.0, chain=chain)
+    backend.commit(b, 4.0, now=31.0, chain=chain)
+    backend.commit(c, 6.0, now=31.0, chain=chain)
     state, reserved = backend.reserved(agent_id, now=31.0)
     assert (state.budget_spent, reserved) == (10.0, 0.0)
 
@@ -177,10 +183,12 @@ def test_purge_uses_the_time_a_finished_agent_last_changed() -> None:
     backend.save(AgentState(old, AgentStatus.RUNNING), now=0.0)
     backend.save(AgentState(recent, AgentStatus.RUNNING), now=0.0)
     backend.save(AgentState(running, AgentStatus.STOPPED), now=0.0)
-    backend.set_status(old, AgentStatus.STOPPED, now=100.0)
+    chain = AuditChain()
+    backend.set_status(old, AgentStatus.STOPPED, now=100.0, chain=chain)
     backend.save(AgentState(recent, AgentStatus.FAILED), now=100.0)
-    backend.record_pii(recent, 1, now=500.0)  # a change while failed counts
-    backend.set_status(running, AgentStatus.RUNNING, now=100.0)
+    pii = events.pii_detected(recent, 1, "", 500.0)
+    backend.record_pii(recent, 1, now=500.0, event=pii, chain=chain)  # a change while failed counts
+    backend.set_status(running, AgentStatus.RUNNING, now=100.0, chain=chain)
     removed = backend.purge_agents([AgentStatus.STOPPED, AgentStatus.FAILED], changed_before=200.0)
     assert removed == [old.as_str()]
     assert backend.purge_agents([AgentStatus.FAILED], changed_before=600.0) == [recent.as_str()]
@@ -345,3 +353,39 @@ def test_any_sequence_of_saves_reads_and_removes_matches_a_dict(operations: list
             pii_detections=sum(s.pii_detections for s in states),
         )
     assert sorted(manager.list_agents()) == sorted(a.as_str() for a in model)
+
+
+def test_a_batch_whose_sealing_fails_keeps_nothing() -> None:
+    # Records are sealed first and kept only once all of them are: a batch is whole or absent.
+    class FailsAtThree(AuditChain):
+        def seal(
+            self, prev_hash: str, seq: int, agent_id: str, event_type: str, timestamp: int, details: str
+        ) -> str:
+            if seq == 3:
+                raise RuntimeError("the seal failed")
+            return super().seal(prev_hash, seq, agent_id, event_type, timestamp, details)
+
+    backend = MemoryBackend()
+    agent_id = AgentId.generate()
+    batch = [AuditEvent(agent_id, "note", i, "") for i in range(5)]
+    with pytest.raises(RuntimeError):
+        backend.append_audit(batch, FailsAtThree())
+    assert backend.audit_marks() == AuditMarks((0, GENESIS_HASH), (0, GENESIS_HASH), 0)
+    assert backend.query_audit(AuditQuery(agent_id=agent_id)) == []
+    records = backend.append_audit(batch, AuditChain())
+    assert [r.seq for r in records] == [1, 2, 3, 4, 5]
+    assert backend.query_audit(AuditQuery(agent_id=agent_id)) == records
+
+
+def test_queries_find_records_by_seq_after_the_list_was_edited() -> None:
+    # The indexes hold seqs; a record is found by its seq, not by its place, so a list edited
+    # by hand (what verify exists to catch) answers queries with what it holds, never another
+    # record or an IndexError.
+    backend = MemoryBackend()
+    a, b = AgentId.generate(), AgentId.generate()
+    backend.append_audit([AuditEvent(a if i % 2 else b, "note", i, str(i)) for i in range(10)], AuditChain())
+    del backend._records[3]  # seq 4, an agent-a record
+    by_a = backend.query_audit(AuditQuery(agent_id=a))
+    assert [r.seq for r in by_a] == [2, 6, 8, 10]
+    assert [r.event.details for r in by_a] == ["1", "5", "7", "9"]
+    assert [r.seq for r in backend.query_audit(AuditQuery(after_seq=2))] == [3, 5, 6, 7, 8, 9, 10]

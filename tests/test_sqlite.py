@@ -306,6 +306,55 @@ def test_every_acknowledged_write_survives_kill_9(path: Path, workers: Workers, 
         assert manager.stats().total in (len(states) + 1, len(states) + 2)
 
 
+def test_changes_and_their_events_survive_kill_9_together(path: Path, workers: Workers) -> None:
+    # A PII count and its pii_detected event, a status change and its status_changed event, a
+    # refused spend and its budget_exceeded event are each one transaction: a process killed at
+    # any moment leaves both or neither.
+    url = url_of(path)
+    agents = [AgentId.generate() for _ in range(2)]
+    limited = AgentId.generate()
+    with StateManager.with_sqlite(path) as manager:
+        manager.save_agent_states([AgentState(a, AgentStatus.RUNNING) for a in agents])
+        manager.save_agent_state(AgentState(limited, AgentStatus.RUNNING, budget_limit=0.0))
+    rng = random.Random(14)
+    refusals = 0
+    for _ in range(20):
+        procs = [workers.spawn("changes", url, agent_id, limited) for agent_id in agents]
+        for proc in procs:
+            line = proc.stdout.readline() if proc.stdout else ""
+            assert line == "ready\n", proc.stderr.read() if proc.stderr else line
+        time.sleep(rng.uniform(0.05, 0.3))  # mid-loop: they change things as fast as they can
+        for proc in procs:
+            os.kill(proc.pid, signal.SIGKILL)
+        for proc in procs:
+            rest, _ = workers.rest_of(proc)
+            assert proc.returncode == -signal.SIGKILL
+            refusals += rest.count("refused\n")  # acknowledged: BudgetExceeded was raised
+    with StateManager.with_sqlite(path) as manager:
+        total = 0
+        for agent_id in agents:
+            state = manager.get_agent_state(agent_id)
+            assert state is not None
+            detected = manager.audit_log(agent_id=agent_id, event_type="pii_detected")
+            counted = sum(json.loads(r.event.details)["count"] for r in detected)
+            assert state.pii_detections == counted, "a PII count was kept without its event"
+            total += counted
+            changes = [
+                json.loads(r.event.details)
+                for r in manager.audit_log(agent_id=agent_id, event_type="status_changed")
+            ]
+            assert len(changes) > 20
+            status = "running"
+            for change in changes:  # each event starts where the one before ended
+                assert change["from"] == status, "a status change was kept without its event"
+                status = change["to"]
+            assert state.status.value == status
+        assert manager.stats().pii_detections == total
+        assert len(manager.audit_log(agent_id=limited, event_type="budget_exceeded")) >= refusals > 0
+        report = manager.verify_audit_log()
+        assert report.ok, report
+
+
 # -- processes and threads --------------------------------------------------------------------------
 
 
@@ -575,6 +624,25 @@ def test_holds_of_a_killed_process_lapse_after_their_ttl(path: Path, workers: Wo
         assert manager.commit_reservation(hold, 10.0).budget_spent == 10.0
 
 
+def test_holds_expire_by_one_clock(path: Path, workers: Workers) -> None:
+    # Each process's own clock is two minutes off. A hold lasts its ttl by the database's clock,
+    # so a process that is ahead does not drop another's open hold, and one that is behind does
+    # not make a hold that has lapsed for everyone else.
+    agent_id = AgentId.generate()
+    with StateManager.with_sqlite(path) as manager:
+        manager.save_agent_state(AgentState(agent_id, AgentStatus.RUNNING, budget_limit=10.0))
+        mine = manager.reserve_budget(agent_id, 6.0, ttl=60.0)
+        assert abs(mine.expires_at - (time.time() + 60.0)) < 5.0
+        ahead = workers.spawn("hold_ahead", url_of(path), agent_id, 6.0, 120)
+        assert workers.finish(ahead) == ["refused 4.0"]
+        behind = workers.spawn("hold_ahead", url_of(path), agent_id, 4.0, -120)
+        assert workers.finish(behind) == ["held 4.0"]
+        assert manager.budget_available(agent_id) == 0.0  # both holds are open
+        backend = manager.backend
+        assert isinstance(backend, SQLiteBackend)
+        assert backend.reserved(agent_id, time.time() + 3600.0)[1] == 10.0  # whatever now says
+
+
 # -- the audit trail ------------------------------------------------------------------------------
 
 
@@ -609,12 +677,12 @@ def test_bulk_append_is_one_transaction(path: Path) -> None:
     with StateManager.with_sqlite(path) as manager:
         agent_id = AgentId.generate()
         manager.save_audit_logs([AuditEvent(agent_id, "first", 1, "")])
-        head = manager.backend.audit_head()
+        marks = manager.backend.audit_marks()
         batch = [AuditEvent(agent_id, "bulk", i, str(i)) for i in range(1000)]
         with pytest.raises(RuntimeError):
             manager.backend.append_audit(batch, FailsAt500())
         assert manager.audit_count() == 1
-        assert manager.backend.audit_head() == head
+        assert manager.backend.audit_marks() == marks
         records = manager.save_audit_logs(batch)
         assert [r.seq for r in records] == list(range(2, 1002))
         assert manager.verify_audit_log().checked == 1001
@@ -640,8 +708,9 @@ def test_prune_and_head_persist_across_reopening(path: Path) -> None:
         records = manager.save_audit_logs([AuditEvent(agent_id, "e", 100 + i, "") for i in range(10)])
         assert manager.prune_audit_log(before=1000) == 10
     with StateManager.with_sqlite(path) as manager:
-        assert manager.backend.audit_head() == (records[-1].seq, records[-1].hash)
-        assert manager.backend.audit_anchor() == (records[-1].seq, records[-1].hash)
+        marks = manager.backend.audit_marks()
+        assert marks.head == marks.anchor == (records[-1].seq, records[-1].hash)
+        assert marks.count == 0
         nxt = manager.save_audit_log(AuditEvent(agent_id, "e", 2000, "x\x00y"))
         assert (nxt.seq, nxt.prev_hash) == (11, records[-1].hash)
         assert manager.audit_log()[0].event.details == "x\x00y"
@@ -826,6 +895,57 @@ def test_databases_of_other_applications_are_refused_untouched(tmp_path: Path) -
         assert not Path(f"{target}-wal").exists()
 
 
+DATA = Path(__file__).with_name("data")
+
+
+@pytest.mark.parametrize(("name", "key"), [("store-0.4.db", None), ("store-0.4-keyed.db", "k" * 32)])
+def test_a_store_written_by_0_4_opens_migrates_and_verifies(path: Path, name: str, key: str | None) -> None:
+    # Written by commit 2b0e376 (schema version 1, no seals): tests/data/make_stores_0_4.py.
+    shutil.copy(DATA / name, path)
+    assert header_of(path) == (1, APPLICATION_ID)
+    chain = AuditChain(None if key is None else key.encode())
+    with StateManager.with_sqlite(path, audit_key=key) as manager:
+        assert header_of(path) == (SCHEMA_VERSION, APPLICATION_ID)
+        marks = manager.backend.audit_marks()
+        assert (marks.head[0], marks.anchor[0], marks.count) == (7, 2, 5)
+        assert (marks.head_seal, marks.anchor_seal) == (None, None)  # an old store has none
+        rows = manager.backend.iter_audit_rows(0, 100)
+        report = chain.verify(rows, anchor_seq=2, anchor_hash=marks.anchor[1], head=marks.head)
+        assert (report.ok, report.checked, report.last_seq) == (True, 5, 7), report
+        if key is None:  # with a key, verify_audit_log also wants the marks sealed: see below
+            report = manager.verify_audit_log()
+            assert (report.ok, report.checked, report.anchor_seq) == (True, 5, 2), report
+        a, b, c = manager.get_agent_states([AgentId.test_fixture(n) for n in (1, 2, 3)])
+        assert a == AgentState(AgentId.test_fixture(1), AgentStatus.RUNNING, 4.0, 0, 10.0)
+        assert b == AgentState(AgentId.test_fixture(2), AgentStatus.RUNNING, 2.5, 3)
+        assert c == AgentState(AgentId.test_fixture(3), AgentStatus.FAILED)
+        assert manager.stats().total == 3
+        record = manager.save_audit_log(AuditEvent(AgentId.test_fixture(1), "note", 2_000_000_001, "new"))
+        assert record.seq == 8
+        assert manager.prune_audit_log(before=200) == 2  # now the head and the anchor are sealed
+        marks = manager.backend.audit_marks()
+        assert marks.head_seal == chain.seal_mark("head", *marks.head)
+        assert marks.anchor_seal == chain.seal_mark("anchor", *marks.anchor)
+        assert manager.verify_audit_log().ok
+    with StateManager.with_sqlite(path, audit_key=key) as manager:
+        assert manager.verify_audit_log().checked == 4
+
+
+def test_a_head_seal_belongs_to_one_head(path: Path) -> None:
+    # The chain's trigger clears the seal as it moves the head, so a writer without the key
+    # (or a hand-made record) cannot leave the last sealed head's seal on its own head.
+    with StateManager.with_sqlite(path, audit_key="k" * 32) as manager:
+        trail = manager.save_audit_logs(
+            [AuditEvent(AgentId.test_fixture(1), "note", i, "") for i in range(3)]
+        )
+        assert manager.backend.audit_marks().head_seal is not None
+    with StateManager.with_sqlite(path) as manager:
+        manager.save_audit_log(AuditEvent(AgentId.test_fixture(1), "note", 9, "unkeyed"))
+        marks = manager.backend.audit_marks()
+        assert marks.head[0] == trail[-1].seq + 1
+        assert marks.head_seal is None
+
+
 def test_a_store_missing_a_table_is_refused(path: Path) -> None:
     make_store(path)
     db = raw(path)
@@ -855,6 +975,46 @@ def test_an_empty_file_becomes_a_store(path: Path) -> None:
     with StateManager.with_sqlite(path) as manager:
         manager.save_agent_state(running())
     assert header_of(path) == (SCHEMA_VERSION, APPLICATION_ID)
+
+
+def test_create_false_opens_only_an_existing_store(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.db"
+    with pytest.raises(BackendError, match="does not exist") as info:
+        SQLiteBackend(missing, create=False)
+    assert str(missing) in str(info.value)
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(BackendError, match="is empty"):
+        SQLiteBackend(empty, create=False)
+    bare = tmp_path / "bare.db"  # a SQLite database without any table
+    db = raw(bare)
+    db.execute("CREATE TABLE t (x)")
+    db.execute("DROP TABLE t")
+    db.close()
+    before = digest(bare)
+    with pytest.raises(BackendError, match="empty SQLite database"):
+        open_sqlite(url_of(bare), create=False)
+    assert digest(bare) == before
+    theirs = tmp_path / "theirs.db"
+    db = raw(theirs)
+    db.execute("CREATE TABLE users (name TEXT)")
+    db.close()
+    with pytest.raises(SchemaError):
+        SQLiteBackend(theirs, create=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare.db", "empty.db", "theirs.db"]
+    assert empty.stat().st_size == 0
+    with pytest.raises(StateTypeError):
+        SQLiteBackend(tmp_path / "x.db", create="no")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        StateManager.from_url(url_of(tmp_path / "x.db") + "?create=false")  # a keyword, not a URL option
+    store = tmp_path / "store.db"
+    make_store(store)
+    old = tmp_path / "old.db"
+    shutil.copy(DATA / "store-0.4.db", old)
+    for target in (store, old):  # a store of this or an older version opens (and migrates)
+        with StateManager(SQLiteBackend(target, create=False)) as manager:
+            assert manager.stats().total == 3
+    assert header_of(old) == (SCHEMA_VERSION, APPLICATION_ID)
 
 
 def test_a_directory_is_refused(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ def test_a_prune_during_verification_is_not_reported_as_tampering(
 
         def iter_rows(after_seq: int, batch_size: int) -> Iterator[AuditRow]:
             if not pruned:  # the anchor was read: another process prunes now
-                pruned.append(backend.prune_audit(105))
+                pruned.append(backend.prune_audit(105, manager._chain))
             return read(after_seq, batch_size)
 
         monkeypatch.setattr(backend, "iter_audit_rows", iter_rows)
@@ -61,7 +61,7 @@ def test_tampering_is_still_reported_when_a_prune_ran_meanwhile(
 
         def iter_rows(after_seq: int, batch_size: int) -> Iterator[AuditRow]:
             if not pruned:
-                pruned.append(backend.prune_audit(105))
+                pruned.append(backend.prune_audit(105, manager._chain))
             return read(after_seq, batch_size)
 
         monkeypatch.setattr(backend, "iter_audit_rows", iter_rows)
@@ -80,7 +80,7 @@ def test_the_async_manager_also_verifies_again_after_a_prune(monkeypatch: pytest
 
             async def iter_rows(after_seq: int, batch_size: int) -> AsyncIterator[AuditRow]:
                 if not pruned:
-                    pruned.append(await backend.call("prune_audit", 105))
+                    pruned.append(await backend.call("prune_audit", 105, manager._chain))
                 async for row in read("iter_audit_rows", after_seq, batch_size):
                     yield row
 

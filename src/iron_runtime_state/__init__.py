@@ -37,6 +37,7 @@ from .manager import BudgetHold, StateManager
 from .models import (
     AgentState,
     AgentStatus,
+    AuditCheckpoint,
     AuditEvent,
     AuditRecord,
     AuditVerification,
@@ -44,7 +45,7 @@ from .models import (
     Reservation,
 )
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
     "GENESIS_HASH",
@@ -55,6 +56,7 @@ __all__ = [
     "AgentStatus",
     "AsyncBudgetHold",
     "AsyncStateManager",
+    "AuditCheckpoint",
     "AuditEvent",
     "AuditRecord",
     "AuditVerification",

@@ -48,7 +48,6 @@ from .core import (
     VERIFY_BATCH,
     AuditPages,
     ManagerCore,
-    Outcome,
     StoreCall,
     VerifyRows,
     audit_key_bytes,
@@ -67,6 +66,7 @@ from .ids import AgentId, coerce, key_of
 from .models import (
     AgentState,
     AgentStatus,
+    AuditCheckpoint,
     AuditEvent,
     AuditRecord,
     AuditVerification,
@@ -382,7 +382,8 @@ class AsyncStateManager(ManagerCore):
         is written and :class:`~iron_runtime_state.BudgetExceeded` is raised.
         """
         request = self._spend_request(agent_id, amount)
-        return await self._settle(self._spent(request, await self._backend.call("record_spend", *request)))
+        result = await self._backend.call("record_spend", *request, self._chain)
+        return self._settle(self._spent(request, result))
 
     @_completes
     async def record_pii_detection(
@@ -390,13 +391,15 @@ class AsyncStateManager(ManagerCore):
     ) -> AgentState:
         """Atomically add ``count`` (>= 1) PII detections and write a ``pii_detected`` event."""
         aid, n, now, event = self._pii_request(agent_id, count, details)
-        return await self._settle(Outcome(await self._backend.call("record_pii", aid, n, now), (event,)))
+        return self._settle(
+            self._changed(await self._backend.call("record_pii", aid, n, now, event, self._chain))
+        )
 
     @_completes
     async def set_status(self, agent_id: str | AgentId, status: AgentStatus | str) -> AgentState:
         """Atomically change the status; a real change writes a ``status_changed`` event."""
         request = self._status_request(agent_id, status)
-        return await self._settle(self._status_set(request, await self._backend.call("set_status", *request)))
+        return self._settle(self._changed(await self._backend.call("set_status", *request, self._chain)))
 
     # -- reservations ----------------------------------------------------------------------------
 
@@ -409,11 +412,11 @@ class AsyncStateManager(ManagerCore):
         See :meth:`iron_runtime_state.StateManager.reserve_budget`.
         """
         request = self._spend_request(agent_id, amount)
-        seconds = self._ttl(ttl)
+        aid, value, now = request
         result = await self._backend.call(
-            "reserve", request[0], request[1], seconds, request[2], new_reservation_id()
+            "reserve", aid, value, self._ttl(ttl), now, new_reservation_id(), self._chain
         )
-        return await self._settle(self._reserved(request, result))
+        return self._settle(self._reserved(request, result))
 
     @_completes
     async def commit_reservation(self, reservation: Reservation, actual: float) -> AgentState:
@@ -422,7 +425,7 @@ class AsyncStateManager(ManagerCore):
         See :meth:`iron_runtime_state.StateManager.commit_reservation`.
         """
         request = self._commit_request(reservation, actual)
-        return await self._settle(self._committed(request, await self._backend.call("commit", *request)))
+        return self._settle(self._changed(await self._backend.call("commit", *request, self._chain)))
 
     async def release_reservation(self, reservation: Reservation) -> None:
         """Free the hold without spending; ``ReservationError`` if it is not open."""
@@ -451,13 +454,16 @@ class AsyncStateManager(ManagerCore):
 
     # -- the audit trail's integrity, export and retention -----------------------------------------
 
-    async def verify_audit_log(self) -> AuditVerification:
-        """Check the whole hash chain; the report names the first bad record and why.
+    async def verify_audit_log(self, *, since_checkpoint: AuditCheckpoint | None = None) -> AuditVerification:
+        """Check the whole audit trail; see :meth:`iron_runtime_state.StateManager.verify_audit_log`.
 
-        The hashing runs in a worker thread while the loop reads the trail batch by batch. A
-        prune that runs meanwhile moves the anchor; a check it broke is made again.
+        The hashing runs in a worker thread while the loop reads the trail batch by batch.
         """
-        return await self._drive(self._verify_steps())
+        return await self._drive(self._verify_steps(self._checkpoint_request(since_checkpoint)))
+
+    async def audit_checkpoint(self) -> AuditCheckpoint:
+        """A witness of the trail's head now; see :meth:`iron_runtime_state.StateManager.audit_checkpoint`."""
+        return self._checkpoint(await self._backend.call("audit_marks"))
 
     def iter_audit_log(
         self,
@@ -491,7 +497,7 @@ class AsyncStateManager(ManagerCore):
 
     async def prune_audit_log(self, *, before: int) -> int:
         """Remove the oldest records with a timestamp before ``before``; the rest still verifies."""
-        return await self._backend.call("prune_audit", check_timestamp(before, "before"))  # type: ignore[no-any-return]
+        return await self._backend.call("prune_audit", check_timestamp(before, "before"), self._chain)  # type: ignore[no-any-return]
 
     async def purge_agents(
         self,
@@ -542,13 +548,6 @@ class AsyncStateManager(ManagerCore):
         log_events(records)
         return records
 
-    async def _settle(self, outcome: Outcome[_T]) -> _T:
-        """Append the outcome's events, then raise its error or return its value."""
-        await self._append(outcome.events)
-        if outcome.error is not None:
-            raise outcome.error
-        return outcome.value
-
     async def _drive(self, steps: Generator[StoreCall | VerifyRows, Any, _T]) -> _T:
         """Run a multi-call operation of the core to its end; the hashing in a worker thread."""
         reply: Any = None
@@ -556,8 +555,8 @@ class AsyncStateManager(ManagerCore):
             while True:
                 step = steps.send(reply)
                 if isinstance(step, VerifyRows):
-                    rows = self._backend.stream("iter_audit_rows", step.anchor[0], VERIFY_BATCH)
-                    reply = await _drain_in_thread(rows, functools.partial(self._verify_rows, step=step))
+                    rows = self._backend.stream("iter_audit_rows", step.after_seq, VERIFY_BATCH)
+                    reply = await _drain_in_thread(rows, step.verifier.feed)
                 else:
                     reply = await self._backend.call(step.name, *step.args)
         except StopIteration as done:

@@ -117,11 +117,13 @@ class ChainVerifier:
     problem is kept and later rows are ignored.
     """
 
-    __slots__ = ("_chain", "anchor", "checked", "failure", "last")
+    __slots__ = ("_chain", "anchor", "checked", "failure", "last", "witness")
 
     def __init__(self, chain: AuditChain, anchor: tuple[int, str]) -> None:
         self._chain = chain
         self.anchor = anchor
+        #: ``(seq, hash)`` a record must have if the trail still holds it (a checkpoint).
+        self.witness: tuple[int, str] | None = None
         #: ``(seq, hash)`` of the last row that verified (the anchor before any).
         self.last = anchor
         self.checked = 0
@@ -171,6 +173,13 @@ class ChainVerifier:
                 break
             if seal(prev_hash, seq, agent_id, event_type, timestamp, details) != digest:
                 self.fail(seq, "hash does not match the record's content: the record was edited")
+                break
+            if self.witness is not None and seq == self.witness[0] and digest != self.witness[1]:
+                self.fail(
+                    seq,
+                    "the record at the checkpoint's seq is not the one the checkpoint saw: "
+                    "the trail was rewritten",
+                )
                 break
             expected_prev = digest
             last_seq = seq

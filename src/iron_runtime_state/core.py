@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,13 +28,17 @@ from random import getrandbits
 from typing import Any, Final, Generic, NamedTuple, TypeVar
 
 from . import events
-from .audit_chain import AuditChain, AuditRow
-from .backends.base import AuditQuery, CommitResult, SpendResult, UpdateFn
+from .audit_chain import GENESIS_HASH, AuditChain, ChainVerifier
+from .backends.base import AuditMarks, AuditQuery, Change, CommitResult, SpendResult, UpdateFn
 from .errors import BudgetExceeded, ReservationError, StateError, StateTypeError, ValidationError
 from .ids import AgentId, coerce, try_parse
 from .models import (
+    MAX_AMOUNT,
+    MAX_TIMESTAMP,
+    MAX_TTL,
     AgentState,
     AgentStatus,
+    AuditCheckpoint,
     AuditEvent,
     AuditRecord,
     AuditVerification,
@@ -60,16 +65,21 @@ VERIFY_BATCH: Final = 5000
 VERIFY_ATTEMPTS: Final = 3
 #: Default records per page of ``iter_audit_log``.
 PAGE_SIZE: Final = 5000
+#: Times the verifier reads on past rows appended while it read, before it checks the head.
+CATCH_UP_READS: Final = 5
+#: What a reservation id may look like (``new_reservation_id`` makes 32 hex digits).
+_RESERVATION_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: Seconds a budget hold lasts unless told otherwise.
 DEFAULT_TTL: Final = 60.0
 
 
 @dataclass(slots=True)
 class Outcome(Generic[_T]):
-    """What an operation ends with: events to append, then an error to raise or a value."""
+    """What an operation ends with: the records its store call appended (to log), then an
+    error to raise or a value to return."""
 
     value: _T
-    events: tuple[AuditEvent, ...] = ()
+    records: Sequence[AuditRecord] = ()
     error: StateError | None = None
 
 
@@ -81,10 +91,13 @@ class StoreCall(NamedTuple):
 
 
 class VerifyRows(NamedTuple):
-    """A step of ``verify_audit_log``: verify the rows from ``anchor``, up to ``head``."""
+    """A step of ``verify_audit_log``: feed ``verifier`` every stored row after ``after_seq``.
 
-    anchor: tuple[int, str]
-    head: tuple[int, str]
+    The reply is how many rows were read. A driver may run the hashing in a worker thread.
+    """
+
+    verifier: ChainVerifier
+    after_seq: int
 
 
 #: A spend or hold as the store receives it: the id, the amount and the time.
@@ -131,23 +144,46 @@ def log_events(records: Sequence[AuditRecord]) -> None:
 
 
 def check_reservation(reservation: object) -> Reservation:
-    """``reservation`` if it is a :class:`Reservation`."""
+    """``reservation`` if it is a :class:`Reservation` whose fields a store can take.
+
+    Reservations come from ``reserve_budget``; one built by hand is checked field by field, so
+    a store never sees a value it cannot handle.
+    """
     if not isinstance(reservation, Reservation):
         raise StateTypeError(f"expected a Reservation from reserve_budget, got {type(reservation).__name__}")
+    rid = reservation.reservation_id
+    if not isinstance(rid, str) or not _RESERVATION_ID.fullmatch(rid):
+        raise ValidationError(
+            "reservation_id must be the id reserve_budget gave (1 to 64 of [A-Za-z0-9_-]), "
+            f"got {str(rid)[:64]!r}"
+        )
+    if not isinstance(reservation.agent_id, AgentId):
+        raise StateTypeError(
+            f"Reservation.agent_id must be an AgentId, got {type(reservation.agent_id).__name__}"
+        )
+    check_amount(reservation.amount, "Reservation.amount", maximum=MAX_AMOUNT)
+    check_amount(reservation.expires_at, "Reservation.expires_at")
     return reservation
 
 
 def check_timestamp(value: object, what: str) -> int:
-    """Unix seconds as an int (floats are floored)."""
+    """Unix seconds as an int (floats are floored), from 0 to :data:`MAX_TIMESTAMP`."""
     if isinstance(value, float) and math.isfinite(value):
-        return math.floor(value)
-    return check_count(value, what)
+        value = math.floor(value)
+    seconds = check_count(value, what)
+    if seconds > MAX_TIMESTAMP:
+        raise ValidationError(f"{what} must be Unix seconds up to 2**53, got {str(seconds)[:24]}")
+    return seconds
 
 
-def statuses_of(status: AgentStatus | str | Iterable[AgentStatus | str]) -> tuple[AgentStatus, ...]:
+def statuses_of(status: object) -> tuple[AgentStatus, ...]:
     """One status or several, as a tuple of members."""
     if isinstance(status, (AgentStatus, str)):
         return (AgentStatus.parse(status),)
+    if not isinstance(status, Iterable):
+        raise StateTypeError(
+            f"status must be an AgentStatus, a status name, or several of them, got {type(status).__name__}"
+        )
     return tuple(AgentStatus.parse(s) for s in status)
 
 
@@ -290,20 +326,20 @@ class ManagerCore:
 
     @staticmethod
     def _spend_request(agent_id: str | AgentId, amount: object) -> SpendRequest:
-        """The id, the amount (finite, > 0) and the time of a spend or a hold."""
-        return coerce(agent_id), check_amount(amount, "amount", allow_zero=False), time.time()
+        """The id, the amount (> 0, at most :data:`MAX_AMOUNT`) and the time of a spend or a hold."""
+        value = check_amount(amount, "amount", allow_zero=False, maximum=MAX_AMOUNT)
+        return coerce(agent_id), value, time.time()
 
     @staticmethod
     def _ttl(ttl: object) -> float:
-        """A hold's time to live in seconds: finite and > 0."""
-        return check_amount(ttl, "ttl (seconds)", allow_zero=False)
+        """A hold's time to live in seconds: > 0 and at most :data:`MAX_TTL`."""
+        return check_amount(ttl, "ttl (seconds)", allow_zero=False, maximum=MAX_TTL)
 
     @staticmethod
-    def _refused(request: SpendRequest, result: SpendResult, action: str) -> Outcome[Any]:
-        """A spend or hold past the limit: a ``budget_exceeded`` event and :class:`BudgetExceeded`."""
-        aid, amount, now = request
+    def _refused(request: SpendRequest, result: SpendResult) -> Outcome[Any]:
+        """A spend or hold past the limit: :class:`BudgetExceeded` (the store wrote the event)."""
+        aid, amount, _ = request
         state = result.state
-        event = events.budget_exceeded(aid, state, result.reserved, amount, now, action)
         error = BudgetExceeded(
             aid.as_str(),
             limit=state.budget_limit if state.budget_limit is not None else math.inf,
@@ -311,33 +347,30 @@ class ManagerCore:
             requested=amount,
             reserved=result.reserved,
         )
-        return Outcome(None, (event,), error)
+        return Outcome(None, result.records, error)
 
     def _spent(self, request: SpendRequest, result: SpendResult) -> Outcome[AgentState]:
         """The outcome of ``record_spend``."""
         if result.exceeded:
-            return self._refused(request, result, "spend")
-        return Outcome(result.state)
+            return self._refused(request, result)
+        return Outcome(result.state, result.records)
 
     def _reserved(self, request: SpendRequest, result: Reservation | SpendResult) -> Outcome[Reservation]:
         """The outcome of ``reserve_budget``."""
         if isinstance(result, SpendResult):
-            return self._refused(request, result, "reserve")
+            return self._refused(request, result)
         return Outcome(result)
 
     @staticmethod
     def _commit_request(reservation: object, actual: object) -> tuple[Reservation, float, float]:
-        """The hold, what it really cost (finite, >= 0) and the time."""
-        return check_reservation(reservation), check_amount(actual, "actual"), time.time()
+        """The hold, what it really cost (>= 0, at most :data:`MAX_AMOUNT`) and the time."""
+        held = check_reservation(reservation)
+        return held, check_amount(actual, "actual", maximum=MAX_AMOUNT), time.time()
 
     @staticmethod
-    def _committed(request: tuple[Reservation, float, float], result: CommitResult) -> Outcome[AgentState]:
-        """The outcome of ``commit_reservation``: past the limit, the spend stands and an event says so."""
-        if not result.exceeded:
-            return Outcome(result.state)
-        reservation, actual, now = request
-        event = events.overspent(result.state, reservation, actual, now)
-        return Outcome(result.state, (event,))
+    def _changed(result: CommitResult | Change) -> Outcome[AgentState]:
+        """The outcome of a change whose events the store appended with it."""
+        return Outcome(result.state, result.records)
 
     @staticmethod
     def _pii_request(
@@ -357,17 +390,6 @@ class ManagerCore:
     ) -> tuple[AgentId, AgentStatus, float]:
         """The id, the new status and the time."""
         return coerce(agent_id), AgentStatus.parse(status), time.time()
-
-    @staticmethod
-    def _status_set(
-        request: tuple[AgentId, AgentStatus, float], result: tuple[AgentStatus, AgentState]
-    ) -> Outcome[AgentState]:
-        """The outcome of ``set_status``: a real change writes a ``status_changed`` event."""
-        aid, new, now = request
-        old, state = result
-        if old is new:
-            return Outcome(state)
-        return Outcome(state, (events.status_changed(aid, old, new, now),))
 
     # -- the audit trail --------------------------------------------------------------------------
 
@@ -404,25 +426,112 @@ class ManagerCore:
         return AuditPages(query, check_count(page_size, "page_size", minimum=1))
 
     @staticmethod
-    def _verify_steps() -> Generator[StoreCall | VerifyRows, Any, AuditVerification]:
-        """``verify_audit_log``: check the chain from the anchor up to the head read first.
+    def _settle(outcome: Outcome[_T]) -> _T:
+        """Log the records the store call appended, then raise the outcome's error or return its value."""
+        if outcome.records:
+            log_events(outcome.records)
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.value
 
-        Records appended while the rows are read lie past that head and are left out, so a busy
-        trail verifies too. A prune that runs meanwhile moves the anchor: a check it broke is
-        made again, up to :data:`VERIFY_ATTEMPTS` times.
+    def _checkpoint(self, marks: AuditMarks) -> AuditCheckpoint:
+        """A witness of the head in ``marks``, signed with the audit key when there is one."""
+        seq, digest = marks.head
+        unsigned = AuditCheckpoint(seq, digest, int(time.time()))
+        return AuditCheckpoint(seq, digest, unsigned.time, self._sign(unsigned))
+
+    def _sign(self, checkpoint: AuditCheckpoint) -> str:
+        return self._chain.seal_mark("checkpoint", checkpoint.seq, checkpoint.statement()) or ""
+
+    @staticmethod
+    def _checkpoint_request(checkpoint: object) -> AuditCheckpoint | None:
+        """A checkpoint given to ``verify_audit_log``: an ``AuditCheckpoint`` or its dict."""
+        if checkpoint is None or isinstance(checkpoint, AuditCheckpoint):
+            return checkpoint
+        return AuditCheckpoint.from_dict(checkpoint)
+
+    def _verify_steps(
+        self, checkpoint: AuditCheckpoint | None
+    ) -> Generator[StoreCall | VerifyRows, Any, AuditVerification]:
+        """``verify_audit_log``: every stored record, the marks, their seals, and a checkpoint.
+
+        Every record a reader can see is checked, from the anchor on, and the store's head,
+        anchor and count must agree with them. Records appended while the rows are read are
+        read too (a few times at most), so a busy trail verifies. A prune that runs meanwhile
+        moves the anchor: a check it broke is made again, up to :data:`VERIFY_ATTEMPTS` times.
         """
         for _ in range(VERIFY_ATTEMPTS):
-            head = yield StoreCall("audit_head")
-            anchor = yield StoreCall("audit_anchor")
-            result: AuditVerification = yield VerifyRows(anchor, head)
-            if result.ok or (yield StoreCall("audit_anchor")) == anchor:
-                return result
-        return result
+            marks: AuditMarks = yield StoreCall("audit_marks")
+            verifier = self._chain.verifier(marks.anchor)
+            self._check_checkpoint(verifier, marks, checkpoint)
+            yield VerifyRows(verifier, 0)
+            later = marks
+            for _ in range(CATCH_UP_READS):
+                later = yield StoreCall("audit_marks")
+                if not verifier.ok or later.anchor != marks.anchor or later.head[0] <= verifier.last[0]:
+                    break
+                if not (yield VerifyRows(verifier, verifier.last[0])):
+                    break  # the head is ahead of every stored record
+            if later.anchor != marks.anchor and not verifier.ok:
+                continue  # a prune moved the anchor while the rows were read: check again
+            verifier.check_head(later.head)
+            self._check_marks(verifier, later)
+            if checkpoint is not None and verifier.ok and checkpoint.seq > verifier.last[0]:
+                verifier.fail(
+                    verifier.last[0] + 1,
+                    f"the trail ends at seq {verifier.last[0]}, before the checkpoint's seq "
+                    f"{checkpoint.seq}: its newest records were removed",
+                )
+            return verifier.report()
+        return verifier.report()
 
-    def _verify_rows(self, rows: Iterable[AuditRow], step: VerifyRows) -> AuditVerification:
-        """Verify stored rows (from ``step.anchor``) up to ``step.head``; the CPU half of verifying."""
-        head_seq = step.head[0]
-        bounded = (row for row in rows if row[0] <= head_seq)
-        return self._chain.verify(
-            bounded, anchor_seq=step.anchor[0], anchor_hash=step.anchor[1], head=step.head
-        )
+    def _check_marks(self, verifier: ChainVerifier, marks: AuditMarks) -> None:
+        """The count must match the span of seqs; with a key, the head and anchor seals must match."""
+        (head_seq, head_hash), (anchor_seq, anchor_hash) = marks.head, marks.anchor
+        if marks.count != head_seq - anchor_seq and head_seq >= anchor_seq:
+            verifier.fail(
+                anchor_seq + 1,
+                f"the store counts {marks.count} records, but its anchor (seq {anchor_seq}) and head "
+                f"(seq {head_seq}) span {head_seq - anchor_seq}: records or marks were changed",
+            )
+        if not self._chain.keyed:
+            return
+        if head_seq > 0 and marks.head_seal != self._chain.seal_mark("head", head_seq, head_hash):
+            verifier.fail(
+                head_seq,
+                "the store's head is not sealed with this audit key: it was moved or written without "
+                "the key (or the trail was written by a version before 0.5: append once with the key)",
+            )
+        if anchor_seq > 0 and marks.anchor_seal != self._chain.seal_mark("anchor", anchor_seq, anchor_hash):
+            verifier.fail(
+                anchor_seq + 1,
+                "the store's anchor is not sealed with this audit key: it was moved without the key, "
+                "hiding the records before it",
+            )
+
+    def _check_checkpoint(
+        self, verifier: ChainVerifier, marks: AuditMarks, checkpoint: AuditCheckpoint | None
+    ) -> None:
+        """The trail must still hold the checkpoint's record (or its anchor be that record)."""
+        if checkpoint is None:
+            return
+        if self._chain.keyed and checkpoint.signature != self._sign(checkpoint):
+            verifier.fail(
+                checkpoint.seq,
+                "the checkpoint's signature does not match this audit key: it was edited, or made "
+                "with another key or without one",
+            )
+            return
+        anchor_seq, anchor_hash = marks.anchor
+        if checkpoint.seq < anchor_seq:
+            verifier.fail(
+                anchor_seq,
+                f"the trail was pruned past the checkpoint (seq {checkpoint.seq} < anchor seq "
+                f"{anchor_seq}): it cannot be checked against it; take a new checkpoint after pruning",
+            )
+        elif checkpoint.seq == anchor_seq:
+            expected = GENESIS_HASH if anchor_seq == 0 else checkpoint.hash
+            if anchor_hash != expected or checkpoint.hash != expected:
+                verifier.fail(anchor_seq, "the trail's anchor is not the record the checkpoint saw")
+        else:
+            verifier.witness = (checkpoint.seq, checkpoint.hash)

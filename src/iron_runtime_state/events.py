@@ -13,6 +13,8 @@ from .ids import AgentId
 from .models import AgentState, AgentStatus, AuditEvent, Reservation
 
 __all__ = [
+    "REWOUND_AGENT",
+    "audit_rewound",
     "budget_exceeded",
     "event_json",
     "overspent",
@@ -56,6 +58,19 @@ def overspent(state: AgentState, reservation: Reservation, actual: float, now: f
 def pii_detected(agent_id: AgentId, count: int, details: str, now: float) -> AuditEvent:
     """PII detections added to an agent's count (``details`` is validated here)."""
     return AuditEvent(agent_id, "pii_detected", int(now), event_json(count=count, details=details))
+
+
+#: The agent id of the trail's own events (``audit_rewound``), which concern no agent.
+REWOUND_AGENT = AgentId.test_fixture(0)
+
+
+def audit_rewound(expected: tuple[int, str], found: tuple[int, str], now: float) -> AuditEvent:
+    """A writer found the trail's head below the highest it had seen: a restore, a failover or a
+    truncation. The record says what was expected and what was found, so a reader sees the gap."""
+    details = event_json(
+        expected_seq=expected[0], expected_hash=expected[1], found_seq=found[0], found_hash=found[1]
+    )
+    return AuditEvent._trusted(REWOUND_AGENT, "audit_rewound", int(now), details)
 
 
 def status_changed(agent_id: AgentId, old: AgentStatus, new: AgentStatus, now: float) -> AuditEvent:

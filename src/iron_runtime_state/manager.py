@@ -24,7 +24,6 @@ from .core import (
     VERIFY_BATCH,
     AuditPages,
     ManagerCore,
-    Outcome,
     StoreCall,
     VerifyRows,
     available,
@@ -41,6 +40,7 @@ from .ids import AgentId, coerce, key_of
 from .models import (
     AgentState,
     AgentStatus,
+    AuditCheckpoint,
     AuditEvent,
     AuditRecord,
     AuditVerification,
@@ -222,19 +222,19 @@ class StateManager(ManagerCore):
         ``AgentNotRunning`` for an agent that is stopped or failed.
         """
         request = self._spend_request(agent_id, amount)
-        return self._settle(self._spent(request, self._backend.record_spend(*request)))
+        return self._settle(self._spent(request, self._backend.record_spend(*request, self._chain)))
 
     def record_pii_detection(
         self, agent_id: str | AgentId, count: int = 1, *, details: str = ""
     ) -> AgentState:
         """Atomically add ``count`` (>= 1) PII detections and write a ``pii_detected`` event."""
         aid, n, now, event = self._pii_request(agent_id, count, details)
-        return self._settle(Outcome(self._backend.record_pii(aid, n, now), (event,)))
+        return self._settle(self._changed(self._backend.record_pii(aid, n, now, event, self._chain)))
 
     def set_status(self, agent_id: str | AgentId, status: AgentStatus | str) -> AgentState:
         """Atomically change the status; a real change writes a ``status_changed`` event."""
         request = self._status_request(agent_id, status)
-        return self._settle(self._status_set(request, self._backend.set_status(*request)))
+        return self._settle(self._changed(self._backend.set_status(*request, self._chain)))
 
     # -- reservations ----------------------------------------------------------------------------
 
@@ -249,7 +249,8 @@ class StateManager(ManagerCore):
         store releases it by itself, even if this process died.
         """
         request = self._spend_request(agent_id, amount)
-        result = self._backend.reserve(*request[:2], self._ttl(ttl), request[2], new_reservation_id())
+        aid, value, now = request
+        result = self._backend.reserve(aid, value, self._ttl(ttl), now, new_reservation_id(), self._chain)
         return self._settle(self._reserved(request, result))
 
     def commit_reservation(self, reservation: Reservation, actual: float) -> AgentState:
@@ -260,7 +261,7 @@ class StateManager(ManagerCore):
         :class:`ReservationError` and charges nothing.
         """
         request = self._commit_request(reservation, actual)
-        return self._settle(self._committed(request, self._backend.commit(*request)))
+        return self._settle(self._changed(self._backend.commit(*request, self._chain)))
 
     def release_reservation(self, reservation: Reservation) -> None:
         """Free the hold without spending; :class:`ReservationError` if it is not open."""
@@ -283,12 +284,24 @@ class StateManager(ManagerCore):
 
     # -- the audit trail's integrity, export and retention -----------------------------------------
 
-    def verify_audit_log(self) -> AuditVerification:
-        """Check the whole hash chain; the report names the first bad record and why.
+    def verify_audit_log(self, *, since_checkpoint: AuditCheckpoint | None = None) -> AuditVerification:
+        """Check the whole audit trail; the report names the first bad record and why.
 
-        A prune that runs meanwhile moves the anchor; a check it broke is made again.
+        Every record a reader can see is checked: each links to the one before it and its hash
+        matches its content, and the store's head, anchor and count agree with the records.
+        With an audit key the head and the anchor must carry the key's seal. With
+        ``since_checkpoint`` (from :meth:`audit_checkpoint`, kept elsewhere) the trail must still
+        hold the checkpoint's record: a truncation of the newest records fails. See the README's
+        audit section for what is and is not detected. A prune that runs meanwhile is allowed for.
         """
-        return self._drive(self._verify_steps())
+        return self._drive(self._verify_steps(self._checkpoint_request(since_checkpoint)))
+
+    def audit_checkpoint(self) -> AuditCheckpoint:
+        """A witness of the trail's head now: keep it outside the store (signed with the audit key).
+
+        ``verify_audit_log(since_checkpoint=...)`` then fails if the store no longer extends it.
+        """
+        return self._checkpoint(self._backend.audit_marks())
 
     def iter_audit_log(
         self,
@@ -327,7 +340,7 @@ class StateManager(ManagerCore):
         enough), so what remains still verifies: the last removed hash becomes the anchor.
         Returns how many records were removed.
         """
-        return self._backend.prune_audit(check_timestamp(before, "before"))
+        return self._backend.prune_audit(check_timestamp(before, "before"), self._chain)
 
     def purge_agents(
         self,
@@ -373,13 +386,6 @@ class StateManager(ManagerCore):
         log_events(records)
         return records
 
-    def _settle(self, outcome: Outcome[_T]) -> _T:
-        """Append the outcome's events, then raise its error or return its value."""
-        self._append(outcome.events)
-        if outcome.error is not None:
-            raise outcome.error
-        return outcome.value
-
     def _drive(self, steps: Generator[StoreCall | VerifyRows, Any, _T]) -> _T:
         """Run a multi-call operation of the core to its end."""
         reply: Any = None
@@ -387,8 +393,7 @@ class StateManager(ManagerCore):
             while True:
                 step = steps.send(reply)
                 if isinstance(step, VerifyRows):
-                    rows = self._backend.iter_audit_rows(step.anchor[0], VERIFY_BATCH)
-                    reply = self._verify_rows(rows, step)
+                    reply = step.verifier.feed(self._backend.iter_audit_rows(step.after_seq, VERIFY_BATCH))
                 else:
                     reply = getattr(self._backend, step.name)(*step.args)
         except StopIteration as done:

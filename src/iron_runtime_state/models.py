@@ -19,6 +19,7 @@ from .ids import AgentId
 __all__ = [
     "AgentState",
     "AgentStatus",
+    "AuditCheckpoint",
     "AuditEvent",
     "AuditRecord",
     "AuditVerification",
@@ -33,6 +34,13 @@ _new_object = object.__new__
 EVENT_TYPE_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,63}")
 MAX_DETAILS_BYTES: Final = 64 * 1024
 MAX_TIMESTAMP: Final = 2**53  # exact in a float and in JSON numbers everywhere
+#: The largest amount one call may spend, hold or commit (a trillion units). Stored totals stay
+#: finite whatever is added to them: a total near the largest float grows by less than its
+#: rounding step.
+MAX_AMOUNT: Final = 1e12
+#: The longest a budget hold may last: one day (seconds). A hold that outlives its call is
+#: released when it expires, so a bound keeps a crashed caller from holding budget for ever.
+MAX_TTL: Final = 86_400.0
 
 
 #: Relative slack in limit checks, so that ten spends of 0.1 fit a limit of 1.0 despite binary
@@ -66,17 +74,25 @@ class AgentStatus(enum.Enum):
         raise ValidationError(f"unknown agent status {str(value)[:64]!r}; use one of {names}")
 
 
-def check_amount(value: object, what: str, *, allow_zero: bool = True) -> float:
-    """``value`` as a float if it is a finite, non-negative number (int or float, not bool)."""
+def check_amount(value: object, what: str, *, allow_zero: bool = True, maximum: float | None = None) -> float:
+    """``value`` as a float if it is a finite, non-negative number (int or float, not bool).
+
+    ``maximum`` bounds it too (a ``ValidationError`` names the bound).
+    """
     if type(value) is float:
         amount = value
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        amount = float(value)
+        try:
+            amount = float(value)
+        except OverflowError:  # an int too large for a float
+            amount = _INF
     else:
         raise StateTypeError(f"{what} must be a number (float or int), got {type(value).__name__}")
     if not (amount > 0.0 or (allow_zero and amount == 0.0)) or amount == _INF:
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValidationError(f"{what} must be finite and {bound}, got {amount!r}")
+        raise ValidationError(f"{what} must be finite and {bound}, got {amount!r:.40}")
+    if maximum is not None and amount > maximum:
+        raise ValidationError(f"{what} must be at most {maximum:g}, got {amount!r}")
     return amount
 
 
@@ -443,3 +459,51 @@ class AuditVerification:
             "anchor_hash": self.anchor_hash,
             "last_seq": self.last_seq,
         }
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditCheckpoint:
+    """A witness of the audit trail: its head ``(seq, hash)`` at ``time``, made by ``audit_checkpoint``.
+
+    Keep it outside the store (a file in another system, a ticket, a log shipped elsewhere):
+    ``verify_audit_log(since_checkpoint=...)`` then fails if the store no longer extends it, which
+    is how a truncation of the newest records shows. With an audit key, ``signature`` is the
+    key's seal of the statement, so the checkpoint itself cannot be forged without the key;
+    without a key it is empty, and the checkpoint is only as safe as the place it is kept.
+    """
+
+    seq: int
+    hash: str
+    time: int
+    signature: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; :meth:`from_dict` reads it back."""
+        return {"seq": self.seq, "hash": self.hash, "time": self.time, "signature": self.signature}
+
+    @classmethod
+    def from_dict(cls, data: object) -> AuditCheckpoint:
+        """The checkpoint in a dict made by :meth:`to_dict`; a clear error for anything else."""
+        if not isinstance(data, Mapping):
+            raise StateTypeError(f"an audit checkpoint is a JSON object, got {type(data).__name__}")
+        keys = {"seq", "hash", "time", "signature"}
+        if set(data) != keys:
+            found = sorted(str(k)[:32] for k in data)[:8]
+            raise ValidationError(f"an audit checkpoint has exactly the keys {sorted(keys)}, got {found}")
+        seq, digest, at, signature = data["seq"], data["hash"], data["time"], data["signature"]
+        if type(seq) is not int or not 0 <= seq < MAX_COUNT:
+            raise ValidationError("the checkpoint's seq must be an int >= 0")
+        if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+            raise ValidationError("the checkpoint's hash must be 64 lowercase hex digits")
+        if type(at) is not int or not 0 <= at < MAX_TIMESTAMP:
+            raise ValidationError("the checkpoint's time must be Unix seconds (an int)")
+        if not isinstance(signature, str) or (signature and not _HEX64.fullmatch(signature)):
+            raise ValidationError("the checkpoint's signature must be empty or 64 lowercase hex digits")
+        return cls(seq, digest, at, signature)
+
+    def statement(self) -> str:
+        """The text the signature seals: ``seq``, ``hash`` and ``time``."""
+        return f"{self.hash}@{self.time}"

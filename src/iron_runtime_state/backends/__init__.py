@@ -14,13 +14,15 @@ from dataclasses import dataclass
 from typing import cast
 
 from ..errors import ConfigurationError, MissingDependency, StateTypeError
-from .base import AuditQuery, Backend, CommitResult, SpendResult
+from .base import AuditMarks, AuditQuery, Backend, Change, CommitResult, SpendResult
 
 __all__ = [
     "SCHEMES",
+    "AuditMarks",
     "AuditQuery",
     "Backend",
     "BackendSpec",
+    "Change",
     "CommitResult",
     "SpendResult",
     "open_backend",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from ..audit_chain import AuditChain, AuditRow
@@ -27,8 +27,10 @@ from ..models import AgentState, AgentStatus, AuditEvent, AuditRecord, FleetStat
 __all__ = [
     "ITERATORS",
     "OPERATIONS",
+    "AuditMarks",
     "AuditQuery",
     "Backend",
+    "Change",
     "CommitResult",
     "OpsBackend",
     "SpendResult",
@@ -68,6 +70,8 @@ class SpendResult:
     state: AgentState
     exceeded: bool = False  # True: nothing changed, the limit would have been passed
     reserved: float = 0.0  # open holds at the time of the check
+    #: The audit records appended in the same atomic step (the ``budget_exceeded`` of a refusal).
+    records: list[AuditRecord] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -76,6 +80,34 @@ class CommitResult:
 
     state: AgentState
     exceeded: bool  # the recorded spend took the agent past its limit
+    #: The audit records appended in the same atomic step (the ``budget_exceeded`` of an overspend).
+    records: list[AuditRecord] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Change:
+    """What a counter or status change did: the new state, and the events appended with it."""
+
+    state: AgentState
+    #: The audit records appended in the same atomic step as the change.
+    records: list[AuditRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditMarks:
+    """Where the audit trail stands, read in one snapshot.
+
+    ``head`` is ``(seq, hash)`` of the newest record ever appended (the anchor when none remain),
+    ``anchor`` the ``(seq, hash)`` the first remaining record links to (``(0, GENESIS_HASH)``
+    unpruned), ``count`` the records stored. With an audit key the store keeps the head's and
+    the anchor's seals (``AuditChain.seal_mark``) beside them; ``None`` where it has none.
+    """
+
+    head: tuple[int, str]
+    anchor: tuple[int, str]
+    count: int
+    head_seal: str | None = None
+    anchor_seal: str | None = None
 
 
 def _wrap(method: _F) -> _F:
@@ -196,40 +228,49 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def record_spend(self, agent_id: AgentId, amount: float, now: float) -> SpendResult:
+    def record_spend(self, agent_id: AgentId, amount: float, now: float, chain: AuditChain) -> SpendResult:
         """Atomically add ``amount`` to ``budget_spent`` unless that passes the limit.
 
         The check counts open reservations: ``spent + reserved + amount <= limit``. Raises
-        ``AgentNotFound`` or ``AgentNotRunning``; a refused spend is ``exceeded=True``.
+        ``AgentNotFound`` or ``AgentNotRunning``. A refused spend changes nothing, is
+        ``exceeded=True``, and appends ``events.budget_exceeded(..., "spend")`` in the same
+        atomic step.
         """
 
     @abc.abstractmethod
-    def record_pii(self, agent_id: AgentId, count: int, now: float) -> AgentState:
-        """Atomically add ``count`` to ``pii_detections``; ``AgentNotFound`` when absent."""
+    def record_pii(
+        self, agent_id: AgentId, count: int, now: float, event: AuditEvent, chain: AuditChain
+    ) -> Change:
+        """Atomically add ``count`` to ``pii_detections`` and append ``event`` with it.
+
+        ``AgentNotFound`` when absent; ``ValidationError`` (nothing changes) when the count would
+        reach 2**63.
+        """
 
     @abc.abstractmethod
-    def set_status(
-        self, agent_id: AgentId, status: AgentStatus, now: float
-    ) -> tuple[AgentStatus, AgentState]:
-        """Atomically set the status; returns the old status and the new state."""
+    def set_status(self, agent_id: AgentId, status: AgentStatus, now: float, chain: AuditChain) -> Change:
+        """Atomically set the status; a real change appends ``events.status_changed`` with it."""
 
     # -- reservations ---------------------------------------------------------------------
 
     @abc.abstractmethod
     def reserve(
-        self, agent_id: AgentId, amount: float, ttl: float, now: float, reservation_id: str
+        self, agent_id: AgentId, amount: float, ttl: float, now: float, reservation_id: str, chain: AuditChain
     ) -> Reservation | SpendResult:
         """Hold ``amount`` if ``spent + open holds + amount <= limit``, first dropping expired holds.
 
-        Returns the reservation, or a ``SpendResult`` with ``exceeded=True`` when refused.
-        Raises ``AgentNotFound`` or ``AgentNotRunning``.
+        Returns the reservation, or a ``SpendResult`` with ``exceeded=True`` when refused (and
+        ``events.budget_exceeded(..., "reserve")`` appended in the same atomic step). Raises
+        ``AgentNotFound`` or ``AgentNotRunning``.
         """
 
     @abc.abstractmethod
-    def commit(self, reservation: Reservation, actual: float, now: float) -> CommitResult:
+    def commit(self, reservation: Reservation, actual: float, now: float, chain: AuditChain) -> CommitResult:
         """Record ``actual`` as spent and drop the hold, atomically.
 
-        Raises ``ReservationError`` if the hold is not open (settled, expired or never made).
+        A spend that takes the agent past its limit stands, and ``events.overspent`` is appended
+        in the same atomic step. Raises ``ReservationError`` if the hold is not open (settled,
+        expired or never made).
         """
 
     @abc.abstractmethod
@@ -247,7 +288,10 @@ class Backend(abc.ABC):
         """Append events in order, atomically as a batch, each sealed into the chain.
 
         The next ``seq`` and the previous hash are read and written in the same atomic step,
-        so concurrent appenders (threads, processes, hosts) extend one chain.
+        so concurrent appenders (threads, processes, hosts) extend one chain. With a keyed
+        chain the new head's seal is stored with it. A head below the highest this store object
+        saw (a restore, a failover, a truncation) is logged as a warning and recorded by an
+        ``events.audit_rewound`` record first in the same batch.
         """
 
     @abc.abstractmethod
@@ -256,25 +300,26 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def iter_audit_rows(self, after_seq: int, batch_size: int) -> Iterator[AuditRow]:
-        """Every record with ``seq > after_seq`` as plain rows, in ``seq`` order, in batches."""
+        """Every stored record with ``seq > after_seq`` as plain rows, in ``seq`` order, in batches.
+
+        Not bounded by the head or the anchor: whatever a reader can see is handed out, so the
+        verifier can flag records left before the anchor or placed after the head.
+        """
 
     @abc.abstractmethod
-    def audit_anchor(self) -> tuple[int, str]:
-        """``(seq, hash)`` the first remaining record links to: ``(0, GENESIS_HASH)`` unpruned."""
-
-    @abc.abstractmethod
-    def audit_head(self) -> tuple[int, str]:
-        """``(seq, hash)`` of the newest record ever appended (the anchor if none remain)."""
+    def audit_marks(self) -> AuditMarks:
+        """The head, the anchor, the count and their seals, read in one snapshot."""
 
     @abc.abstractmethod
     def audit_count(self) -> int:
         """How many records the trail holds."""
 
     @abc.abstractmethod
-    def prune_audit(self, before: int) -> int:
+    def prune_audit(self, before: int, chain: AuditChain) -> int:
         """Remove the longest run of oldest records whose timestamp is before ``before``.
 
-        The hash of the last removed record becomes the anchor. Returns how many were removed.
+        The hash of the last removed record becomes the anchor (sealed with a keyed chain).
+        Returns how many were removed.
         """
 
     @abc.abstractmethod

@@ -15,15 +15,27 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+import time
 from array import array
 from collections.abc import Iterator, Sequence
-from typing import Final
+from typing import Final, NamedTuple
 
+from .. import events
 from ..audit_chain import GENESIS_HASH, AuditChain, AuditRow
 from ..errors import AgentNotFound, AgentNotRunning, ConfigurationError, ReservationError
 from ..ids import AgentId
-from ..models import AgentState, AgentStatus, AuditEvent, AuditRecord, FleetStats, Reservation, exceeds
-from .base import AuditQuery, Backend, CommitResult, SpendResult, UpdateFn
+from ..models import (
+    AgentState,
+    AgentStatus,
+    AuditEvent,
+    AuditRecord,
+    FleetStats,
+    Reservation,
+    check_count,
+    exceeds,
+)
+from .base import AuditMarks, AuditQuery, Backend, Change, CommitResult, SpendResult, UpdateFn
+from .head_watch import HeadWatch
 
 __all__ = ["MemoryBackend", "open_memory"]
 
@@ -72,6 +84,14 @@ class _Holds:
         return self.total
 
 
+class _Sealed(NamedTuple):
+    """Records sealed onto the trail's head and not kept yet (``MemoryBackend._seal``)."""
+
+    records: list[AuditRecord]
+    head_seal: str | None  # the seal of the head they lead to (with an audit key)
+    rewound: int  # how many of them lead the batch: an audit_rewound record, or none
+
+
 class MemoryBackend(Backend):
     """A thread-safe store in this process's memory; nothing survives the process."""
 
@@ -95,11 +115,14 @@ class MemoryBackend(Backend):
         self._holds: dict[str, _Holds] = {}  # only agents that have open holds
         # The audit trail: records in seq order, and the seqs of each agent and event type.
         self._records: list[AuditRecord] = []
-        self._first_seq = 1  # the seq of _records[0]
         self._by_agent: dict[str, list[int]] = {}
         self._by_type: dict[str, list[int]] = {}
         self._anchor: tuple[int, str] = (0, GENESIS_HASH)
         self._head: tuple[int, str] = (0, GENESIS_HASH)
+        self._anchor_seal: str | None = None  # with an audit key: the seals of the two marks
+        self._head_seal: str | None = None
+        # Only code that edits these fields can move the head back; the check is the stores' one.
+        self._watch = HeadWatch()
 
     @property
     def url(self) -> str:
@@ -256,33 +279,50 @@ class MemoryBackend(Backend):
 
     # -- atomic counters ----------------------------------------------------------------------
 
-    def record_spend(self, agent_id: AgentId, amount: float, now: float) -> SpendResult:
+    def record_spend(self, agent_id: AgentId, amount: float, now: float, chain: AuditChain) -> SpendResult:
         key = agent_id.as_str()
         with self._lock:
             slot = self._slot(key, "record spend")
             reserved = self._open_holds(key, now)
             spent = self._spent[slot]
-            exceeded = self._passes_limit(slot, spent + reserved + amount)
-            if not exceeded:
-                self._write(slot, now, spent=spent + amount)
-            return SpendResult(self._state(agent_id, slot), exceeded, reserved)
+            if self._passes_limit(slot, spent + reserved + amount):
+                return self._refuse(agent_id, slot, reserved, amount, now, "spend", chain)
+            self._write(slot, now, spent=spent + amount)
+            return SpendResult(self._state(agent_id, slot), False, reserved)
 
-    def record_pii(self, agent_id: AgentId, count: int, now: float) -> AgentState:
+    def _refuse(
+        self,
+        agent_id: AgentId,
+        slot: int,
+        reserved: float,
+        amount: float,
+        now: float,
+        action: str,
+        chain: AuditChain,
+    ) -> SpendResult:
+        """A spend or hold past the limit: nothing changes, and its ``budget_exceeded`` event is appended."""
+        state = self._state(agent_id, slot)
+        event = events.budget_exceeded(agent_id, state, reserved, amount, now, action)
+        return SpendResult(state, True, reserved, self._keep(self._seal([event], chain, now)))
+
+    def record_pii(
+        self, agent_id: AgentId, count: int, now: float, event: AuditEvent, chain: AuditChain
+    ) -> Change:
         with self._lock:
             slot = self._slot(agent_id.as_str())
-            pii = self._pii[slot] + count
+            pii = check_count(self._pii[slot] + count, "the agent's pii_detections")
+            sealed = self._seal([event], chain, now)
             self._write(slot, now, pii=pii)
-            return self._state(agent_id, slot)
+            return Change(self._state(agent_id, slot), self._keep(sealed))
 
-    def set_status(
-        self, agent_id: AgentId, status: AgentStatus, now: float
-    ) -> tuple[AgentStatus, AgentState]:
+    def set_status(self, agent_id: AgentId, status: AgentStatus, now: float, chain: AuditChain) -> Change:
         with self._lock:
             slot = self._slot(agent_id.as_str())
             old = _STATUSES[self._status[slot]]
-            code = _STATUSES.index(status)
-            self._write(slot, now, code=code)
-            return old, self._state(agent_id, slot)
+            implied = [] if old is status else [events.status_changed(agent_id, old, status, now)]
+            sealed = self._seal(implied, chain, now)
+            self._write(slot, now, code=_STATUSES.index(status))
+            return Change(self._state(agent_id, slot), self._keep(sealed))
 
     # -- reservations ----------------------------------------------------------------------
 
@@ -296,47 +336,63 @@ class MemoryBackend(Backend):
             del self._holds[key]
         return total
 
-    def _take_hold(self, reservation: Reservation, now: float, action: str) -> None:
-        """Drop the reservation's hold; ``ReservationError`` if it is not open."""
+    def _check_open(self, reservation: Reservation, now: float, action: str) -> None:
+        """``ReservationError`` unless the reservation's hold is open (an expired one is dropped)."""
         key = reservation.agent_id.as_str()
         holds = self._holds.get(key)
-        entry = None if holds is None else holds.take(reservation.reservation_id)
-        if holds is not None and not holds.amounts:
+        entry = None if holds is None else holds.amounts.get(reservation.reservation_id)
+        if entry is not None and entry[1] > now:
+            return
+        if entry is not None:
+            self._drop_hold(key, reservation.reservation_id)
+        raise ReservationError(
+            f"cannot {action} reservation {reservation.reservation_id}: it is not open "
+            "(already committed or released, expired after its ttl, or its agent was "
+            "removed); if money was spent after the hold expired, record it with record_spend"
+        )
+
+    def _drop_hold(self, key: str, reservation_id: str) -> None:
+        """Drop a hold known to be there."""
+        holds = self._holds[key]
+        holds.take(reservation_id)
+        if not holds.amounts:
             del self._holds[key]
-        if entry is None or entry[1] <= now:  # an expired hold is dropped, but it was not open
-            raise ReservationError(
-                f"cannot {action} reservation {reservation.reservation_id}: it is not open "
-                "(already committed or released, expired after its ttl, or its agent was "
-                "removed); if money was spent after the hold expired, record it with record_spend"
-            )
 
     def reserve(
-        self, agent_id: AgentId, amount: float, ttl: float, now: float, reservation_id: str
+        self, agent_id: AgentId, amount: float, ttl: float, now: float, reservation_id: str, chain: AuditChain
     ) -> Reservation | SpendResult:
         key = agent_id.as_str()
         with self._lock:
             slot = self._slot(key, "reserve budget")
             reserved = self._open_holds(key, now)
             if self._passes_limit(slot, self._spent[slot] + reserved + amount):
-                return SpendResult(self._state(agent_id, slot), exceeded=True, reserved=reserved)
+                return self._refuse(agent_id, slot, reserved, amount, now, "reserve", chain)
             holds = self._holds.get(key)
             if holds is None:
                 holds = self._holds[key] = _Holds()
             holds.add(reservation_id, amount, now + ttl)
         return Reservation._trusted(reservation_id, agent_id, amount, now + ttl)
 
-    def commit(self, reservation: Reservation, actual: float, now: float) -> CommitResult:
+    def commit(self, reservation: Reservation, actual: float, now: float, chain: AuditChain) -> CommitResult:
         agent_id = reservation.agent_id
+        key = agent_id.as_str()
         with self._lock:
-            self._take_hold(reservation, now, "commit")
-            slot = self._slot(agent_id.as_str())  # there: removing an agent drops its holds
+            self._check_open(reservation, now, "commit")
+            slot = self._slot(key)  # there: removing an agent drops its holds
             spent = self._spent[slot] + actual
+            state = self._state(agent_id, slot)
+            state.budget_spent = spent  # the state this commit leaves
+            exceeded = self._passes_limit(slot, spent)
+            overspent = [events.overspent(state, reservation, actual, now)] if exceeded else []
+            sealed = self._seal(overspent, chain, now)
+            self._drop_hold(key, reservation.reservation_id)
             self._write(slot, now, spent=spent)
-            return CommitResult(self._state(agent_id, slot), self._passes_limit(slot, spent))
+            return CommitResult(state, exceeded, self._keep(sealed))
 
     def release(self, reservation: Reservation, now: float) -> None:
         with self._lock:
-            self._take_hold(reservation, now, "release")
+            self._check_open(reservation, now, "release")
+            self._drop_hold(reservation.agent_id.as_str(), reservation.reservation_id)
 
     def reserved(self, agent_id: AgentId, now: float) -> tuple[AgentState, float]:
         with self._lock:
@@ -346,41 +402,81 @@ class MemoryBackend(Backend):
     # -- audit trail -------------------------------------------------------------------------
 
     def append_audit(self, events: Sequence[AuditEvent], chain: AuditChain) -> list[AuditRecord]:
-        out: list[AuditRecord] = []
         with self._lock:
-            seq, prev = self._head
-            for event in events:
-                seq += 1
-                agent = event.agent_id.as_str()
-                digest = chain.seal(prev, seq, agent, event.event_type, event.timestamp, event.details)
-                record = AuditRecord(seq, event, digest, prev)
-                self._records.append(record)
-                self._by_agent.setdefault(agent, []).append(seq)
-                self._by_type.setdefault(event.event_type, []).append(seq)
-                out.append(record)
-                prev = digest
-            self._head = (seq, prev)
-        return out
+            return self._keep(self._seal(events, chain, time.time()))
+
+    def _seal(self, batch: Sequence[AuditEvent], chain: AuditChain, now: float) -> _Sealed:
+        """The records of ``batch`` sealed onto the head, not kept yet (the caller holds the lock).
+
+        Sealing is the part of an append that can fail, so an operation seals its events before
+        it changes anything, then changes its agent and keeps the records: both or neither. A
+        head behind the one this store last wrote gets an ``audit_rewound`` record first.
+        """
+        if not batch:
+            return _Sealed([], None, 0)
+        seq, prev = self._head
+        rewound = self._watch.check(self._head, now)
+        records: list[AuditRecord] = []
+        for event in (*rewound, *batch):
+            seq += 1
+            agent = event.agent_id.as_str()
+            digest = chain.seal(prev, seq, agent, event.event_type, event.timestamp, event.details)
+            records.append(AuditRecord(seq, event, digest, prev))
+            prev = digest
+        return _Sealed(records, chain.seal_mark("head", seq, prev), len(rewound))
+
+    def _keep(self, sealed: _Sealed) -> list[AuditRecord]:
+        """Store sealed records (nothing here can fail); the records the caller asked for."""
+        records = sealed.records
+        if not records:
+            return records
+        for record in records:
+            self._records.append(record)
+            self._by_agent.setdefault(record.event.agent_id.as_str(), []).append(record.seq)
+            self._by_type.setdefault(record.event.event_type, []).append(record.seq)
+        last = records[-1]
+        self._head = (last.seq, last.hash)
+        self._head_seal = sealed.head_seal
+        self._watch.wrote(self._head)
+        return records[sealed.rewound :]
+
+    def _record(self, seq: int) -> AuditRecord | None:
+        """The stored record numbered ``seq`` (the caller holds the lock).
+
+        Records are kept in ``seq`` order without gaps, so its place is its distance from the
+        first; the record found there is checked, and a list edited by hand is searched instead.
+        """
+        records = self._records
+        i = seq - records[0].seq if records else -1
+        if not (0 <= i < len(records) and records[i].seq == seq):
+            i = bisect.bisect_left(records, seq, key=_seq_of)
+            if i == len(records) or records[i].seq != seq:
+                return None
+        return records[i]
 
     def query_audit(self, query: AuditQuery) -> list[AuditRecord]:
         out: list[AuditRecord] = []
         if query.limit == 0:
             return out
+        after = query.after_seq or 0
         with self._lock:
-            first = self._first_seq
-            seqs: Sequence[int]
-            if query.agent_id is not None:
-                seqs = self._by_agent.get(query.agent_id.as_str(), [])
-            elif query.event_type is not None:
-                seqs = self._by_type.get(query.event_type, [])
+            candidates: Iterator[AuditRecord | None]
+            if query.agent_id is not None or query.event_type is not None:
+                if query.agent_id is not None:
+                    seqs = self._by_agent.get(query.agent_id.as_str(), [])
+                else:
+                    seqs = self._by_type.get(query.event_type or "", [])
+                start = bisect.bisect_right(seqs, after)
+                candidates = (self._record(seqs[i]) for i in range(start, len(seqs)))
             else:
-                seqs = range(first, first + len(self._records))
-            start = bisect.bisect_right(seqs, query.after_seq or 0)
-            for i in range(start, len(seqs)):  # no copy of a long list's tail
-                seq = seqs[i]
-                record = self._records[seq - first]
+                records = self._records
+                start = bisect.bisect_right(records, after, key=_seq_of)
+                candidates = (records[i] for i in range(start, len(records)))  # no copy of the tail
+            for record in candidates:
+                if record is None:
+                    continue
                 event = record.event
-                if query.matches(seq, event.agent_id.as_str(), event.event_type, event.timestamp):
+                if query.matches(record.seq, event.agent_id.as_str(), event.event_type, event.timestamp):
                     out.append(record)
                     if query.limit is not None and len(out) >= query.limit:
                         break
@@ -391,7 +487,7 @@ class MemoryBackend(Backend):
         while True:
             with self._lock:
                 if position < 0:
-                    position = bisect.bisect_right(self._records, after_seq, key=lambda r: r.seq)
+                    position = bisect.bisect_right(self._records, after_seq, key=_seq_of)
                 batch = self._records[position : position + batch_size]
             if not batch:
                 return
@@ -400,19 +496,18 @@ class MemoryBackend(Backend):
                 e = r.event
                 yield (r.seq, e.agent_id.as_str(), e.event_type, e.timestamp, e.details, r.prev_hash, r.hash)
 
-    def audit_anchor(self) -> tuple[int, str]:
+    def audit_marks(self) -> AuditMarks:
         with self._lock:
-            return self._anchor
-
-    def audit_head(self) -> tuple[int, str]:
-        with self._lock:
-            return self._head
+            self._watch.saw(self._head)
+            return AuditMarks(
+                self._head, self._anchor, len(self._records), self._head_seal, self._anchor_seal
+            )
 
     def audit_count(self) -> int:
         with self._lock:
             return len(self._records)
 
-    def prune_audit(self, before: int) -> int:
+    def prune_audit(self, before: int, chain: AuditChain) -> int:
         with self._lock:
             records = self._records
             n = 0
@@ -421,9 +516,9 @@ class MemoryBackend(Backend):
             if n == 0:
                 return 0
             last = records[n - 1]
+            self._anchor_seal = chain.seal_mark("anchor", last.seq, last.hash)
             self._anchor = (last.seq, last.hash)
             del records[:n]
-            self._first_seq = last.seq + 1
             for index in (self._by_agent, self._by_type):
                 for name in list(index):
                     seqs = index[name]
@@ -436,6 +531,10 @@ class MemoryBackend(Backend):
 
     def close(self) -> None:
         """Nothing to release: the data lives as long as this object."""
+
+
+def _seq_of(record: AuditRecord) -> int:
+    return record.seq
 
 
 def open_memory(url: str, **options: object) -> MemoryBackend:

@@ -175,7 +175,7 @@ def _root(
 COMMANDS: Final[tuple[tuple[str, tuple[Callable[..., None], ...]], ...]] = (
     ("Start here", (demo.demo,)),
     ("Inspect", (fleet.agents, fleet.show, fleet.stats, audit.audit)),
-    ("Audit trail", (audit.verify, audit.export, audit.prune, fleet.purge)),
+    ("Audit trail", (audit.verify, audit.checkpoint, audit.export, audit.prune, fleet.purge)),
     ("Operate", (copy.copy, metrics.metrics)),
 )
 

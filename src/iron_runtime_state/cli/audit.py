@@ -16,13 +16,22 @@ from rich.text import Text
 from ..config import CLI_DEFAULT_URL
 from ..ids import AgentId
 from ..manager import StateManager
-from ..models import AuditRecord
-from .exit_codes import EXIT_CHECK_FAILED
+from ..models import AuditCheckpoint, AuditRecord
+from .exit_codes import EXIT_CHECK_FAILED, EXIT_USAGE, CommandError
 from .options import TIME_HELP, DebugOption, JsonOption, UrlOption, YesOption, parse_time
 from .render import audit_table, clip, emit_stream, fmt_time, print_verification
 from .session import Session, confirm
 
-__all__ = ["ExportFormat", "audit", "export", "prune", "tail_audit", "verify"]
+__all__ = [
+    "ExportFormat",
+    "audit",
+    "checkpoint",
+    "export",
+    "prune",
+    "read_checkpoint",
+    "tail_audit",
+    "verify",
+]
 
 AgentFilter = Annotated[str | None, typer.Option("--agent", "-a", help="Only this agent's records.")]
 TypeFilter = Annotated[
@@ -62,8 +71,9 @@ def tail_audit(manager: StateManager, count: int, **filters: Any) -> list[AuditR
     """
     if count <= 0:
         return []
-    head = manager.backend.audit_head()[0]
-    floor = max(manager.backend.audit_anchor()[0], filters.pop("after_seq", None) or 0)
+    marks = manager.backend.audit_marks()
+    head = marks.head[0]
+    floor = max(marks.anchor[0], filters.pop("after_seq", None) or 0)
     window = max(4 * count, 256)
     while True:
         after = max(head - window, floor)
@@ -108,7 +118,7 @@ def audit(
         filters["after_seq"] = after_seq
     with session.open() as manager:
         # Read before the first query: whatever is appended after it is picked up by --follow.
-        head = manager.backend.audit_head()[0] if follow else 0
+        head = manager.backend.audit_marks().head[0] if follow else 0
         if limit == 0:
             records: Iterable[AuditRecord] = manager.iter_audit_log(**filters)
         else:
@@ -160,7 +170,7 @@ def _follow(
     try:
         while True:
             _sleep(interval)
-            head = manager.backend.audit_head()[0]
+            head = manager.backend.audit_marks().head[0]
             if head <= seen:
                 continue
             shown = show_records(manager.iter_audit_log(after_seq=seen, **filters))
@@ -169,22 +179,82 @@ def _follow(
         session.note("stopped")
 
 
-def verify(
-    url: UrlOption = CLI_DEFAULT_URL, json_output: JsonOption = False, debug: DebugOption = False
-) -> None:
-    """Check the audit trail's hash chain. Exit status 1, with the first bad record, if it is broken.
+CheckpointOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoint",
+        metavar="FILE",
+        help="A checkpoint saved by 'iron-state checkpoint': fail if the trail no longer extends it.",
+    ),
+]
 
-    A chain sealed with an HMAC key verifies only with the same $IRON_STATE_AUDIT_KEY.
+
+def verify(
+    url: UrlOption = CLI_DEFAULT_URL,
+    checkpoint: CheckpointOption = None,
+    json_output: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Check the audit trail. Exit status 1, with the first bad record, if it is broken.
+
+    Every record, the trail's head, anchor and count; with $IRON_STATE_AUDIT_KEY the seals of
+    the head and anchor too (a chain sealed with a key verifies only with the same key). With
+    --checkpoint, also that the trail still holds the record the checkpoint saw, which is how
+    a removal of the newest records shows.
     """
     session = Session(url, json_output)
+    witness = None if checkpoint is None else read_checkpoint(checkpoint)
     with session.open() as manager:
-        report = manager.verify_audit_log()
+        report = manager.verify_audit_log(since_checkpoint=witness)
         if session.json:
             session.emit({"url": manager.url, **report.to_dict()})
         else:
             print_verification(session.out, manager.url, report)
     if not report.ok:
         raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+def checkpoint(
+    url: UrlOption = CLI_DEFAULT_URL,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", metavar="FILE", help="Write it to FILE (created; not overwritten)."),
+    ] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Print a checkpoint of the audit trail's head as JSON: keep it outside the store.
+
+    'iron-state verify --checkpoint FILE' later fails if the store no longer extends it, for
+    example after its newest records were removed. With $IRON_STATE_AUDIT_KEY it is signed.
+    """
+    session = Session(url, True)
+    with session.open() as manager:
+        witness = manager.audit_checkpoint()
+    text = json.dumps(witness.to_dict(), sort_keys=True)
+    if out is None:
+        session.out.print(text, markup=False, highlight=False, soft_wrap=True)
+        return
+    try:
+        with out.open("x", encoding="utf-8") as file:
+            file.write(text + "\n")
+    except FileExistsError:
+        raise CommandError(
+            f"{str(out)[:200]} exists; choose a new file for the checkpoint", EXIT_USAGE
+        ) from None
+    session.note(f"checkpoint of seq {witness.seq} written to {out}")
+
+
+def read_checkpoint(path: Path) -> AuditCheckpoint:
+    """The checkpoint saved in ``path`` by ``iron-state checkpoint``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CommandError(f"no checkpoint file {str(path)[:200]}", EXIT_USAGE) from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CommandError(
+            f"cannot read the checkpoint {str(path)[:200]}: {str(exc)[:200]}", EXIT_USAGE
+        ) from None
+    return AuditCheckpoint.from_dict(data)
 
 
 def export(

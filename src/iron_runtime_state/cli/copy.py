@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Annotated, Any, Final
 
 import typer
 
 from ..config import ENV_AUDIT_KEY
+from ..manager import StateManager
+from ..models import AuditVerification
 from .exit_codes import EXIT_CHECK_FAILED, CommandError
 from .options import DebugOption, JsonOption
 from .render import print_verification
@@ -55,12 +58,9 @@ def copy(
     session = Session(source, json_output)
     if append and force:
         raise CommandError("choose one of --append and --force")
-    with (
-        open_store(source) as src,
-        open_store(destination, must_exist=False, key_env=dest_audit_key_env) as dst,
-    ):
-        if src.url == dst.url or _same_file(source, destination):
-            raise CommandError(f"the source and the destination are the same store ({src.url})")
+    with open_store(source) as src:
+        # The source is read whole before the destination is opened: a source that cannot be
+        # read, or whose chain is broken, leaves no destination behind.
         src_report = src.verify_audit_log()
         if not src_report.ok:
             raise CommandError(
@@ -69,49 +69,66 @@ def copy(
                 "Run `iron-state verify` and `export` it to investigate",
                 EXIT_CHECK_FAILED,
             )
-        held = dst.stats().total, dst.audit_count()
-        if any(held) and not (append or force):
-            raise CommandError(
-                f"{dst.url} already holds {held[0]:,} agents and {held[1]:,} audit records; "
-                "pass --append to add to them, or --force to empty it first"
-            )
-        if force and any(held):
-            removed, pruned = clear_store(dst)
-            session.note(f"emptied {dst.url}: removed {removed:,} agents and {pruned:,} audit records")
-        started = time.perf_counter()
-        total_agents, total_records = src.stats().total, src.audit_count()
-        with session.progress() as progress:
-            agents_task = progress.add_task("agents", total=total_agents)
-            records_task = progress.add_task("audit records", total=total_records)
-            copied_agents = 0
-            for batch in _batches(src.iter_agent_states(batch_size=COPY_BATCH), COPY_BATCH):
-                copied_agents += dst.save_agent_states(batch)
-                progress.update(agents_task, advance=len(batch))
-            copied_records = 0
-            for records in _batches(src.iter_audit_log(page_size=5 * AUDIT_BATCH), AUDIT_BATCH):
-                copied_records += len(dst.save_audit_logs(r.event for r in records))
-                progress.update(records_task, advance=len(records))
-        report = dst.verify_audit_log()
-        seconds = time.perf_counter() - started
-        if session.json:
-            session.emit(
-                {
-                    "source": src.url,
-                    "destination": dst.url,
-                    "agents": copied_agents,
-                    "audit_records": copied_records,
-                    "seconds": round(seconds, 3),
-                    "verification": report.to_dict(),
-                }
-            )
-        else:
-            session.say(
-                f"copied {copied_agents:,} agents and {copied_records:,} audit records "
-                f"from {src.url} to {dst.url} in {seconds:.1f} s"
-            )
-            print_verification(session.out, dst.url, report)
+        created = _new_file(destination)
+        try:
+            with open_store(destination, must_exist=False, key_env=dest_audit_key_env) as dst:
+                report = _copy_into(session, src, dst, append=append, force=force)
+        except BaseException:
+            if created is not None:
+                _remove_store_file(created)
+            raise
     if not report.ok:
         raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+def _copy_into(
+    session: Session, src: StateManager, dst: StateManager, *, append: bool, force: bool
+) -> AuditVerification:
+    """Copy every agent and audit record of ``src`` into ``dst``; the destination's verification."""
+    if src.url == dst.url or _same_file(src.url, dst.url):
+        raise CommandError(f"the source and the destination are the same store ({src.url})")
+    held = dst.stats().total, dst.audit_count()
+    if any(held) and not (append or force):
+        raise CommandError(
+            f"{dst.url} already holds {held[0]:,} agents and {held[1]:,} audit records; "
+            "pass --append to add to them, or --force to empty it first"
+        )
+    if force and any(held):
+        removed, pruned = clear_store(dst)
+        session.note(f"emptied {dst.url}: removed {removed:,} agents and {pruned:,} audit records")
+    started = time.perf_counter()
+    total_agents, total_records = src.stats().total, src.audit_count()
+    with session.progress() as progress:
+        agents_task = progress.add_task("agents", total=total_agents)
+        records_task = progress.add_task("audit records", total=total_records)
+        copied_agents = 0
+        for batch in _batches(src.iter_agent_states(batch_size=COPY_BATCH), COPY_BATCH):
+            copied_agents += dst.save_agent_states(batch)
+            progress.update(agents_task, advance=len(batch))
+        copied_records = 0
+        for records in _batches(src.iter_audit_log(page_size=5 * AUDIT_BATCH), AUDIT_BATCH):
+            copied_records += len(dst.save_audit_logs(r.event for r in records))
+            progress.update(records_task, advance=len(records))
+    report = dst.verify_audit_log()
+    seconds = time.perf_counter() - started
+    if session.json:
+        session.emit(
+            {
+                "source": src.url,
+                "destination": dst.url,
+                "agents": copied_agents,
+                "audit_records": copied_records,
+                "seconds": round(seconds, 3),
+                "verification": report.to_dict(),
+            }
+        )
+    else:
+        session.say(
+            f"copied {copied_agents:,} agents and {copied_records:,} audit records "
+            f"from {src.url} to {dst.url} in {seconds:.1f} s"
+        )
+        print_verification(session.out, dst.url, report)
+    return report
 
 
 def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -123,6 +140,18 @@ def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
             batch = []
     if batch:
         yield batch
+
+
+def _new_file(url: str) -> Path | None:
+    """The SQLite file ``url`` names if it does not exist yet (the copy will create it), else ``None``."""
+    path = sqlite_path(url)
+    return path if path is not None and not path.exists() else None
+
+
+def _remove_store_file(path: Path) -> None:
+    """Remove a store file this copy created, with SQLite's files beside it."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -66,19 +66,25 @@ def _audit_key(env_name: str) -> str | None:
 
 
 def open_store(url: str, *, must_exist: bool = True, key_env: str = ENV_AUDIT_KEY) -> StateManager:
-    """A manager for ``url``; with ``must_exist``, a missing SQLite file is an error, not a new file.
+    """A manager for ``url``; with ``must_exist``, a SQLite file must already hold a store.
 
-    The audit chain's HMAC key, if any, comes from the environment variable ``key_env``.
+    A command that only reads (or changes what a store holds) never creates one: a missing
+    file is an error, and so is a file that is empty or holds no store (the SQLite store's
+    ``create=False``), which is left as it is. The audit chain's HMAC key, if any, comes from
+    the environment variable ``key_env``.
     """
     _check_url(url)
     path = sqlite_path(url)
-    if must_exist and path is not None and not path.exists():
-        raise CommandError(
-            f"{url}: no such file {str(path)!r} (create a store with `iron-state demo{url_flag(url)}`, "
-            "or pass the right --url)",
-            EXIT_NOT_FOUND,
-        )
-    return StateManager.from_url(url, audit_key=_audit_key(key_env))
+    options: dict[str, Any] = {}
+    if must_exist and path is not None:
+        if not path.exists():
+            raise CommandError(
+                f"{url}: no such file {str(path)!r} (create a store with `iron-state demo{url_flag(url)}`, "
+                "or pass the right --url)",
+                EXIT_NOT_FOUND,
+            )
+        options["create"] = False
+    return StateManager.from_url(url, audit_key=_audit_key(key_env), **options)
 
 
 def url_flag(url: str) -> str:

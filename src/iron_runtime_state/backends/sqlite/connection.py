@@ -34,6 +34,7 @@ from types import MappingProxyType, TracebackType
 from typing import Final
 
 from ...errors import BackendError, BackendUnavailable, ConfigurationError, StateError, StateTypeError
+from ..head_watch import HeadWatch
 from . import schema
 
 __all__ = [
@@ -338,27 +339,36 @@ def _sqlite_says(path: str) -> BaseException | None:
 # -- the file -------------------------------------------------------------------------------------
 
 
-def _prepare_file(path: str) -> None:
+def _no_store(path: str, why: str) -> BackendError:
+    """The error for opening, without creating, a file that holds no store."""
+    return BackendError(f"no SQLite store at {path}: {why}; it was left as it is (opened with create=False)")
+
+
+def _prepare_file(path: str, create: bool) -> None:
     """Create the store file (owner-only) if it is missing; else check it could be ours.
 
     Only reads an existing file: a directory, a file that is not a SQLite database, and a file
     of another application or of a newer schema are refused before SQLite opens them, so they
     are never modified. SQLite creates the ``-wal`` and ``-shm`` files with the database
-    file's permissions, so they are owner-only too.
+    file's permissions, so they are owner-only too. Without ``create`` a missing or empty file
+    is refused too: it holds no store.
     """
     flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise _file_error(path, exc) from exc
-    else:
+    if create:
         try:
-            os.fchmod(fd, 0o600)  # exactly owner-only, whatever the umask
-        finally:
-            os.close(fd)
-        return
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise _file_error(path, exc) from exc
+        else:
+            try:
+                os.fchmod(fd, 0o600)  # exactly owner-only, whatever the umask
+            finally:
+                os.close(fd)
+            return
+    elif not os.path.exists(path):
+        raise _no_store(path, "the file does not exist")
     try:
         fd = os.open(path, flags)
     except OSError as exc:
@@ -370,6 +380,8 @@ def _prepare_file(path: str) -> None:
     finally:
         os.close(fd)
     if not header:
+        if not create:
+            raise _no_store(path, "the file is empty")
         return  # an empty file is an empty database
     if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
         raise BackendError(
@@ -383,8 +395,10 @@ def _prepare_file(path: str) -> None:
     schema.check_identity(path, version, application, None)
 
 
-def _open_schema(db: sqlite3.Connection, path: str, busy_timeout: float) -> None:
+def _open_schema(db: sqlite3.Connection, path: str, busy_timeout: float, create: bool) -> None:
     """Check the file is ours, switch it to WAL and apply pending migrations.
+
+    Without ``create`` a database that holds no store yet (version 0) is refused untouched.
 
     Many processes may open a new file at once; a busy database is retried until
     ``busy_timeout`` (switching the journal mode can report busy without waiting).
@@ -393,7 +407,7 @@ def _open_schema(db: sqlite3.Connection, path: str, busy_timeout: float) -> None
     pause = 0.005
     while True:
         try:
-            _migrate(db, path)
+            _migrate(db, path, create)
             return
         except sqlite3.OperationalError as exc:
             if not _is_busy(exc) or time.monotonic() >= deadline:
@@ -402,7 +416,7 @@ def _open_schema(db: sqlite3.Connection, path: str, busy_timeout: float) -> None
         pause = min(pause * 2, 0.1)
 
 
-def _migrate(db: sqlite3.Connection, path: str) -> None:
+def _migrate(db: sqlite3.Connection, path: str, create: bool) -> None:
     # One read transaction, so that the version, the application id and the tables come
     # from the same moment: another process may be creating the schema meanwhile, and
     # reads in autocommit could see its tables but not yet its version.
@@ -412,6 +426,8 @@ def _migrate(db: sqlite3.Connection, path: str) -> None:
         journal = db.execute("PRAGMA journal_mode").fetchone()[0]
     finally:
         _roll_back(db)  # it only read
+    if version == 0 and not create:
+        raise _no_store(path, "the file is an empty SQLite database")
     pending = version < len(schema.MIGRATIONS)
     if pending or journal != "wal":
         mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -443,15 +459,17 @@ def _roll_back(db: sqlite3.Connection) -> None:
 
 
 class Connection:
-    """One thread's connection, its read cache, and its last known audit head.
+    """One thread's connection, its read cache, and the audit head its transaction appended.
 
     As a context manager it is one ``BEGIN IMMEDIATE`` transaction: committed when the block
-    ends, rolled back when it raises.
+    ends, rolled back when it raises. The head an append left in it reaches the store's
+    :class:`HeadWatch` only once it is committed, so the watch never holds a head the store
+    does not have.
     """
 
-    __slots__ = ("cache", "cache_max", "db", "head", "owner", "probe", "version")
+    __slots__ = ("appended", "cache", "cache_max", "db", "owner", "probe", "version", "watch")
 
-    def __init__(self, db: sqlite3.Connection, cache_max: int) -> None:
+    def __init__(self, db: sqlite3.Connection, cache_max: int, watch: HeadWatch) -> None:
         self.db = db
         #: A cursor kept for the data_version check that precedes every cached read.
         self.probe = db.cursor()
@@ -459,25 +477,30 @@ class Connection:
         #: agent id -> its row, valid while data_version == version.
         self.cache: dict[str, Row] | None = {} if cache_max else None
         self.version = -1
-        #: (seq, hash) of the newest record this connection saw appended: a hint, checked by
-        #: the database on every append.
-        self.head: tuple[int, str] | None = None
+        #: The audit head of the store object (shared by its connections).
+        self.watch = watch
+        #: (seq, hash) of the head this connection's open transaction appended, if any.
+        self.appended: tuple[int, str] | None = None
         self.owner = weakref.ref(threading.current_thread())
 
     def __enter__(self) -> sqlite3.Connection:
+        self.appended = None
         self.db.execute("BEGIN IMMEDIATE")
         return self.db
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        appended, self.appended = self.appended, None
         if exc_type is None:
             try:
                 self.db.execute("COMMIT")
-                return
             except BaseException:
                 _roll_back(self.db)
                 raise
+            if appended is not None:
+                self.watch.wrote(appended)
+            return
         _roll_back(self.db)
 
     def fresh_cache(self) -> dict[str, Row] | None:
@@ -515,20 +538,23 @@ class Connection:
 class Connections:
     """Every thread's connection to one store file, opened on first use, closed together.
 
-    Building it prepares the file and brings its schema up to date (:mod:`.schema`).
+    Building it prepares the file and brings its schema up to date (:mod:`.schema`); without
+    ``create``, only a file that already holds a store is opened.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, create: bool = True) -> None:
         self.settings = settings
         self._uri = _file_uri(settings.path, "rw")  # "rw": SQLite must never create the file itself
         self._lock = threading.Lock()
         self._local = threading.local()
         #: Every open connection, for close() (and tests).
         self.open: list[Connection] = []
+        #: The highest audit head this store object saw or wrote (an append checks it).
+        self.watch = HeadWatch()
         self._closed = False
-        _prepare_file(settings.path)
+        _prepare_file(settings.path, create)
         try:
-            _open_schema(self.get().db, settings.path, settings.busy_timeout)
+            _open_schema(self.get().db, settings.path, settings.busy_timeout, create)
         except BaseException as exc:
             self.close()
             if isinstance(exc, sqlite3.Error):
@@ -565,7 +591,7 @@ class Connections:
             except BaseException:
                 db.close()
                 raise
-            conn = Connection(db, settings.read_cache)
+            conn = Connection(db, settings.read_cache, self.watch)
             # Connections of threads that ended are closed here: nothing else can use them.
             for old in [c for c in self.open if not c.thread_alive()]:
                 self.open.remove(old)

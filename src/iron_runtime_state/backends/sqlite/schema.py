@@ -130,6 +130,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             UPDATE iron_audit_chain SET head_seq = NEW.seq, head_hash = NEW.hash;
         END""",
     ),
+    # 2: the seals of the head and the anchor (AuditChain.seal_mark), kept beside them when the
+    # trail has an audit key (NULL: none). The guard now also clears the head's seal as it
+    # moves the head: a seal belongs to one head, and the writer that seals stores it after
+    # its records, in the same transaction. Files of version 1 have no seals: "not sealed".
+    (
+        "ALTER TABLE iron_audit_chain ADD COLUMN head_seal TEXT",
+        "ALTER TABLE iron_audit_chain ADD COLUMN anchor_seal TEXT",
+        "DROP TRIGGER iron_audit_appended",
+        """CREATE TRIGGER iron_audit_appended AFTER INSERT ON iron_audit BEGIN
+            SELECT RAISE(ABORT, 'iron_runtime_state: audit record does not extend the chain head')
+            FROM iron_audit_chain
+            WHERE NEW.seq IS NOT head_seq + 1 OR NEW.prev_hash IS NOT head_hash;
+            UPDATE iron_audit_chain SET head_seq = NEW.seq, head_hash = NEW.hash, head_seal = NULL;
+        END""",
+    ),
 )
 
 #: The schema version this code writes: the number of migrations.

@@ -1,16 +1,20 @@
 """The SQLite store's operations: :class:`SQLiteBackend` and the statements it runs.
 
 - **Atomicity.** A write that is one statement runs in autocommit; every read-modify-write runs
-  in one ``BEGIN IMMEDIATE`` transaction (:class:`~.connection.Connection`).
+  in one ``BEGIN IMMEDIATE`` transaction (:class:`~.connection.Connection`). A change and the
+  audit events it implies (a refused spend's ``budget_exceeded``, a status change, a PII count)
+  are one transaction: both are kept, or neither.
 - **Aggregates.** ``iron_stats`` is kept by triggers on ``iron_agents``, in the same
   transaction as each change, so :meth:`SQLiteBackend.stats` reads one row.
 - **Budgets.** A spend and a hold are checked against the same read of the agent with its open
-  holds (:func:`_admit`), so the limit rule is written once.
+  holds (:func:`_admit`), so the limit rule is written once. Holds expire by the database's
+  clock, one clock for every caller.
 - **Audit chain.** ``iron_audit_chain`` holds the head (newest ``seq`` and hash ever appended)
-  and the anchor (left behind by pruning). A trigger refuses any record that does not extend
-  the head and moves the head, atomically with the insert. So a single append is one
-  statement built from this connection's last known head; when another connection appended
-  in between, the database refuses it and the append is redone under ``BEGIN IMMEDIATE``.
+  and the anchor (left behind by pruning), each with its seal under an audit key. A trigger
+  refuses any record that does not extend the head and moves the head, atomically with the
+  insert. So a single unkeyed append is one statement built from the newest head this store
+  object knows; when another connection appended in between (or the head went back), the
+  database refuses it and the append is redone under ``BEGIN IMMEDIATE``, which reads the head.
 """
 
 from __future__ import annotations
@@ -19,11 +23,20 @@ import itertools
 import math
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
+from ... import events
 from ...audit_chain import AuditChain, AuditRow
-from ...errors import AgentNotFound, AgentNotRunning, ReservationError, SchemaError, StateError
+from ...errors import (
+    AgentNotFound,
+    AgentNotRunning,
+    ReservationError,
+    SchemaError,
+    StateError,
+    StateTypeError,
+)
 from ...ids import AgentId, try_parse
 from ...models import (
     AgentState,
@@ -32,14 +45,16 @@ from ...models import (
     AuditRecord,
     FleetStats,
     Reservation,
+    check_count,
     exceeds,
 )
-from ..base import AuditQuery, Backend, CommitResult, SpendResult, UpdateFn
+from ..base import AuditMarks, AuditQuery, Backend, Change, CommitResult, SpendResult, UpdateFn
 from .connection import (
     DEFAULT_BUSY_TIMEOUT,
     DEFAULT_PAGE_CACHE_MIB,
     DEFAULT_READ_CACHE,
     DEFAULT_SYNCHRONOUS,
+    Connection,
     Connections,
     Row,
     check_settings,
@@ -77,22 +92,35 @@ _SQL_STATS: Final = "SELECT running, stopped, failed, budget_spent, pii_detectio
 _SQL_PURGEABLE: Final = "SELECT agent_id FROM iron_agents WHERE status IN ({}) AND changed_at < ?"
 _SQL_PURGE: Final = "DELETE FROM iron_agents WHERE status IN ({}) AND changed_at < ?"
 
-# A hold is open while now < expires_at. An agent with each of its open holds (one row per
-# hold; the amount NULL when it has none): what every budget check reads.
+# Holds expire by one clock, the database's: SQLite's own time (Unix seconds), read where the
+# statement runs, never a caller's ``now``. A caller whose clock is ahead would otherwise drop
+# another's open hold, and one that is behind would keep lapsed holds. A hold is open while the
+# clock is before its expires_at.
+_CLOCK: Final = "((julianday('now') - 2440587.5) * 86400.0)"
+_SQL_CLOCK: Final = f"SELECT {_CLOCK}"
+# An agent with each of its open holds (one row per hold; the amount NULL when it has none):
+# what every budget check reads.
 _SQL_BUDGET: Final = (
     "SELECT a.status, a.budget_spent, a.pii_detections, a.budget_limit, h.amount "
-    "FROM iron_agents AS a LEFT JOIN iron_holds AS h ON h.agent_id = a.agent_id AND h.expires_at > ? "
+    f"FROM iron_agents AS a LEFT JOIN iron_holds AS h ON h.agent_id = a.agent_id AND h.expires_at > {_CLOCK} "
     "WHERE a.agent_id = ?"
 )
-_SQL_DROP_EXPIRED: Final = "DELETE FROM iron_holds WHERE agent_id = ? AND expires_at <= ?"
+_SQL_DROP_EXPIRED: Final = f"DELETE FROM iron_holds WHERE agent_id = ? AND expires_at <= {_CLOCK}"
 _SQL_HOLD: Final = "INSERT INTO iron_holds (agent_id, reservation_id, amount, expires_at) VALUES (?, ?, ?, ?)"
-_SQL_TAKE_HOLD: Final = "DELETE FROM iron_holds WHERE agent_id = ? AND reservation_id = ? AND expires_at > ?"
+_SQL_TAKE_HOLD: Final = (
+    f"DELETE FROM iron_holds WHERE agent_id = ? AND reservation_id = ? AND expires_at > {_CLOCK}"
+)
 
 _AUDIT_COLUMNS: Final = "seq, agent_id, event_type, timestamp, details, prev_hash, hash"
 _SQL_APPEND: Final = f"INSERT INTO iron_audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
 _SQL_HEAD: Final = "SELECT head_seq, head_hash FROM iron_audit_chain"
-_SQL_ANCHOR: Final = "SELECT anchor_seq, anchor_hash FROM iron_audit_chain"
-_SQL_SET_ANCHOR: Final = "UPDATE iron_audit_chain SET anchor_seq = ?, anchor_hash = ?"
+_SQL_SEAL_HEAD: Final = "UPDATE iron_audit_chain SET head_seal = ?"
+# One statement, so one snapshot: the marks and the count agree with each other.
+_SQL_MARKS: Final = (
+    "SELECT head_seq, head_hash, anchor_seq, anchor_hash, (SELECT count(*) FROM iron_audit), "
+    "head_seal, anchor_seal FROM iron_audit_chain"
+)
+_SQL_SET_ANCHOR: Final = "UPDATE iron_audit_chain SET anchor_seq = ?, anchor_hash = ?, anchor_seal = ?"
 _SQL_COUNT: Final = "SELECT count(*) FROM iron_audit"
 _SQL_ROWS: Final = f"SELECT {_AUDIT_COLUMNS} FROM iron_audit WHERE seq > ? ORDER BY seq LIMIT ?"
 # NOT INDEXED: walk seq order from the oldest record and stop at the first recent one, instead
@@ -178,27 +206,41 @@ def _agent_row(db: sqlite3.Connection, key: str) -> Row:
     return row
 
 
-def _budget(db: sqlite3.Connection, key: str, now: float) -> tuple[Row, float]:
+def _budget(db: sqlite3.Connection, key: str) -> tuple[Row, float]:
     """The agent's row and the sum of its open holds; ``AgentNotFound`` when there is none."""
-    rows = db.execute(_SQL_BUDGET, (now, key)).fetchall()
+    rows = db.execute(_SQL_BUDGET, (key,)).fetchall()
     if not rows:
         raise AgentNotFound(key)
     status, spent, pii, limit, held = rows[0]
     return (status, spent, pii, limit), 0.0 if held is None else math.fsum(row[4] for row in rows)
 
 
-def _admit(
-    db: sqlite3.Connection, key: str, amount: float, now: float, action: str
-) -> tuple[Row, float, bool]:
+def _admit(db: sqlite3.Connection, key: str, amount: float, action: str) -> tuple[Row, float, bool]:
     """The limit rule of a spend or a hold: the row, the open holds, and whether ``amount`` passes.
 
     ``spent + open holds + amount`` is checked against the limit; only a running agent may
     spend or hold (``AgentNotRunning`` names ``action``).
     """
-    row, reserved = _budget(db, key, now)
+    row, reserved = _budget(db, key)
     if row[0] != RUNNING:
         raise AgentNotRunning(key, STATUSES[row[0]].value, action)
     return row, reserved, _passes(row[1] + reserved + amount, row[3])
+
+
+def _refuse(
+    conn: Connection,
+    agent_id: AgentId,
+    row: Row,
+    reserved: float,
+    amount: float,
+    now: float,
+    action: str,
+    chain: AuditChain,
+) -> list[AuditRecord]:
+    """A spend or hold past the limit changes nothing: its ``budget_exceeded`` event is appended
+    in the transaction ``conn`` holds."""
+    event = events.budget_exceeded(agent_id, _state(agent_id, row), reserved, amount, now, action)
+    return _append(conn, [event], chain, now)
 
 
 def _passes(total: float, limit: float | None) -> bool:
@@ -206,9 +248,9 @@ def _passes(total: float, limit: float | None) -> bool:
     return limit is not None and exceeds(total, limit)
 
 
-def _take_hold(db: sqlite3.Connection, reservation: Reservation, now: float, action: str) -> None:
+def _take_hold(db: sqlite3.Connection, reservation: Reservation, action: str) -> None:
     """Drop an open hold; ``ReservationError`` when it is not open."""
-    params = (reservation.agent_id._value, reservation.reservation_id, now)
+    params = (reservation.agent_id._value, reservation.reservation_id)
     if db.execute(_SQL_TAKE_HOLD, params).rowcount == 0:
         raise ReservationError(
             f"cannot {action} reservation {reservation.reservation_id}: it is not open (already "
@@ -231,6 +273,32 @@ def _seal(
         records.append(AuditRecord(seq, event, digest, prev))
         prev = digest
     return rows, records
+
+
+def _append(
+    conn: Connection, batch: Sequence[AuditEvent], chain: AuditChain, now: float
+) -> list[AuditRecord]:
+    """Append ``batch`` in the transaction ``conn`` holds; the records of ``batch``.
+
+    The head is read in the same transaction, so the records extend it whoever appended last.
+    A head behind the one this store object last saw gets an ``audit_rewound`` record first
+    (:class:`~..head_watch.HeadWatch`). With a keyed chain the new head's seal is stored with it
+    (the chain's trigger cleared the old one). The connection notes the new head, for the
+    store object to remember once the transaction commits.
+    """
+    if not batch:
+        return []
+    db = conn.db
+    head: tuple[int, str] = db.execute(_SQL_HEAD).fetchone()
+    rewound = conn.watch.check(head, now)
+    rows, records = _seal([*rewound, *batch], chain, *head)
+    db.executemany(_SQL_APPEND, rows)
+    head = (rows[-1][0], rows[-1][6])
+    seal = chain.seal_mark("head", *head)
+    if seal is not None:
+        db.execute(_SQL_SEAL_HEAD, (seal,))
+    conn.appended = head
+    return records[len(rewound) :]
 
 
 # -- the store ---------------------------------------------------------------------------------
@@ -261,6 +329,13 @@ class SQLiteBackend(Backend):
 
     The file is created owner-only (0600) if it does not exist. An existing file that is not a
     store of this or an older schema is refused with an error naming it, and never modified.
+    ``create=False`` opens only a file that already holds a store: a missing or empty file, or
+    an empty database, is refused with :class:`~iron_runtime_state.BackendError` and left as
+    it is (for tools that only inspect a store).
+
+    Budget holds expire by the database's clock (SQLite's time where the statement runs),
+    not by the ``now`` a caller passes, so callers whose clocks differ agree on which holds
+    are open; ``Reservation.expires_at`` is on that clock.
     """
 
     schemes = ("sqlite",)
@@ -274,10 +349,13 @@ class SQLiteBackend(Backend):
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
         read_cache: int = DEFAULT_READ_CACHE,
         page_cache_mib: int = DEFAULT_PAGE_CACHE_MIB,
+        create: bool = True,
         **unknown: object,
     ) -> None:
         self._settings = check_settings(path, synchronous, busy_timeout, read_cache, page_cache_mib, unknown)
-        self._connections = Connections(self._settings)
+        if not isinstance(create, bool):
+            raise StateTypeError(f"create must be True or False, got {type(create).__name__}")
+        self._connections = Connections(self._settings, create)
 
     @property
     def url(self) -> str:
@@ -382,84 +460,112 @@ class SQLiteBackend(Backend):
             pii_detections=pii,
         )
 
-    def _rewrite(self, agent_id: AgentId, now: float, change: Callable[[Row], Row]) -> tuple[Row, Row]:
-        """Replace the agent's row with ``change(row)`` under the write lock; the old row and the new."""
+    def _rewrite(
+        self,
+        agent_id: AgentId,
+        now: float,
+        change: Callable[[Row], Row],
+        chain: AuditChain | None = None,
+        implied: Callable[[Row], list[AuditEvent]] | None = None,
+    ) -> Change:
+        """Replace the agent's row with ``change(row)`` under the write lock, and append the
+        events ``implied(old row)`` with ``chain`` in the same transaction."""
         conn = self._connections.get()
         key = agent_id._value
         conn.forget(key)
+        records: list[AuditRecord] = []
         with conn as db:
             old = _agent_row(db, key)
             new = change(old)
             db.execute(_SQL_REPLACE, (*new, now, key))
+            if chain is not None and implied is not None:
+                records = _append(conn, implied(old), chain, now)
         conn.remember(key, new)
-        return old, new
+        return Change(_state(agent_id, new), records)
 
     def update(self, agent_id: AgentId, fn: UpdateFn, now: float) -> AgentState:
         # fn runs holding the write lock: it must be quick.
-        _, row = self._rewrite(agent_id, now, lambda old: _row_of(fn(_state(agent_id, old))))
-        return _state(agent_id, row)
+        return self._rewrite(agent_id, now, lambda old: _row_of(fn(_state(agent_id, old)))).state
 
     # -- atomic counters ----------------------------------------------------------------------
 
-    def record_spend(self, agent_id: AgentId, amount: float, now: float) -> SpendResult:
+    def record_spend(self, agent_id: AgentId, amount: float, now: float, chain: AuditChain) -> SpendResult:
         conn = self._connections.get()
         key = agent_id._value
         conn.forget(key)
+        records: list[AuditRecord] = []
         with conn as db:
-            row, reserved, exceeded = _admit(db, key, amount, now, "record spend")
-            if not exceeded:
+            row, reserved, exceeded = _admit(db, key, amount, "record spend")
+            if exceeded:
+                records = _refuse(conn, agent_id, row, reserved, amount, now, "spend", chain)
+            else:
                 row = (row[0], row[1] + amount, row[2], row[3])
                 db.execute(_SQL_SET_SPENT, (row[1], now, key))
         conn.remember(key, row)
-        return SpendResult(_state(agent_id, row), exceeded=exceeded, reserved=reserved)
+        return SpendResult(_state(agent_id, row), exceeded, reserved, records)
 
-    def record_pii(self, agent_id: AgentId, count: int, now: float) -> AgentState:
-        _, row = self._rewrite(agent_id, now, lambda old: (old[0], old[1], old[2] + count, old[3]))
-        return _state(agent_id, row)
+    def record_pii(
+        self, agent_id: AgentId, count: int, now: float, event: AuditEvent, chain: AuditChain
+    ) -> Change:
+        def change(old: Row) -> Row:
+            return (old[0], old[1], check_count(old[2] + count, "the agent's pii_detections"), old[3])
 
-    def set_status(
-        self, agent_id: AgentId, status: AgentStatus, now: float
-    ) -> tuple[AgentStatus, AgentState]:
+        return self._rewrite(agent_id, now, change, chain, lambda old: [event])
+
+    def set_status(self, agent_id: AgentId, status: AgentStatus, now: float, chain: AuditChain) -> Change:
         code = STATUS_CODE[status._value_]
-        old, row = self._rewrite(agent_id, now, lambda old: (code, old[1], old[2], old[3]))
-        return STATUSES[old[0]], _state(agent_id, row)
+
+        def implied(old: Row) -> list[AuditEvent]:
+            if old[0] == code:
+                return []
+            return [events.status_changed(agent_id, STATUSES[old[0]], status, now)]
+
+        return self._rewrite(agent_id, now, lambda old: (code, old[1], old[2], old[3]), chain, implied)
 
     # -- reservations -------------------------------------------------------------------------
 
     def reserve(
-        self, agent_id: AgentId, amount: float, ttl: float, now: float, reservation_id: str
+        self, agent_id: AgentId, amount: float, ttl: float, now: float, reservation_id: str, chain: AuditChain
     ) -> Reservation | SpendResult:
         conn = self._connections.get()
         key = agent_id._value
-        expires_at = now + ttl
+        records: list[AuditRecord] = []
         with conn as db:
-            db.execute(_SQL_DROP_EXPIRED, (key, now))  # lapsed holds go before the check
-            row, reserved, exceeded = _admit(db, key, amount, now, "reserve budget")
-            if not exceeded:
+            expires_at = db.execute(_SQL_CLOCK).fetchone()[0] + ttl
+            db.execute(_SQL_DROP_EXPIRED, (key,))  # lapsed holds go before the check
+            row, reserved, exceeded = _admit(db, key, amount, "reserve budget")
+            if exceeded:
+                records = _refuse(conn, agent_id, row, reserved, amount, now, "reserve", chain)
+            else:
                 db.execute(_SQL_HOLD, (key, reservation_id, amount, expires_at))
         conn.remember(key, row)
         if exceeded:
-            return SpendResult(_state(agent_id, row), exceeded=True, reserved=reserved)
+            return SpendResult(_state(agent_id, row), True, reserved, records)
         return Reservation(reservation_id, agent_id, amount, expires_at)
 
-    def commit(self, reservation: Reservation, actual: float, now: float) -> CommitResult:
+    def commit(self, reservation: Reservation, actual: float, now: float, chain: AuditChain) -> CommitResult:
         conn = self._connections.get()
         agent_id = reservation.agent_id
         key = agent_id._value
         conn.forget(key)
+        records: list[AuditRecord] = []
         with conn as db:
-            _take_hold(db, reservation, now, "commit")
+            _take_hold(db, reservation, "commit")
             old = _agent_row(db, key)  # it exists: removing an agent removes its holds
             row = (old[0], old[1] + actual, old[2], old[3])
             db.execute(_SQL_SET_SPENT, (row[1], now, key))
+            state = _state(agent_id, row)
+            exceeded = _passes(row[1], row[3])
+            if exceeded:
+                records = _append(conn, [events.overspent(state, reservation, actual, now)], chain, now)
         conn.remember(key, row)
-        return CommitResult(_state(agent_id, row), exceeded=_passes(row[1], row[3]))
+        return CommitResult(state, exceeded, records)
 
     def release(self, reservation: Reservation, now: float) -> None:
-        _take_hold(self._connections.get().db, reservation, now, "release")
+        _take_hold(self._connections.get().db, reservation, "release")
 
     def reserved(self, agent_id: AgentId, now: float) -> tuple[AgentState, float]:
-        row, held = _budget(self._connections.get().db, agent_id._value, now)
+        row, held = _budget(self._connections.get().db, agent_id._value)
         return _state(agent_id, row), held
 
     # -- audit trail --------------------------------------------------------------------------
@@ -468,23 +574,22 @@ class SQLiteBackend(Backend):
         conn = self._connections.get()
         if not events:
             return []
-        rows: list[_AuditInsert] | None = None
-        if len(events) == 1 and conn.head is not None:
-            # One statement in autocommit, linked to the last head this connection saw; the
-            # chain trigger refuses it if another connection appended in between.
-            rows, records = _seal(events, chain, *conn.head)
+        hint = conn.watch.highest
+        if len(events) == 1 and hint is not None and not chain.keyed:
+            # One statement in autocommit, linked to the newest head this store object knows;
+            # the chain trigger refuses it unless that is still the store's head (another
+            # connection appended in between, or the head went back). A keyed chain also
+            # stores the head's seal, so it takes the transaction below.
+            rows, records = _seal(events, chain, *hint)
             try:
                 conn.db.execute(_SQL_APPEND, rows[0])
             except sqlite3.IntegrityError:
-                # The seq is taken or the head moved: another connection appended first. (The
-                # chain's primary key and trigger are the only constraints on the table.)
-                rows = None
-        if rows is None:
-            with conn as db:  # under the write lock, reading the head in the same transaction
-                rows, records = _seal(events, chain, *db.execute(_SQL_HEAD).fetchone())
-                db.executemany(_SQL_APPEND, rows)
-        conn.head = (rows[-1][0], rows[-1][6])
-        return records
+                pass  # the seq is taken or the head moved (the only constraints on the table)
+            else:
+                conn.watch.wrote((rows[0][0], rows[0][6]))
+                return records
+        with conn:  # under the write lock, reading the head in the same transaction
+            return _append(conn, events, chain, time.time())
 
     def query_audit(self, query: AuditQuery) -> list[AuditRecord]:
         if query.limit == 0:
@@ -520,19 +625,19 @@ class SQLiteBackend(Backend):
                 return
             after = rows[-1][0]
 
-    def audit_anchor(self) -> tuple[int, str]:
-        seq, digest = self._connections.get().db.execute(_SQL_ANCHOR).fetchone()
-        return seq, digest
-
-    def audit_head(self) -> tuple[int, str]:
-        seq, digest = self._connections.get().db.execute(_SQL_HEAD).fetchone()
-        return seq, digest
+    def audit_marks(self) -> AuditMarks:
+        conn = self._connections.get()
+        head_seq, head_hash, anchor_seq, anchor_hash, count, head_seal, anchor_seal = conn.db.execute(
+            _SQL_MARKS
+        ).fetchone()
+        conn.watch.saw((head_seq, head_hash))
+        return AuditMarks((head_seq, head_hash), (anchor_seq, anchor_hash), count, head_seal, anchor_seal)
 
     def audit_count(self) -> int:
         count: int = self._connections.get().db.execute(_SQL_COUNT).fetchone()[0]
         return count
 
-    def prune_audit(self, before: int) -> int:
+    def prune_audit(self, before: int, chain: AuditChain) -> int:
         with self._connections.get() as db:
             first_kept = db.execute(_SQL_FIRST_KEPT, (before,)).fetchone()
             if first_kept is None:
@@ -542,7 +647,7 @@ class SQLiteBackend(Backend):
             if last is None:
                 return 0
             removed: int = db.execute(_SQL_PRUNE, (last[0],)).rowcount
-            db.execute(_SQL_SET_ANCHOR, (last[0], last[1]))
+            db.execute(_SQL_SET_ANCHOR, (last[0], last[1], chain.seal_mark("anchor", last[0], last[1])))
         return removed
 
     def purge_agents(self, statuses: Sequence[AgentStatus], changed_before: float) -> list[str]:
