@@ -14,15 +14,26 @@ two interleaved (bench/_harness.py). Targets, from the issues:
 - a reserve-plus-commit pair at most 2.5x one ``record_spend``;
 - appending to the audit trail with the hash chain at most 1.25x appending without it (a
   bench-only chain whose ``seal`` returns a constant, passed straight to the backend).
+
+For information, each change that may write an audit event (a spend, a reserve-plus-commit, a
+status change, a PII count, a refused spend) against one raw round trip, with the round trips it
+took per call: a change and its event are one write through the group's outbox (see
+``backends/redis/ops.py``), one round trip without an event and two with one.
+
+And what ``durability="replicated"`` costs a write against the default ``"async"``, on a master
+with one replica that the bench starts (not with ``--redis-url``): sync calls one after
+another, and 100 concurrent asyncio calls.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,10 +41,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
-from tests.redis_servers import RedisServer, short_tmpdir  # noqa: E402
+from tests.redis_servers import RedisServer, ReplicatedServer, short_tmpdir  # noqa: E402
 
-from _harness import Comparison, compare, header, save_json  # noqa: E402
-from iron_runtime_state import AgentId, AgentState, AgentStatus, AuditEvent, StateManager  # noqa: E402
+from _harness import Comparison, Op, compare, header, save_json  # noqa: E402
+from iron_runtime_state import (  # noqa: E402
+    AgentId,
+    AgentState,
+    AgentStatus,
+    AsyncStateManager,
+    AuditEvent,
+    BudgetExceeded,
+    StateManager,
+)
 from iron_runtime_state.audit_chain import AuditChain  # noqa: E402
 from iron_runtime_state.backends.redis import RedisBackend  # noqa: E402
 
@@ -115,7 +134,8 @@ def run(url: str, *, quick: bool) -> list[Comparison]:
     results.append(compare("save_agent_state vs HSET", ours_save, raw_hset, n=n, runs=runs, target="<= 1.2x"))
 
     spender = ids[1]
-    call = layout.record_spend(spender, 0.25, 1.0)
+    # Each call runs once per op key (a random name per call): the baseline names each call too.
+    call = layout.record_spend(spender, 0.25, 1.0, "")
     raw.script_load(call.script.source)
 
     def ours_spend(k: int) -> None:
@@ -125,9 +145,10 @@ def run(url: str, *, quick: bool) -> list[Comparison]:
 
     def raw_evalsha(k: int) -> None:
         evalsha = raw.evalsha
-        sha, keys, args = call.script.sha, call.keys, call.args
+        sha, keys, args = call.script.sha, call.keys[:-1], call.args
+        op = call.keys[-1]
         for _ in range(k):
-            evalsha(sha, len(keys), *keys, *args)
+            evalsha(sha, len(keys) + 1, *keys, op + os.urandom(9).hex(), *args)
 
     results.append(
         compare(
@@ -192,6 +213,8 @@ def run(url: str, *, quick: bool) -> list[Comparison]:
         )
     )
 
+    results += changes_with_events(manager, backend, raw, ids[3:6], trivial, n=n, runs=runs)
+
     chain, constant = AuditChain(), ConstantChain()
     event = AuditEvent(agent, "tool_call", 1_700_000_000, "called search with 3 arguments")
     append = backend.append_audit
@@ -216,6 +239,155 @@ def run(url: str, *, quick: bool) -> list[Comparison]:
     return results
 
 
+def round_trips_per_call(backend: RedisBackend, op: Op, k: int = 200) -> float:
+    """Requests the store sent per call of ``op``: one round trip each (a pipeline counts once)."""
+    sent = 0
+    run, batch = backend._run, backend._batch
+
+    def counted(method: Callable[..., object]) -> Callable[..., object]:
+        def wrapper(*args: object) -> object:
+            nonlocal sent
+            sent += 1
+            return method(*args)
+
+        return wrapper
+
+    backend._run, backend._batch = counted(run), counted(batch)  # type: ignore[method-assign]
+    try:
+        op(k)
+    finally:
+        del backend._run, backend._batch
+    return sent / k
+
+
+def changes_with_events(
+    manager: StateManager,
+    backend: RedisBackend,
+    raw: redis.Redis,
+    agents: list[AgentId],
+    trivial: str,
+    *,
+    n: int,
+    runs: int,
+) -> list[Comparison]:
+    """The changes that write an audit event with them, against one raw round trip."""
+    toggler, detector, spender = agents
+
+    def raw_trivial(k: int) -> None:
+        evalsha = raw.evalsha
+        for _ in range(k):
+            evalsha(trivial, 0)
+
+    def ours_status(k: int) -> None:
+        set_status = manager.set_status
+        for _ in range(k // 2):
+            set_status(toggler, AgentStatus.STOPPED)
+            set_status(toggler, AgentStatus.RUNNING)
+
+    def ours_pii(k: int) -> None:
+        record = manager.record_pii_detection
+        for _ in range(k):
+            record(detector, 1, details="email address")
+
+    def ours_spend(k: int) -> None:
+        spend = manager.record_spend
+        for _ in range(k):
+            spend(spender, 0.25)
+
+    def ours_refused(k: int) -> None:
+        spend = manager.record_spend
+        for _ in range(k):
+            with contextlib.suppress(BudgetExceeded):
+                spend(spender, 1e12)
+
+    def ours_pair(k: int) -> None:
+        reserve, commit = manager.reserve_budget, manager.commit_reservation
+        for _ in range(k):
+            commit(reserve(spender, 1.0), 0.5)
+
+    results: list[Comparison] = []
+    for name, ours in (
+        ("record_spend", ours_spend),
+        ("reserve + commit", ours_pair),
+        ("set_status (a change)", ours_status),
+        ("record_pii_detection", ours_pii),
+        ("record_spend refused", ours_refused),
+    ):
+        result = compare(
+            f"{name} vs one round trip", ours, raw_trivial, n=n, runs=runs, target="(information)"
+        )
+        trips = result.extra["round_trips_per_call"] = round_trips_per_call(backend, ours)
+        print(f"{'':<42} {trips:.2f} round trips per call", flush=True)
+        results.append(result)
+    return results
+
+
+def durability_cost(*, quick: bool) -> list[Comparison]:
+    """What ``durability="replicated"`` costs a write: against ``"async"``, same master, same run.
+
+    Starts a master and one replica on loopback. Sync: one ``record_spend`` after another (each
+    waits for its own WAIT). Asyncio: 100 concurrent ``record_spend`` calls per round (each
+    pipelined batch shares one WAIT).
+    """
+    n = 300 if quick else 1000
+    runs = 7 if quick else 15
+    folder = short_tmpdir("iron-bench-replicated-")
+    pair = ReplicatedServer(folder).start()
+    try:
+        base = f"{pair.url}?namespace=bench-durability"
+        fast = StateManager.from_url(base)
+        safe = StateManager.from_url(f"{base}&durability=replicated")
+        agent = AgentId.generate()
+        fast.save_agent_state(AgentState(agent, AgentStatus.RUNNING))
+
+        def spender(manager: StateManager) -> Op:
+            def spend(k: int) -> None:
+                record = manager.record_spend
+                for _ in range(k):
+                    record(agent, 0.25)
+
+            return spend
+
+        results = [
+            compare(
+                "record_spend replicated vs async (sync)",
+                spender(safe),
+                spender(fast),
+                n=n,
+                runs=runs,
+                target="(information)",
+            )
+        ]
+        fast.close()
+        safe.close()
+
+        def concurrent(url: str) -> Op:
+            def spend(k: int) -> None:
+                async def rounds() -> None:
+                    async with AsyncStateManager.from_url(url) as manager:
+                        for _ in range(max(1, k // 100)):
+                            await asyncio.gather(*(manager.record_spend(agent, 0.25) for _ in range(100)))
+
+                asyncio.run(rounds())
+
+            return spend
+
+        results.append(
+            compare(
+                "100 concurrent record_spend replicated vs async (asyncio)",
+                concurrent(f"{base}&durability=replicated"),
+                concurrent(base),
+                n=n * 10,
+                runs=runs,
+                target="(information)",
+            )
+        )
+        return results
+    finally:
+        pair.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs")
@@ -225,6 +397,9 @@ def main() -> None:
     header("Redis backend vs raw redis-py")
     with server_url(args.redis_url) as url:
         results = run(url, quick=args.quick)
+    if not args.redis_url:  # it needs a master with a replica of its own
+        header("durability='replicated' vs 'async' (a master and one replica)")
+        results += durability_cost(quick=args.quick)
     save_json(args.json, results)
 
 

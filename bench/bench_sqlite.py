@@ -42,6 +42,9 @@ from iron_runtime_state.backends.sqlite import connection, schema, store
 UPSERT = store._SQL_UPSERT
 APPEND = store._SQL_APPEND
 GET = store._SQL_GET
+# What any store must do at least to record a spend: add it to the row, in autocommit (the
+# triggers keep the fleet totals, as for ours). No limit check, no holds, no status check.
+BARE_SPEND = "UPDATE iron_agents SET budget_spent = budget_spent + ?, changed_at = ? WHERE agent_id = ?"
 PRAGMAS = (
     "PRAGMA synchronous = normal",
     f"PRAGMA journal_size_limit = {connection.JOURNAL_SIZE_LIMIT}",
@@ -269,12 +272,35 @@ def operations(folder: Path, n: int, runs: int) -> list[Comparison]:
         )
     )
 
-    # -- reservations ---------------------------------------------------------------------------
+    # -- record_spend ---------------------------------------------------------------------------
     def ours_spend(count: int) -> None:
         spend = manager.record_spend
         for i in range(count):
             spend(ids[i % m], 0.01)
 
+    def update_on(db: sqlite3.Connection) -> Op:
+        def base_spend(count: int) -> None:
+            execute = db.execute
+            for i in range(count):
+                execute(BARE_SPEND, (0.01, time.time(), keys[i % m]))
+
+        return base_spend
+
+    results.append(
+        compare(
+            "record_spend vs raw bare UPDATE",
+            ours_spend,
+            update_on(raw),
+            n=n,
+            runs=runs,
+            target=">= 0.8x throughput",
+        )
+    )
+    results.append(
+        compare("  (info) vs UPDATE, table without triggers", ours_spend, update_on(plain), n=n, runs=runs)
+    )
+
+    # -- reservations ---------------------------------------------------------------------------
     def ours_pair(count: int) -> None:
         reserve, commit = manager.reserve_budget, manager.commit_reservation
         for i in range(count):

@@ -9,6 +9,7 @@ proxy in front of a server that loses a reply on demand (after the server ran th
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -20,10 +21,15 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import redis
+from redis.crc import key_slot
 
 HOST = "127.0.0.1"
+#: The user a cluster's replicas log in to their master as (see RedisCluster.cut_replication).
+REPLICATION_USER = "replicator"
+REPLICATION_PASSWORD = "replication-secret"
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 
@@ -89,6 +95,11 @@ class RedisServer:
             kwargs.setdefault("ssl_ca_certs", str(self.tls.ca))
         return redis.Redis(host=HOST, port=self.port, **kwargs)  # type: ignore[arg-type]
 
+    def command(self, *args: object) -> Any:
+        """Run one command on this server over a fresh connection; its raw reply."""
+        with contextlib.closing(self.client()) as client:
+            return execute(client, *args)
+
     # -- lifecycle --
 
     def _command(self) -> list[str]:
@@ -102,6 +113,8 @@ class RedisServer:
             "--dbfilename", "unused.rdb",
             "--logfile", str(self.folder / "redis.log"),
             "--enable-debug-command", "local",
+            # A replica's first sync starts at once, not after a 5 s wait for other replicas.
+            "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
         if self.tls is not None:
             args += [
@@ -183,6 +196,16 @@ class RedisServer:
             process.wait(5)
         self.process = None
 
+    def pause(self) -> None:
+        """Freeze the process (SIGSTOP): it answers nothing, and its connections stay open."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused process go on (SIGCONT)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+
     def restart(self, *, kill: bool = True) -> None:
         """Kill (or stop) the server and start it again on the same port, empty."""
         if kill:
@@ -193,10 +216,18 @@ class RedisServer:
 
 
 class RedisCluster:
-    """A Redis Cluster of three masters and no replicas, made with ``redis-cli --cluster create``."""
+    """A Redis Cluster made with ``redis-cli --cluster create``: three masters, and replicas if asked.
 
-    def __init__(self, folder: Path, masters: int = 3) -> None:
-        self.nodes = [RedisServer(folder / f"node{i}", cluster=True) for i in range(masters)]
+    With replicas, every replica logs in to its master as :data:`REPLICATION_USER`, so that
+    :meth:`cut_replication` can stop a master's replication at once and for good (its replica
+    cannot log in again) while the master goes on serving clients: a replica as far behind as
+    one can be, on demand, with no timing luck.
+    """
+
+    def __init__(self, folder: Path, masters: int = 3, *, replicas: int = 0) -> None:
+        self.replicas = replicas
+        count = masters * (1 + replicas)
+        self.nodes = [RedisServer(folder / f"node{i}", cluster=True) for i in range(count)]
 
     @property
     def url(self) -> str:
@@ -208,31 +239,45 @@ class RedisCluster:
         return redis.RedisCluster(host=HOST, port=self.nodes[0].port, socket_timeout=10)
 
     def start(self) -> RedisCluster:
-        """Start the nodes, join them and wait until every node reports the cluster ok."""
+        """Start the nodes, join them and wait until the cluster is ok and every replica in step."""
         for node in self.nodes:
             node.start()
+            if self.replicas:
+                node.command(
+                    "ACL", "SETUSER", REPLICATION_USER, "on", f">{REPLICATION_PASSWORD}", "~*", "+@all"
+                )
+                node.command("CONFIG", "SET", "masteruser", REPLICATION_USER)
+                node.command("CONFIG", "SET", "masterauth", REPLICATION_PASSWORD)
         subprocess.run(
             [
                 REDIS_CLI, "--cluster", "create",
                 *(f"{HOST}:{node.port}" for node in self.nodes),
-                "--cluster-replicas", "0", "--cluster-yes",
+                "--cluster-replicas", str(self.replicas), "--cluster-yes",
             ],
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
         self.wait_ok()
+        if self.replicas:
+            self._wait_replicas_known(len(self.nodes) * self.replicas // (1 + self.replicas))
+            for line in self._view():
+                if not line.master:
+                    wait_replica_synced(self.node(line.port))
         return self
 
+    def _wait_replicas_known(self, count: int, seconds: float = 30.0) -> None:
+        """Wait until every node knows ``count`` replicas (replicas are assigned after the join)."""
+        deadline = time.monotonic() + seconds
+        while any(sum(not line.master for line in self._view(node)) < count for node in self.running()):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster's replicas were not assigned")
+            time.sleep(0.05)
+
     def wait_ok(self, seconds: float = 30.0) -> None:
-        """Wait until every node answers and reports ``cluster_state:ok``."""
+        """Wait until every running node answers and reports ``cluster_state:ok``."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             try:
-                states = []
-                for node in self.nodes:
-                    with contextlib.closing(node.client(socket_timeout=0.5)) as client:
-                        info = client.execute_command("CLUSTER", "INFO").decode()
-                        states.append("cluster_state:ok" in info)
-                if all(states):
+                if all("cluster_state:ok" in _text(n.command("CLUSTER", "INFO")) for n in self.running()):
                     return
             except (redis.ConnectionError, redis.TimeoutError, OSError):
                 pass
@@ -243,6 +288,180 @@ class RedisCluster:
         """Stop every node."""
         for node in self.nodes:
             node.stop()
+
+    # -- topology, as the nodes report it --
+
+    def running(self) -> list[RedisServer]:
+        """The nodes whose process runs."""
+        return [node for node in self.nodes if node.process is not None and node.process.poll() is None]
+
+    def node(self, port: int) -> RedisServer:
+        """The node listening on ``port``."""
+        return next(node for node in self.nodes if node.port == port)
+
+    def _view(self, observer: RedisServer | None = None) -> list[_NodeLine]:
+        """What ``observer`` (or the first running node) says of every node: ``CLUSTER NODES``."""
+        text = _text((observer or self.running()[0]).command("CLUSTER", "NODES"))
+        return [_NodeLine.parse(line) for line in text.splitlines() if line.strip()]
+
+    def role(self, node: RedisServer) -> str:
+        """``"master"`` or ``"slave"``, as the node says of itself."""
+        return _text(node.command("ROLE")[0])
+
+    def replicas_of(self, master: RedisServer) -> list[RedisServer]:
+        """The replicas of ``master``."""
+        view = self._view()
+        master_id = next(line.node_id for line in view if line.port == master.port)
+        return [self.node(line.port) for line in view if line.master_id == master_id]
+
+    def master_of_slot(self, slot: int) -> RedisServer:
+        """The master serving ``slot``."""
+        for line in self._view():
+            if line.master and "fail" not in line.flags and any(a <= slot <= b for a, b in line.slots):
+                return self.node(line.port)
+        raise LookupError(f"no master serves slot {slot}")
+
+    # -- replication and failover --
+
+    def cut_replication(self, master: RedisServer) -> None:
+        """Stop replicating ``master``: its replicas are disconnected and cannot log in again."""
+        replicas = self.replicas_of(master)
+        master.command("ACL", "SETUSER", REPLICATION_USER, "off")
+        master.command("CLIENT", "KILL", "USER", REPLICATION_USER)
+        deadline = time.monotonic() + 10
+        for replica in replicas:
+            while _info(replica).get("master_link_status") == "up":
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"replica {replica.port} still replicates")
+                time.sleep(0.02)
+
+    def take_over(self, replica: RedisServer, seconds: float = 30.0) -> None:
+        """Promote ``replica`` at once (``CLUSTER FAILOVER TAKEOVER``: its master may be dead).
+
+        Returns when every running node's slot table names it.
+        """
+        replica.command("CLUSTER", "FAILOVER", "TAKEOVER")
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                if self.role(replica) == "master" and all(_serves(n, replica) for n in self.running()):
+                    return
+            except (redis.ConnectionError, redis.TimeoutError):
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"node {replica.port} did not take over")
+
+    def rejoin(self, node: RedisServer, seconds: float = 30.0) -> None:
+        """Start a killed node again (empty): it rejoins as a replica of its successor, and syncs."""
+        node.start()
+        deadline = time.monotonic() + seconds
+        while self.role(node) != "slave":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"node {node.port} did not rejoin as a replica")
+            time.sleep(0.05)
+        wait_replica_synced(node, seconds)
+
+
+def wait_replica_synced(replica: RedisServer, seconds: float = 30.0) -> None:
+    """Wait until ``replica`` is in step with its master and new writes reach it.
+
+    Its master proves the second part: a write there, then ``WAIT``, until every replica of it
+    confirms. (After a full sync, a replica's link is up some time before its master streams
+    writes to it: at its first acknowledgement, up to a second later.)
+    """
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        info = _info(replica)
+        if info.get("master_link_status") == "up":
+            with contextlib.closing(redis.Redis(host=HOST, port=int(info["master_port"]))) as master:
+                replicas = int(master.info("replication")["connected_slaves"])
+                master.set(_own_key(master), "probe")
+                if replicas and int(execute(master, "WAIT", replicas, 100)) >= replicas:
+                    return
+        time.sleep(0.05)
+    raise RuntimeError(f"replica {replica.port} did not catch up with its master")
+
+
+def execute(client: redis.Redis, *args: object) -> Any:
+    """``client.execute_command(*args)``: a command's raw reply."""
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+
+
+def _own_key(client: redis.Redis) -> str:
+    """A key that the server of ``client`` serves itself (in a cluster: in one of its own slots)."""
+    if not client.info("cluster").get("cluster_enabled"):
+        return "iron-test:probe"
+    lines = _text(execute(client, "CLUSTER", "NODES")).splitlines()
+    first, last = _NodeLine.parse(next(line for line in lines if "myself" in line)).slots[0]
+    keys = (f"iron-test:probe:{i}" for i in itertools.count())
+    return next(key for key in keys if first <= key_slot(key.encode()) <= last)
+
+
+class ReplicatedServer:
+    """A standalone master and one replica of it (``REPLICAOF``); persistence off, like every server."""
+
+    def __init__(self, folder: Path) -> None:
+        self.master = RedisServer(folder / "master")
+        self.replica = RedisServer(folder / "replica")
+
+    @property
+    def url(self) -> str:
+        """The master's URL."""
+        return self.master.url
+
+    def start(self) -> ReplicatedServer:
+        """Start both, and wait until the replica is in step."""
+        self.master.start()
+        self.replica.start()
+        self.replica.command("REPLICAOF", HOST, self.master.port)
+        wait_replica_synced(self.replica)
+        return self
+
+    def stop(self) -> None:
+        """Stop both (a paused replica is resumed first)."""
+        self.replica.resume()
+        self.replica.stop()
+        self.master.stop()
+
+
+def _info(node: RedisServer) -> dict[str, Any]:
+    """``INFO replication`` of ``node``, parsed."""
+    with contextlib.closing(node.client()) as client:
+        return dict(client.info("replication"))
+
+
+def _serves(observer: RedisServer, node: RedisServer) -> bool:
+    """Whether ``observer``'s slot table names ``node`` as the master of some slots."""
+    return any(int(entry[2][1]) == node.port for entry in observer.command("CLUSTER", "SLOTS"))
+
+
+class _NodeLine(NamedTuple):
+    """One line of ``CLUSTER NODES``."""
+
+    node_id: str
+    port: int
+    flags: str
+    master_id: str  # "-" for a master
+    slots: list[tuple[int, int]]
+
+    @property
+    def master(self) -> bool:
+        return "master" in self.flags.split(",")
+
+    @classmethod
+    def parse(cls, line: str) -> _NodeLine:
+        fields = line.split()
+        port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+        slots = []
+        for spec in fields[8:]:
+            if not spec.startswith("["):  # [slot->-node]: a slot migrating
+                first, _, last = spec.partition("-")
+                slots.append((int(first), int(last or first)))
+        return cls(fields[0], port, fields[2], fields[3], slots)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class ReplyDropper:

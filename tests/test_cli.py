@@ -363,7 +363,8 @@ def test_audit_filters(fleet: str) -> None:
     assert refused
     assert len(refused) <= 3
     assert {r["event_type"] for r in refused} == {"budget_exceeded"}
-    assert refused == [r.to_dict() for r in records if r.event_type == "budget_exceeded"][-3:]
+    expected = [r for r in records if r.event_type == "budget_exceeded"][-3:]
+    assert refused == [{**r.to_dict(), "details": json.loads(r.details)} for r in expected]  # JSON, not text
     stamp = records[0].timestamp
     assert ok("audit", "--since", str(stamp + 10_000), "--url", fleet, "--json").json() == []
     assert len(ok("audit", "--until", str(stamp - 1), "--url", fleet, "--json").json()) == 0
@@ -922,3 +923,160 @@ def test_a_bad_checkpoint_file_is_one_error_line(own_fleet: str, tmp_path: Path)
     one_error_line(invoke("verify", "--url", own_fleet, "--checkpoint", str(bad)), EXIT_USAGE, "checkpoint")
     bad.write_text('{"seq": 1}', encoding="utf-8")
     one_error_line(invoke("verify", "--url", own_fleet, "--checkpoint", str(bad)), EXIT_USAGE, "keys")
+
+
+# -- help, --json everywhere, details as JSON (issue #15) ----------------------------------------------
+
+COMMAND_NAMES = (
+    "demo",
+    "agents",
+    "show",
+    "stats",
+    "purge",
+    "audit",
+    "verify",
+    "checkpoint",
+    "export",
+    "prune",
+    "copy",
+    "metrics",
+)
+
+
+def _panels(help_text: str) -> dict[str, list[str]]:
+    """The commands under each heading of ``iron-state --help``."""
+    panels: dict[str, list[str]] = {}
+    current = ""
+    for line in help_text.splitlines():
+        if line.startswith("╭─"):
+            current = line.strip("╭─╮ ")
+            panels[current] = []
+        elif line.startswith("│") and current:
+            words = line.strip("│ ").split()
+            if words and words[0] in COMMAND_NAMES:
+                panels[current].append(words[0])
+    return panels
+
+
+def test_help_shows_no_bare_python_types_and_purge_with_the_agents() -> None:
+    wide = {"COLUMNS": "140", "TERMINAL_WIDTH": "140"}
+    root = ok("--help", env=wide).stdout
+    panels = _panels(root)
+    assert panels["Agents"] == ["agents", "show", "stats", "purge"], panels
+    assert panels["Audit trail"] == ["audit", "verify", "checkpoint", "export", "prune"], panels
+    for command in ("", *COMMAND_NAMES):
+        text = ok(*([command] if command else []), "--help", env=wide).stdout
+        for line in text.splitlines():
+            types = [t for t in ("<bool>", "<int", "<float", "<path", "list[", "<str>") if t in line]
+            # Only an argument (AGENT_ID, SOURCE_URL, DEST_URL) still shows Typer's <str>.
+            assert types in ([], ["<str>"]), (command, line)
+            argument = any(name in line for name in ("AGENT_ID", "SOURCE_URL", "DEST_URL"))
+            assert types == [] or argument, (command, line)
+    purge = ok("purge", "--help", env=wide).stdout
+    assert "--status" in purge
+    assert "[stopped|failed]" in purge
+    assert "(default: both)" in purge  # not swallowed as Rich markup
+    assert "(default: 50, or all with --json)" in ok("agents", "--help", env=wide).stdout
+    audit = ok("audit", "--help", env=wide).stdout
+    for metavar in ("URL", "ID", "TYPE", "WHEN", "SEQ", "SECONDS"):
+        assert f" {metavar} " in audit, metavar
+
+
+def test_every_command_takes_json_and_all_but_copy_take_url() -> None:
+    for command in COMMAND_NAMES:
+        text = ok(command, "--help", env={"COLUMNS": "140"}).stdout
+        assert "--json" in text, command
+        assert ("--url" in text) is (command != "copy"), command
+
+
+def test_export_json_is_a_summary_when_writing_a_file(fleet: str, tmp_path: Path) -> None:
+    target = tmp_path / "trail.jsonl"
+    summary = ok("export", "-o", str(target), "--json", "--url", fleet).json()
+    lines = target.read_text(encoding="utf-8").splitlines()
+    with open_manager(fleet) as manager:
+        count = manager.audit_count()
+        url = manager.url
+    assert summary == {"url": url, "output": str(target), "format": "jsonl", "records": count}
+    assert len(lines) == count
+    as_csv = ok("export", "-f", "csv", "-o", str(tmp_path / "t.csv"), "--json", "--url", fleet).json()
+    assert (as_csv["format"], as_csv["records"]) == ("csv", count)
+    # Without --output, stdout is the export itself: JSON Lines, one record per line.
+    run = ok("export", "--json", "--type", "budget_exceeded", "--url", fleet)
+    exported = [json.loads(line) for line in run.stdout.splitlines()]
+    assert exported
+    assert {r["event_type"] for r in exported} == {"budget_exceeded"}
+    assert all(isinstance(r["details"], str) for r in exported)  # the hashed text, as stored
+    one_error_line(invoke("export", "--json", "-f", "csv", "--url", fleet), EXIT_USAGE, "--output")
+
+
+def test_metrics_json_prints_where_it_listens(fleet: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def stop_at_once(stop: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_metrics, "_serve_until_stopped", stop_at_once)
+    run = invoke("metrics", "--port", "0", "--json", "--url", fleet)
+    assert run.code == EXIT_OK, run
+    [line] = run.stdout.splitlines()
+    started = json.loads(line)
+    assert set(started) == {"url", "host", "port", "endpoint"}
+    assert started["host"] == "127.0.0.1"
+    assert started["port"] > 0
+    assert started["endpoint"] == f"http://127.0.0.1:{started['port']}/metrics"
+    assert started["url"].startswith("sqlite:///")
+    assert started["endpoint"] in run.stderr  # the note for a person stays on stderr
+
+
+def test_checkpoint_json_with_out_is_a_summary(own_fleet: str, tmp_path: Path) -> None:
+    target = tmp_path / "cp.json"
+    summary = ok("checkpoint", "--out", str(target), "--json", "--url", own_fleet).json()
+    saved = json.loads(target.read_text(encoding="utf-8"))
+    assert summary["out"] == str(target)
+    assert (summary["seq"], summary["hash"]) == (saved["seq"], saved["hash"])
+    assert json.loads(ok("checkpoint", "--json", "--url", own_fleet).stdout)["seq"] == saved["seq"]
+
+
+def test_audit_and_show_json_give_details_as_json_where_they_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = sqlite_url(tmp_path / "details.db")
+    agent = AgentId.test_fixture(15)
+    texts = {
+        "object": '{"count":2,"details":"passport"}',
+        "array": "[1, 2, 3]",
+        "text": "hello",
+        "scalar": "42",
+        "cut": '{"a": 1',
+        "twice": '{"a": 1, "a": 2}',
+        "nan": '{"a": NaN}',
+    }
+    with StateManager.from_url(url) as manager:
+        manager.save_agent_state(AgentState(agent, AgentStatus.RUNNING))
+        manager.save_audit_logs(
+            [AuditEvent(agent, kind, 1_700_000_000, text) for kind, text in texts.items()]
+        )
+        manager.set_status(agent, AgentStatus.STOPPED)
+    expected = {
+        "object": {"count": 2, "details": "passport"},
+        "array": [1, 2, 3],
+        "text": "hello",
+        "scalar": "42",  # not an object or array: the text, so details keep one type per kind
+        "cut": '{"a": 1',
+        "twice": '{"a": 1, "a": 2}',  # would not read back as the same text
+        "nan": '{"a": NaN}',
+        "status_changed": {"from": "running", "to": "stopped"},
+    }
+    listed = ok("audit", "--limit", "0", "--json", "--url", url).json()
+    assert {r["event_type"]: r["details"] for r in listed} == expected
+    shown = ok("show", str(agent), "--events", "20", "--json", "--url", url).json()
+    assert {r["event_type"]: r["details"] for r in shown["events"]} == expected
+
+    def stop(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_audit, "_sleep", stop)
+    followed = ok("audit", "--follow", "--limit", "0", "--json", "--url", url).stdout.splitlines()
+    assert {r["event_type"]: r["details"] for r in map(json.loads, followed)} == expected
+    with StateManager.from_url(url) as manager:  # stored, and exported, as the text that was hashed
+        assert [r.details for r in manager.audit_log()][:7] == list(texts.values())
+    exported = ok("export", "--url", url).stdout.splitlines()
+    assert [json.loads(line)["details"] for line in exported][:7] == list(texts.values())

@@ -389,3 +389,86 @@ def test_queries_find_records_by_seq_after_the_list_was_edited() -> None:
     assert [r.seq for r in by_a] == [2, 6, 8, 10]
     assert [r.event.details for r in by_a] == ["1", "5", "7", "9"]
     assert [r.seq for r in backend.query_audit(AuditQuery(after_seq=2))] == [3, 5, 6, 7, 8, 9, 10]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_operation, max_size=30))
+def test_iteration_by_status_follows_saves_removes_and_slot_reuse(operations: list[tuple[Any, ...]]) -> None:
+    # iter_agent_states(status=...) searches the status column: freed and reused slots must
+    # never show an agent under a status it left, or a removed one.
+    manager = StateManager(MemoryBackend())
+    model: dict[AgentId, AgentState] = {}
+    for kind, which, *rest in operations:
+        agent_id = _POOL[which]
+        if kind == "save" and rest[1] is None:
+            state = AgentState(agent_id, **rest[0])
+            manager.save_agent_state(state)
+            model[agent_id] = _normalised(state)
+        elif kind == "remove":
+            manager.remove_agent_state(agent_id)
+            model.pop(agent_id, None)
+        for status in AgentStatus:
+            found = [s.agent_id for s in manager.iter_agent_states(status=status, batch_size=2)]
+            expected = [a for a, s in model.items() if s.status is status]
+            assert sorted(found, key=str) == sorted(expected, key=str)
+
+
+def _random_trail_step(rng: Any, agents: list[AgentId], clock: int) -> list[AuditEvent]:
+    """Events about one second apart with jitter, now and then one from long ago."""
+    events_ = []
+    for i in range(rng.randrange(1, 400)):
+        late = rng.random() < 0.01  # now and then a late event, with an old timestamp
+        at = rng.randrange(0, 1_000) if late else clock + i + rng.randrange(-60, 60)
+        events_.append(AuditEvent(rng.choice(agents), rng.choice(["a", "b", "c"]), max(0, at), ""))
+    return events_
+
+
+def test_time_window_queries_match_a_scan_whatever_the_timestamps() -> None:
+    # audit_log(since=, until=) skips, by the trail's timeline, what cannot match; timestamps
+    # need not grow with seq, and prunes cut the timeline's front. Every answer must equal a
+    # plain filter of the records kept.
+    import random
+
+    rng = random.Random(15)
+    backend = MemoryBackend()
+    chain = AuditChain()
+    agents = [AgentId.generate() for _ in range(4)]
+    kept: list[Any] = []
+    clock = 1_000
+    for step in range(30):
+        batch = _random_trail_step(rng, agents, clock)
+        clock += len(batch)
+        kept += backend.append_audit(batch, chain)
+        if step % 6 == 5:
+            removed = backend.prune_audit(rng.randrange(clock - 2_000, clock), chain)
+            kept = kept[removed:]
+        for _ in range(30):
+            since = rng.choice([None, rng.randrange(0, clock + 100)])
+            until = rng.choice([None, rng.randrange(0, clock + 100)])
+            if since is not None and until is not None and rng.random() < 0.7:
+                until = since + rng.randrange(0, 300)  # a window
+            query = AuditQuery(
+                agent_id=rng.choice([None, None, *agents]),
+                event_type=rng.choice([None, None, "a"]),
+                since=since,
+                until=until,
+                after_seq=rng.choice([None, rng.randrange(0, kept[-1].seq + 2)]),
+                limit=rng.choice([None, 1, 100]),
+            )
+            expected = [
+                r
+                for r in kept
+                if query.matches(r.seq, r.event.agent_id.as_str(), r.event.event_type, r.event.timestamp)
+            ][: query.limit]
+            assert backend.query_audit(query) == expected, query
+
+
+def test_a_time_query_on_a_list_edited_by_hand_answers_with_what_it_holds() -> None:
+    backend = MemoryBackend()
+    agent_id = AgentId.generate()
+    backend.append_audit([AuditEvent(agent_id, "note", 100 + i, str(i)) for i in range(3_000)], AuditChain())
+    del backend._records[2_500]  # seq 2501, timestamp 2600
+    del backend._records[:10]
+    found = backend.query_audit(AuditQuery(since=2_590, until=2_610))
+    assert [r.event.timestamp for r in found] == [t for t in range(2_590, 2_611) if t != 2_600]
+    assert [r.seq for r in backend.query_audit(AuditQuery(until=112))] == [11, 12, 13]

@@ -33,6 +33,7 @@ from iron_runtime_state import (
     AuditEvent,
     BackendError,
     BackendUnavailable,
+    BudgetExceeded,
     ConfigurationError,
     Reservation,
     ReservationError,
@@ -1117,3 +1118,100 @@ def test_open_backend_builds_sqlite(path: Path) -> None:
         assert repr(backend).startswith("SQLiteBackend(")
     finally:
         backend.close()
+
+
+# -- record_spend in one statement, the status index ----------------------------------------------
+
+
+def _spend_story(manager: StateManager) -> None:
+    """Spends that pass and one that open holds refuse; missing and stopped agents."""
+    agent_id = AgentId.generate()
+    manager.save_agent_state(AgentState(agent_id, AgentStatus.RUNNING, 1, budget_limit=10))
+    hold = manager.reserve_budget(agent_id, 6.0)
+    state = manager.record_spend(agent_id, 2)
+    # Whole numbers come back as floats, as from any other read.
+    assert (state.budget_spent, state.budget_limit) == (3.0, 10.0)
+    assert type(state.budget_spent) is float
+    assert type(state.budget_limit) is float
+    with pytest.raises(BudgetExceeded) as refused:
+        manager.record_spend(agent_id, 1.5)  # 3 spent + 6 held + 1.5 > 10
+    assert (refused.value.spent, refused.value.reserved, refused.value.requested) == (3.0, 6.0, 1.5)
+    assert manager.get_agent_state(agent_id) == AgentState(agent_id, AgentStatus.RUNNING, 3.0, 0, 10.0)
+    [event] = manager.audit_log(agent_id=agent_id, event_type="budget_exceeded")
+    assert "spend" in event.event.details
+    manager.release_reservation(hold)
+    assert manager.record_spend(agent_id, 7.0).budget_spent == 10.0  # exactly the limit passes
+    unlimited = AgentId.generate()
+    manager.save_agent_state(AgentState(unlimited, AgentStatus.RUNNING))
+    assert manager.record_spend(unlimited, 1e9).budget_spent == 1e9
+    with pytest.raises(AgentNotFound):
+        manager.record_spend(AgentId.generate(), 1.0)
+    manager.set_status(unlimited, AgentStatus.STOPPED)
+    with pytest.raises(AgentNotRunning):
+        manager.record_spend(unlimited, 1.0)
+    assert manager.stats().budget_spent == 1e9 + 10.0
+
+
+def test_a_spend_that_passes_is_one_statement_and_commits_at_once(path: Path) -> None:
+    with StateManager.with_sqlite(path) as manager:
+        _spend_story(manager)
+        agent_id = AgentId.generate()
+        manager.save_agent_state(AgentState(agent_id, AgentStatus.RUNNING, budget_limit=5.0))
+        backend = manager.backend
+        assert isinstance(backend, SQLiteBackend)
+        statements: list[str] = []
+        connection = backend._connections.get().db
+        connection.set_trace_callback(statements.append)
+        try:
+            manager.record_spend(agent_id, 1.0)
+        finally:
+            connection.set_trace_callback(None)
+        # One statement (the trace repeats it for the triggers it runs), no BEGIN.
+        assert len(set(statements)) == 1, statements
+        assert statements[0].startswith("UPDATE iron_agents"), statements
+        assert not connection.in_transaction  # the autocommit statement ran to its end
+        other = raw(path)
+        try:
+            spent = other.execute("SELECT budget_spent FROM iron_agents WHERE agent_id = ?", (str(agent_id),))
+            assert spent.fetchone() == (1.0,)
+        finally:
+            other.close()
+
+
+def test_spends_take_the_transaction_where_sqlite_lacks_returning(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from iron_runtime_state.backends.sqlite import store
+
+    monkeypatch.setattr(store, "_SPEND_IN_ONE_STATEMENT", False)
+    with StateManager.with_sqlite(path) as manager:
+        _spend_story(manager)
+
+
+def test_stopped_and_failed_agents_are_read_from_their_index(path: Path) -> None:
+    from iron_runtime_state.backends.sqlite import store
+
+    rng = random.Random(3)
+    with StateManager.with_sqlite(path) as manager:
+        states = [AgentState(AgentId.generate(), rng.choice(list(AgentStatus))) for _ in range(300)]
+        manager.save_agent_states(states)
+        for state in rng.sample(states, 60):
+            manager.set_status(state.agent_id, rng.choice(list(AgentStatus)))
+        for state in rng.sample(states, 20):
+            manager.remove_agent_state(state.agent_id)
+        for status in AgentStatus:
+            expected = sorted(s.agent_id.as_str() for s in manager.iter_agent_states() if s.status is status)
+            got = [s.agent_id.as_str() for s in manager.iter_agent_states(status=status, batch_size=7)]
+            assert got == expected
+        db = raw(path)
+        try:
+            for status in (AgentStatus.STOPPED, AgentStatus.FAILED):
+                sql = store._SQL_PAGE_STATUS[sqlite_schema.STATUS_CODE[status.value]]
+                plan = db.execute("EXPLAIN QUERY PLAN " + sql, ("", 10)).fetchall()
+                assert "USING INDEX iron_agents_finished" in plan[0][3], plan
+        finally:
+            db.close()
+        failed = sorted(s.agent_id.as_str() for s in manager.iter_agent_states(status=AgentStatus.FAILED))
+        assert sorted(manager.purge_agents(older_than=0, status=[AgentStatus.FAILED])) == failed
+        assert not any(s.status is AgentStatus.FAILED for s in manager.iter_agent_states())
+        assert manager.stats().failed == 0

@@ -1,10 +1,12 @@
 """A state change and the audit events it implies are one write, on every store.
 
 The store appends the event in the same atomic step as the change (a transaction, a lock, a
-script), so no crash can leave one without the other. The tests drive the store contract
-(``manager.backend``) with a chain that cannot seal: the failure a crash between two writes
-would leave behind. Nothing may change then. With a working chain, the records the step
-returns are the ones stored.
+script, or, on Redis, a script that queues the event in an outbox beside the change, which the
+next drain appends), so no crash can leave one without the other. The tests drive the store
+contract (``manager.backend``) with a chain that cannot seal: the failure a crash between two
+writes would leave behind. Then either nothing changed (a transaction rolled back) or the change
+stands with its event queued, and the next drain appends it: either way, once read, the state
+and the trail agree. With a working chain, the records the step returns are the ones stored.
 """
 
 from __future__ import annotations
@@ -57,9 +59,11 @@ def test_a_pii_count_and_its_event_are_one_write(manager: StateManager, agent: A
     assert change.records == stored(manager, "pii_detected")
     with pytest.raises(RuntimeError, match="seal"):
         backend.record_pii(agent, 3, now, events.pii_detected(agent, 3, "", now), BrokenChain())
-    assert state_of(manager, agent).pii_detections == 2
-    assert manager.stats().pii_detections == 2
-    assert manager.audit_count() == 1
+    counts = [json.loads(r.event.details)["count"] for r in stored(manager, "pii_detected")]
+    assert counts in ([2], [2, 3])  # rolled back, or queued and appended by the next drain
+    assert state_of(manager, agent).pii_detections == sum(counts)
+    assert manager.stats().pii_detections == sum(counts)
+    assert manager.audit_count() == len(counts)
 
 
 def test_a_status_change_and_its_event_are_one_write(manager: StateManager, agent: AgentId) -> None:
@@ -73,9 +77,11 @@ def test_a_status_change_and_its_event_are_one_write(manager: StateManager, agen
     assert (same.state.status, same.records) == (AgentStatus.STOPPED, [])
     with pytest.raises(RuntimeError, match="seal"):
         backend.set_status(agent, AgentStatus.FAILED, now, BrokenChain())
-    assert state_of(manager, agent).status is AgentStatus.STOPPED
-    assert (manager.stats().stopped, manager.stats().failed) == (1, 0)
-    assert manager.audit_count() == 1
+    moves = [json.loads(r.event.details)["to"] for r in stored(manager, "status_changed")]
+    assert moves in (["stopped"], ["stopped", "failed"])  # rolled back, or queued and appended
+    assert state_of(manager, agent).status.value == moves[-1]
+    assert (manager.stats().stopped, manager.stats().failed) == ((1, 0) if len(moves) == 1 else (0, 1))
+    assert manager.audit_count() == len(moves)
 
 
 @pytest.mark.parametrize("action", ["spend", "reserve"])
@@ -98,7 +104,7 @@ def test_a_refusal_appends_its_event_in_the_same_step(
     assert (details["action"], details["spent"], details["requested"]) == (action, 9.0, 2.0)
     with pytest.raises(RuntimeError, match="seal"):
         backend.record_spend(agent, 2.0, now, BrokenChain())
-    assert manager.audit_count() == 1
+    assert manager.audit_count() in (1, 2)  # its event rolled back, or queued and appended
     assert manager.budget_available(agent) == 1.0
 
 
@@ -117,12 +123,15 @@ def test_an_overspending_commit_and_its_event_are_one_write(manager: StateManage
     hold = manager.reserve_budget(agent, 5.0)
     with pytest.raises(RuntimeError, match="seal"):
         backend.commit(hold, 12.0, time.time(), BrokenChain())
-    assert state_of(manager, agent).budget_spent == 0.0
-    assert manager.audit_count() == 0
-    result = backend.commit(hold, 12.0, time.time(), AuditChain())  # the hold is still open
-    assert (result.exceeded, result.state.budget_spent) == (True, 12.0)
-    (record,) = result.records
-    assert record == stored(manager, "budget_exceeded")[0]
+    if manager.audit_count() == 1:  # the commit stands, its event queued and appended since
+        assert state_of(manager, agent).budget_spent == 12.0
+        (record,) = stored(manager, "budget_exceeded")
+    else:  # rolled back: nothing was spent, the hold is still open
+        assert state_of(manager, agent).budget_spent == 0.0
+        result = backend.commit(hold, 12.0, time.time(), AuditChain())
+        assert (result.exceeded, result.state.budget_spent) == (True, 12.0)
+        (record,) = result.records
+        assert record == stored(manager, "budget_exceeded")[0]
     details = json.loads(record.event.details)
     assert (details["committed"], details["spent"], details["reservation"]) == (
         12.0,

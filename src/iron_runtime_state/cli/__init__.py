@@ -12,7 +12,7 @@ See ``docs/cli.md`` for the guide. The package, by concern:
 ``render.py``       tables, JSON and formatting shared by the commands
 ``demo.py``         ``demo``
 ``fleet.py``        ``agents``, ``show``, ``stats``, ``purge``
-``audit.py``        ``audit``, ``verify``, ``export``, ``prune``
+``audit.py``        ``audit``, ``verify``, ``checkpoint``, ``export``, ``prune``
 ``copy.py``         ``copy``
 ``metrics.py``      ``metrics``
 ``exit_codes.py``   the exit statuses below, and :class:`CommandError`, which carries one

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Final, NoReturn
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from .. import __version__
 from ..config import ENV_DEBUG
@@ -72,8 +72,27 @@ def _usage_error_types() -> tuple[type[BaseException], ...]:
 _USAGE_ERRORS: Final = _usage_error_types()
 
 
+def _flags_without_type(params: list[Any]) -> list[Any]:
+    """``params`` with no value type shown for a flag (``--json``, ``--help``; recent Typer shows
+    ``<bool>`` for them, as if they took a value)."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    """A command: its help shows what each option takes, and nothing for a flag."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
+
+
 class _Group(TyperGroup):
     """The root command: every error becomes one line on stderr and a documented exit status."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
 
     def main(  # type: ignore[override]  # the same signature, narrowed to what we pass on
         self,
@@ -174,8 +193,8 @@ def _root(
 #: Every command, under its heading of ``iron-state --help``, in the order the help lists them.
 COMMANDS: Final[tuple[tuple[str, tuple[Callable[..., None], ...]], ...]] = (
     ("Start here", (demo.demo,)),
-    ("Inspect", (fleet.agents, fleet.show, fleet.stats, audit.audit)),
-    ("Audit trail", (audit.verify, audit.checkpoint, audit.export, audit.prune, fleet.purge)),
+    ("Agents", (fleet.agents, fleet.show, fleet.stats, fleet.purge)),
+    ("Audit trail", (audit.audit, audit.verify, audit.checkpoint, audit.export, audit.prune)),
     ("Operate", (copy.copy, metrics.metrics)),
 )
 
@@ -188,7 +207,7 @@ def _reflow(doc: str) -> str:
 def _add_commands() -> None:
     for panel, commands in COMMANDS:
         for command in commands:
-            app.command(rich_help_panel=panel, help=_reflow(command.__doc__ or ""))(command)
+            app.command(cls=_Command, rich_help_panel=panel, help=_reflow(command.__doc__ or ""))(command)
 
 
 _add_commands()

@@ -19,7 +19,7 @@ from ..manager import StateManager
 from ..models import AuditCheckpoint, AuditRecord
 from .exit_codes import EXIT_CHECK_FAILED, EXIT_USAGE, CommandError
 from .options import TIME_HELP, DebugOption, JsonOption, UrlOption, YesOption, parse_time
-from .render import audit_table, clip, emit_stream, fmt_time, print_verification
+from .render import audit_table, clip, emit_stream, fmt_time, print_verification, record_json
 from .session import Session, confirm
 
 __all__ = [
@@ -33,12 +33,21 @@ __all__ = [
     "verify",
 ]
 
-AgentFilter = Annotated[str | None, typer.Option("--agent", "-a", help="Only this agent's records.")]
-TypeFilter = Annotated[
-    str | None, typer.Option("--type", "-t", help="Only this event type, e.g. budget_exceeded, pii_detected.")
+AgentFilter = Annotated[
+    str | None, typer.Option("--agent", "-a", metavar="ID", help="Only this agent's records.")
 ]
-SinceFilter = Annotated[str | None, typer.Option("--since", help=f"Records at or after: {TIME_HELP}.")]
-UntilFilter = Annotated[str | None, typer.Option("--until", help=f"Records at or before: {TIME_HELP}.")]
+TypeFilter = Annotated[
+    str | None,
+    typer.Option(
+        "--type", "-t", metavar="TYPE", help="Only this event type, e.g. budget_exceeded, pii_detected."
+    ),
+]
+SinceFilter = Annotated[
+    str | None, typer.Option("--since", metavar="WHEN", help=f"Records at or after: {TIME_HELP}.")
+]
+UntilFilter = Annotated[
+    str | None, typer.Option("--until", metavar="WHEN", help=f"Records at or before: {TIME_HELP}.")
+]
 
 
 class ExportFormat(str, enum.Enum):
@@ -93,16 +102,20 @@ def audit(
     since: SinceFilter = None,
     until: UntilFilter = None,
     after_seq: Annotated[
-        int | None, typer.Option("--after-seq", min=0, help="Only records after this seq.")
+        int | None, typer.Option("--after-seq", min=0, metavar="SEQ", help="Only records after this seq.")
     ] = None,
     limit: Annotated[
-        int, typer.Option("--limit", "-l", min=0, help="Show the newest N matching records; 0 for all.")
+        int,
+        typer.Option(
+            "--limit", "-l", min=0, metavar="N", help="Show the newest N matching records; 0 for all."
+        ),
     ] = 20,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing new records as they arrive (Ctrl-C stops).")
     ] = False,
     interval: Annotated[
-        float, typer.Option("--interval", min=0.05, help="Seconds between polls with --follow.")
+        float,
+        typer.Option("--interval", min=0.05, metavar="SECONDS", help="Seconds between polls with --follow."),
     ] = 1.0,
     url: UrlOption = CLI_DEFAULT_URL,
     json_output: JsonOption = False,
@@ -125,7 +138,7 @@ def audit(
             records = tail_audit(manager, limit, **dict(filters))
         if not follow:
             if session.json:
-                emit_stream(r.to_dict() for r in records)
+                emit_stream(record_json(r) for r in records)
             else:
                 shown = list(records)
                 session.out.print(audit_table(shown, session.out.width))
@@ -146,7 +159,7 @@ def _follow(
         last = 0
         for r in records:
             if session.json:
-                sys.stdout.write(json.dumps(r.to_dict()) + "\n")
+                session.emit_line(record_json(r))
             else:
                 session.out.print(
                     Text.assemble(
@@ -161,7 +174,6 @@ def _follow(
                     )
                 )
             last = r.seq
-        sys.stdout.flush()
         return last
 
     filters.pop("after_seq", None)
@@ -215,11 +227,18 @@ def verify(
 
 
 def checkpoint(
-    url: UrlOption = CLI_DEFAULT_URL,
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", metavar="FILE", help="Write it to FILE (created; not overwritten)."),
     ] = None,
+    url: UrlOption = CLI_DEFAULT_URL,
+    json_output: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="With --out: a summary as JSON on stdout (without --out, stdout is the checkpoint: JSON).",
+        ),
+    ] = False,
     debug: DebugOption = False,
 ) -> None:
     """Print a checkpoint of the audit trail's head as JSON: keep it outside the store.
@@ -227,7 +246,7 @@ def checkpoint(
     'iron-state verify --checkpoint FILE' later fails if the store no longer extends it, for
     example after its newest records were removed. With $IRON_STATE_AUDIT_KEY it is signed.
     """
-    session = Session(url, True)
+    session = Session(url, json_output)
     with session.open() as manager:
         witness = manager.audit_checkpoint()
     text = json.dumps(witness.to_dict(), sort_keys=True)
@@ -241,6 +260,9 @@ def checkpoint(
         raise CommandError(
             f"{str(out)[:200]} exists; choose a new file for the checkpoint", EXIT_USAGE
         ) from None
+    if session.json:
+        session.emit({"url": manager.url, "out": str(out), "seq": witness.seq, "hash": witness.hash})
+        return
     session.note(f"checkpoint of seq {witness.seq} written to {out}")
 
 
@@ -259,24 +281,39 @@ def read_checkpoint(path: Path) -> AuditCheckpoint:
 
 def export(
     format: Annotated[
-        ExportFormat, typer.Option("--format", "-f", help="jsonl (with hashes) or csv.")
+        ExportFormat,
+        typer.Option("--format", "-f", metavar="[jsonl|csv]", help="jsonl (with hashes) or csv."),
     ] = ExportFormat.jsonl,
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Write to this file instead of stdout.", dir_okay=False),
+        typer.Option(
+            "--output", "-o", metavar="FILE", help="Write to this file instead of stdout.", dir_okay=False
+        ),
     ] = None,
     agent: AgentFilter = None,
     event_type: TypeFilter = None,
     since: SinceFilter = None,
     until: UntilFilter = None,
     url: UrlOption = CLI_DEFAULT_URL,
+    json_output: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="With --output: a summary as JSON on stdout. Without it, stdout is the export (JSON Lines).",
+        ),
+    ] = False,
     debug: DebugOption = False,
 ) -> None:
     """Export the audit trail (or the filtered part) as JSON Lines or CSV, in seq order.
 
     Each JSONL line carries prev_hash and hash, so the chain can be checked elsewhere.
     """
-    session = Session(url)
+    session = Session(url, json_output)
+    if session.json and output is None and format is not ExportFormat.jsonl:
+        raise CommandError(
+            "--json without --output would print CSV as JSON: pass --output FILE (stdout then gets "
+            "a JSON summary), or --format jsonl"
+        )
     filters = _audit_filters(agent, event_type, since, until)
     with session.open() as manager:
         if output is None:
@@ -284,13 +321,20 @@ def export(
             sys.stdout.flush()
         else:
             count = manager.export_audit_log(output, format=format.value, **filters)
+        if session.json and output is not None:
+            session.emit(
+                {"url": manager.url, "output": str(output), "format": format.value, "records": count}
+            )
+            return
         session.note(
             f"exported {count:,} audit records as {format.value}" + (f" to {output}" if output else "")
         )
 
 
 def prune(
-    before: Annotated[str, typer.Option("--before", help=f"Remove records older than this: {TIME_HELP}.")],
+    before: Annotated[
+        str, typer.Option("--before", metavar="WHEN", help=f"Remove records older than this: {TIME_HELP}.")
+    ],
     yes: YesOption = False,
     url: UrlOption = CLI_DEFAULT_URL,
     json_output: JsonOption = False,

@@ -24,13 +24,15 @@ __all__ = ["demo"]
 
 def demo(
     agents: Annotated[
-        int, typer.Option("--agents", "-n", min=1, max=1_000_000, help="Agents in the fleet.")
+        int, typer.Option("--agents", "-n", min=1, max=1_000_000, metavar="N", help="Agents in the fleet.")
     ] = 1000,
     steps: Annotated[
-        int, typer.Option("--steps", "-s", min=1, max=10_000, help="Model calls per agent, at most.")
+        int,
+        typer.Option("--steps", "-s", min=1, max=10_000, metavar="M", help="Model calls per agent, at most."),
     ] = 10,
     seed: Annotated[
-        int | None, typer.Option("--seed", help="Make the run reproducible (same ids and outcomes).")
+        int | None,
+        typer.Option("--seed", metavar="S", help="Make the run reproducible (same ids and outcomes)."),
     ] = None,
     reset: Annotated[
         bool, typer.Option("--reset", help="First remove every agent and audit record from the store.")

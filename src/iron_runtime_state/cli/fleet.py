@@ -21,7 +21,17 @@ from ..models import AgentState, AgentStatus
 from .audit import tail_audit
 from .exit_codes import EXIT_NOT_FOUND, CommandError
 from .options import DebugOption, JsonOption, StatusChoice, UrlOption, YesOption, parse_duration
-from .render import agents_table, audit_table, emit_stream, finite, fmt_money, fmt_used, plural, status_text
+from .render import (
+    agents_table,
+    audit_table,
+    emit_stream,
+    finite,
+    fmt_money,
+    fmt_used,
+    plural,
+    record_json,
+    status_text,
+)
 from .session import Session, confirm
 
 __all__ = ["SortKey", "agents", "purge", "show", "stats"]
@@ -39,15 +49,26 @@ class SortKey(str, enum.Enum):
 
 def agents(
     status: Annotated[
-        StatusChoice | None, typer.Option("--status", help="Only agents with this status.")
+        StatusChoice | None,
+        typer.Option("--status", metavar="[running|stopped|failed]", help="Only agents with this status."),
     ] = None,
     limit: Annotated[
         int | None,
-        typer.Option("--limit", "-l", min=0, help="Rows to show; 0 for all. [default: 50, all with --json]"),
+        typer.Option(
+            "--limit",
+            "-l",
+            min=0,
+            metavar="N",
+            help="Rows to show; 0 for all (default: 50, or all with --json).",
+        ),
     ] = None,
     sort: Annotated[
         SortKey,
-        typer.Option("--sort", help="Order: store (fastest), id, spent, pii or used (highest first)."),
+        typer.Option(
+            "--sort",
+            metavar="[store|id|spent|pii|used]",
+            help="Order: store (fastest), id, spent, pii or used (highest first).",
+        ),
     ] = SortKey.store,
     url: UrlOption = CLI_DEFAULT_URL,
     json_output: JsonOption = False,
@@ -99,7 +120,7 @@ def show(
         ),
     ],
     events: Annotated[
-        int, typer.Option("--events", "-e", min=0, help="How many of its newest audit events.")
+        int, typer.Option("--events", "-e", min=0, metavar="N", help="How many of its newest audit events.")
     ] = 10,
     url: UrlOption = CLI_DEFAULT_URL,
     json_output: JsonOption = False,
@@ -122,7 +143,7 @@ def show(
                 {
                     **state.to_dict(),
                     "budget_available": finite(round(available, 10)),
-                    "events": [r.to_dict() for r in records],
+                    "events": [record_json(r) for r in records],
                 }
             )
             return
@@ -177,12 +198,16 @@ def purge(
     older_than: Annotated[
         str,
         typer.Option(
-            "--older-than", help="Only agents unchanged for this long: 90s, 30m, 2h, 7d, 1w (0: all)."
+            "--older-than",
+            metavar="AGE",
+            help="Only agents unchanged for this long: 90s, 30m, 2h, 7d, 1w (0: all).",
         ),
     ],
     status: Annotated[
         list[StatusChoice] | None,
-        typer.Option("--status", help="stopped or failed; repeat for both. [default: both]"),
+        typer.Option(
+            "--status", metavar="[stopped|failed]", help="stopped or failed; repeat for both (default: both)."
+        ),
     ] = None,
     yes: YesOption = False,
     url: UrlOption = CLI_DEFAULT_URL,

@@ -27,12 +27,21 @@ def _serve_until_stopped(stop: threading.Event) -> None:
 
 def metrics(
     port: Annotated[
-        int, typer.Option("--port", "-p", min=0, max=65535, help="TCP port (0: any free port).")
+        int,
+        typer.Option("--port", "-p", min=0, max=65535, metavar="PORT", help="TCP port (0: any free port)."),
     ] = METRICS_PORT,
     host: Annotated[
-        str, typer.Option("--host", help="Address to listen on (0.0.0.0 for every interface).")
+        str,
+        typer.Option("--host", metavar="HOST", help="Address to listen on (0.0.0.0 for every interface)."),
     ] = "127.0.0.1",
     url: UrlOption = CLI_DEFAULT_URL,
+    json_output: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Once listening, print where as one line of JSON on stdout (url, host, port, endpoint).",
+        ),
+    ] = False,
     debug: DebugOption = False,
 ) -> None:
     """Serve Prometheus metrics for the store on http://HOST:PORT/metrics until stopped.
@@ -40,7 +49,7 @@ def metrics(
     Gauges: iron_state_agents{status}, iron_state_budget_spent, iron_state_pii_detections,
     iron_state_audit_records, iron_state_up, iron_state_scrape_duration_seconds.
     """
-    session = Session(url)
+    session = Session(url, json_output)
     from ..metrics import serve_metrics  # without the extra: a one-line MissingDependency
 
     with session.open() as manager:
@@ -60,10 +69,12 @@ def metrics(
             for sig in _STOP_SIGNALS:
                 signal.signal(sig, on_signal)
         shown_host = f"[{host}]" if ":" in host else host
-        session.note(
-            f"serving metrics for {manager.url} on http://{shown_host}:{server.server_port}/metrics "
-            "(Ctrl-C to stop)"
-        )
+        endpoint = f"http://{shown_host}:{server.server_port}/metrics"
+        if session.json:
+            session.emit_line(
+                {"url": manager.url, "host": host, "port": server.server_port, "endpoint": endpoint}
+            )
+        session.note(f"serving metrics for {manager.url} on {endpoint} (Ctrl-C to stop)")
         try:
             _serve_until_stopped(stop)
         except KeyboardInterrupt:

@@ -49,6 +49,7 @@ UrlOption = Annotated[
     typer.Option(
         "--url",
         "-u",
+        metavar="URL",
         envvar=ENV_URL,
         show_envvar=True,
         help="Store URL: sqlite:///file.db, sqlite:////abs/path.db, redis://host:6379/0, memory://",

@@ -26,6 +26,7 @@ __all__ = [
     "fmt_used",
     "plural",
     "print_verification",
+    "record_json",
     "status_text",
 ]
 
@@ -153,6 +154,35 @@ def print_verification(out: Console, url: str, report: AuditVerification) -> Non
                 f"({report.checked:,} records before it verified) in {url}",
             )
         )
+
+
+def record_json(record: AuditRecord) -> dict[str, Any]:
+    """An audit record for ``--json`` output: its details as JSON where they hold a JSON object
+    or array (as the library's own events do), else as the text they are.
+
+    Only exact JSON is turned into a value: a duplicate key or NaN would not read back as the
+    same text, so such details stay text. (Exports keep the text always: the hashes cover it.)
+    """
+    data = record.to_dict()
+    details = record.details
+    if details.startswith(("{", "[")):
+        try:
+            value = json.loads(details, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        except ValueError:
+            return data
+        data["details"] = value
+    return data
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise ValueError("a duplicate key")
+    return found
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def emit_stream(items: Iterable[Any]) -> None:

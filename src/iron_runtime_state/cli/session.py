@@ -121,6 +121,11 @@ class Session:
         sys.stdout.write(json.dumps(data, indent=2, allow_nan=False))
         sys.stdout.write("\n")
 
+    def emit_line(self, data: Any) -> None:
+        """Write one JSON document on one line of stdout, at once (a reader may be waiting for it)."""
+        sys.stdout.write(json.dumps(data, allow_nan=False) + "\n")
+        sys.stdout.flush()
+
     def say(self, message: str) -> None:
         """A line of human output on stdout (plain text: no Rich markup is read in it)."""
         self.out.print(message, markup=False)

@@ -9,6 +9,7 @@ registry's factories for these schemes). Both share every decision; the modules,
 - :mod:`.decode`: what each reply means;
 - :mod:`.ops`: every store operation, once, as an I/O-free generator;
 - :mod:`.policy`: which failures to retry, when and where to;
+- :mod:`.durability`: what a write waits for (``durability=``), and each master's checks on first use;
 - :mod:`.sync` and :mod:`.aio`: the two drivers, which only carry commands and replies.
 
 The asyncio driver's module is imported only when :func:`open_redis_async` is called.
@@ -63,7 +64,9 @@ def open_redis(url: str, *, namespace: str = DEFAULT_NAMESPACE, **options: Any) 
     ``socket_timeout``, ``socket_connect_timeout``, ``username``, ``password``, ``db``,
     ``max_connections``, ``client_name``, ``ssl`` and the TLS options ``ssl_ca_certs``,
     ``ssl_ca_path``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_password``, ``ssl_cert_reqs``,
-    ``ssl_check_hostname``. An unknown option raises ``ConfigurationError`` naming them all.
+    ``ssl_check_hostname``; ``durability`` (``"async"``, ``"replicated"`` or ``"aof"``), ``replicas``
+    and ``allow_eviction`` (see :mod:`.durability`). An unknown option raises
+    ``ConfigurationError`` naming them all.
     """
     config = parse_redis_url(url, namespace=namespace, **options)
     # mypy sees the contract's methods as abstract: OpsBackend derives them at import time.

@@ -21,6 +21,13 @@ has one watchdog that gives up on it when commands are in flight and no reply ca
 socket_timeout``. So a call still ends within ``timeout`` (5 s by default). A reader is always
 waiting on each connection, so a server that hangs up (a restart) is noticed at once and the
 next command goes out on a new connection.
+
+Durability. With ``durability="replicated"`` or ``"aof"``, each write of the store carries a mark,
+and a batch written to a server that holds a marked write ends with one ``WAIT`` (or ``WAITAOF``),
+on the same connection, after the batch: WAIT confirms the writes of its own connection up to
+that point. The reader keeps each marked write's reply until that confirmation comes, then hands
+it over, or hands over :class:`~.durability.NotConfirmed` when it falls short (see
+:mod:`.durability`).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Final, TypeVar
@@ -41,10 +49,11 @@ from redis.asyncio.connection import (
 
 from ...errors import BackendError
 from ..async_base import AsyncBackend
+from .durability import Durability
 from .keys import Routed
-from .ops import Batch, Call, Emit, Op, Pause, RedisStore, Request
+from .ops import Batch, Call, Emit, Gather, Op, Pause, RedisStore, Request
 from .policy import SlotDiscovery, plan_batches, rexc, stale_slot_table
-from .url import Node, RedisConfig
+from .url import Node, RedisConfig, address
 
 _pack: Callable[[tuple[Any, ...]], bytes]
 try:
@@ -89,14 +98,22 @@ class _Entry:
     shared by many commands is not raised, and its traceback grown, once per caller.
     """
 
-    __slots__ = ("asking", "future", "packed", "sent")
+    __slots__ = ("asking", "durable", "future", "held", "packed", "sent", "wait")
 
-    def __init__(self, packed: bytes, future: asyncio.Future[Any], asking: bool) -> None:
+    def __init__(
+        self, packed: bytes, future: asyncio.Future[Any], asking: bool, durable: bool = False
+    ) -> None:
         self.packed = packed
         self.future = future
         self.asking = asking
+        #: Whether the command is a write that ``durability=`` must confirm.
+        self.durable = durable
         #: Whether the command was written, so that it may have run.
         self.sent = False
+        #: The command written after this write to confirm it; its reply hands ours over.
+        self.wait: _Entry | None = None
+        #: This write's reply, kept until :attr:`wait` answers.
+        self.held: Any = None
 
     def fail(self, error: rexc.RedisError) -> None:
         """Hand a failure to the caller in place of the reply, unless it stopped waiting."""
@@ -178,7 +195,10 @@ class _Session:
                 raise rexc.InvalidResponse(f"Redis sent a reply nobody asked for: {reply!r:.60}")
             entry = inflight.popleft()
             if entry is not None and not entry.future.done():
-                entry.future.set_result(reply)
+                if entry.wait is not None and not isinstance(reply, BaseException):
+                    entry.held = reply  # handed over when its confirmation answers
+                else:
+                    entry.future.set_result(reply)
 
     def fail(self, error: BaseException) -> None:
         """The connection is lost: every command in flight on it fails with ``error``."""
@@ -215,8 +235,11 @@ class _Pipe:
         connect: Callable[[], AbstractConnection],
         timeouts: tuple[float, float],
         closed: Callable[[], BackendError],
+        durability: Durability,
     ) -> None:
         self._new_connection = connect
+        self._durability = durability
+        self._confirm = None if durability.command is None else _pack(durability.command)
         self._connect_time, self._socket_timeout = timeouts
         self._closed_error = closed
         self._outbox: list[_Entry] = []
@@ -225,12 +248,15 @@ class _Pipe:
         self._wake: asyncio.Future[None] | None = None
         self._closed = False
 
-    def submit(self, command: tuple[Any, ...], asking: bool = False) -> _Entry:
-        """Queue a command for this turn's write; await ``.future`` for its reply."""
+    def submit(self, command: tuple[Any, ...], asking: bool = False, durable: bool = False) -> _Entry:
+        """Queue a command for this turn's write; await ``.future`` for its reply.
+
+        ``durable``: a write whose reply comes only once ``durability=`` confirmed it.
+        """
         if self._closed:
             raise self._closed_error()
         loop = asyncio.get_running_loop()
-        entry = _Entry(_pack(command), loop.create_future(), asking)
+        entry = _Entry(_pack(command), loop.create_future(), asking, durable)
         self._outbox.append(entry)
         wake = self._wake
         if wake is not None:
@@ -256,9 +282,30 @@ class _Pipe:
                         self._fail_outbox(exc)
                         continue
                 batch, self._outbox = self._outbox, []
-                await session.write([entry for entry in batch if not entry.future.cancelled()])
+                batch = [entry for entry in batch if not entry.future.cancelled()]
+                if self._confirm is not None:
+                    self._add_confirmation(batch)
+                await session.write(batch)
         finally:
             self._writer = self._wake = None
+
+    def _add_confirmation(self, batch: list[_Entry]) -> None:
+        """End the batch with one command that confirms all its writes (see :mod:`.durability`)."""
+        writes = [entry for entry in batch if entry.durable]
+        if not writes or self._confirm is None:
+            return
+        confirm = _Entry(self._confirm, asyncio.get_running_loop().create_future(), False)
+        for entry in writes:
+            entry.wait = confirm
+        confirm.future.add_done_callback(functools.partial(self._confirmed, writes))
+        batch.append(confirm)
+
+    def _confirmed(self, writes: list[_Entry], confirm: asyncio.Future[Any]) -> None:
+        """Hand each write its reply, or ``NotConfirmed`` when the confirmation fell short."""
+        problem = self._durability.verdict(confirm.result())
+        for entry in writes:
+            if not entry.future.done():  # else it failed, or its caller stopped waiting
+                entry.future.set_result(entry.held if problem is None else problem)
 
     async def _connect(self) -> _Session:
         conn = self._new_connection()
@@ -301,6 +348,7 @@ class AsyncRedisBackend(RedisStore, AsyncBackend):
     def __init__(self, config: RedisConfig) -> None:
         """The store ``config`` describes; nothing connects until the first call."""
         super().__init__(config)
+        self._durability = Durability(config)
         self._pipes: dict[Node, _Pipe] = {}
         self._single: _Pipe | None = None
         self._table: Sequence[_Pipe | None] | None = None  # cluster: each slot's master
@@ -316,7 +364,9 @@ class AsyncRedisBackend(RedisStore, AsyncBackend):
         kwargs["socket_timeout"] = None  # replies are timed by each connection's watchdog
         connection_class = _CONNECTION_CLASSES[config.connection_kind]
         timeouts = (config.socket_connect_timeout + config.socket_timeout, config.socket_timeout)
-        return _Pipe(lambda: connection_class(**kwargs), timeouts, self._policy.closed_error)
+        return _Pipe(
+            lambda: connection_class(**kwargs), timeouts, self._policy.closed_error, self._durability
+        )
 
     def _pipe(self, node: Node) -> _Pipe:
         pipe = self._pipes.get(node)
@@ -417,21 +467,36 @@ class AsyncRedisBackend(RedisStore, AsyncBackend):
             return await self._run(request)
         if type(request) is Batch:
             return await self._batch(request.items, request.what)
+        if type(request) is Gather:
+            return await self._gather(request.items)
         if type(request) is Pause:
             await asyncio.sleep(request.seconds)
             return None
         raise TypeError(f"unexpected request {request!r:.80}")  # pragma: no cover - an Emit in an op
 
     async def _prepare(self) -> None:
-        """Check, once, that the namespace uses this version's key layout.
+        """Check, once, the namespace's key layout and each master's settings (:mod:`.durability`).
 
-        Tasks that start together may each check; the check is a read, and all of them are
+        Tasks that start together may each check; the checks are reads, and all of them are
         pipelined anyway.
         """
         if self._closed:
             raise self._policy.closed_error()
         await self._drive(self.ops.prepare(), check=False)
+        await self._check_servers()
         self._ready = True
+
+    async def _check_servers(self) -> None:
+        """Ask each master the store uses the checks of :mod:`.durability` (once per store)."""
+        if self._single is not None:
+            targets = [(self.url, self._single)]
+        else:
+            served = {id(pipe) for pipe in self._table or await self._load_slots()}
+            pipes = list(self._pipes.items())
+            targets = [(address(node), pipe) for node, pipe in pipes if id(pipe) in served]
+        for where, pipe in targets:
+            entries = [pipe.submit(probe) for probe in self._durability.probes]
+            self._durability.judge(where, [await entry.future for entry in entries])
 
     async def _run(self, call: Call) -> Any:
         """Run one command on the server of its slot; see :mod:`.policy` for retries."""
@@ -441,7 +506,7 @@ class AsyncRedisBackend(RedisStore, AsyncBackend):
             pipe = self._table[call.slot]
         if pipe is None:
             return await self._retry(call, started, None, False)
-        entry = pipe.submit(call.command)
+        entry = pipe.submit(call.command, durable=self._durability.waits(call.command))
         reply = await entry.future
         if isinstance(reply, rexc.RedisError):
             return await self._retry(call, started, reply, entry.sent)
@@ -450,6 +515,7 @@ class AsyncRedisBackend(RedisStore, AsyncBackend):
     async def _retry(self, call: Call, started: float, failure: BaseException | None, sent: bool) -> Any:
         """The general path: routing, redirects, the ``EVAL`` fallback, pauses, giving up."""
         attempt = self._policy.attempt(call, started)
+        durable = self._durability.waits(call.command)
         while True:
             if failure is not None:
                 if stale_slot_table(failure):
@@ -463,11 +529,30 @@ class AsyncRedisBackend(RedisStore, AsyncBackend):
             except rexc.RedisError as exc:
                 failure, sent = exc, False
                 continue
-            entry = pipe.submit(attempt.command, asking is not None)
+            entry = pipe.submit(attempt.command, asking is not None, durable)
             reply = await entry.future
             if not isinstance(reply, rexc.RedisError):
                 return reply
             failure, sent = reply, entry.sent
+
+    async def _gather(self, items: Sequence[Routed]) -> list[Any]:
+        """Reads pipelined per server and sent once; a server that fails gives its error as its
+        commands' replies (see :class:`~.ops.Gather`)."""
+        single, table = self._single, self._table
+        if single is None and table is None:
+            with contextlib.suppress(rexc.RedisError):  # then every read fails, as unroutable
+                table = await self._load_slots()
+        entries: list[_Entry | None] = []
+        for slot, command in items:
+            pipe = single or (table[slot] if table is not None else None)
+            entries.append(None if pipe is None else pipe.submit(command))
+        out: list[Any] = []
+        for entry in entries:
+            reply = rexc.ClusterDownError("no master serves it") if entry is None else await entry.future
+            if isinstance(reply, rexc.RedisError) and stale_slot_table(reply):
+                self._forget_slots()
+            out.append(reply)
+        return out
 
     async def _batch(self, items: Sequence[Routed], what: str) -> list[Any]:
         """Run commands that are safe to repeat, pipelined per server; replies in order.
@@ -484,11 +569,12 @@ class AsyncRedisBackend(RedisStore, AsyncBackend):
         def route(i: int) -> _Pipe | None:
             return single or (table[items[i][0]] if table is not None else None)
 
+        waits = self._durability.waits
         entries: list[_Entry | None] = [None] * len(items)
         for pipe, indices in plan_batches(range(len(items)), route):
             if pipe is not None:
                 for i in indices:
-                    entries[i] = pipe.submit(items[i][1])
+                    entries[i] = pipe.submit(items[i][1], durable=waits(items[i][1]))
         out: list[Any] = [None] * len(items)
         failed: list[tuple[int, BaseException | None, bool]] = []
         for i, entry in enumerate(entries):
@@ -533,7 +619,7 @@ class AsyncRedisBackend(RedisStore, AsyncBackend):
             if (id(pipe), sha) not in loaded:
                 loaded.add((id(pipe), sha))
                 pipe.submit(("SCRIPT", "LOAD", self._policy.sources[sha]))
-            again[i] = pipe.submit(items[i][1])
+            again[i] = pipe.submit(items[i][1], durable=self._durability.waits(items[i][1]))
         left: list[tuple[int, BaseException | None, bool]] = []
         for i, exc, sent in failed:
             entry = again.get(i)

@@ -1,28 +1,40 @@
 """Replies read back: what each script's or command's reply means, as results or errors.
 
 A script's reply starts with a code saying what it did (-1: no such agent, -2: not running,
--3: no such hold) and then carries the agent's fields, in the order of
-:data:`~.keys.STATE_FIELDS`, where it has them. Data that cannot be read raises
-``SchemaError``.
+-3: no such hold, -4 and -5: a count would overflow) and then carries the agent's fields, in the
+order of :data:`~.keys.STATE_FIELDS`, where it has them. A change that queued an audit event in
+its group's outbox ends its reply with the entry (:class:`Queued`); :func:`outbox_event` builds
+an entry's event. Data that cannot be read raises ``SchemaError``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
+from ... import events
 from ...audit_chain import GENESIS_HASH, AuditRow
 from ...errors import AgentNotFound, AgentNotRunning, ReservationError, SchemaError
 from ...ids import AgentId
-from ...models import AgentState, AgentStatus, AuditEvent, AuditRecord, FleetStats, Reservation
-from ..base import CommitResult, SpendResult
+from ...models import (
+    AgentState,
+    AgentStatus,
+    AuditEvent,
+    AuditRecord,
+    FleetStats,
+    Reservation,
+    check_count,
+)
+from ..base import AuditMarks, CommitResult, SpendResult
 
 __all__ = [
+    "Queued",
     "decode_agent_id",
     "decode_audit_row",
     "decode_commit",
     "decode_head",
+    "decode_marks",
     "decode_pii",
     "decode_query_rows",
     "decode_reserve",
@@ -31,6 +43,7 @@ __all__ = [
     "decode_state",
     "decode_stats",
     "decode_status",
+    "outbox_event",
     "reservation_error",
     "row_to_record",
 ]
@@ -80,17 +93,32 @@ def _state(agent_id: AgentId, reply: Sequence[Any], at: int) -> AgentState:
     return state
 
 
+class Queued(NamedTuple):
+    """An audit event a change queued in its group's outbox, as the change script replied it."""
+
+    entry_id: bytes  # its outbox entry
+    fields: list[bytes]  # the entry's fields, flat (see :func:`outbox_event`)
+    waiting: int  # the entries in the outbox, this one included (more: older ones wait too)
+
+
+def _queued(reply: Sequence[Any], at: int) -> Queued | None:
+    """The queued event at ``reply[at:at + 3]``, if the reply has one."""
+    if len(reply) <= at:
+        return None
+    return Queued(reply[at], reply[at + 1], int(reply[at + 2]))
+
+
 def _not_running(agent_id: AgentId, status: bytes, action: str) -> AgentNotRunning:
     return AgentNotRunning(agent_id.as_str(), status.decode("utf-8", "replace"), action)
 
 
-def decode_spend(agent_id: AgentId, reply: Sequence[Any]) -> SpendResult:
-    """What ``record_spend.lua`` did."""
+def decode_spend(agent_id: AgentId, reply: Sequence[Any]) -> tuple[SpendResult, Queued | None]:
+    """What ``record_spend.lua`` did, and the ``budget_exceeded`` event a refusal queued."""
     code = reply[0]
     if code == 1:
-        return SpendResult(_state(agent_id, reply, 1), reserved=float(reply[5]))
+        return SpendResult(_state(agent_id, reply, 1), reserved=float(reply[5])), None
     if code == 0:
-        return SpendResult(_state(agent_id, reply, 1), exceeded=True, reserved=float(reply[5]))
+        return SpendResult(_state(agent_id, reply, 1), True, float(reply[5])), _queued(reply, 6)
     if code == -2:
         raise _not_running(agent_id, reply[1], "record spend")
     raise AgentNotFound(agent_id.as_str())
@@ -98,13 +126,13 @@ def decode_spend(agent_id: AgentId, reply: Sequence[Any]) -> SpendResult:
 
 def decode_reserve(
     agent_id: AgentId, amount: float, reservation_id: str, reply: Sequence[Any]
-) -> Reservation | SpendResult:
-    """What ``reserve.lua`` did."""
+) -> tuple[Reservation | SpendResult, Queued | None]:
+    """What ``reserve.lua`` did, and the ``budget_exceeded`` event a refusal queued."""
     code = reply[0]
     if code == 1:
-        return Reservation(reservation_id, agent_id, amount, float(reply[1]))
+        return Reservation._trusted(reservation_id, agent_id, amount, float(reply[1])), None
     if code == 0:
-        return SpendResult(_state(agent_id, reply, 1), exceeded=True, reserved=float(reply[5]))
+        return SpendResult(_state(agent_id, reply, 1), True, float(reply[5])), _queued(reply, 6)
     if code == -2:
         raise _not_running(agent_id, reply[1], "reserve budget")
     raise AgentNotFound(agent_id.as_str())
@@ -119,14 +147,14 @@ def reservation_error(reservation: Reservation, action: str) -> ReservationError
     )
 
 
-def decode_commit(reservation: Reservation, reply: Sequence[Any]) -> CommitResult:
-    """What ``commit.lua`` did."""
+def decode_commit(reservation: Reservation, reply: Sequence[Any]) -> tuple[CommitResult, Queued | None]:
+    """What ``commit.lua`` did, and the ``budget_exceeded`` event an overspend queued."""
     code = reply[0]
     if code == -3:
         raise reservation_error(reservation, "commit")
     if code == -1:
         raise AgentNotFound(reservation.agent_id.as_str())
-    return CommitResult(_state(reservation.agent_id, reply, 1), exceeded=code == 1)
+    return CommitResult(_state(reservation.agent_id, reply, 1), exceeded=code == 1), _queued(reply, 5)
 
 
 def decode_reserved(agent_id: AgentId, reply: Sequence[Any]) -> tuple[AgentState, float]:
@@ -136,22 +164,61 @@ def decode_reserved(agent_id: AgentId, reply: Sequence[Any]) -> tuple[AgentState
     return _state(agent_id, reply, 1), float(reply[5])
 
 
-def decode_status(agent_id: AgentId, reply: Sequence[Any]) -> tuple[AgentStatus, AgentState]:
-    """What ``set_status.lua`` did: the old status and the new state."""
+def decode_status(agent_id: AgentId, reply: Sequence[Any]) -> tuple[AgentState, Queued | None]:
+    """What ``set_status.lua`` did: the new state, and the ``status_changed`` event it queued."""
     if reply[0] != 1:
         raise AgentNotFound(agent_id.as_str())
+    return _state(agent_id, reply, 2), _queued(reply, 6)
+
+
+def decode_pii(agent_id: AgentId, count: int, reply: Sequence[Any]) -> tuple[AgentState, Queued]:
+    """What ``record_pii.lua`` did, and the ``pii_detected`` event it queued.
+
+    A count that would reach 2**63 is a ``ValidationError`` (the script changed nothing).
+    """
+    code = reply[0]
+    if code == -4:
+        check_count(int(reply[1]) + count, "the agent's pii_detections")
+    if code == -5:
+        check_count(int(reply[1]) + count, "the fleet's pii_detections")
+    if code != 1:
+        raise AgentNotFound(agent_id.as_str())
+    queued = _queued(reply, 5)
+    assert queued is not None  # every PII change has its event
+    return _state(agent_id, reply, 1), queued
+
+
+def outbox_event(fields: Sequence[bytes]) -> AuditEvent:
+    """The audit event of an outbox entry (its fields as a flat list), built by ``events.py``.
+
+    Entries hold raw values (the numbers as the script read them, the shortest text of each
+    double), so the JSON of the details is written here, exactly as the other stores write it.
+    """
+    entry = dict(zip(fields[::2], fields[1::2], strict=True))
     try:
-        old = _STATUS[reply[1]]
-    except KeyError:
-        raise SchemaError(f"agent {agent_id} has an unknown status {reply[1]!r:.40} in Redis") from None
-    return old, _state(agent_id, reply, 2)
-
-
-def decode_pii(agent_id: AgentId, reply: Sequence[Any]) -> AgentState:
-    """What ``record_pii.lua`` did."""
-    if reply[0] != 1:
-        raise AgentNotFound(agent_id.as_str())
-    return _state(agent_id, reply, 1)
+        kind = entry[b"kind"]
+        agent_id = decode_agent_id(entry[b"agent"])
+        if kind == b"event":
+            return AuditEvent._trusted(
+                agent_id, _text(entry[b"type"]), int(entry[b"timestamp"]), _text(entry[b"details"])
+            )
+        now = float(entry[b"at"])
+        if kind == b"status":
+            return events.status_changed(agent_id, _STATUS[entry[b"from"]], _STATUS[entry[b"to"]], now)
+        limit, spent = float(entry[b"limit"]), float(entry[b"spent"])
+        state = AgentState._trusted(agent_id, AgentStatus.RUNNING, spent, 0, limit)
+        if kind == b"commit":
+            held = Reservation._trusted(_text(entry[b"reservation"]), agent_id, float(entry[b"held"]), 0.0)
+            return events.overspent(state, held, float(entry[b"actual"]), now)
+        if kind in (b"spend", b"reserve"):
+            reserved, amount = float(entry[b"reserved"]), float(entry[b"amount"])
+            return events.budget_exceeded(agent_id, state, reserved, amount, now, kind.decode())
+    except (KeyError, ValueError):
+        pass
+    raise SchemaError(
+        f"an audit outbox entry holds unreadable fields: {fields!r:.200}; remove it from the "
+        "namespace's outbox (XDEL) to let the others through"
+    )
 
 
 def decode_audit_row(entry_id: bytes, fields: Mapping[bytes, bytes] | Sequence[bytes]) -> AuditRow:
@@ -233,8 +300,21 @@ def decode_stats(replies: Sequence[Sequence[Any]]) -> FleetStats:
     )
 
 
+def decode_marks(reply: Sequence[Any]) -> AuditMarks:
+    """What ``audit_marks.lua`` read: the head, the anchor, the count and the seals."""
+    seq, digest, anchor_seq, anchor_hash, head_seal, anchor_seal, count = reply
+    return AuditMarks(
+        decode_head((seq, digest)),
+        decode_head((anchor_seq, anchor_hash)),
+        int(count),
+        None if head_seal is None else _text(head_seal),
+        None if anchor_seal is None else _text(anchor_seal),
+    )
+
+
 def decode_head(reply: Sequence[Any]) -> tuple[int, str]:
-    """``(seq, hash)`` from an ``HMGET`` of two fields of the audit head (absent: the genesis)."""
+    """``(seq, hash)`` from an ``HMGET`` of two fields of the audit head (absent: the genesis,
+    ``(0, GENESIS_HASH)``, which is also the anchor of a trail never pruned)."""
     seq, digest = reply
     if seq is None or digest is None:
         return 0, GENESIS_HASH

@@ -12,40 +12,52 @@ Plain computation: a driver only sends what this module builds and hands the rep
                                                budget_spent and pii_detections totals
     ns:{ns:g<G>}:ids                   zset    the group's agent ids (score 0: walked by name)
     ns:{ns:g<G>}:finished              zset    stopped and failed agents, scored by last change
+    ns:{ns:g<G>}:outbox                stream  audit events of the group's changes on their way
+                                               to the trail (see ops.py)
+    ns:{ns:g<G>}:op:<op id>            string  the reply of one change, for a resend of its call;
+                                               expires after the call's timeout (see ops.py)
     ns:{ns:audit}:log                  stream  the audit trail; entry id "<seq>-0"
-    ns:{ns:audit}:head                 hash    seq and hash of the newest record ever appended,
-                                               anchor_seq and anchor_hash after a prune
+    ns:{ns:audit}:head                 hash    seq, hash and seal of the newest record ever
+                                               appended; anchor_seq, anchor_hash and anchor_seal
+                                               after a prune (no seals: no audit key, or 0.4)
+    ns:{ns:audit}:drained              hash    per group: the id of its last outbox entry appended
+    ns:{ns:audit}:landed               zset    "<group>/<outbox entry id>" of the newest records
+                                               that came from outboxes, scored by their seq
     ns:{ns:audit}:by_agent:<agent_id>  zset    seqs of one agent's records
     ns:{ns:audit}:by_type:<event_type> zset    seqs of one event type's records
     ns:{ns:audit}:indexes              set     the index keys above, for cleanup after a prune
+    ns:{ns:audit}:op:<op id>           string  the reply of one prune, as the groups' op keys
 
 An agent belongs to one of :data:`GROUPS` slot groups, fixed by its UUID. The part in braces is
 the Redis Cluster hash tag, so an agent's keys and its group's aggregates share one slot and one
 Lua script updates them together; groups spread over the masters of a cluster. ``stats()`` sums
 the groups' small ``stats`` hashes and never reads an agent. The audit trail and its indexes
-share a slot of their own.
+share a slot of their own; a change's audit event reaches it through the group's outbox.
 """
 
 from __future__ import annotations
 
 import binascii
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
 from ...errors import ConfigurationError, SchemaError
 from ...ids import AgentId
 from ...models import AgentState, AgentStatus, AuditEvent, Reservation
-from .scripts import ScriptCall, load_scripts
-from .url import check_namespace
+from .scripts import OUTBOX_BATCH, ScriptCall, load_scripts
+from .url import RedisConfig, check_namespace
 
 __all__ = [
     "CLUSTER_SLOTS",
     "GROUPS",
     "LAYOUT_VERSION",
+    "OP_TTL_MARGIN",
     "STATE_FIELDS",
     "STATS_FIELDS",
     "GroupKeys",
     "GroupWalk",
+    "Origin",
     "RedisLayout",
     "Routed",
     "key_slot",
@@ -56,6 +68,9 @@ LAYOUT_VERSION: Final = 1
 #: Slot groups per namespace (a power of two). Fixed for the life of a namespace.
 GROUPS: Final = 256
 CLUSTER_SLOTS: Final = 16384
+#: Seconds a change's reply outlives its call's timeout under its op key, for a resend whose
+#: first copy the server runs late.
+OP_TTL_MARGIN: Final = 2.0
 #: The fields of an agent's hash that make its state, in the order the decoders read them.
 STATE_FIELDS: Final = ("status", "budget_spent", "pii_detections", "budget_limit")
 #: The fields of a group's statistics hash.
@@ -80,7 +95,7 @@ def key_slot(key: str | bytes) -> int:
 
 
 class GroupKeys(NamedTuple):
-    """The keys of one slot group: an agent's two keys are a prefix here and its id."""
+    """The keys of one slot group: an agent's two keys (and a call's op key) are a prefix here and its id."""
 
     slot: int  # the cluster slot of every key of the group
     agent: str  # + agent id: the agent's state hash
@@ -88,6 +103,8 @@ class GroupKeys(NamedTuple):
     stats: str
     ids: str
     finished: str
+    outbox: str
+    op: str  # + op id: the reply of one change, for a resend of its call
 
     @classmethod
     def of(cls, namespace: str, group: int) -> GroupKeys:
@@ -100,7 +117,19 @@ class GroupKeys(NamedTuple):
             f"{prefix}stats",
             f"{prefix}ids",
             f"{prefix}finished",
+            f"{prefix}outbox",
+            f"{prefix}op:",
         )
+
+
+class Origin(NamedTuple):
+    """Where the records of an append come from: entries of one group's outbox, oldest first."""
+
+    group: int
+    #: The outbox entry of each record, in order (``b""`` for a record no outbox holds).
+    entry_ids: Sequence[bytes]
+    #: The entry of the change being made, whose record the caller wants back (if any).
+    own: bytes | None
 
 
 def _hold(reservation: Reservation) -> str:
@@ -124,7 +153,9 @@ class RedisLayout:
     #: Candidates per purge script call.
     purge_chunk = 200
 
-    def __init__(self, namespace: str, groups: int = GROUPS) -> None:
+    def __init__(self, namespace: str, groups: int = GROUPS, *, timeout: float = RedisConfig.timeout) -> None:
+        """The layout of ``namespace``; ``timeout`` is the store's bound on one call, retries
+        included: a change's reply is kept that long plus :data:`OP_TTL_MARGIN` for a resend."""
         if groups < 1 or groups & (groups - 1) or groups > 1 << (4 * _GROUP_DIGITS):
             raise ConfigurationError(f"the slot-group count must be a power of two up to 2**32, got {groups}")
         self.namespace = check_namespace(namespace)
@@ -140,7 +171,11 @@ class RedisLayout:
         self.audit_log = audit + "log"
         self.audit_head = audit + "head"
         self.audit_indexes = audit + "indexes"
+        self.audit_drained = audit + "drained"
+        self.audit_landed = audit + "landed"
         self.audit_slot = key_slot(self.audit_log)
+        #: Milliseconds a change's reply is kept under its op key.
+        self.op_ttl = math.ceil((timeout + OP_TTL_MARGIN) * 1000)
         self._scripts = load_scripts()
 
     # -- keys --
@@ -216,10 +251,29 @@ class RedisLayout:
             commands.append((keys.slot, command))
         return commands
 
-    def head_command(self, anchor: bool = False) -> Routed:
-        """Read the audit head's ``seq, hash`` (or the anchor's); decode with ``decode_head``."""
-        fields = ("anchor_seq", "anchor_hash") if anchor else ("seq", "hash")
-        return self.audit_slot, ("HMGET", self.audit_head, *fields)
+    def head_command(self) -> Routed:
+        """Read the audit head's ``seq, hash``; decode with ``decode_head``."""
+        return self.audit_slot, ("HMGET", self.audit_head, "seq", "hash")
+
+    def outbox_oldest(self, group: int) -> Routed:
+        """The oldest :data:`~.scripts.OUTBOX_BATCH` entries of a group's outbox."""
+        g = self.group_keys[group]
+        return g.slot, ("XRANGE", g.outbox, "-", "+", "COUNT", OUTBOX_BATCH)
+
+    def outbox_commands(self) -> list[Routed]:
+        """The oldest entries of every group's outbox (see :meth:`outbox_oldest`)."""
+        return [self.outbox_oldest(group) for group in range(self.groups)]
+
+    def outbox_after(self, group: int, entry_id: bytes) -> Routed:
+        """The next :data:`~.scripts.OUTBOX_BATCH` entries of a group's outbox after ``entry_id``."""
+        g = self.group_keys[group]
+        return g.slot, ("XRANGE", g.outbox, b"(" + entry_id, "+", "COUNT", OUTBOX_BATCH)
+
+    def outbox_trim(self, group: int, upto: bytes) -> Routed:
+        """Drop a group's outbox entries up to ``upto`` (appended to the trail); safe to repeat."""
+        g = self.group_keys[group]
+        ms, _, n = upto.partition(b"-")
+        return g.slot, ("XTRIM", g.outbox, "MINID", b"%s-%d" % (ms, int(n) + 1))
 
     # -- agent states --
 
@@ -257,62 +311,55 @@ class RedisLayout:
             self._scripts["remove"], g.slot, (g.agent + a, g.stats, g.ids, g.finished, g.holds + a), (a,)
         )
 
-    def record_spend(self, agent_id: AgentId, amount: float, now: float) -> ScriptCall:
+    def _change(
+        self, name: str, g: GroupKeys, keys: tuple[str, ...], args: tuple[str, ...], op: str
+    ) -> ScriptCall:
+        """A script that changes an agent of group ``g`` once per ``op`` (a random id per call):
+        ``keys``, then the group's outbox and the call's op key; ``args``, then the op key's
+        time to live."""
+        return ScriptCall(self._scripts[name], g.slot, (*keys, g.outbox, g.op + op), (*args, self.op_ttl))
+
+    def record_spend(self, agent_id: AgentId, amount: float, now: float, op: str) -> ScriptCall:
         """Add to budget_spent within the limit (decode with ``decode_spend``)."""
         a, g = agent_id.as_str(), self.keys_of(agent_id)
-        return ScriptCall(
-            self._scripts["record_spend"],
-            g.slot,
-            (g.agent + a, g.stats, g.holds + a),
-            (repr(amount), repr(now)),
+        return self._change(
+            "record_spend", g, (g.agent + a, g.stats, g.holds + a), (repr(amount), repr(now), a), op
         )
 
-    def record_pii(self, agent_id: AgentId, count: int, now: float) -> ScriptCall:
-        """Add PII detections (decode with ``decode_pii``)."""
+    def record_pii(self, agent_id: AgentId, count: int, now: float, event: AuditEvent, op: str) -> ScriptCall:
+        """Add PII detections with their event (decode with ``decode_pii``)."""
         a, g = agent_id.as_str(), self.keys_of(agent_id)
-        return ScriptCall(
-            self._scripts["record_pii"],
-            g.slot,
-            (g.agent + a, g.stats, g.finished),
-            (str(count), repr(now), a),
-        )
+        args = (str(count), repr(now), a, event.event_type, str(event.timestamp), event.details)
+        return self._change("record_pii", g, (g.agent + a, g.stats, g.finished), args, op)
 
-    def set_status(self, agent_id: AgentId, status: AgentStatus, now: float) -> ScriptCall:
+    def set_status(self, agent_id: AgentId, status: AgentStatus, now: float, op: str) -> ScriptCall:
         """Change the status (decode with ``decode_status``)."""
         a, g = agent_id.as_str(), self.keys_of(agent_id)
-        return ScriptCall(
-            self._scripts["set_status"],
-            g.slot,
-            (g.agent + a, g.stats, g.finished),
-            (status.value, repr(now), a),
+        return self._change(
+            "set_status", g, (g.agent + a, g.stats, g.finished), (status.value, repr(now), a), op
         )
 
     # -- reservations --
 
-    def reserve(self, agent_id: AgentId, amount: float, ttl: float, reservation_id: str) -> ScriptCall:
+    def reserve(
+        self, agent_id: AgentId, amount: float, ttl: float, now: float, reservation_id: str, op: str
+    ) -> ScriptCall:
         """Hold part of the budget (decode with ``decode_reserve``)."""
         a, g = agent_id.as_str(), self.keys_of(agent_id)
-        return ScriptCall(
-            self._scripts["reserve"],
-            g.slot,
-            (g.agent + a, g.holds + a),
-            (repr(amount), repr(ttl), reservation_id),
-        )
+        args = (repr(amount), repr(ttl), reservation_id, repr(now), a)
+        return self._change("reserve", g, (g.agent + a, g.holds + a), args, op)
 
-    def commit(self, reservation: Reservation, actual: float, now: float) -> ScriptCall:
+    def commit(self, reservation: Reservation, actual: float, now: float, op: str) -> ScriptCall:
         """Settle a hold with what was spent (decode with ``decode_commit``)."""
         a, g = reservation.agent_id.as_str(), self.keys_of(reservation.agent_id)
-        return ScriptCall(
-            self._scripts["commit"],
-            g.slot,
-            (g.agent + a, g.stats, g.holds + a, g.finished),
-            (_hold(reservation), repr(actual), repr(now), a),
-        )
+        hold, rid = _hold(reservation), reservation.reservation_id
+        args = (hold, repr(actual), repr(now), a, rid, repr(reservation.amount))
+        return self._change("commit", g, (g.agent + a, g.stats, g.holds + a, g.finished), args, op)
 
-    def release(self, reservation: Reservation) -> ScriptCall:
+    def release(self, reservation: Reservation, op: str) -> ScriptCall:
         """Drop a hold (the reply is 1, or -3 when it was not open)."""
         a, g = reservation.agent_id.as_str(), self.keys_of(reservation.agent_id)
-        return ScriptCall(self._scripts["release"], g.slot, (g.holds + a,), (_hold(reservation),))
+        return self._change("release", g, (g.holds + a,), (_hold(reservation),), op)
 
     def reserved(self, agent_id: AgentId) -> ScriptCall:
         """The state and the open holds' sum (decode with ``decode_reserved``)."""
@@ -351,16 +398,28 @@ class RedisLayout:
     # -- audit trail --
 
     def append_audit(
-        self, events: Sequence[AuditEvent], hashes: Sequence[str], head: tuple[int, str]
+        self,
+        events: Sequence[AuditEvent],
+        hashes: Sequence[str],
+        head: tuple[int, str],
+        seal: str | None,
+        origin: Origin | None = None,
+        trim: bool = False,
     ) -> ScriptCall:
-        """Append sealed events if the trail's head is still ``head``.
+        """Append sealed events if the trail's head is still ``head``, storing the new head's ``seal``.
 
-        The reply is ``[1]`` when appended, or ``[0, seq, hash]``: the head that moved meanwhile.
+        ``origin`` says which outbox entries the events come from (events given directly have
+        none); ``trim`` drops them from the outbox in the same script, which only a standalone
+        server can run (on a cluster the outbox lives in another slot). The reply is ``[1]``
+        when appended, or ``[0, seq, hash, mark, ...]`` (see ``lua/append_audit.lua``).
         """
-        keys = [self.audit_log, self.audit_head, self.audit_indexes]
+        keys = [self.audit_log, self.audit_head, self.audit_indexes, self.audit_drained, self.audit_landed]
         position: dict[str, int] = {}
-        args: list[str | int] = [head[0], head[1]]
-        for event, digest in zip(events, hashes, strict=True):
+        args: list[str | int | bytes] = [head[0], head[1], seal or "", "", b"", 0]
+        entry_ids: Sequence[bytes] = (b"",) * len(events)
+        if origin is not None:
+            args[3], args[4], entry_ids = str(origin.group), origin.own or b"", origin.entry_ids
+        for event, digest, entry_id in zip(events, hashes, entry_ids, strict=True):
             agent = event.agent_id.as_str()
             positions = []
             for key in (self.audit_by_agent(agent), self.audit_by_type(event.event_type)):
@@ -369,8 +428,17 @@ class RedisLayout:
                     keys.append(key)
                     at = position[key] = len(keys)
                 positions.append(at)
-            args += (agent, event.event_type, event.timestamp, event.details, digest, *positions)
+            args += (agent, event.event_type, event.timestamp, event.details, digest, *positions, entry_id)
+        if trim and origin is not None:
+            keys.append(self.group_keys[origin.group].outbox)
+            args[5] = len(keys)
         return ScriptCall(self._scripts["append_audit"], self.audit_slot, keys, args)
+
+    def audit_marks(self) -> ScriptCall:
+        """Read the head, the anchor, their seals and the count at once (decode with ``decode_marks``)."""
+        return ScriptCall(
+            self._scripts["audit_marks"], self.audit_slot, (self.audit_log, self.audit_head), ()
+        )
 
     def query_audit(
         self,
@@ -394,7 +462,7 @@ class RedisLayout:
         return ScriptCall(
             self._scripts["query_audit"],
             self.audit_slot,
-            (self.audit_log, self.audit_head, index),
+            (self.audit_log, index),
             (
                 after,
                 min(want, self.query_budget),
@@ -406,17 +474,20 @@ class RedisLayout:
             ),
         )
 
-    def prune_audit(self, before: int) -> ScriptCall:
-        """Remove up to :attr:`prune_chunk` of the oldest records before ``before``.
-
-        The reply is ``[removed, done]``.
-        """
+    def prune_audit(self, before: int, last: bytes, last_hash: str, seal: str | None, op: str) -> ScriptCall:
+        """Remove the oldest records up to the entry ``last`` (all before ``before``), which becomes
+        the anchor with its ``seal``; once per ``op``. The reply is how many were removed, or -1
+        (read again)."""
         return ScriptCall(
             self._scripts["prune_audit"],
             self.audit_slot,
-            (self.audit_log, self.audit_head),
-            (before, self.prune_chunk),
+            (self.audit_log, self.audit_head, f"{self.audit_prefix}op:{op}"),
+            (before, last, last_hash, seal or "", self.prune_chunk, self.op_ttl),
         )
+
+    def oldest_command(self) -> Routed:
+        """The oldest :attr:`prune_chunk` records (decode each with ``decode_audit_row``)."""
+        return self.audit_slot, ("XRANGE", self.audit_log, "-", "+", "COUNT", self.prune_chunk)
 
     def prune_indexes(self, index_keys: Sequence[str], anchor_seq: int) -> ScriptCall:
         """Drop pruned seqs from some index keys."""

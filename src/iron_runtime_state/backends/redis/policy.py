@@ -11,10 +11,14 @@ error it raises. The meaning of each failure, written once::
     MOVED (the slot table is stale)                  -    reload the slot table, pause, resend
     TRYAGAIN, CLUSTERDOWN, READONLY, LOADING         -    the server did not run it: pause, resend
     refused, reset, timed out (no reply)             no   not run: pause, resend
-                                                     yes  a read or an absolute write: pause, resend;
-                                                          an add, append or settle: BackendUnavailable
-                                                          saying that the outcome is unknown
+                                                     yes  a read, an absolute write, or a change made
+                                                          once per op key (see .ops): pause, resend;
+                                                          any other add, append or settle:
+                                                          BackendUnavailable saying that the outcome
+                                                          is unknown (a change given up on after it
+                                                          was sent says so too)
     wrong credentials, OOM, NOPERM, other errors     -    raise at once (no retry can help)
+    applied, not confirmed durable (.durability)     -    BackendError saying so: never resent
 
 Pauses grow from 50 ms, doubling up to 0.5 s, each jittered, while another full attempt fits in
 the call's ``timeout``; then :class:`BackendUnavailable`. The module also holds the cluster slot
@@ -31,6 +35,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 from redis import exceptions as rexc
 
 from ...errors import BackendError, BackendUnavailable, ConfigurationError, StateError
+from .durability import NotConfirmed
 from .keys import CLUSTER_SLOTS
 from .scripts import load_scripts
 from .url import Node, RedisConfig, address
@@ -69,14 +74,16 @@ UNREACHABLE: Final = (rexc.ConnectionError, rexc.TimeoutError)
 class Call(NamedTuple):
     """One command for the server that holds ``slot``.
 
-    ``idempotent`` says whether sending it twice is harmless (reads, absolute writes); ``what``
-    names the operation in error messages.
+    ``idempotent`` says whether sending it twice is harmless (reads, absolute writes, changes
+    made once per op key); ``what`` names the operation in error messages; ``changes`` says that
+    it changes state, so that a call given up after it was sent says its outcome is unknown.
     """
 
     slot: int
     command: tuple[Any, ...]
     idempotent: bool
     what: str
+    changes: bool = False
 
 
 class RetryPolicy:
@@ -111,12 +118,24 @@ class RetryPolicy:
             "URL (redis://user:password@host:port/db) or the username=/password= options"
         )
 
-    def unknown_outcome(self, what: str, exc: BaseException) -> BackendUnavailable:
-        """The reply to a command that must not run twice was lost."""
+    def unknown_outcome(self, what: str, exc: BaseException, *, resent: bool = False) -> BackendUnavailable:
+        """The reply to a change was lost: to one that must not run twice, or to every resend of
+        one made once per op key (``resent``) until the time ran out."""
+        if resent:
+            how = "it was sent again until the time ran out (it is applied once however often it is sent)"
+        else:
+            how = "it was not sent again because applying it twice would be wrong"
         return BackendUnavailable(
             f"lost the connection to Redis at {self.url} while waiting for the reply to {what} ({exc}); "
-            "it may or may not have been applied, and it was not sent again because applying it twice "
-            "would be wrong: check the state before repeating it"
+            f"it may or may not have been applied, and {how}: check the state before repeating it"
+        )
+
+    def not_confirmed(self, what: str, exc: NotConfirmed) -> BackendError:
+        """A write that the master applied but that ``durability=`` could not confirm in time."""
+        return BackendError(
+            f"Redis at {self.url} applied the command to {what} on the master, but {exc}. It was "
+            "not undone, and it is not sent again: a failover or a crash of the master may still lose "
+            "it, so check the state before repeating it"
         )
 
     def closed_error(self) -> BackendError:
@@ -139,7 +158,17 @@ class Attempt:
     :attr:`command` and :attr:`asking` say what to send next, and to which node.
     """
 
-    __slots__ = ("_delay", "_policy", "asking", "command", "idempotent", "started", "what")
+    __slots__ = (
+        "_changes",
+        "_delay",
+        "_policy",
+        "asking",
+        "command",
+        "idempotent",
+        "sent_change",
+        "started",
+        "what",
+    )
 
     def __init__(self, policy: RetryPolicy, call: Call, started: float) -> None:
         self._policy = policy
@@ -147,6 +176,9 @@ class Attempt:
         self.command = call.command
         self.idempotent = call.idempotent
         self.what = call.what
+        #: A change that may have reached the server: giving up on it leaves its outcome unknown.
+        self.sent_change = False
+        self._changes = call.changes
         self.started = started
         #: The node an ``ASK`` redirect named: send there, after ``ASKING``, once.
         self.asking: Node | None = None
@@ -158,6 +190,8 @@ class Attempt:
         unknown outcome, which only an idempotent command may repeat.
         """
         policy = self._policy
+        if isinstance(exc, NotConfirmed):
+            raise policy.not_confirmed(self.what, exc) from exc
         if isinstance(exc, rexc.NoScriptError):
             command = self.command
             if command[0] != "EVALSHA":  # EVAL itself cannot miss its script
@@ -176,8 +210,10 @@ class Attempt:
         elif isinstance(exc, rexc.AuthenticationError):
             raise policy.auth_error(exc) from exc
         elif isinstance(exc, UNREACHABLE):
-            if sent and not self.idempotent and not isinstance(exc, rexc.BusyLoadingError):
-                raise policy.unknown_outcome(self.what, exc) from exc
+            if sent and not isinstance(exc, rexc.BusyLoadingError):
+                if not self.idempotent:
+                    raise policy.unknown_outcome(self.what, exc) from exc
+                self.sent_change = self.sent_change or self._changes
         elif isinstance(exc, StateError):
             raise exc
         else:
@@ -203,6 +239,8 @@ class Attempt:
         elapsed = time.monotonic() - self.started
         delay = self._delay
         if elapsed + delay + policy.attempt_time > policy.timeout:
+            if self.sent_change:
+                raise policy.unknown_outcome(self.what, error, resent=True) from error
             if isinstance(error, rexc.ResponseError):
                 raise BackendUnavailable(
                     f"Redis at {policy.url} is not serving: {error}; gave up trying to {self.what} after "

@@ -19,10 +19,15 @@ but an operation that adds, appends or settles (``record_spend``, ``commit``, ``
 ...) is never sent twice: it raises :class:`BackendUnavailable` saying the outcome is unknown.
 The connection pools reconnect by themselves, so a manager works again once the server is
 back.
+
+Durability. With ``durability="replicated"`` or ``"aof"``, a write goes out in one packet with the
+``WAIT`` (or ``WAITAOF``) that confirms it, on the same connection, and the call returns only
+once that confirmation came (see :mod:`.durability`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,10 +37,11 @@ from redis.connection import Connection, ConnectionPool, SSLConnection, UnixDoma
 
 from ...errors import BackendError
 from ..base import OpsBackend
+from .durability import Durability
 from .keys import Routed
-from .ops import Batch, Call, Emit, Op, Pause, RedisStore, Request
+from .ops import Batch, Call, Emit, Gather, Op, Pause, RedisStore, Request
 from .policy import UNREACHABLE, Attempt, SlotDiscovery, plan_batches, rexc, stale_slot_table
-from .url import Node, RedisConfig
+from .url import Node, RedisConfig, address
 
 # hiredis (part of the extra) packs a command in C; redis-py wraps that in a slower loop.
 _hiredis_pack: Callable[[tuple[Any, ...]], Any] | None
@@ -72,6 +78,7 @@ class RedisBackend(RedisStore, OpsBackend):
         self._pools: dict[Node, ConnectionPool] = {}
         self._single: ConnectionPool | None = None
         self._table: Sequence[ConnectionPool | None] | None = None  # cluster: each slot's master
+        self._durability = Durability(config)
         if not config.cluster:
             self._single = self._new_pool(config.nodes[0] if config.nodes else None)
 
@@ -176,23 +183,43 @@ class RedisBackend(RedisStore, OpsBackend):
             return self._run(request)
         if type(request) is Batch:
             return self._batch(request.items, request.what)
+        if type(request) is Gather:
+            return self._gather(request.items)
         if type(request) is Pause:
             time.sleep(request.seconds)
             return None
         raise TypeError(f"unexpected request {request!r:.80}")  # pragma: no cover - an Emit in an op
 
     def _prepare(self) -> None:
-        """Check, once, that the namespace uses this version's key layout."""
+        """Check, once, the namespace's key layout and each master's settings (:mod:`.durability`)."""
         with self._lock:
             if self._closed:
                 raise self._policy.closed_error()
         self._drive(self.ops.prepare(), check=False)
+        self._check_servers()
         self._ready = True
+
+    def _check_servers(self) -> None:
+        """Ask each master the store uses the checks of :mod:`.durability` (once per store)."""
+        if self._single is not None:
+            targets = [(self.url, self._single)]
+        else:
+            served = {id(pool) for pool in self._table or self._load_slots(time.monotonic())}
+            pools = list(self._pools.items())
+            targets = [(address(node), pool) for node, pool in pools if id(pool) in served]
+        probes = self._durability.probes
+        for where, pool in targets:
+            try:
+                replies = _run_many(pool, probes)
+            except UNREACHABLE as exc:
+                replies = [exc]
+            self._durability.judge(where, replies)
 
     def _run(self, call: Call) -> Any:
         """Run one command on the server of its slot; see the module docstring for retries."""
         started = time.monotonic()
         command = call.command
+        confirm = self._durability.command if self._durability.waits(command) else None
         asking: Node | None = None
         attempt: Attempt | None = None
         while True:
@@ -206,17 +233,17 @@ class RedisBackend(RedisStore, OpsBackend):
                     pool = self._route(call.slot, started)
                 conn: Any = pool.get_connection()
                 try:
-                    if asking is not None:
-                        conn.send_packed_command(conn.pack_commands([("ASKING",), command]))
-                        sent = True
-                        conn.read_response()
-                    elif _hiredis_pack is not None:
+                    if asking is None and confirm is None and _hiredis_pack is not None:
                         conn.send_packed_command((_hiredis_pack(command),))
                         sent = True
-                    else:  # pragma: no cover - without hiredis
-                        conn.send_command(*command)
-                        sent = True
-                    return conn.read_response()
+                        return conn.read_response()
+                    before = [("ASKING",)] if asking is not None else []
+                    after = [confirm] if confirm is not None else []
+                    conn.send_packed_command(conn.pack_commands([*before, command, *after]))
+                    sent = True
+                    if asking is not None:
+                        conn.read_response()
+                    return conn.read_response() if confirm is None else self._confirmed(conn)
                 finally:
                     pool.release(conn)
             except rexc.RedisError as exc:
@@ -228,6 +255,30 @@ class RedisBackend(RedisStore, OpsBackend):
                 command, asking = attempt.command, attempt.asking
                 if pause:
                     time.sleep(pause)
+
+    def _gather(self, items: Sequence[Routed]) -> list[Any]:
+        """Reads pipelined per server and sent once; a server that fails gives its error as its
+        commands' replies (see :class:`~.ops.Gather`)."""
+        out: list[Any] = [None] * len(items)
+        started = time.monotonic()
+        servers: dict[int, tuple[ConnectionPool, list[int]]] = {}
+        for i, (slot, _) in enumerate(items):
+            try:
+                pool = self._single or self._route(slot, started)
+            except rexc.RedisError as exc:
+                out[i] = exc
+                continue
+            servers.setdefault(id(pool), (pool, []))[1].append(i)
+        for pool, indices in servers.values():
+            try:
+                replies = self._pipeline(pool, [items[i][1] for i in indices])
+            except rexc.RedisError as exc:
+                if stale_slot_table(exc):
+                    self._forget_slots()
+                replies = [exc] * len(indices)
+            for i, reply in zip(indices, replies, strict=True):
+                out[i] = reply
+        return out
 
     def _batch(self, items: Sequence[Routed], what: str) -> list[Any]:
         """Run commands that are safe to repeat, pipelined per server; replies in order."""
@@ -266,14 +317,31 @@ class RedisBackend(RedisStore, OpsBackend):
                 time.sleep(pause)
         return out
 
+    def _confirmed(self, conn: Any) -> Any:
+        """A write's reply, once the command sent after it confirms it; else raise ``NotConfirmed``."""
+        try:
+            reply = conn.read_response()
+        except rexc.RedisError:
+            with contextlib.suppress(rexc.RedisError):
+                conn.read_response()  # the confirmation's own reply: the connection stays in step
+            raise
+        problem = self._durability.verdict(_reply(conn))
+        if problem is not None:
+            raise problem
+        return reply
+
     def _pipeline(self, pool: ConnectionPool, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send commands in one write and read every reply; raise the first error reply.
 
         Scripts missing from the server's cache are loaded and the whole pipeline sent again
-        (callers only pipeline commands that are safe to repeat).
+        (callers only pipeline commands that are safe to repeat). Writes that must be confirmed
+        are followed by one confirming command for them all.
         """
+        durability = self._durability
+        confirm = durability.command if any(durability.waits(c) for c in commands) else None
         for _ in range(2):
-            replies = _run_many(pool, commands)
+            replies = _run_many(pool, commands if confirm is None else [*commands, confirm])
+            ack = replies.pop() if confirm is not None else None
             missing = {
                 c[1] for c, r in zip(commands, replies, strict=True) if isinstance(r, rexc.NoScriptError)
             }
@@ -283,6 +351,9 @@ class RedisBackend(RedisStore, OpsBackend):
             for reply in replies:
                 if isinstance(reply, rexc.ResponseError):
                     raise reply
+            problem = None if confirm is None else durability.verdict(ack)
+            if problem is not None:
+                raise problem
             return replies
         raise BackendError(f"Redis at {self.url} keeps forgetting the scripts just loaded")
 
@@ -307,6 +378,14 @@ def _run_one(pool: ConnectionPool, command: tuple[Any, ...]) -> Any:
         return conn.read_response()
     finally:
         pool.release(conn)
+
+
+def _reply(conn: Any) -> Any:
+    """The next reply on ``conn``, or the redis-py error that stands for it."""
+    try:
+        return conn.read_response()
+    except rexc.RedisError as exc:
+        return exc
 
 
 def _run_many(pool: ConnectionPool, commands: list[tuple[Any, ...]]) -> list[Any]:

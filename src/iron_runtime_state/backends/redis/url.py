@@ -2,6 +2,10 @@
 
 :func:`parse_redis_url` turns a URL and ``open_redis``'s keyword options into a
 :class:`RedisConfig`; every option is checked here, once, for both drivers.
+
+An error about a URL shows it through :func:`shown_url`: the password (in the user info, or
+given as ``?password=``) replaced by ``***`` and the whole cut to :data:`SHOWN_INPUT`
+characters, and repeats no other piece of it; no error repeats more than that much of any input.
 """
 
 from __future__ import annotations
@@ -18,18 +22,25 @@ from ...errors import ConfigurationError
 
 __all__ = [
     "DEFAULT_NAMESPACE",
+    "DURABILITY_MODES",
     "OPTIONS",
+    "SHOWN_INPUT",
     "Node",
     "RedisConfig",
     "address",
     "check_namespace",
     "parse_redis_url",
+    "shown_url",
 ]
 
 #: A server: host and port.
 Node = tuple[str, int]
 
 DEFAULT_PORT: Final = 6379
+#: The most characters of any input (a URL, a namespace, an option's value) an error repeats.
+SHOWN_INPUT: Final = 64
+#: ``durability=`` settings: what a write waits for before the call returns (see .durability).
+DURABILITY_MODES: Final = ("async", "replicated", "aof")
 
 _NAMESPACE_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 
@@ -53,13 +64,20 @@ OPTIONS: Final[Mapping[str, str]] = {
     "ssl_password": "password of the client private key",
     "ssl_cert_reqs": "'required' (default), 'optional' or 'none'",
     "ssl_check_hostname": "check the server's name against its certificate (default true)",
+    "durability": "what a write waits for: 'async' (default), 'replicated' or 'aof'",
+    "replicas": "replicas a write must reach: with 'replicated' (default 1) or 'aof' (default 0)",
+    "allow_eviction": "accept a server whose maxmemory-policy may evict keys (default false)",
 }
 _FLOAT_OPTIONS: Final = frozenset({"timeout", "socket_timeout", "socket_connect_timeout"})
-_INT_OPTIONS: Final = frozenset({"db", "max_connections"})
-_BOOL_OPTIONS: Final = frozenset({"ssl", "ssl_check_hostname"})
+#: Integer options and their smallest value.
+_INT_OPTIONS: Final = {"db": 0, "max_connections": 1, "replicas": 0}
+_BOOL_OPTIONS: Final = frozenset({"ssl", "ssl_check_hostname", "allow_eviction"})
+#: Options whose value is a secret, masked wherever a URL is shown.
+_SECRET_OPTIONS: Final = ("password", "ssl_password")
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 _CERT_REQS: Final = ("required", "optional", "none")
+_OPTION_NAME_RE: Final = re.compile(r"[A-Za-z0-9_]{1,32}")
 _SCHEME_EXAMPLES: Final = (
     "redis://[user:password@]host[:port][/db]",
     "rediss://[user:password@]host[:port][/db]",
@@ -86,6 +104,9 @@ class RedisConfig:
     socket_connect_timeout: float = 1.0
     max_connections: int = 100
     client_name: str | None = None
+    durability: str = "async"
+    replicas: int = 0  # how many replicas a write must reach (durability "replicated" or "aof")
+    allow_eviction: bool = False
 
     @property
     def cluster(self) -> bool:
@@ -143,21 +164,64 @@ def address(node: Node) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def shown(value: object, limit: int = SHOWN_INPUT) -> str:
+    """``value`` as an error message quotes it: its repr, from at most ``limit`` characters."""
+    if isinstance(value, str):
+        return repr(value if len(value) <= limit else value[: limit - 3] + "...")
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        return f"a {type(value).__name__} too long to show"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown_url(url: str) -> str:
+    """``url`` as an error message quotes it: every password masked, at most :data:`SHOWN_INPUT` long.
+
+    The user info is taken to end at the last ``@`` before the query, or at the last ``@`` of all
+    when there is none there (a password with a raw ``?`` or ``#``), so no part of a password
+    shows, even in a URL that does not parse. ``password=`` and ``ssl_password=`` in the query
+    are masked too.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    at = rest.partition("?")[0].rfind("@")
+    if at < 0:
+        at = rest.rfind("@")
+    if at >= 0:
+        user, colon, _ = rest[:at].partition(":")
+        rest = user + (":***" if colon else "") + rest[at:]
+    body, question, query = rest.partition("?")
+    if question:
+        pairs = query.split("&")
+        for i, pair in enumerate(pairs):
+            key, equals, _ = pair.partition("=")
+            if equals and unquote(key) in _SECRET_OPTIONS:
+                pairs[i] = f"{key}=***"
+        rest = f"{body}?{'&'.join(pairs)}"
+    return shown(f"{scheme}{sep}{rest}")
+
+
 def check_namespace(namespace: object) -> str:
     """``namespace`` if it is a valid key prefix: 1 to 64 of ``A-Z a-z 0-9 _ . : -``."""
     if not isinstance(namespace, str):
         raise ConfigurationError(f"namespace must be a str, got {type(namespace).__name__}")
     if _NAMESPACE_RE.fullmatch(namespace) is None:
         raise ConfigurationError(
-            f"namespace {namespace[:64]!r} is invalid: use 1 to 64 characters of letters, digits "
+            f"namespace {shown(namespace)} is invalid: use 1 to 64 characters of letters, digits "
             "and _ . : -, starting with a letter or digit (braces would break Redis Cluster hash tags)"
         )
     return namespace
 
 
-def _option_error(name: str) -> ConfigurationError:
+def _option_error(name: str, url: str | None = None) -> ConfigurationError:
+    """An unknown option; ``url`` when it came from that URL's query string."""
     accepted = "; ".join(f"{key} ({meaning})" for key, meaning in OPTIONS.items())
-    return ConfigurationError(f"unknown Redis option {name[:64]!r}; accepted options: {accepted}")
+    if url is not None and _OPTION_NAME_RE.fullmatch(name) is None:
+        # Not a name at all: maybe the tail of a password with a raw '?'. Show the masked URL.
+        return ConfigurationError(f"unknown Redis option in {shown_url(url)}; accepted options: {accepted}")
+    return ConfigurationError(f"unknown Redis option {shown(name, 32)}; accepted options: {accepted}")
 
 
 def _convert(name: str, value: object) -> object:
@@ -167,24 +231,32 @@ def _convert(name: str, value: object) -> object:
             try:
                 value = float(value)
             except ValueError:
-                raise ConfigurationError(f"Redis option {name} must be a number, got {value!r:.40}") from None
+                raise ConfigurationError(
+                    f"Redis option {name} must be a number, got {shown(value, 32)}"
+                ) from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigurationError(f"Redis option {name} must be a number, got {type(value).__name__}")
-        if not (0.0 < float(value) < math.inf):
-            raise ConfigurationError(f"Redis option {name} must be finite and > 0 seconds, got {value!r}")
-        return float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int too large for a float
+            seconds = math.inf
+        if not (0.0 < seconds < math.inf):
+            raise ConfigurationError(
+                f"Redis option {name} must be finite and > 0 seconds, got {shown(value, 32)}"
+            )
+        return seconds
     if name in _INT_OPTIONS:
         if isinstance(value, str):
             try:
                 value = int(value)
             except ValueError:
                 raise ConfigurationError(
-                    f"Redis option {name} must be an integer, got {value!r:.40}"
+                    f"Redis option {name} must be an integer, got {shown(value, 32)}"
                 ) from None
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigurationError(f"Redis option {name} must be an int, got {type(value).__name__}")
-        if value < (1 if name == "max_connections" else 0):
-            raise ConfigurationError(f"Redis option {name} is out of range: {value}")
+        if value < _INT_OPTIONS[name]:
+            raise ConfigurationError(f"Redis option {name} is out of range: {shown(value, 32)}")
         return value
     if name in _BOOL_OPTIONS:
         if isinstance(value, str):
@@ -193,14 +265,17 @@ def _convert(name: str, value: object) -> object:
                 return True
             if text in _FALSE:
                 return False
-            raise ConfigurationError(f"Redis option {name} must be true or false, got {value[:32]!r}")
+            raise ConfigurationError(f"Redis option {name} must be true or false, got {shown(value, 32)}")
         if not isinstance(value, bool):
             raise ConfigurationError(f"Redis option {name} must be a bool, got {type(value).__name__}")
         return value
     if value is not None and not isinstance(value, str):
         raise ConfigurationError(f"Redis option {name} must be a str, got {type(value).__name__}")
-    if name == "ssl_cert_reqs" and value not in _CERT_REQS:
-        raise ConfigurationError(f"Redis option ssl_cert_reqs must be one of {_CERT_REQS}, got {value!r}")
+    for choice_name, choices in (("ssl_cert_reqs", _CERT_REQS), ("durability", DURABILITY_MODES)):
+        if name == choice_name and value not in choices:
+            raise ConfigurationError(
+                f"Redis option {name} must be one of {', '.join(map(repr, choices))}, got {shown(value, 32)}"
+            )
     return value
 
 
@@ -220,7 +295,9 @@ def _parse_port(text: str, url: str) -> int:
     except ValueError:
         port = -1
     if not 0 < port < 65536:
-        raise ConfigurationError(f"bad port {text[:16]!r} in Redis URL {url[:80]!r}; use host:port")
+        raise ConfigurationError(
+            f"bad port in Redis URL {shown_url(url)}: use host:port, with a port from 1 to 65535"
+        )
     return port
 
 
@@ -233,7 +310,7 @@ def _parse_hosts(netloc: str, url: str) -> tuple[Node, ...]:
         if part.startswith("["):  # [ipv6]:port
             end = part.find("]")
             if end < 0:
-                raise ConfigurationError(f"unclosed '[' in Redis URL {url[:80]!r}")
+                raise ConfigurationError(f"unclosed '[' in Redis URL {shown_url(url)}")
             host, rest = part[1:end], part[end + 1 :]
             port = _parse_port(rest[1:], url) if rest.startswith(":") else DEFAULT_PORT
         elif part.count(":") == 1:
@@ -242,9 +319,27 @@ def _parse_hosts(netloc: str, url: str) -> tuple[Node, ...]:
         else:
             host, port = part, DEFAULT_PORT
         if not host:
-            raise ConfigurationError(f"missing host in Redis URL {url[:80]!r}")
+            raise ConfigurationError(f"missing host in Redis URL {shown_url(url)}")
         nodes.append((unquote(host), port))
     return tuple(nodes)
+
+
+def _durability(settings: dict[str, object]) -> tuple[str, int]:
+    """The ``durability`` and ``replicas`` options, checked together."""
+    durability = settings.pop("durability", "async")
+    replicas = settings.pop("replicas", None)
+    assert isinstance(durability, str)
+    if replicas is None:
+        return durability, 1 if durability == "replicated" else 0
+    assert isinstance(replicas, int)
+    if durability == "async":
+        raise ConfigurationError(
+            "Redis option replicas applies to durability='replicated' or 'aof'; with durability='async' "
+            "(the default) a write waits for no replica"
+        )
+    if durability == "replicated" and replicas < 1:
+        raise ConfigurationError("durability='replicated' needs replicas >= 1 (the default is 1)")
+    return durability, replicas
 
 
 def parse_redis_url(url: str, *, namespace: str | None = None, **options: object) -> RedisConfig:
@@ -252,7 +347,8 @@ def parse_redis_url(url: str, *, namespace: str | None = None, **options: object
 
     ``?namespace=`` in the URL and the ``namespace`` keyword must agree when both are given
     (the keyword's default, ``"iron"``, yields to the URL). Other query parameters are the same
-    options as the keywords; a keyword wins over the query.
+    options as the keywords; a keyword wins over the query. An option given twice in the query
+    is an error.
     """
     if not isinstance(url, str):
         raise ConfigurationError(f"a Redis URL must be a str, got {type(url).__name__}")
@@ -260,14 +356,18 @@ def parse_redis_url(url: str, *, namespace: str | None = None, **options: object
     scheme = scheme.lower()
     if not sep or scheme not in ("redis", "rediss", "unix", "redis+cluster"):
         raise ConfigurationError(
-            f"{url[:80]!r} is not a Redis URL; use one of: {', '.join(_SCHEME_EXAMPLES)}"
+            f"{shown_url(url)} is not a Redis URL; use one of: {', '.join(_SCHEME_EXAMPLES)}"
         )
     rest = rest.partition("#")[0]
     rest, _, query_text = rest.partition("?")
     settings: dict[str, object] = {}
     for key, text in parse_qsl(query_text, keep_blank_values=True):
         if key not in OPTIONS:
-            raise _option_error(key)
+            raise _option_error(key, url)
+        if key in settings:
+            raise ConfigurationError(
+                f"Redis option {key} is given twice in the URL {shown_url(url)}; keep one of them"
+            )
         settings[key] = text
     url_namespace = settings.pop("namespace", None)
     for key, given in options.items():
@@ -278,18 +378,16 @@ def parse_redis_url(url: str, *, namespace: str | None = None, **options: object
 
     if url_namespace is not None and namespace not in (None, DEFAULT_NAMESPACE, url_namespace):
         raise ConfigurationError(
-            f"namespace given twice: {namespace!r} as a keyword and {url_namespace!r} in the URL; "
-            "keep one of them"
+            f"namespace given twice: {shown(namespace, 28)} as a keyword and {shown(url_namespace, 28)} "
+            "in the URL; keep one of them"
         )
     chosen = url_namespace if url_namespace is not None else namespace
     ns = check_namespace(DEFAULT_NAMESPACE if chosen is None else chosen)
 
     # user:password@ comes before the last '@' of the authority (or of the unix path's start).
+    authority, slash, path = rest.partition("/")
     if scheme == "unix":
-        authority, slash, path = rest.partition("/")
         path = slash + path
-    else:
-        authority, slash, path = rest.partition("/")
     userinfo, at, hostpart = authority.rpartition("@")
     if not at:
         hostpart = authority
@@ -311,15 +409,15 @@ def parse_redis_url(url: str, *, namespace: str | None = None, **options: object
     if scheme == "unix":
         if hostpart:
             raise ConfigurationError(
-                f"unix:// URL {url[:80]!r} has a host; write unix:///absolute/path/to/redis.sock"
+                f"unix:// URL {shown_url(url)} has a host; write unix:///absolute/path/to/redis.sock"
             )
         unix_path = unquote(path)
         if not unix_path or unix_path == "/":
-            raise ConfigurationError(f"unix:// URL {url[:80]!r} has no socket path")
+            raise ConfigurationError(f"unix:// URL {shown_url(url)} has no socket path")
     else:
         nodes = _parse_hosts(hostpart or "localhost", url)
         if not nodes:
-            raise ConfigurationError(f"no host in Redis URL {url[:80]!r}")
+            raise ConfigurationError(f"no host in Redis URL {shown_url(url)}")
         if scheme != "redis+cluster" and len(nodes) > 1:
             raise ConfigurationError(
                 f"{scheme}:// takes one host; for several Redis Cluster nodes use "
@@ -331,12 +429,12 @@ def parse_redis_url(url: str, *, namespace: str | None = None, **options: object
                 db = int(db_text)
             except ValueError:
                 raise ConfigurationError(
-                    f"bad database {db_text[:16]!r} in Redis URL {url[:80]!r}; the path is a number, as in /0"
+                    f"bad database in Redis URL {shown_url(url)}: the path is a number, as in /0"
                 ) from None
     if scheme == "redis+cluster" and db != 0:
         raise ConfigurationError("Redis Cluster has only database 0; remove the /db from the URL")
     if db < 0:
-        raise ConfigurationError(f"the Redis database number must be >= 0, got {db}")
+        raise ConfigurationError(f"the Redis database number must be >= 0, got {shown(db, 32)}")
 
     ssl = bool(settings.pop("ssl", scheme == "rediss"))
     if scheme == "rediss" and not ssl:
@@ -359,10 +457,13 @@ def parse_redis_url(url: str, *, namespace: str | None = None, **options: object
                 f"{name} ({seconds:g} s) must not exceed timeout ({timeout:g} s), the bound on a whole "
                 "call; raise timeout or lower it"
             )
+    durability, replicas = _durability(settings)
     max_connections = settings.pop("max_connections", 100)
     client_name = settings.pop("client_name", None)
+    allow_eviction = settings.pop("allow_eviction", False)
     assert isinstance(max_connections, int)
     assert client_name is None or isinstance(client_name, str)
+    assert isinstance(allow_eviction, bool)
     assert not settings, settings
     return RedisConfig(
         scheme=scheme,
@@ -379,4 +480,7 @@ def parse_redis_url(url: str, *, namespace: str | None = None, **options: object
         socket_connect_timeout=connect_timeout,
         max_connections=max_connections,
         client_name=client_name,
+        durability=durability,
+        replicas=replicas,
+        allow_eviction=allow_eviction,
     )

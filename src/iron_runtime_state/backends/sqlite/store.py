@@ -7,8 +7,11 @@
 - **Aggregates.** ``iron_stats`` is kept by triggers on ``iron_agents``, in the same
   transaction as each change, so :meth:`SQLiteBackend.stats` reads one row.
 - **Budgets.** A spend and a hold are checked against the same read of the agent with its open
-  holds (:func:`_admit`), so the limit rule is written once. Holds expire by the database's
-  clock, one clock for every caller.
+  holds (:func:`_admit`), by ``models.exceeds``. A spend that passes is one ``UPDATE`` in
+  autocommit whose condition is that rule in SQL, on the same numbers in the same order; only
+  when it changes nothing (a missing or stopped agent, a refusal with its event to append) does
+  the spend take the transaction and :func:`_admit`. Holds expire by the database's clock, one
+  clock for every caller.
 - **Audit chain.** ``iron_audit_chain`` holds the head (newest ``seq`` and hash ever appended)
   and the anchor (left behind by pruning), each with its seal under an audit key. A trigger
   refuses any record that does not extend the head and moves the head, atomically with the
@@ -20,7 +23,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import sqlite3
 import time
@@ -39,6 +41,7 @@ from ...errors import (
 )
 from ...ids import AgentId, try_parse
 from ...models import (
+    LIMIT_TOLERANCE,
     AgentState,
     AgentStatus,
     AuditEvent,
@@ -85,12 +88,17 @@ _SQL_SET_SPENT: Final = "UPDATE iron_agents SET budget_spent = ?, changed_at = ?
 _SQL_REMOVE: Final = "DELETE FROM iron_agents WHERE agent_id = ?"
 _SQL_IDS: Final = "SELECT agent_id FROM iron_agents"
 _SQL_PAGE: Final = f"SELECT agent_id, {_STATE} FROM iron_agents WHERE agent_id > ? ORDER BY agent_id LIMIT ?"
-_SQL_PAGE_STATUS: Final = (
-    f"SELECT agent_id, {_STATE} FROM iron_agents WHERE agent_id > ? AND status = ? ORDER BY agent_id LIMIT ?"
-)
+# The status is written into each statement, not bound: SQLite then knows when a partial index
+# (iron_agents_finished, stopped and failed agents) holds every match.
+_SQL_PAGE_STATUS: Final = {
+    code: f"SELECT agent_id, {_STATE} FROM iron_agents WHERE agent_id > ? AND status = {code} "
+    "ORDER BY agent_id LIMIT ?"
+    for code in range(len(STATUSES))
+}
 _SQL_STATS: Final = "SELECT running, stopped, failed, budget_spent, pii_detections FROM iron_stats"
-_SQL_PURGEABLE: Final = "SELECT agent_id FROM iron_agents WHERE status IN ({}) AND changed_at < ?"
-_SQL_PURGE: Final = "DELETE FROM iron_agents WHERE status IN ({}) AND changed_at < ?"
+# {}: "status = 1 OR status = 2", codes written in as for _SQL_PAGE_STATUS.
+_SQL_PURGEABLE: Final = "SELECT agent_id FROM iron_agents WHERE ({}) AND changed_at < ?"
+_SQL_PURGE: Final = "DELETE FROM iron_agents WHERE ({}) AND changed_at < ?"
 
 # Holds expire by one clock, the database's: SQLite's own time (Unix seconds), read where the
 # statement runs, never a caller's ``now``. A caller whose clock is ahead would otherwise drop
@@ -98,13 +106,25 @@ _SQL_PURGE: Final = "DELETE FROM iron_agents WHERE status IN ({}) AND changed_at
 # clock is before its expires_at.
 _CLOCK: Final = "((julianday('now') - 2440587.5) * 86400.0)"
 _SQL_CLOCK: Final = f"SELECT {_CLOCK}"
-# An agent with each of its open holds (one row per hold; the amount NULL when it has none):
-# what every budget check reads.
-_SQL_BUDGET: Final = (
-    "SELECT a.status, a.budget_spent, a.pii_detections, a.budget_limit, h.amount "
-    f"FROM iron_agents AS a LEFT JOIN iron_holds AS h ON h.agent_id = a.agent_id AND h.expires_at > {_CLOCK} "
-    "WHERE a.agent_id = ?"
+# The total of the open holds of agent ?1 (0.0 when none). Every budget check sums them here,
+# in SQL, so the check in one statement (_SQL_SPEND) and the one in Python (_admit) add the
+# same numbers in the same order.
+_HELD: Final = f"(SELECT total(amount) FROM iron_holds WHERE agent_id = ?1 AND expires_at > {_CLOCK})"
+# An agent with the total of its open holds: what every budget check reads.
+_SQL_BUDGET: Final = f"SELECT {_STATE}, {_HELD} FROM iron_agents WHERE agent_id = ?1"
+# A spend that passes, as one statement: the agent runs and spent + open holds + amount
+# (?2) passes no limit, by the rule of models.exceeds with the same arithmetic as _admit. It
+# returns the new row and the holds; no row when the agent is missing, not running or would
+# pass its limit, which record_spend then sorts out under the write lock. (RETURNING gives an
+# integral REAL as an integer, hence the casts.)
+_SQL_SPEND: Final = (
+    "UPDATE iron_agents SET budget_spent = budget_spent + ?2, changed_at = ?3 "
+    f"WHERE agent_id = ?1 AND status = {RUNNING} AND (budget_limit IS NULL OR budget_spent + {_HELD} + ?2 "
+    f"<= budget_limit + {LIMIT_TOLERANCE!r} * max(1.0, budget_limit)) RETURNING status, "
+    f"CAST(budget_spent AS REAL), pii_detections, CAST(budget_limit AS REAL), {_HELD}"
 )
+# RETURNING came with SQLite 3.35; an older library takes the transaction for every spend.
+_SPEND_IN_ONE_STATEMENT: Final = sqlite3.sqlite_version_info >= (3, 35, 0)
 _SQL_DROP_EXPIRED: Final = f"DELETE FROM iron_holds WHERE agent_id = ? AND expires_at <= {_CLOCK}"
 _SQL_HOLD: Final = "INSERT INTO iron_holds (agent_id, reservation_id, amount, expires_at) VALUES (?, ?, ?, ?)"
 _SQL_TAKE_HOLD: Final = (
@@ -208,11 +228,11 @@ def _agent_row(db: sqlite3.Connection, key: str) -> Row:
 
 def _budget(db: sqlite3.Connection, key: str) -> tuple[Row, float]:
     """The agent's row and the sum of its open holds; ``AgentNotFound`` when there is none."""
-    rows = db.execute(_SQL_BUDGET, (key,)).fetchall()
-    if not rows:
+    found = db.execute(_SQL_BUDGET, (key,)).fetchone()
+    if found is None:
         raise AgentNotFound(key)
-    status, spent, pii, limit, held = rows[0]
-    return (status, spent, pii, limit), 0.0 if held is None else math.fsum(row[4] for row in rows)
+    status, spent, pii, limit, held = found
+    return (status, spent, pii, limit), held
 
 
 def _admit(db: sqlite3.Connection, key: str, amount: float, action: str) -> tuple[Row, float, bool]:
@@ -440,8 +460,8 @@ class SQLiteBackend(Backend):
             if status is None:
                 rows = db.execute(_SQL_PAGE, (after, batch_size)).fetchall()
             else:
-                code = STATUS_CODE[status._value_]
-                rows = db.execute(_SQL_PAGE_STATUS, (after, code, batch_size)).fetchall()
+                sql = _SQL_PAGE_STATUS[STATUS_CODE[status._value_]]
+                rows = db.execute(sql, (after, batch_size)).fetchall()
             if not rows:
                 return
             after = rows[-1][0]
@@ -493,6 +513,14 @@ class SQLiteBackend(Backend):
         conn = self._connections.get()
         key = agent_id._value
         conn.forget(key)
+        if _SPEND_IN_ONE_STATEMENT:
+            # fetchall: the statement must run to its end to commit (autocommit).
+            for status, spent, pii, limit, held in conn.db.execute(_SQL_SPEND, (key, amount, now)).fetchall():
+                row = (status, spent, pii, limit)
+                conn.remember(key, row)
+                return SpendResult(_state(agent_id, row), False, held)
+        # Missing, not running or past the limit (or changed since): decided under the write
+        # lock, where a refusal's event is appended in the same transaction.
         records: list[AuditRecord] = []
         with conn as db:
             row, reserved, exceeded = _admit(db, key, amount, "record spend")
@@ -654,15 +682,15 @@ class SQLiteBackend(Backend):
         codes = sorted({STATUS_CODE[status._value_] for status in statuses})
         if not codes:
             return []
-        marks = ", ".join("?" * len(codes))
-        params = (*codes, changed_before)
+        wanted = " OR ".join(f"status = {code}" for code in codes)
+        params = (changed_before,)
         conn = self._connections.get()
         with conn as db:
-            removed = [key for (key,) in db.execute(_SQL_PURGEABLE.format(marks), params).fetchall()]
+            removed = [key for (key,) in db.execute(_SQL_PURGEABLE.format(wanted), params).fetchall()]
             for key in removed:
                 conn.forget(key)
             if removed:
-                db.execute(_SQL_PURGE.format(marks), params)
+                db.execute(_SQL_PURGE.format(wanted), params)
         return removed
 
     # -- lifecycle ----------------------------------------------------------------------------

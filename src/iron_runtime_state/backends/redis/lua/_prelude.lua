@@ -10,6 +10,8 @@ local LIMIT_TOLERANCE = __LIMIT_TOLERANCE__ -- iron_runtime_state.models.LIMIT_T
 
 local GENESIS_HASH = '__GENESIS_HASH__' -- iron_runtime_state.audit_chain.GENESIS_HASH
 
+local LANDED_KEEP = __LANDED_KEEP__ -- iron_runtime_state.backends.redis.scripts.LANDED_KEEP
+
 -- The shortest text that reads back as exactly x.
 local function num(x)
   if x == 0 then return '0' end
@@ -137,4 +139,39 @@ local function entry_fields(flat)
   local e = {}
   for i = 1, #flat, 2 do e[flat[i]] = flat[i + 1] end
   return e
+end
+
+-- A change made once however often its call is sent: the first run keeps its reply under the
+-- call's op key (a random name the client picks per call) for op_ttl milliseconds, and a repeat of
+-- the call (the client resends it when a reply was lost) gets that reply back, changing nothing.
+-- Every script that changes an agent's counters or holds runs its body through this.
+local function once(op, op_ttl, body)
+  local first = redis.call('GET', op)
+  if first then return cmsgpack.unpack(first) end
+  local reply = body()
+  redis.call('SET', op, cmsgpack.pack(reply), 'PX', op_ttl)
+  return reply
+end
+
+-- Queue an audit event in the group's outbox, in the same script as the change it records, so
+-- that neither is ever stored without the other. fields are what decode.outbox_event builds the
+-- event from (raw values: the JSON is written in Python). Returns the entry's id, its fields and
+-- how many entries the outbox holds (more than 1: older ones wait, which the client reads first).
+local function queue_event(outbox, fields)
+  return redis.call('XADD', outbox, '*', unpack(fields)), fields, redis.call('XLEN', outbox)
+end
+
+-- Whether stream entry id a ("<ms>-<n>") comes after b ('' or false: before everything).
+local function id_after(a, b)
+  if not b or b == '' then return true end
+  local am, an = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bn = string.match(b, '^(%d+)-(%d+)$')
+  am, an, bm, bn = tonumber(am), tonumber(an), tonumber(bm), tonumber(bn)
+  return am > bm or (am == bm and an > bn)
+end
+
+-- The smallest stream entry id after id ("<ms>-<n>"): XTRIM MINID of it drops id and all before.
+local function next_id(id)
+  local ms, n = string.match(id, '^(%d+)-(%d+)$')
+  return ms .. '-' .. int(tonumber(n) + 1)
 end

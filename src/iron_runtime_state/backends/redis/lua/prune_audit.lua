@@ -1,27 +1,29 @@
--- prune_audit: remove the oldest run of records whose timestamp is before a time, at most
--- `chunk` of them per call (the client calls again while more may go), and keep the hash of the
--- last removed record as the anchor the first remaining record links to.
--- KEYS: log, head
--- ARGV: before, chunk
--- Returns {removed, 1 when the run ended (a recent record or the end of the trail) else 0}.
-local log, head = KEYS[1], KEYS[2]
-local before, chunk = tonumber(ARGV[1]), tonumber(ARGV[2])
-local entries = redis.call('XRANGE', log, '-', '+', 'COUNT', chunk)
-local removed, done = 0, 0
-local last_id, last_hash
-for _, entry in ipairs(entries) do
-  local e = entry_fields(entry[2])
-  if tonumber(e.timestamp) >= before then
-    done = 1
-    break
+-- prune_audit: remove the oldest records up to a given one, which becomes the anchor the first
+-- remaining record links to, with the anchor's seal (made with the audit key, '' without one).
+-- The client read the run and sealed its last record; the records are removed only if they are
+-- still the oldest ones and every one of them is older than the cut-off.
+-- Run once per op key (see `once`): a resend after a lost reply gets the first answer.
+-- KEYS: log, head, op
+-- ARGV: before, the last removed record's entry id, its hash, the anchor's seal, chunk, op ttl
+-- Returns how many were removed, or -1 when the oldest records are no longer those the client
+-- read (another prune ran meanwhile): the client reads again.
+return once(KEYS[3], ARGV[6], function()
+  local log, head = KEYS[1], KEYS[2]
+  local last, chunk = ARGV[2], tonumber(ARGV[5])
+  local entries = redis.call('XRANGE', log, '-', last, 'COUNT', chunk + 1)
+  local n = #entries
+  if n == 0 or n > chunk or entries[n][1] ~= last then return -1 end
+  local before = tonumber(ARGV[1])
+  for _, entry in ipairs(entries) do
+    if tonumber(entry_fields(entry[2]).timestamp) >= before then return -1 end
   end
-  removed = removed + 1
-  last_id, last_hash = entry[1], e.hash
-end
-if #entries < chunk then done = 1 end
-if removed > 0 then
-  local ms, sq = string.match(last_id, '^(%d+)-(%d+)$')
-  redis.call('XTRIM', log, 'MINID', ms .. '-' .. int(tonumber(sq) + 1))
-  redis.call('HSET', head, 'anchor_seq', ms, 'anchor_hash', last_hash)
-end
-return {removed, done}
+  if entry_fields(entries[n][2]).hash ~= ARGV[3] then return -1 end
+  redis.call('XTRIM', log, 'MINID', next_id(last))
+  redis.call('HSET', head, 'anchor_seq', string.match(last, '^%d+'), 'anchor_hash', ARGV[3])
+  if ARGV[4] == '' then
+    redis.call('HDEL', head, 'anchor_seal')
+  else
+    redis.call('HSET', head, 'anchor_seal', ARGV[4])
+  end
+  return n
+end)

@@ -2,15 +2,15 @@
 -- With an index (one agent's or one type's sorted set of seqs) only that index is walked, never
 -- the whole stream. At most `budget` candidates are examined per call, so a selective filter
 -- never blocks the server for long: the client calls again from the returned position.
--- Index entries at or below the prune anchor are ignored (they are cleaned up after a prune).
--- KEYS: log, head, index (the log itself when there is none)
+-- Every stored record is considered, wherever the anchor and the head are: a reader sees what
+-- the verifier checks. Index entries of pruned records find nothing (they are cleaned up after).
+-- KEYS: log, index (the log itself when there is none)
 -- ARGV: after, want, budget, event_type ('' for any), since ('' for none), until ('' for none),
 --       'index' or 'all'
 -- Returns {last examined seq, 1 if nothing is left to examine else 0, then for each record:
 -- entry id, agent_id, event_type, timestamp, details, prev_hash, hash}.
 local log = KEYS[1]
-local anchor = tonumber(redis.call('HGET', KEYS[2], 'anchor_seq') or '0')
-local after = math.max(tonumber(ARGV[1]), anchor)
+local after = tonumber(ARGV[1])
 local want, budget = tonumber(ARGV[2]), tonumber(ARGV[3])
 local event_type, since, till = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local out = {int(after), 0}
@@ -38,7 +38,7 @@ if ARGV[7] == 'all' then
     if found >= want then break end
   end
 else
-  local seqs = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. int(after), '+inf', 'LIMIT', 0, budget)
+  local seqs = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. int(after), '+inf', 'LIMIT', 0, budget)
   seen = #seqs
   for _, s in ipairs(seqs) do
     out[1] = s

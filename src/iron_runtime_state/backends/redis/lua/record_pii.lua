@@ -1,18 +1,27 @@
--- record_pii: add to an agent's pii_detections (exact 64-bit integers, as HINCRBY counts).
--- KEYS: agent, stats, finished
--- ARGV: count, now, agent_id
--- Returns {1, status, budget_spent, pii_detections, budget_limit}, or {-1} when the agent does
--- not exist.
-local agent, stats = KEYS[1], KEYS[2]
-local status = redis.call('HGET', agent, 'status')
-if not status then return {-1} end
-redis.call('HINCRBY', agent, 'pii_detections', ARGV[1])
-local total = redis.pcall('HINCRBY', stats, 'pii_detections', ARGV[1])
-if type(total) == 'table' and total.err then
-  redis.call('HINCRBY', agent, 'pii_detections', '-' .. ARGV[1])
-  return redis.error_reply('ERR the fleet total of pii_detections would overflow 64 bits')
-end
-redis.call('HSET', agent, 'changed_at', ARGV[2])
-index_finished(KEYS[3], ARGV[3], status, status, ARGV[2])
-local s, spent, pii, limit = stored_fields(agent)
-return {1, s, spent, pii, limit}
+-- record_pii: add to an agent's pii_detections (exact 64-bit integers, as HINCRBY counts) and
+-- queue its pii_detected event in the group's outbox, in one step. A count that would pass
+-- 2^63 - 1 (the agent's or the fleet's) changes nothing. Run once per op key (see `once`).
+-- KEYS: agent, stats, finished, outbox, op
+-- ARGV: count, now, agent_id, event_type, timestamp, details, op ttl (ms)
+-- Returns {1, status, budget_spent, pii_detections, budget_limit, then the queued event (see
+-- `queue_event`: its id, its fields, the entries waiting)}, {-1} when the agent does not exist,
+-- {-4, the agent's count} when its count would overflow and {-5, the group's count} when the
+-- group's total would.
+return once(KEYS[5], ARGV[7], function()
+  local agent, stats = KEYS[1], KEYS[2]
+  local status = redis.call('HGET', agent, 'status')
+  if not status then return {-1} end
+  if type(redis.pcall('HINCRBY', agent, 'pii_detections', ARGV[1])) == 'table' then
+    return {-4, redis.call('HGET', agent, 'pii_detections')}
+  end
+  if type(redis.pcall('HINCRBY', stats, 'pii_detections', ARGV[1])) == 'table' then
+    redis.call('HINCRBY', agent, 'pii_detections', '-' .. ARGV[1])
+    return {-5, redis.call('HGET', stats, 'pii_detections')}
+  end
+  redis.call('HSET', agent, 'changed_at', ARGV[2])
+  index_finished(KEYS[3], ARGV[3], status, status, ARGV[2])
+  local id, fields, waiting = queue_event(KEYS[4], {'kind', 'event', 'agent', ARGV[3],
+    'type', ARGV[4], 'timestamp', ARGV[5], 'details', ARGV[6]})
+  local s, spent, pii, limit = stored_fields(agent)
+  return {1, s, spent, pii, limit, id, fields, waiting}
+end)
