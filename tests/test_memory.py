@@ -423,12 +423,18 @@ def _random_trail_step(rng: Any, agents: list[AgentId], clock: int) -> list[Audi
     return events_
 
 
-def test_time_window_queries_match_a_scan_whatever_the_timestamps() -> None:
+@pytest.mark.parametrize("block", [3, 1024])
+def test_time_window_queries_match_a_scan_whatever_the_timestamps(
+    block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # audit_log(since=, until=) skips, by the trail's timeline, what cannot match; timestamps
     # need not grow with seq, and prunes cut the timeline's front. Every answer must equal a
-    # plain filter of the records kept.
+    # plain filter of the records kept. Small blocks put many block edges in the way.
     import random
 
+    from iron_runtime_state.backends import memory
+
+    monkeypatch.setattr(memory, "_BLOCK", block)
     rng = random.Random(15)
     backend = MemoryBackend()
     chain = AuditChain()

@@ -103,24 +103,27 @@ class _Timeline:
     Both are bounds: they skip only records that cannot match.
     """
 
-    __slots__ = ("dropped", "newest", "oldest")
+    __slots__ = ("dropped", "newest", "oldest", "room")
 
     def __init__(self, timestamps: Iterable[int] = ()) -> None:
         self.dropped = 0
         self.newest = array("q")
         self.oldest = array("q")
+        self.room = 0  # records the last block can still take
         for timestamp in timestamps:
             self.add(timestamp)
 
     def add(self, timestamp: int) -> None:
         """Note the record appended after every other."""
         newest, oldest = self.newest, self.oldest
-        block = (self.dropped + len(newest)) // _BLOCK - self.dropped // _BLOCK
-        newest.append(max(newest[-1], timestamp) if newest else timestamp)
-        if block == len(oldest):
+        newest.append(newest[-1] if newest and newest[-1] > timestamp else timestamp)
+        if self.room:
+            self.room -= 1
+            if timestamp < oldest[-1]:
+                oldest[-1] = timestamp
+        else:
             oldest.append(timestamp)
-        elif timestamp < oldest[block]:
-            oldest[block] = timestamp
+            self.room = _BLOCK - 1
 
     def drop(self, count: int) -> None:
         """Forget the first ``count`` records (pruned)."""
@@ -554,11 +557,13 @@ class MemoryBackend(Backend):
             after = max(query.after_seq or 0, records[span.start - 1].seq if span.start else 0)
             last = records[span.stop - 1].seq
             candidates: Iterator[AuditRecord | None]
-            if query.agent_id is not None or query.event_type is not None:
-                if query.agent_id is not None:
-                    seqs = self._by_agent.get(query.agent_id.as_str(), [])
-                else:
-                    seqs = self._by_type.get(query.event_type or "", [])
+            indexed: list[list[int]] = []
+            if query.agent_id is not None:
+                indexed.append(self._by_agent.get(query.agent_id.as_str(), []))
+            if query.event_type is not None:
+                indexed.append(self._by_type.get(query.event_type, []))
+            if indexed:
+                seqs = min(indexed, key=len)  # with both filters, walk the shorter list
                 found = range(bisect.bisect_right(seqs, after), bisect.bisect_right(seqs, last))
                 candidates = (self._record(seqs[i]) for i in found)
             else:

@@ -147,7 +147,12 @@ end
 -- Every script that changes an agent's counters or holds runs its body through this.
 local function once(op, op_ttl, body)
   local first = redis.call('GET', op)
-  if first then return cmsgpack.unpack(first) end
+  if first then
+    -- A write even on a repeat: a WAIT after this script must still cover the first run's
+    -- write, and newer servers count only writes towards a connection's WAIT offset.
+    redis.call('PEXPIRE', op, op_ttl)
+    return cmsgpack.unpack(first)
+  end
   local reply = body()
   redis.call('SET', op, cmsgpack.pack(reply), 'PX', op_ttl)
   return reply
