@@ -7,7 +7,9 @@ the store itself: tables, indexes and the triggers that keep the fleet totals an
 head) and the same pragmas (WAL, synchronous=NORMAL, the same busy timeout), running the very
 statements the store runs, in autocommit or one transaction as the store does. The ratio is
 therefore the price of everything the library adds in Python: validation, the id and state
-objects, the read cache check, hashing, the records it returns. For transparency the two
+objects, the read cache check, hashing, the records it returns. ``record_spend`` is the
+exception: its baseline is a bare ``UPDATE`` adding to the spend (no status, limit or holds
+check), the least any store does, so its ratio also prices the checks. For transparency the two
 write paths are also timed against a plain table without triggers (informational). Each file
 first takes 4,000 writes, so that what is timed is the steady state of a running service, in
 which the WAL is checkpointed regularly.
