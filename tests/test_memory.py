@@ -384,7 +384,7 @@ def test_queries_find_records_by_seq_after_the_list_was_edited() -> None:
     backend = MemoryBackend()
     a, b = AgentId.generate(), AgentId.generate()
     backend.append_audit([AuditEvent(a if i % 2 else b, "note", i, str(i)) for i in range(10)], AuditChain())
-    del backend._records[3]  # seq 4, an agent-a record
+    del backend._trail.records[3]  # seq 4, an agent-a record
     by_a = backend.query_audit(AuditQuery(agent_id=a))
     assert [r.seq for r in by_a] == [2, 6, 8, 10]
     assert [r.event.details for r in by_a] == ["1", "5", "7", "9"]
@@ -432,9 +432,9 @@ def test_time_window_queries_match_a_scan_whatever_the_timestamps(
     # plain filter of the records kept. Small blocks put many block edges in the way.
     import random
 
-    from iron_runtime_state.backends import memory
+    from iron_runtime_state.backends.memory import trail
 
-    monkeypatch.setattr(memory, "_BLOCK", block)
+    monkeypatch.setattr(trail, "_BLOCK", block)
     rng = random.Random(15)
     backend = MemoryBackend()
     chain = AuditChain()
@@ -473,8 +473,8 @@ def test_a_time_query_on_a_list_edited_by_hand_answers_with_what_it_holds() -> N
     backend = MemoryBackend()
     agent_id = AgentId.generate()
     backend.append_audit([AuditEvent(agent_id, "note", 100 + i, str(i)) for i in range(3_000)], AuditChain())
-    del backend._records[2_500]  # seq 2501, timestamp 2600
-    del backend._records[:10]
+    del backend._trail.records[2_500]  # seq 2501, timestamp 2600
+    del backend._trail.records[:10]
     found = backend.query_audit(AuditQuery(since=2_590, until=2_610))
     assert [r.event.timestamp for r in found] == [t for t in range(2_590, 2_611) if t != 2_600]
     assert [r.seq for r in backend.query_audit(AuditQuery(until=112))] == [11, 12, 13]

@@ -112,7 +112,7 @@ class MemoryHandle(StoreHandle):
     def _records(self, manager: StateManager) -> list[AuditRecord]:
         backend = manager.backend
         assert isinstance(backend, MemoryBackend)
-        return backend._records
+        return backend._trail.records
 
     def _position(self, records: list[AuditRecord], seq: int) -> int:
         return next(i for i, r in enumerate(records) if r.seq == seq)

@@ -42,8 +42,8 @@ def set_head(store: StoreHandle, manager: StateManager, head: tuple[int, str], *
         backend = manager.backend
         assert isinstance(backend, MemoryBackend)
         if drop_after:
-            backend._records[:] = [r for r in backend._records if r.seq <= seq]
-        backend._head = head
+            backend._trail.records[:] = [r for r in backend._trail.records if r.seq <= seq]
+        backend._trail.head = head
     elif isinstance(store, SQLiteHandle):
         db = sqlite3.connect(store.path, isolation_level=None)
         try:

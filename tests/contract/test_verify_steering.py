@@ -25,7 +25,7 @@ def set_anchor(store: StoreHandle, manager: StateManager, anchor: tuple[int, str
     if isinstance(store, MemoryHandle):
         backend = manager.backend
         assert isinstance(backend, MemoryBackend)
-        backend._anchor = anchor
+        backend._trail.anchor = anchor
     elif isinstance(store, SQLiteHandle):
         db = sqlite3.connect(store.path, isolation_level=None)
         try:

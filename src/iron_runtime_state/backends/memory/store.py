@@ -1,36 +1,32 @@
-"""The in-memory store: ``memory://``, the default.
+"""The in-memory store's agents, counters and holds, and :class:`MemoryBackend` itself.
 
 Agent states live in typed columns (``array``), one slot per agent, found through a dict from
 the canonical id text to the slot: a read by text is one dict lookup, with no parse. A million
 agents cost about 200 bytes each (the text, its dict entry, the slot number, the slot's link
 back to the text and 33 bytes of columns), where a dict of dataclasses costs more. A removed
 agent's slot is reused. Agents of one status are found by searching the status column, a byte
-per slot, in C.
+per slot, in C. The audit trail is a :class:`~.trail.Trail` the store holds.
 
-The audit trail keeps its records in ``seq`` order with three indexes: the seqs of each agent,
-those of each event type, and a timeline of where each time can be (:class:`_Timeline`), so
-that no query reads records that cannot match.
-
-One lock guards every structure, so the store does not rely on the GIL (free-threaded CPython
-included). It is re-entrant so that an update function may read the store. Each call holds it
-for microseconds, so the asyncio adapter calls this store directly (``blocking = False``).
+One lock guards every structure, the trail's included, so the store does not rely on the GIL
+(free-threaded CPython included). It is re-entrant so that an update function may read the
+store. Each call holds it for microseconds, so the asyncio adapter calls this store directly
+(``blocking = False``).
 """
 
 from __future__ import annotations
 
-import bisect
 import math
 import threading
 import time
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Final, NamedTuple
+from typing import Final
 
-from .. import events
-from ..audit_chain import GENESIS_HASH, AuditChain, AuditRow
-from ..errors import AgentNotFound, AgentNotRunning, ConfigurationError, ReservationError
-from ..ids import AgentId
-from ..models import (
+from ... import events
+from ...audit_chain import AuditChain, AuditRow
+from ...errors import AgentNotFound, AgentNotRunning, ConfigurationError, ReservationError
+from ...ids import AgentId
+from ...models import (
     AgentState,
     AgentStatus,
     AuditEvent,
@@ -40,17 +36,17 @@ from ..models import (
     check_count,
     exceeds,
 )
-from .base import AuditMarks, AuditQuery, Backend, Change, CommitResult, SpendResult, UpdateFn
-from .head_watch import HeadWatch
+from ..base import AuditMarks, AuditQuery, Backend, Change, CommitResult, SpendResult, UpdateFn
+from .trail import Trail
 
 __all__ = ["MemoryBackend", "open_memory"]
+
 
 #: A slot's status code is the status's place here; ``_FREE`` marks an unused slot.
 _STATUSES: Final = (AgentStatus.RUNNING, AgentStatus.STOPPED, AgentStatus.FAILED)
 _RUNNING: Final = _STATUSES.index(AgentStatus.RUNNING)
 _FREE: Final = len(_STATUSES)
 _NO_LIMIT: Final = math.nan  # the limit column's value for ``budget_limit=None``
-_BLOCK: Final = 1024  # records per block of _Timeline.oldest
 
 
 class _Holds:
@@ -91,67 +87,6 @@ class _Holds:
         return self.total
 
 
-class _Timeline:
-    """Where in the trail the records of a time window can be, so a query skips the rest.
-
-    Timestamps are the events' own and need not grow with seq. By position in the trail:
-    ``newest[i]`` is the newest timestamp up to position ``i``; it never decreases, so bisecting
-    it for ``since`` finds the first record that can match. ``oldest[b]`` is the oldest
-    timestamp in block ``b`` of :data:`_BLOCK` records; the last block whose oldest is not after
-    ``until`` holds the last record that can match. Positions count from the first record ever
-    kept (``dropped`` of them were pruned since), so a prune cuts the front and moves nothing.
-    Both are bounds: they skip only records that cannot match.
-    """
-
-    __slots__ = ("dropped", "newest", "oldest", "room")
-
-    def __init__(self, timestamps: Iterable[int] = ()) -> None:
-        self.dropped = 0
-        self.newest = array("q")
-        self.oldest = array("q")
-        self.room = 0  # records the last block can still take
-        for timestamp in timestamps:
-            self.add(timestamp)
-
-    def add(self, timestamp: int) -> None:
-        """Note the record appended after every other."""
-        newest, oldest = self.newest, self.oldest
-        newest.append(newest[-1] if newest and newest[-1] > timestamp else timestamp)
-        if self.room:
-            self.room -= 1
-            if timestamp < oldest[-1]:
-                oldest[-1] = timestamp
-        else:
-            oldest.append(timestamp)
-            self.room = _BLOCK - 1
-
-    def drop(self, count: int) -> None:
-        """Forget the first ``count`` records (pruned)."""
-        first_block = self.dropped // _BLOCK
-        del self.newest[:count]
-        self.dropped += count
-        del self.oldest[: self.dropped // _BLOCK - first_block]
-
-    def span(self, since: int | None, until: int | None) -> range:
-        """The positions of the records that can have ``since <= timestamp <= until``."""
-        start = 0 if since is None else bisect.bisect_left(self.newest, since)
-        stop = len(self.newest)
-        if until is not None:
-            block = len(self.oldest) - 1
-            while block >= 0 and self.oldest[block] > until:
-                block -= 1
-            stop = min(stop, (self.dropped // _BLOCK + block + 1) * _BLOCK - self.dropped)
-        return range(start, max(start, stop))
-
-
-class _Sealed(NamedTuple):
-    """Records sealed onto the trail's head and not kept yet (``MemoryBackend._seal``)."""
-
-    records: list[AuditRecord]
-    head_seal: str | None  # the seal of the head they lead to (with an audit key)
-    rewound: int  # how many of them lead the batch: an audit_rewound record, or none
-
-
 class MemoryBackend(Backend):
     """A thread-safe store in this process's memory; nothing survives the process."""
 
@@ -174,18 +109,7 @@ class MemoryBackend(Backend):
         self._spent_total = 0.0
         self._pii_total = 0
         self._holds: dict[str, _Holds] = {}  # only agents that have open holds
-        # The audit trail: records in seq order, where each time can be, and the seqs of each
-        # agent and event type.
-        self._records: list[AuditRecord] = []
-        self._timeline = _Timeline()
-        self._by_agent: dict[str, list[int]] = {}
-        self._by_type: dict[str, list[int]] = {}
-        self._anchor: tuple[int, str] = (0, GENESIS_HASH)
-        self._head: tuple[int, str] = (0, GENESIS_HASH)
-        self._anchor_seal: str | None = None  # with an audit key: the seals of the two marks
-        self._head_seal: str | None = None
-        # Only code that edits these fields can move the head back; the check is the stores' one.
-        self._watch = HeadWatch()
+        self._trail = Trail()  # the audit trail, guarded by the same lock
 
     @property
     def url(self) -> str:
@@ -383,7 +307,7 @@ class MemoryBackend(Backend):
         """A spend or hold past the limit: nothing changes, and its ``budget_exceeded`` event is appended."""
         state = self._state(agent_id, slot)
         event = events.budget_exceeded(agent_id, state, reserved, amount, now, action)
-        return SpendResult(state, True, reserved, self._keep(self._seal([event], chain, now)))
+        return SpendResult(state, True, reserved, self._trail.keep(self._trail.seal([event], chain, now)))
 
     def record_pii(
         self, agent_id: AgentId, count: int, now: float, event: AuditEvent, chain: AuditChain
@@ -391,18 +315,18 @@ class MemoryBackend(Backend):
         with self._lock:
             slot = self._slot(agent_id.as_str())
             pii = check_count(self._pii[slot] + count, "the agent's pii_detections")
-            sealed = self._seal([event], chain, now)
+            sealed = self._trail.seal([event], chain, now)
             self._write(slot, now, pii=pii)
-            return Change(self._state(agent_id, slot), self._keep(sealed))
+            return Change(self._state(agent_id, slot), self._trail.keep(sealed))
 
     def set_status(self, agent_id: AgentId, status: AgentStatus, now: float, chain: AuditChain) -> Change:
         with self._lock:
             slot = self._slot(agent_id.as_str())
             old = _STATUSES[self._status[slot]]
             implied = [] if old is status else [events.status_changed(agent_id, old, status, now)]
-            sealed = self._seal(implied, chain, now)
+            sealed = self._trail.seal(implied, chain, now)
             self._write(slot, now, code=_STATUSES.index(status))
-            return Change(self._state(agent_id, slot), self._keep(sealed))
+            return Change(self._state(agent_id, slot), self._trail.keep(sealed))
 
     # -- reservations ----------------------------------------------------------------------
 
@@ -464,10 +388,10 @@ class MemoryBackend(Backend):
             state.budget_spent = spent  # the state this commit leaves
             exceeded = self._passes_limit(slot, spent)
             overspent = [events.overspent(state, reservation, actual, now)] if exceeded else []
-            sealed = self._seal(overspent, chain, now)
+            sealed = self._trail.seal(overspent, chain, now)
             self._drop_hold(key, reservation.reservation_id)
             self._write(slot, now, spent=spent)
-            return CommitResult(state, exceeded, self._keep(sealed))
+            return CommitResult(state, exceeded, self._trail.keep(sealed))
 
     def release(self, reservation: Reservation, now: float) -> None:
         with self._lock:
@@ -483,109 +407,21 @@ class MemoryBackend(Backend):
 
     def append_audit(self, events: Sequence[AuditEvent], chain: AuditChain) -> list[AuditRecord]:
         with self._lock:
-            return self._keep(self._seal(events, chain, time.time()))
-
-    def _seal(self, batch: Sequence[AuditEvent], chain: AuditChain, now: float) -> _Sealed:
-        """The records of ``batch`` sealed onto the head, not kept yet (the caller holds the lock).
-
-        Sealing is the part of an append that can fail, so an operation seals its events before
-        it changes anything, then changes its agent and keeps the records: both or neither. A
-        head behind the one this store last wrote gets an ``audit_rewound`` record first.
-        """
-        if not batch:
-            return _Sealed([], None, 0)
-        seq, prev = self._head
-        rewound = self._watch.check(self._head, now)
-        records: list[AuditRecord] = []
-        for event in (*rewound, *batch):
-            seq += 1
-            agent = event.agent_id.as_str()
-            digest = chain.seal(prev, seq, agent, event.event_type, event.timestamp, event.details)
-            records.append(AuditRecord(seq, event, digest, prev))
-            prev = digest
-        return _Sealed(records, chain.seal_mark("head", seq, prev), len(rewound))
-
-    def _keep(self, sealed: _Sealed) -> list[AuditRecord]:
-        """Store sealed records (nothing here can fail); the records the caller asked for."""
-        records = sealed.records
-        if not records:
-            return records
-        for record in records:
-            self._records.append(record)
-            self._timeline.add(record.event.timestamp)
-            self._by_agent.setdefault(record.event.agent_id.as_str(), []).append(record.seq)
-            self._by_type.setdefault(record.event.event_type, []).append(record.seq)
-        last = records[-1]
-        self._head = (last.seq, last.hash)
-        self._head_seal = sealed.head_seal
-        self._watch.wrote(self._head)
-        return records[sealed.rewound :]
-
-    def _record(self, seq: int) -> AuditRecord | None:
-        """The stored record numbered ``seq`` (the caller holds the lock).
-
-        Records are kept in ``seq`` order without gaps, so its place is its distance from the
-        first; the record found there is checked, and a list edited by hand is searched instead.
-        """
-        records = self._records
-        i = seq - records[0].seq if records else -1
-        if not (0 <= i < len(records) and records[i].seq == seq):
-            i = bisect.bisect_left(records, seq, key=_seq_of)
-            if i == len(records) or records[i].seq != seq:
-                return None
-        return records[i]
-
-    def _time_span(self, query: AuditQuery) -> range:
-        """The positions in the trail of the records that can be in the query's time window."""
-        records = self._records
-        if query.since is None and query.until is None:
-            return range(len(records))
-        if len(self._timeline.newest) != len(records):  # the list was edited by hand
-            self._timeline = _Timeline(record.event.timestamp for record in records)
-        return self._timeline.span(query.since, query.until)
+            return self._trail.keep(self._trail.seal(events, chain, time.time()))
 
     def query_audit(self, query: AuditQuery) -> list[AuditRecord]:
-        out: list[AuditRecord] = []
         if query.limit == 0:
-            return out
+            return []
         with self._lock:
-            records = self._records
-            span = self._time_span(query)
-            if not span:
-                return out
-            # Seqs after ``after`` up to ``last`` can match: the time window's, the page's.
-            after = max(query.after_seq or 0, records[span.start - 1].seq if span.start else 0)
-            last = records[span.stop - 1].seq
-            candidates: Iterator[AuditRecord | None]
-            indexed: list[list[int]] = []
-            if query.agent_id is not None:
-                indexed.append(self._by_agent.get(query.agent_id.as_str(), []))
-            if query.event_type is not None:
-                indexed.append(self._by_type.get(query.event_type, []))
-            if indexed:
-                seqs = min(indexed, key=len)  # with both filters, walk the shorter list
-                found = range(bisect.bisect_right(seqs, after), bisect.bisect_right(seqs, last))
-                candidates = (self._record(seqs[i]) for i in found)
-            else:
-                start = bisect.bisect_right(records, after, key=_seq_of)
-                candidates = (records[i] for i in range(start, span.stop))  # no copy of the tail
-            for record in candidates:
-                if record is None:
-                    continue
-                event = record.event
-                if query.matches(record.seq, event.agent_id.as_str(), event.event_type, event.timestamp):
-                    out.append(record)
-                    if query.limit is not None and len(out) >= query.limit:
-                        break
-        return out
+            return self._trail.query(query)
 
     def iter_audit_rows(self, after_seq: int, batch_size: int) -> Iterator[AuditRow]:
         position = -1
         while True:
             with self._lock:
                 if position < 0:
-                    position = bisect.bisect_right(self._records, after_seq, key=_seq_of)
-                batch = self._records[position : position + batch_size]
+                    position = self._trail.position_after(after_seq)
+                batch = self._trail.records[position : position + batch_size]
             if not batch:
                 return
             position += len(batch)
@@ -595,49 +431,18 @@ class MemoryBackend(Backend):
 
     def audit_marks(self) -> AuditMarks:
         with self._lock:
-            self._watch.saw(self._head)
-            return AuditMarks(
-                self._head, self._anchor, len(self._records), self._head_seal, self._anchor_seal
-            )
+            return self._trail.marks()
 
     def audit_count(self) -> int:
         with self._lock:
-            return len(self._records)
+            return len(self._trail.records)
 
     def prune_audit(self, before: int, chain: AuditChain) -> int:
         with self._lock:
-            records = self._records
-            n = 0
-            while n < len(records) and records[n].event.timestamp < before:
-                n += 1
-            if n == 0:
-                return 0
-            last = records[n - 1]
-            self._anchor_seal = chain.seal_mark("anchor", last.seq, last.hash)
-            self._anchor = (last.seq, last.hash)
-            pruned = records[:n]
-            del records[:n]
-            self._timeline.drop(n)
-            # Only the agents and event types of the pruned records lose seqs.
-            for index, names in (
-                (self._by_agent, {record.event.agent_id.as_str() for record in pruned}),
-                (self._by_type, {record.event.event_type for record in pruned}),
-            ):
-                for name in names:
-                    seqs = index.get(name, [])
-                    cut = bisect.bisect_right(seqs, last.seq)
-                    if cut == len(seqs):
-                        index.pop(name, None)
-                    elif cut:
-                        del seqs[:cut]
-            return n
+            return self._trail.prune(before, chain)
 
     def close(self) -> None:
         """Nothing to release: the data lives as long as this object."""
-
-
-def _seq_of(record: AuditRecord) -> int:
-    return record.seq
 
 
 def open_memory(url: str, **options: object) -> MemoryBackend:
