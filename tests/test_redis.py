@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 import redis
@@ -992,3 +993,175 @@ def test_a_master_that_is_down_does_not_stop_the_others(own_cluster: RedisCluste
         victim.start()
         own_cluster.wait_ok()
     seed.close()
+
+
+# -- indexes: status sets and the audit trail's time index -------------------------------------------
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def any_url(request: pytest.FixtureRequest) -> str:
+    """A fresh namespace on a standalone server, then on a cluster."""
+    if request.param == "standalone":
+        base = request.getfixturevalue("redis_server").url
+    else:
+        base = request.getfixturevalue("redis_cluster").url
+    return f"{base}?namespace={namespace()}"
+
+
+def _expected(events: list[AuditEvent], seqs: list[int], **query: object) -> list[int]:
+    """The seqs a query must return, by reading every record."""
+    since, until, limit = query.get("since"), query.get("until"), query.get("limit")
+    agent, kind = query.get("agent_id"), query.get("event_type")
+    found = [
+        seq
+        for seq, e in zip(seqs, events, strict=True)
+        if (since is None or e.timestamp >= since)  # type: ignore[operator]
+        and (until is None or e.timestamp <= until)  # type: ignore[operator]
+        and (agent is None or e.agent_id == agent)
+        and (kind is None or e.event_type == kind)
+    ]
+    return found if limit is None else found[: int(limit)]  # type: ignore[call-overload]
+
+
+def test_queries_by_time_match_a_full_read(any_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timestamps that go back and forth (the events' own): every since/until/limit query, alone or
+    with an agent or a type, returns what reading every record would, before and after prunes."""
+    monkeypatch.setattr(RedisLayout, "query_budget", 37)  # many pages per query
+    monkeypatch.setattr(RedisLayout, "prune_chunk", 150)
+    rng = random.Random(15)
+    manager = StateManager.from_url(any_url)
+    agents = [AgentId.generate() for _ in range(3)]
+    events = []
+    for i in range(1_200):
+        # Mostly rising with jitter, a stretch going back, and a few far in the past or future.
+        ts = 10_000 + i * 10 + rng.randint(-300, 300)
+        if 500 <= i < 600:
+            ts = 20_000 - i * 5
+        if rng.random() < 0.01:
+            ts = rng.choice([1, 10**9])
+        events.append(AuditEvent(agents[i % 3], ("a", "b")[i % 2], ts, str(i)))
+    records = manager.save_audit_logs(events)
+    seqs = [r.seq for r in records]
+
+    def check(count: int) -> None:
+        stamps = sorted({e.timestamp for e in events})
+        for _ in range(count):
+            since, until = sorted(
+                rng.sample([None, *stamps, rng.randint(0, 30_000)], 2), key=lambda t: t or 0
+            )
+            query = {
+                "since": since if rng.random() < 0.8 else None,
+                "until": until if rng.random() < 0.5 else None,
+                "limit": rng.choice([None, 1, 5, 100]),
+                "agent_id": rng.choice([None, None, agents[1]]),
+                "event_type": rng.choice([None, None, "b"]),
+            }
+            got = [r.seq for r in manager.audit_log(**query)]  # type: ignore[arg-type]
+            assert got == _expected(events, seqs, **query), query
+
+    check(150)
+    assert manager.prune_audit_log(before=10_000 + 450 * 10) > 0  # a part of the trail
+    kept = {r.seq for r in manager.audit_log()}
+    events = [e for e, s in zip(events, seqs, strict=True) if s in kept]
+    seqs = [s for s in seqs if s in kept]
+    check(150)
+    more = [AuditEvent(agents[0], "a", 10_000 + rng.randint(-5_000, 30_000), "late") for _ in range(300)]
+    events += more
+    seqs += [r.seq for r in manager.save_audit_logs(more)]
+    check(100)
+    assert manager.verify_audit_log().ok
+    manager.close()
+
+
+def test_a_trail_without_time_index_gets_one_before_a_query_by_time(
+    redis_server: RedisServer, ns: str
+) -> None:
+    """Records appended by a version without the index (here: the index removed, as 0.4 left it)
+    are indexed before the first query by time; appends keep it from there."""
+    manager = StateManager.with_redis(redis_server.url, namespace=ns)
+    agent = AgentId.generate()
+    manager.save_audit_logs([AuditEvent(agent, "x", 5_000 - i, str(i)) for i in range(2_500)])
+    layout = RedisLayout(ns)
+    client = redis_server.client()
+    client.delete(*layout.audit_time)
+    client.hdel(layout.audit_head, "time_indexed")
+    assert [r.timestamp for r in manager.audit_log(since=4_990)] == list(range(5_000, 4_989, -1))
+    assert int(client.hget(layout.audit_head, "time_indexed") or 0) == 2_500
+    manager.save_audit_log(AuditEvent(agent, "x", 4_995, "new"))
+    assert int(client.hget(layout.audit_head, "time_indexed") or 0) == 2_501
+    assert [r.timestamp for r in manager.audit_log(since=4_995, until=4_996)] == [4_996, 4_995, 4_995]
+    assert [r.timestamp for r in manager.audit_log(until=2_501)] == [2_501]
+    manager.close()
+
+
+def _status_sets(client: redis.Redis | redis.RedisCluster, layout: RedisLayout) -> dict[str, set[str]]:
+    members: dict[str, set[str]] = {s.value: set() for s in AgentStatus}
+    for keys in layout.group_keys:
+        for status, key in zip(("running", "stopped", "failed"), keys.status_keys(), strict=True):
+            members[status] |= {m.decode() for m in cast(list[bytes], client.zrange(key, 0, -1))}
+    return members
+
+
+def test_status_filters_walk_the_status_sets(any_url: str, request: pytest.FixtureRequest) -> None:
+    """Every change of a status (save, update, set_status, remove, purge) keeps the groups' status
+    sets exact; a filtered walk returns the agents with that status and only them."""
+    manager = StateManager.from_url(any_url)
+    backend = manager.backend
+    assert isinstance(backend, RedisBackend)
+    client = (
+        request.getfixturevalue("redis_cluster").client()
+        if "cluster" in any_url
+        else request.getfixturevalue("redis_server").client()
+    )
+    rng = random.Random(7)
+    states = [AgentState(AgentId.generate(), rng.choice(list(AgentStatus))) for _ in range(600)]
+    manager.save_agent_states(states)
+    ids = [s.agent_id for s in states]
+    for agent in rng.sample(ids, 100):
+        manager.set_status(agent, rng.choice(list(AgentStatus)))
+    for agent in rng.sample(ids, 50):
+        manager.update_agent_state(
+            agent, lambda s: AgentState(s.agent_id, AgentStatus.FAILED, s.budget_spent, s.pii_detections)
+        )
+    for agent in rng.sample(ids, 50):
+        manager.save_agent_state(AgentState(agent, AgentStatus.STOPPED))
+    for agent in rng.sample(ids, 40):
+        manager.remove_agent_state(agent)
+    manager.purge_agents(status=AgentStatus.FAILED, older_than=0)
+
+    def check() -> None:
+        stored = [s for s in manager.get_agent_states(ids) if s is not None]
+        truth = {st.value: {s.agent_id.as_str() for s in stored if s.status is st} for st in AgentStatus}
+        assert _status_sets(client, backend.layout) == truth
+        for st in AgentStatus:
+            walked = [s.agent_id.as_str() for s in manager.iter_agent_states(status=st, batch_size=7)]
+            assert sorted(walked) == sorted(truth[st.value])
+
+    check()
+    manager.purge_agents(status=AgentStatus.STOPPED, older_than=0)
+    check()
+    manager.close()
+
+
+def test_a_namespace_without_status_sets_gets_them_on_first_use(redis_server: RedisServer, ns: str) -> None:
+    """A namespace written before the status sets (its ``meta`` unmarked, as 0.4 left it) gets them
+    built by the first store that opens it."""
+    url = f"{redis_server.url}?namespace={ns}"
+    manager = StateManager.from_url(url)
+    states = [
+        AgentState(AgentId.generate(), (AgentStatus.RUNNING, AgentStatus.STOPPED)[i % 2])
+        for i in range(3_000)
+    ]
+    manager.save_agent_states(states)
+    manager.close()
+    layout = RedisLayout(ns)
+    client = redis_server.client()
+    for keys in layout.group_keys:
+        client.delete(*keys.status_keys())
+    client.hdel(layout.meta, "status_sets")
+    reopened = StateManager.from_url(url)
+    stopped = {s.agent_id.as_str() for s in reopened.iter_agent_states(status=AgentStatus.STOPPED)}
+    assert stopped == {s.agent_id.as_str() for s in states[1::2]}
+    assert client.hget(layout.meta, "status_sets") == b"1"
+    assert len(_status_sets(client, layout)["running"]) == 1_500
+    reopened.close()

@@ -8,6 +8,8 @@ registry's factories for these schemes). Both share every decision; the modules,
 - :mod:`.scripts`: the Lua scripts of ``lua/``, loaded and assembled once;
 - :mod:`.decode`: what each reply means;
 - :mod:`.ops`: every store operation, once, as an I/O-free generator;
+- :mod:`.requests`: what an operation yields to its driver;
+- :mod:`.index`: the status sets and the audit time index, and how an older namespace gets them;
 - :mod:`.policy`: which failures to retry, when and where to;
 - :mod:`.durability`: what a write waits for (``durability=``), and each master's checks on first use;
 - :mod:`.sync` and :mod:`.aio`: the two drivers, which only carry commands and replies.

@@ -12,6 +12,7 @@ Plain computation: a driver only sends what this module builds and hands the rep
                                                budget_spent and pii_detections totals
     ns:{ns:g<G>}:ids                   zset    the group's agent ids (score 0: walked by name)
     ns:{ns:g<G>}:finished              zset    stopped and failed agents, scored by last change
+    ns:{ns:g<G>}:status:<status>       zset    the group's agent ids with that status (score 0)
     ns:{ns:g<G>}:outbox                stream  audit events of the group's changes on their way
                                                to the trail (see ops.py)
     ns:{ns:g<G>}:op:<op id>            string  the reply of one change, for a resend of its call;
@@ -19,20 +20,27 @@ Plain computation: a driver only sends what this module builds and hands the rep
     ns:{ns:audit}:log                  stream  the audit trail; entry id "<seq>-0"
     ns:{ns:audit}:head                 hash    seq, hash and seal of the newest record ever
                                                appended; anchor_seq, anchor_hash and anchor_seal
-                                               after a prune (no seals: no audit key, or 0.4)
+                                               after a prune (no seals: no audit key, or 0.4);
+                                               time_indexed: the seq the time index reaches
     ns:{ns:audit}:drained              hash    per group: the id of its last outbox entry appended
     ns:{ns:audit}:landed               zset    "<group>/<outbox entry id>" of the newest records
                                                that came from outboxes, scored by their seq
     ns:{ns:audit}:by_agent:<agent_id>  zset    seqs of one agent's records
     ns:{ns:audit}:by_type:<event_type> zset    seqs of one event type's records
     ns:{ns:audit}:indexes              set     the index keys above, for cleanup after a prune
+    ns:{ns:audit}:time_highs           zset    blocks of seqs by the highest timestamp up to
+                                               them, where it rises (see lua/_prelude.lua)
+    ns:{ns:audit}:time_lows            zset    blocks of seqs by the lowest timestamp from them on
     ns:{ns:audit}:op:<op id>           string  the reply of one prune, as the groups' op keys
 
 An agent belongs to one of :data:`GROUPS` slot groups, fixed by its UUID. The part in braces is
 the Redis Cluster hash tag, so an agent's keys and its group's aggregates share one slot and one
 Lua script updates them together; groups spread over the masters of a cluster. ``stats()`` sums
-the groups' small ``stats`` hashes and never reads an agent. The audit trail and its indexes
-share a slot of their own; a change's audit event reaches it through the group's outbox.
+the groups' small ``stats`` hashes and never reads an agent; ``iter_agent_states(status=...)``
+walks the groups' status sets, and an audit query by time reads only the seqs the time index
+leaves (see :mod:`.index`). ``meta``'s ``status_sets`` marks a namespace whose status sets are
+complete. The audit trail and its indexes share a slot of their own; a change's audit event
+reaches it through the group's outbox.
 """
 
 from __future__ import annotations
@@ -105,6 +113,11 @@ class GroupKeys(NamedTuple):
     finished: str
     outbox: str
     op: str  # + op id: the reply of one change, for a resend of its call
+    status: str  # + status value: the group's agent ids with that status
+
+    def status_keys(self) -> tuple[str, str, str]:
+        """The group's running, stopped and failed sets (the scripts' ``status_sets``)."""
+        return (self.status + "running", self.status + "stopped", self.status + "failed")
 
     @classmethod
     def of(cls, namespace: str, group: int) -> GroupKeys:
@@ -119,6 +132,7 @@ class GroupKeys(NamedTuple):
             f"{prefix}finished",
             f"{prefix}outbox",
             f"{prefix}op:",
+            f"{prefix}status:",
         )
 
 
@@ -173,6 +187,7 @@ class RedisLayout:
         self.audit_indexes = audit + "indexes"
         self.audit_drained = audit + "drained"
         self.audit_landed = audit + "landed"
+        self.audit_time = (audit + "time_highs", audit + "time_lows")
         self.audit_slot = key_slot(self.audit_log)
         #: Milliseconds a change's reply is kept under its op key.
         self.op_ttl = math.ceil((timeout + OP_TTL_MARGIN) * 1000)
@@ -285,7 +300,7 @@ class RedisLayout:
         return ScriptCall(
             self._scripts["save"],
             g.slot,
-            (g.agent + a, g.stats, g.ids, g.finished),
+            (g.agent + a, g.stats, g.ids, g.finished, *g.status_keys()),
             (
                 a,
                 state.status.value,
@@ -308,7 +323,10 @@ class RedisLayout:
         """Remove an agent and its holds."""
         a, g = agent_id.as_str(), self.keys_of(agent_id)
         return ScriptCall(
-            self._scripts["remove"], g.slot, (g.agent + a, g.stats, g.ids, g.finished, g.holds + a), (a,)
+            self._scripts["remove"],
+            g.slot,
+            (g.agent + a, g.stats, g.ids, g.finished, g.holds + a, *g.status_keys()),
+            (a,),
         )
 
     def _change(
@@ -335,9 +353,8 @@ class RedisLayout:
     def set_status(self, agent_id: AgentId, status: AgentStatus, now: float, op: str) -> ScriptCall:
         """Change the status (decode with ``decode_status``)."""
         a, g = agent_id.as_str(), self.keys_of(agent_id)
-        return self._change(
-            "set_status", g, (g.agent + a, g.stats, g.finished), (status.value, repr(now), a), op
-        )
+        keys = (g.agent + a, g.stats, g.finished, *g.status_keys())
+        return self._change("set_status", g, keys, (status.value, repr(now), a), op)
 
     # -- reservations --
 
@@ -371,7 +388,7 @@ class RedisLayout:
     ) -> ScriptCall:
         """Remove those candidates of one group that still qualify (the reply lists them)."""
         g = self.group_keys[group]
-        keys = [g.stats, g.ids, g.finished]
+        keys = [g.stats, g.ids, g.finished, *g.status_keys()]
         for a in candidates:
             keys += (g.agent + a, g.holds + a)
         return ScriptCall(
@@ -385,15 +402,27 @@ class RedisLayout:
         """Mark the namespace with this layout, reading back what it holds (see :meth:`check_meta`)."""
         return ScriptCall(self._scripts["meta"], self.meta_slot, (self.meta,), (LAYOUT_VERSION, self.groups))
 
-    def check_meta(self, reply: Sequence[Any]) -> None:
-        """Raise ``SchemaError`` when the namespace was written with another layout."""
-        layout, groups = reply
+    def check_meta(self, reply: Sequence[Any]) -> bool:
+        """Whether the namespace keeps its status sets (else they are built: :meth:`index_status`);
+        ``SchemaError`` when it was written with another layout."""
+        layout, groups, status_sets = reply
         if layout != str(LAYOUT_VERSION).encode() or groups != str(self.groups).encode():
             raise SchemaError(
                 f"namespace {self.namespace!r} holds data in Redis layout {layout!r} with {groups!r} "
                 f"slot groups, but this version of iron-runtime-state uses layout {LAYOUT_VERSION} "
                 f"with {self.groups}; use a matching version or another namespace"
             )
+        return status_sets is not None
+
+    def index_status(self, group: int, ids: Sequence[str]) -> ScriptCall:
+        """Put agents of one group in their status's set (building the sets of an older namespace)."""
+        g = self.group_keys[group]
+        keys = [*g.status_keys(), *(g.agent + a for a in ids)]
+        return ScriptCall(self._scripts["index_status"], g.slot, keys, ids)
+
+    def status_indexed(self) -> Routed:
+        """Mark the namespace's status sets as built."""
+        return self.meta_slot, ("HSET", self.meta, "status_sets", "1")
 
     # -- audit trail --
 
@@ -413,7 +442,14 @@ class RedisLayout:
         server can run (on a cluster the outbox lives in another slot). The reply is ``[1]``
         when appended, or ``[0, seq, hash, mark, ...]`` (see ``lua/append_audit.lua``).
         """
-        keys = [self.audit_log, self.audit_head, self.audit_indexes, self.audit_drained, self.audit_landed]
+        keys = [
+            self.audit_log,
+            self.audit_head,
+            self.audit_indexes,
+            self.audit_drained,
+            self.audit_landed,
+            *self.audit_time,
+        ]
         position: dict[str, int] = {}
         args: list[str | int | bytes] = [head[0], head[1], seal or "", "", b"", 0]
         entry_ids: Sequence[bytes] = (b"",) * len(events)
@@ -451,18 +487,19 @@ class RedisLayout:
     ) -> ScriptCall:
         """One page of a query: at most ``want`` records, :attr:`query_budget` candidates examined.
 
-        An agent's or a type's index is used when the query names one.
+        An agent's or a type's index is used when the query names one, and the time index when it
+        gives ``since`` or ``until``.
         """
         if agent_id is not None:
             index, mode = self.audit_by_agent(agent_id.as_str()), "index"
         elif event_type is not None:
-            index, mode = self.audit_by_type(event_type), "index"
+            index, mode, event_type = self.audit_by_type(event_type), "index", None  # all match
         else:
             index, mode = self.audit_log, "all"
         return ScriptCall(
             self._scripts["query_audit"],
             self.audit_slot,
-            (self.audit_log, index),
+            (self.audit_log, index, self.audit_head, *self.audit_time),
             (
                 after,
                 min(want, self.query_budget),
@@ -481,8 +518,17 @@ class RedisLayout:
         return ScriptCall(
             self._scripts["prune_audit"],
             self.audit_slot,
-            (self.audit_log, self.audit_head, f"{self.audit_prefix}op:{op}"),
+            (self.audit_log, self.audit_head, f"{self.audit_prefix}op:{op}", *self.audit_time),
             (before, last, last_hash, seal or "", self.prune_chunk, self.op_ttl),
+        )
+
+    def index_time(self) -> ScriptCall:
+        """Index by time the next :attr:`prune_chunk` records not indexed yet (reply: 1 when done)."""
+        return ScriptCall(
+            self._scripts["index_time"],
+            self.audit_slot,
+            (self.audit_log, self.audit_head, *self.audit_time),
+            (self.prune_chunk,),
         )
 
     def oldest_command(self) -> Routed:
@@ -503,9 +549,17 @@ class GroupWalk:
     replies, until :attr:`done`. Ids come in name order within a group, each exactly once.
     """
 
-    def __init__(self, layout: RedisLayout, count: int, groups: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        layout: RedisLayout,
+        count: int,
+        groups: Sequence[int] | None = None,
+        status: AgentStatus | None = None,
+    ) -> None:
+        """Walk the ``groups`` (all by default): their agents, or those with ``status``."""
         self._layout = layout
         self._count = count
+        self._status = status
         self._starts: dict[int, bytes] = dict.fromkeys(
             range(layout.groups) if groups is None else groups, b"-"
         )
@@ -523,7 +577,8 @@ class GroupWalk:
         commands: list[Routed] = []
         for g, start in self._order:
             keys = lay.group_keys[g]
-            commands.append((keys.slot, ("ZRANGEBYLEX", keys.ids, start, "+", "LIMIT", 0, self._count)))
+            key = keys.ids if self._status is None else keys.status + self._status.value
+            commands.append((keys.slot, ("ZRANGEBYLEX", key, start, "+", "LIMIT", 0, self._count)))
         return commands
 
     def advance(self, replies: Sequence[Sequence[bytes]]) -> list[tuple[int, bytes]]:

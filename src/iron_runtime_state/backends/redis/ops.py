@@ -68,8 +68,8 @@ import itertools
 import os
 import random
 import time
-from collections.abc import Generator, Sequence
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from collections.abc import Sequence
+from typing import Any, ClassVar, NamedTuple
 
 from ...audit_chain import AuditChain, AuditRow
 from ...errors import AgentNotFound, BackendError, StateError
@@ -96,46 +96,14 @@ from .decode import (
     reservation_error,
     row_to_record,
 )
-from .keys import GroupWalk, Origin, RedisLayout, Routed
-from .policy import Call, RetryPolicy, rexc
+from .index import build_status_sets, build_time_index
+from .keys import GroupWalk, Origin, RedisLayout
+from .policy import RetryPolicy, rexc
+from .requests import Batch, Call, Emit, Gather, Op, Pause, Request
 from .scripts import OUTBOX_BATCH, ScriptCall
 from .url import RedisConfig
 
 __all__ = ["Batch", "Call", "Emit", "Gather", "Op", "Pause", "RedisOps", "RedisStore", "Request"]
-
-_T = TypeVar("_T")
-
-
-class Batch(NamedTuple):
-    """Commands that are safe to repeat, pipelined per server; the reply is the list of replies."""
-
-    items: Sequence[Routed]
-    what: str
-
-
-class Gather(NamedTuple):
-    """Reads pipelined per server and sent once: a server that fails gives its error (a redis-py
-    exception) as its commands' replies. For best-effort reads that must not wait on a server
-    that is down (the outbox sweeps)."""
-
-    items: Sequence[Routed]
-
-
-class Pause(NamedTuple):
-    """Back off before trying again (another client won a compare-and-set)."""
-
-    seconds: float
-
-
-class Emit(NamedTuple):
-    """Items an iterator hands to its consumer (the reply is ``None``)."""
-
-    items: list[Any]
-
-
-Request = Call | Batch | Gather | Pause | Emit
-#: An operation: yields requests, receives their replies, returns its result.
-Op = Generator[Request, Any, _T]
 
 
 class _Appended(NamedTuple):
@@ -220,7 +188,8 @@ class RedisOps:
     def prepare(self) -> Op[None]:
         """Check that the namespace uses this version's key layout (once per store)."""
         call = self.layout.meta_check()
-        self.layout.check_meta((yield _script(call, True, "check the namespace")))
+        if not self.layout.check_meta((yield _script(call, True, "check the namespace"))):
+            yield from build_status_sets(self.layout)  # a namespace written before them
 
     # -- agent states --------------------------------------------------------------------------
 
@@ -268,13 +237,14 @@ class RedisOps:
 
     def iter_states(self, status: AgentStatus | None, batch_size: int) -> Op[None]:
         """See ``Backend.iter_states`` (an iterator: the states come as :class:`Emit`)."""
-        walk = GroupWalk(self.layout, max(batch_size, 100))
+        walk = GroupWalk(self.layout, max(batch_size, 100), status=status)
         while not walk.done:
             batch = yield from self._walk_round(walk)
             for start in range(0, len(batch), batch_size):
                 # Ids read back are checked: garbage in the id set is a SchemaError, not a miss.
                 keys = [decode_agent_id(agent).as_str() for _, agent in batch[start : start + batch_size]]
                 states = yield from self.get_many(keys)
+                # Checked again: an agent whose status changed since the walk read the set.
                 yield Emit([s for s in states if s is not None and (status is None or s.status is status)])
 
     def stats(self) -> Op[FleetStats]:
@@ -554,7 +524,8 @@ class RedisOps:
         return marks
 
     def query_audit(self, query: AuditQuery) -> Op[list[AuditRecord]]:
-        """See ``Backend.query_audit``: pages of at most ``query_budget`` candidates per script call."""
+        """See ``Backend.query_audit``: pages of at most ``query_budget`` candidates per script call
+        (see :mod:`.index` for the indexes that pick them)."""
         limit = query.limit
         if limit == 0:
             return []
@@ -566,6 +537,9 @@ class RedisOps:
             want = lay.query_budget if limit is None else limit - len(rows)
             call = lay.query_audit(query.agent_id, query.event_type, query.since, query.until, after, want)
             reply = yield _script(call, True, "query the audit trail")
+            if reply[1] == -1:  # by time, and records were appended without the time index
+                yield from build_time_index(lay)
+                continue
             rows += decode_query_rows(reply)
             if reply[1] == 1 or (limit is not None and len(rows) >= limit):
                 break

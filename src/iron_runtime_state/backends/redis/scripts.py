@@ -3,7 +3,7 @@
 Redis scripts cannot import one another, so each script is sent as the definitions of
 ``lua/_prelude.lua`` that it uses (directly or through each other) followed by its own file;
 the prelude's placeholders take the Python constants they stand for (:data:`LIMIT_TOLERANCE`,
-:data:`GENESIS_HASH`, :data:`LANDED_KEEP`), so the two languages agree by construction.
+:data:`GENESIS_HASH`, :data:`LANDED_KEEP`, :data:`TIME_BLOCK`), so the two languages agree by construction.
 """
 
 from __future__ import annotations
@@ -20,13 +20,24 @@ from ...audit_chain import GENESIS_HASH
 from ...errors import SchemaError
 from ...models import LIMIT_TOLERANCE
 
-__all__ = ["LANDED_KEEP", "OUTBOX_BATCH", "SCRIPT_NAMES", "Script", "ScriptCall", "load_scripts"]
+__all__ = [
+    "LANDED_KEEP",
+    "OUTBOX_BATCH",
+    "SCRIPT_NAMES",
+    "TIME_BLOCK",
+    "Script",
+    "ScriptCall",
+    "load_scripts",
+]
 
 #: Outbox entries a client reads, and appends, at a time (see :mod:`.ops`).
 OUTBOX_BATCH: Final = 100
 #: How many of the newest records that came from outboxes the trail remembers the origin of, so
 #: that a caller whose event another process appended finds its record (see :mod:`.ops`).
 LANDED_KEEP: Final = 10_000
+#: Seqs per block of the audit trail's time index: a query by time examines at most about this
+#: many records outside its time range at each end (see ``index_time`` in ``lua/_prelude.lua``).
+TIME_BLOCK: Final = 100
 
 SCRIPT_NAMES: Final = (
     "save",
@@ -40,11 +51,13 @@ SCRIPT_NAMES: Final = (
     "reserved",
     "purge",
     "meta",
+    "index_status",
     "append_audit",
     "audit_marks",
     "query_audit",
     "prune_audit",
     "prune_indexes",
+    "index_time",
 )
 
 
@@ -98,6 +111,7 @@ def load_scripts() -> dict[str, Script]:
         ("__LIMIT_TOLERANCE__", repr(LIMIT_TOLERANCE)),
         ("__GENESIS_HASH__", GENESIS_HASH),
         ("__LANDED_KEEP__", str(LANDED_KEEP)),
+        ("__TIME_BLOCK__", str(TIME_BLOCK)),
     ):
         if placeholder not in prelude:  # pragma: no cover - a broken package
             raise SchemaError(f"backends/redis/lua/_prelude.lua lacks {placeholder}")

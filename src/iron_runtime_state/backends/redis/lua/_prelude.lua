@@ -12,6 +12,8 @@ local GENESIS_HASH = '__GENESIS_HASH__' -- iron_runtime_state.audit_chain.GENESI
 
 local LANDED_KEEP = __LANDED_KEEP__ -- iron_runtime_state.backends.redis.scripts.LANDED_KEEP
 
+local TIME_BLOCK = __TIME_BLOCK__ -- iron_runtime_state.backends.redis.scripts.TIME_BLOCK
+
 -- The shortest text that reads back as exactly x.
 local function num(x)
   if x == 0 then return '0' end
@@ -110,18 +112,33 @@ local function index_finished(finished, agent_id, old_status, new_status, now)
   end
 end
 
+-- Each group keeps its agents' ids per status (a sorted set, score 0, walked by name), so that
+-- iter_agent_states(status=...) walks only the matches. sets maps a status to its set's key.
+local function index_status(sets, agent_id, old_status, new_status)
+  if old_status == new_status then return end
+  if old_status then redis.call('ZREM', sets[old_status], agent_id) end
+  if new_status then redis.call('ZADD', sets[new_status], 0, agent_id) end
+end
+
+-- The status sets of a group, from three consecutive KEYS starting at i.
+local function status_sets(i)
+  return {running = KEYS[i], stopped = KEYS[i + 1], failed = KEYS[i + 2]}
+end
+
 -- The four stored fields of an agent, read after a change, as scripts reply them.
 local function stored_fields(agent)
   local f = redis.call('HMGET', agent, 'status', 'budget_spent', 'pii_detections', 'budget_limit')
   return f[1], f[2], f[3], f[4] or ''
 end
 
--- Remove an agent whose stored {status, budget_spent, pii_detections} are f, with its holds.
+-- Remove an agent whose stored {status, budget_spent, pii_detections} are f, with its holds
+-- (k: its keys, k.status its group's status sets).
 -- A group left empty drops its statistics hash, so no rounding residue outlives its agents.
 local function drop_agent(k, agent_id, f)
   redis.call('DEL', k.agent, k.holds)
   redis.call('ZREM', k.ids, agent_id)
   redis.call('ZREM', k.finished, agent_id)
+  index_status(k.status, agent_id, f[1], nil)
   redis.call('HINCRBY', k.stats, f[1], -1)
   if f[3] ~= '0' then redis.call('HINCRBY', k.stats, 'pii_detections', '-' .. f[3]) end
   local counts = redis.call('HMGET', k.stats, 'running', 'stopped', 'failed')
@@ -179,4 +196,34 @@ end
 local function next_id(id)
   local ms, n = string.match(id, '^(%d+)-(%d+)$')
   return ms .. '-' .. int(tonumber(n) + 1)
+end
+
+-- Audit records are indexed by time per block of TIME_BLOCK seqs, so that a query by time skips
+-- the seqs where nothing can match (timestamps are the events' own and need not rise with seq).
+-- Both sorted sets are keyed by a block's first seq and scored by a timestamp; scores and blocks
+-- rise together. highs: for each block where it rises, the highest timestamp of the records up to
+-- that block's end (no record before the first block scored >= since has a timestamp >= since).
+-- lows: per block, the lowest timestamp of the records from that block on (no record from the
+-- first block scored > until on has a timestamp <= until). A pruned or deleted record can only
+-- make them looser, never wrong.
+local function index_time(highs, lows, seq, timestamp)
+  local block = int(math.floor((seq - 1) / TIME_BLOCK) * TIME_BLOCK + 1)
+  local ts = int(timestamp)
+  local top = redis.call('ZRANGE', highs, -1, -1, 'WITHSCORES')
+  if not top[2] or timestamp > tonumber(top[2]) then redis.call('ZADD', highs, ts, block) end
+  redis.call('ZREMRANGEBYSCORE', lows, ts, '+inf')
+  if redis.call('ZRANGE', lows, -1, -1)[1] ~= block then redis.call('ZADD', lows, ts, block) end
+end
+
+-- After a prune up to seq last: drop the time index's blocks before it, but the last of them
+-- (its score still bounds the records that follow). At most limit + 1 blocks are looked at.
+local function prune_time(highs, lows, last, limit)
+  for _, key in ipairs({highs, lows}) do
+    local n = 0
+    for _, block in ipairs(redis.call('ZRANGE', key, 0, limit)) do
+      if tonumber(block) > last then break end
+      n = n + 1
+    end
+    if n > 1 then redis.call('ZREMRANGEBYRANK', key, 0, n - 2) end
+  end
 end

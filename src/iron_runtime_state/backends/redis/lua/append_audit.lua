@@ -8,8 +8,10 @@
 -- entry is not after the mark is refused like a moved head, and the reply says where the mark
 -- is, so a repeated drain appends nothing twice. `landed` keeps the seq of the newest entries'
 -- records, so a client whose own entry another process appended finds its record.
--- Each record's entry id is "<seq>-0"; per-agent and per-type sorted sets index its seq.
--- KEYS: log, head, index registry, drained, landed, then every index key the batch touches (and,
+-- Each record's entry id is "<seq>-0"; per-agent and per-type sorted sets index its seq, and the
+-- time index (see `index_time`) its timestamp, while that index is complete (time_indexed = seq).
+-- KEYS: log, head, index registry, drained, landed, time highs, time lows, then every index key
+--       the batch touches (and,
 --       on a standalone server, the group's outbox, trimmed of the entries appended)
 -- ARGV: expected seq, expected hash, head seal, group ('' for events given directly), the
 --       caller's own outbox entry id (''), KEYS position of the outbox to trim (0: none), then for
@@ -18,7 +20,7 @@
 -- Returns {1} when appended; otherwise {0, head seq, head hash, the group's mark ('' for none)},
 -- followed, when the caller's own entry was appended already, by its record (entry id, fields).
 local log, head, group, own = KEYS[1], KEYS[2], ARGV[4], ARGV[5]
-local h = redis.call('HMGET', head, 'seq', 'hash')
+local h = redis.call('HMGET', head, 'seq', 'hash', 'time_indexed')
 local seq = tonumber(h[1] or '0')
 local prev = h[2] or GENESIS_HASH
 local mark = false
@@ -37,6 +39,7 @@ if int(seq) ~= ARGV[1] or prev ~= ARGV[2] or (first ~= '' and not id_after(first
   return reply
 end
 local last = false
+local timed = tonumber(h[3] or '0') == seq
 for i = 7, #ARGV, 8 do
   seq = seq + 1
   local s = int(seq)
@@ -53,6 +56,7 @@ for i = 7, #ARGV, 8 do
   end
   redis.call('ZADD', KEYS[tonumber(ARGV[i + 5])], s, s)
   redis.call('ZADD', KEYS[tonumber(ARGV[i + 6])], s, s)
+  if timed then index_time(KEYS[6], KEYS[7], seq, tonumber(ARGV[i + 2])) end
   if ARGV[i + 7] ~= '' then
     last = ARGV[i + 7]
     redis.call('ZADD', KEYS[5], s, group .. '/' .. last)
@@ -60,6 +64,7 @@ for i = 7, #ARGV, 8 do
   prev = ARGV[i + 4]
 end
 redis.call('HSET', head, 'seq', int(seq), 'hash', prev)
+if timed then redis.call('HSET', head, 'time_indexed', int(seq)) end
 if ARGV[3] == '' then
   redis.call('HDEL', head, 'seal')
 else
@@ -74,5 +79,5 @@ if last then
   if trim > 0 then redis.call('XTRIM', KEYS[trim], 'MINID', next_id(last)) end
 end
 if trim == 0 then trim = #KEYS + 1 end
-redis.call('SADD', KEYS[3], unpack(KEYS, 6, trim - 1))
+redis.call('SADD', KEYS[3], unpack(KEYS, 8, trim - 1))
 return {1}

@@ -3,7 +3,7 @@
 -- The client read the run and sealed its last record; the records are removed only if they are
 -- still the oldest ones and every one of them is older than the cut-off.
 -- Run once per op key (see `once`): a resend after a lost reply gets the first answer.
--- KEYS: log, head, op
+-- KEYS: log, head, op, time highs, time lows
 -- ARGV: before, the last removed record's entry id, its hash, the anchor's seal, chunk, op ttl
 -- Returns how many were removed, or -1 when the oldest records are no longer those the client
 -- read (another prune ran meanwhile): the client reads again.
@@ -19,6 +19,8 @@ return once(KEYS[3], ARGV[6], function()
   end
   if entry_fields(entries[n][2]).hash ~= ARGV[3] then return -1 end
   redis.call('XTRIM', log, 'MINID', next_id(last))
+  local limit = math.ceil(chunk / TIME_BLOCK) + 2
+  prune_time(KEYS[4], KEYS[5], tonumber(string.match(last, '^%d+')), limit)
   redis.call('HSET', head, 'anchor_seq', string.match(last, '^%d+'), 'anchor_hash', ARGV[3])
   if ARGV[4] == '' then
     redis.call('HDEL', head, 'anchor_seal')

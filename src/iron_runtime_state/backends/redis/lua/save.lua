@@ -1,7 +1,7 @@
 -- save: insert or replace one agent's state, keeping its group's statistics in step.
 -- update_agent_state also sends the values it read: then the state is stored only if the agent
 -- still holds them (compare-and-set), and otherwise the client reads again and retries.
--- KEYS: agent, stats, ids, finished
+-- KEYS: agent, stats, ids, finished, then the group's running, stopped and failed sets
 -- ARGV: agent_id, status, budget_spent, pii_detections, budget_limit ('' for none), now,
 --       then for a compare-and-set the status, budget_spent, pii_detections, budget_limit read
 -- Returns 1 when stored; for a compare-and-set, 0 when the agent changed meanwhile and -1 when
@@ -41,4 +41,5 @@ else
   if tonumber(spent) ~= 0 then add_float(stats, 'budget_spent', tonumber(spent)) end
 end
 index_finished(KEYS[4], id, old[1], status, now)
+index_status(status_sets(5), id, old[1], status)
 return 1
