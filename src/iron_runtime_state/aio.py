@@ -383,7 +383,7 @@ class AsyncStateManager(ManagerCore):
         """
         request = self._spend_request(agent_id, amount)
         result = await self._backend.call("record_spend", *request, self._chain)
-        return self._settle(self._spent(request, result))
+        return self._spent(request, result)
 
     @_completes
     async def record_pii_detection(
@@ -391,15 +391,13 @@ class AsyncStateManager(ManagerCore):
     ) -> AgentState:
         """Atomically add ``count`` (>= 1) PII detections and write a ``pii_detected`` event."""
         aid, n, now, event = self._pii_request(agent_id, count, details)
-        return self._settle(
-            self._changed(await self._backend.call("record_pii", aid, n, now, event, self._chain))
-        )
+        return self._changed(await self._backend.call("record_pii", aid, n, now, event, self._chain))
 
     @_completes
     async def set_status(self, agent_id: str | AgentId, status: AgentStatus | str) -> AgentState:
         """Atomically change the status; a real change writes a ``status_changed`` event."""
         request = self._status_request(agent_id, status)
-        return self._settle(self._changed(await self._backend.call("set_status", *request, self._chain)))
+        return self._changed(await self._backend.call("set_status", *request, self._chain))
 
     # -- reservations ----------------------------------------------------------------------------
 
@@ -416,7 +414,7 @@ class AsyncStateManager(ManagerCore):
         result = await self._backend.call(
             "reserve", aid, value, self._ttl(ttl), now, new_reservation_id(), self._chain
         )
-        return self._settle(self._reserved(request, result))
+        return self._reserved(request, result)
 
     @_completes
     async def commit_reservation(self, reservation: Reservation, actual: float) -> AgentState:
@@ -425,7 +423,7 @@ class AsyncStateManager(ManagerCore):
         See :meth:`iron_runtime_state.StateManager.commit_reservation`.
         """
         request = self._commit_request(reservation, actual)
-        return self._settle(self._changed(await self._backend.call("commit", *request, self._chain)))
+        return self._changed(await self._backend.call("commit", *request, self._chain))
 
     async def release_reservation(self, reservation: Reservation) -> None:
         """Free the hold without spending; ``ReservationError`` if it is not open."""

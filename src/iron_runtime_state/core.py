@@ -5,12 +5,13 @@
 of theirs reads the same way::
 
     request = self._spend_request(agent_id, amount)        # check the arguments (here)
-    result = <the store's record_spend(*request)>          # one store call (the manager)
-    return <settle>(self._spent(request, result))          # the outcome (here)
+    result = <the store's record_spend(*request, chain)>   # one store call (the manager)
+    return self._spent(request, result)                    # the outcome (here)
 
-Checking arguments, the audit events an operation writes, the limit refusals, and what the
-caller gets back are decided here; the managers only call the store between those steps, and
-``settle`` an :class:`Outcome`: append its events, then raise its error or return its value.
+Checking arguments, the audit events an operation writes (built in :mod:`.events`, appended by
+the store in the same atomic step as the change), the limit refusals, and what the caller gets
+back are decided here; the managers only call the store between those steps. An outcome method
+logs the records the store call appended, then raises the refusal or returns the result.
 Operations of several store calls that a caller waits for as one (``verify_audit_log``) are
 generators of :class:`StoreCall` steps (:meth:`ManagerCore._verify_steps`), run by each
 manager's own driver.
@@ -25,12 +26,12 @@ import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from random import getrandbits
-from typing import Any, Final, Generic, NamedTuple, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 from . import events
 from .audit_chain import GENESIS_HASH, AuditChain, ChainVerifier
 from .backends.base import AuditMarks, AuditQuery, Change, CommitResult, SpendResult, UpdateFn
-from .errors import BudgetExceeded, ReservationError, StateError, StateTypeError, ValidationError
+from .errors import BudgetExceeded, ReservationError, StateTypeError, ValidationError
 from .ids import AgentId, coerce, try_parse
 from .models import (
     MAX_AMOUNT,
@@ -49,7 +50,7 @@ from .models import (
     check_state,
 )
 
-__all__ = ["BATCH_SIZE", "AuditPages", "ManagerCore", "Outcome", "StoreCall"]
+__all__ = ["BATCH_SIZE", "AuditPages", "ManagerCore", "StoreCall"]
 
 _T = TypeVar("_T")
 
@@ -71,16 +72,6 @@ CATCH_UP_READS: Final = 5
 _RESERVATION_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: Seconds a budget hold lasts unless told otherwise.
 DEFAULT_TTL: Final = 60.0
-
-
-@dataclass(slots=True)
-class Outcome(Generic[_T]):
-    """What an operation ends with: the records its store call appended (to log), then an
-    error to raise or a value to return."""
-
-    value: _T
-    records: Sequence[AuditRecord] = ()
-    error: StateError | None = None
 
 
 class StoreCall(NamedTuple):
@@ -250,8 +241,8 @@ class ManagerCore:
     """The rules of every manager operation, with no I/O; both managers derive from it.
 
     Methods named ``_<operation>_request`` check a call's arguments and return what the store
-    receives; methods named after an outcome (``_spent``, ``_reserved``, ...) turn the store's
-    answer into an :class:`Outcome`.
+    receives; methods named after an outcome (``_spent``, ``_reserved``, ``_changed``) turn the
+    store's answer into the caller's result or error.
     """
 
     _chain: AuditChain
@@ -336,30 +327,33 @@ class ManagerCore:
         return check_amount(ttl, "ttl (seconds)", allow_zero=False, maximum=MAX_TTL)
 
     @staticmethod
-    def _refused(request: SpendRequest, result: SpendResult) -> Outcome[Any]:
-        """A spend or hold past the limit: :class:`BudgetExceeded` (the store wrote the event)."""
+    def _refusal(request: SpendRequest, result: SpendResult) -> BudgetExceeded:
+        """The error for a spend or hold past the limit (the store wrote its event)."""
         aid, amount, _ = request
         state = result.state
-        error = BudgetExceeded(
+        return BudgetExceeded(
             aid.as_str(),
             limit=state.budget_limit if state.budget_limit is not None else math.inf,
             spent=state.budget_spent,
             requested=amount,
             reserved=result.reserved,
         )
-        return Outcome(None, result.records, error)
 
-    def _spent(self, request: SpendRequest, result: SpendResult) -> Outcome[AgentState]:
-        """The outcome of ``record_spend``."""
+    def _spent(self, request: SpendRequest, result: SpendResult) -> AgentState:
+        """The outcome of ``record_spend``: the new state, or :class:`BudgetExceeded`."""
+        if result.records:
+            log_events(result.records)
         if result.exceeded:
-            return self._refused(request, result)
-        return Outcome(result.state, result.records)
+            raise self._refusal(request, result)
+        return result.state
 
-    def _reserved(self, request: SpendRequest, result: Reservation | SpendResult) -> Outcome[Reservation]:
-        """The outcome of ``reserve_budget``."""
+    def _reserved(self, request: SpendRequest, result: Reservation | SpendResult) -> Reservation:
+        """The outcome of ``reserve_budget``: the hold, or :class:`BudgetExceeded`."""
         if isinstance(result, SpendResult):
-            return self._refused(request, result)
-        return Outcome(result)
+            if result.records:
+                log_events(result.records)
+            raise self._refusal(request, result)
+        return result
 
     @staticmethod
     def _commit_request(reservation: object, actual: object) -> tuple[Reservation, float, float]:
@@ -368,9 +362,11 @@ class ManagerCore:
         return held, check_amount(actual, "actual", maximum=MAX_AMOUNT), time.time()
 
     @staticmethod
-    def _changed(result: CommitResult | Change) -> Outcome[AgentState]:
-        """The outcome of a change whose events the store appended with it."""
-        return Outcome(result.state, result.records)
+    def _changed(result: CommitResult | Change) -> AgentState:
+        """The outcome of a change whose events the store appended with it: the new state."""
+        if result.records:
+            log_events(result.records)
+        return result.state
 
     @staticmethod
     def _pii_request(
@@ -424,15 +420,6 @@ class ManagerCore:
     def _pages(self, query: AuditQuery, page_size: object) -> AuditPages:
         """The cursor of ``iter_audit_log``."""
         return AuditPages(query, check_count(page_size, "page_size", minimum=1))
-
-    @staticmethod
-    def _settle(outcome: Outcome[_T]) -> _T:
-        """Log the records the store call appended, then raise the outcome's error or return its value."""
-        if outcome.records:
-            log_events(outcome.records)
-        if outcome.error is not None:
-            raise outcome.error
-        return outcome.value
 
     def _checkpoint(self, marks: AuditMarks) -> AuditCheckpoint:
         """A witness of the head in ``marks``, signed with the audit key when there is one."""

@@ -222,19 +222,19 @@ class StateManager(ManagerCore):
         ``AgentNotRunning`` for an agent that is stopped or failed.
         """
         request = self._spend_request(agent_id, amount)
-        return self._settle(self._spent(request, self._backend.record_spend(*request, self._chain)))
+        return self._spent(request, self._backend.record_spend(*request, self._chain))
 
     def record_pii_detection(
         self, agent_id: str | AgentId, count: int = 1, *, details: str = ""
     ) -> AgentState:
         """Atomically add ``count`` (>= 1) PII detections and write a ``pii_detected`` event."""
         aid, n, now, event = self._pii_request(agent_id, count, details)
-        return self._settle(self._changed(self._backend.record_pii(aid, n, now, event, self._chain)))
+        return self._changed(self._backend.record_pii(aid, n, now, event, self._chain))
 
     def set_status(self, agent_id: str | AgentId, status: AgentStatus | str) -> AgentState:
         """Atomically change the status; a real change writes a ``status_changed`` event."""
         request = self._status_request(agent_id, status)
-        return self._settle(self._changed(self._backend.set_status(*request, self._chain)))
+        return self._changed(self._backend.set_status(*request, self._chain))
 
     # -- reservations ----------------------------------------------------------------------------
 
@@ -251,7 +251,7 @@ class StateManager(ManagerCore):
         request = self._spend_request(agent_id, amount)
         aid, value, now = request
         result = self._backend.reserve(aid, value, self._ttl(ttl), now, new_reservation_id(), self._chain)
-        return self._settle(self._reserved(request, result))
+        return self._reserved(request, result)
 
     def commit_reservation(self, reservation: Reservation, actual: float) -> AgentState:
         """Record what the call really cost and free the hold, atomically.
@@ -261,7 +261,7 @@ class StateManager(ManagerCore):
         :class:`ReservationError` and charges nothing.
         """
         request = self._commit_request(reservation, actual)
-        return self._settle(self._changed(self._backend.commit(*request, self._chain)))
+        return self._changed(self._backend.commit(*request, self._chain))
 
     def release_reservation(self, reservation: Reservation) -> None:
         """Free the hold without spending; :class:`ReservationError` if it is not open."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from ..audit_chain import AuditChain, AuditRow
@@ -71,7 +71,7 @@ class SpendResult:
     exceeded: bool = False  # True: nothing changed, the limit would have been passed
     reserved: float = 0.0  # open holds at the time of the check
     #: The audit records appended in the same atomic step (the ``budget_exceeded`` of a refusal).
-    records: list[AuditRecord] = field(default_factory=list)
+    records: Sequence[AuditRecord] = ()
 
 
 @dataclass(slots=True)
@@ -81,7 +81,7 @@ class CommitResult:
     state: AgentState
     exceeded: bool  # the recorded spend took the agent past its limit
     #: The audit records appended in the same atomic step (the ``budget_exceeded`` of an overspend).
-    records: list[AuditRecord] = field(default_factory=list)
+    records: Sequence[AuditRecord] = ()
 
 
 @dataclass(slots=True)
@@ -90,7 +90,7 @@ class Change:
 
     state: AgentState
     #: The audit records appended in the same atomic step as the change.
-    records: list[AuditRecord] = field(default_factory=list)
+    records: Sequence[AuditRecord] = ()
 
 
 @dataclass(frozen=True, slots=True)
