@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from random import getrandbits
-from typing import Any, Final, NamedTuple, TypeVar
+from typing import Any, Final, NamedTuple
 
 from . import events
 from .audit_chain import GENESIS_HASH, AuditChain, ChainVerifier
@@ -52,7 +52,6 @@ from .models import (
 
 __all__ = ["BATCH_SIZE", "AuditPages", "ManagerCore", "StoreCall"]
 
-_T = TypeVar("_T")
 
 audit_logger: Final = logging.getLogger("iron_runtime_state.audit")
 logger: Final = logging.getLogger("iron_runtime_state")
