@@ -258,6 +258,7 @@ def _attempt(*, cluster: bool = False, idempotent: bool = False, started: float 
         (redis.exceptions.OutOfMemoryError("OOM"), True, False, "out of memory"),
         (redis.exceptions.NoPermissionError("NOPERM"), True, False, "may not record spend"),
         (redis.exceptions.ResponseError("WRONGTYPE"), True, True, "refused to record spend"),
+        (redis.exceptions.ClusterCrossSlotError("CROSSSLOT"), True, True, "refused to record spend"),
         (redis.exceptions.DataError("bad"), False, True, "failed: DataError"),
     ],
 )
@@ -288,6 +289,10 @@ def test_redirects_noscript_and_giving_up() -> None:
     assert attempt.asking is None  # MOVED: back to the slot table, reloaded
     with pytest.raises(ConfigurationError, match="redis\\+cluster://"):
         _attempt().failed(redis.exceptions.MovedError("3999 127.0.0.1:7002"), True)
+    # A redis:// store's script over many slots (stats), sent to a cluster node.
+    crossslot = redis.exceptions.ClusterCrossSlotError("CROSSSLOT Keys don't hash to the same slot")
+    with pytest.raises(ConfigurationError, match=r"node of a Redis Cluster .*redis\+cluster://"):
+        _attempt(idempotent=True).failed(crossslot, True)
     late = _attempt(idempotent=True, started=time.monotonic() - 4.0)  # 5 s budget: no room left
     with pytest.raises(BackendUnavailable, match="gave up trying to record spend"):
         late.failed(redis.exceptions.ConnectionError("refused"), False)
@@ -668,8 +673,11 @@ def test_stats_never_scans(redis_server: RedisServer, redis_cluster: RedisCluste
                 calls[name] = calls.get(name, 0) + int(info["calls"])
         for setup in ("hello", "client|setinfo", "config|resetstat", "info"):  # connections, this test
             calls.pop(f"cmdstat_{setup}", None)
-        # One HMGET per slot group's statistics hash, whatever the number of agents; no SCAN,
-        # no KEYS, no agent read.
+        # One HMGET per slot group's statistics hash, whatever the number of agents (in one
+        # script on a standalone server, which may first answer NOSCRIPT); no SCAN, no KEYS,
+        # no agent read.
+        scripts = calls.pop("cmdstat_evalsha", 0) + calls.pop("cmdstat_eval", 0)
+        assert scripts in ((1, 2) if len(nodes) == 1 else (0,)), scripts
         assert calls == {"cmdstat_hmget": GROUPS}, calls
         manager.close()
 

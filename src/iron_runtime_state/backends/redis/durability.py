@@ -45,7 +45,7 @@ logger: Final = logging.getLogger("iron_runtime_state.redis")
 
 #: Scripts that change nothing that must survive: reads, and ``meta``, which every store's first
 #: call writes again (so losing it loses nothing). Every other script waits; a new one too.
-_NO_WAIT: Final = frozenset({"query_audit", "reserved", "meta", "audit_marks"})
+_NO_WAIT: Final = frozenset({"query_audit", "reserved", "meta", "audit_marks", "stats"})
 #: How long the ``WAITAOF`` probe of the prepare step may block (it has nothing to wait for).
 PROBE_TIMEOUT_MS: Final = 1
 _WAITAOF_VERSION: Final = (7, 2)

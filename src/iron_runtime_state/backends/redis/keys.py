@@ -256,6 +256,12 @@ class RedisLayout:
         """One ``HMGET`` per group's statistics hash (decode with ``decode_stats``)."""
         return [(g.slot, ("HMGET", g.stats, *STATS_FIELDS)) for g in self.group_keys]
 
+    def stats_script(self) -> ScriptCall:
+        """Every group's statistics hash in one call, for a standalone server, where every key is
+        on one server (decode with ``decode_stats``)."""
+        keys = [g.stats for g in self.group_keys]
+        return ScriptCall(self._scripts["stats"], self.group_keys[0].slot, keys, STATS_FIELDS)
+
     def finished_commands(self, offsets: Mapping[int, int], changed_before: float) -> list[Routed]:
         """For each group, the next purge candidates: finished agents changed before the time."""
         cutoff = f"({changed_before!r}"

@@ -172,7 +172,8 @@ class RedisOps:
     def __init__(self, layout: RedisLayout, timeout: float, cluster: bool = False) -> None:
         self.layout = layout
         self._timeout = timeout
-        #: Whether outboxes must be trimmed by a command of their own (their slot is not the trail's).
+        #: Whether the keys spread over masters: outboxes are then trimmed by a command of their own
+        #: (their slot is not the trail's), and ``stats`` pipelines its reads.
         self._cluster = cluster
         #: The highest head this store object saw or wrote (as ``_watch`` keeps it, but readable).
         #: An append seals on it first, so a lone writer appends in one round trip; and compares
@@ -184,6 +185,7 @@ class RedisOps:
         self._chain: AuditChain | None = None
         self._swept = False  # this store object drained every outbox once, at its first write
         self._stats_commands = layout.stats_commands()
+        self._stats_script = layout.stats_script()
 
     def prepare(self) -> Op[None]:
         """Check that the namespace uses this version's key layout (once per store)."""
@@ -248,8 +250,11 @@ class RedisOps:
                 yield Emit([s for s in states if s is not None and (status is None or s.status is status)])
 
     def stats(self) -> Op[FleetStats]:
-        """See ``Backend.stats``."""
-        return decode_stats((yield Batch(self._stats_commands, "read fleet statistics")))
+        """See ``Backend.stats``: one script on a standalone server, one pipeline per master of a
+        cluster (a script cannot read the slots of other masters)."""
+        if self._cluster:
+            return decode_stats((yield Batch(self._stats_commands, "read fleet statistics")))
+        return decode_stats((yield _script(self._stats_script, True, "read fleet statistics")))
 
     def update(self, agent_id: AgentId, fn: UpdateFn, now: float) -> Op[AgentState]:
         """See ``Backend.update``: read, apply ``fn``, store if unchanged meanwhile, else again."""

@@ -9,6 +9,7 @@ error it raises. The meaning of each failure, written once::
     NOSCRIPT                                         -    resend at once as EVAL (which caches it)
     ASK host:port (a slot is migrating)              -    resend at once to that node, after ASKING
     MOVED (the slot table is stale)                  -    reload the slot table, pause, resend
+    MOVED or CROSSSLOT to a redis:// store           -    ConfigurationError: a cluster node
     TRYAGAIN, CLUSTERDOWN, READONLY, LOADING         -    the server did not run it: pause, resend
     refused, reset, timed out (no reply)             no   not run: pause, resend
                                                      yes  a read, an absolute write, or a change made
@@ -143,7 +144,8 @@ class RetryPolicy:
         return BackendError(f"this Redis store ({self.url}) was closed; open a new manager")
 
     def wrong_kind(self, exc: BaseException) -> ConfigurationError:
-        """A ``redis://`` URL that reaches a cluster node."""
+        """A ``redis://`` URL that reaches a cluster node (it answered MOVED, or CROSSSLOT to a
+        script over the keys of many slots)."""
         return ConfigurationError(
             f"{self.url} is a node of a Redis Cluster (it answered {exc.args[0]!r:.60}); "
             "use redis+cluster://host:port"
@@ -199,9 +201,10 @@ class Attempt:
             self.command = ("EVAL", policy.sources[command[1]], *command[2:])
             return 0.0
         if isinstance(exc, rexc.ResponseError):
+            if isinstance(exc, (rexc.AskError, rexc.ClusterCrossSlotError)) and not policy.cluster:
+                # MOVED, or a standalone store's script over many slots: a cluster node
+                raise policy.wrong_kind(exc) from exc
             if isinstance(exc, rexc.AskError):  # MOVED (a subclass) or ASK: the command did not run
-                if not policy.cluster:
-                    raise policy.wrong_kind(exc) from exc
                 if not isinstance(exc, rexc.MovedError):
                     self.asking = (exc.host, int(exc.port))
                     return 0.0

@@ -58,6 +58,7 @@ SCRIPT_NAMES: Final = (
     "prune_audit",
     "prune_indexes",
     "index_time",
+    "stats",
 )
 
 
