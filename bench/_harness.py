@@ -121,3 +121,61 @@ def save_json(path: str | None, results: list[Comparison], **extra: Any) -> None
     }
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
+
+
+#: The release the budget-model figures compare with (0.5.0, before scopes, periods and exact money).
+PREVIOUS_RELEASE = "71c1d72"
+_VERSION_CHILD = r"""
+import sys, time
+{setup}
+op({n} // 10)
+start = time.perf_counter()
+op({n})
+print((time.perf_counter() - start) / {n})
+{teardown}
+"""
+
+
+def previous_release_src() -> str:
+    """The ``src`` folder of :data:`PREVIOUS_RELEASE`, checked out once as a git worktree in /tmp."""
+    import subprocess
+    import tempfile
+
+    root = os.path.join(tempfile.gettempdir(), f"iron-state-{PREVIOUS_RELEASE}")
+    if not os.path.isdir(root):
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        subprocess.run(
+            ["git", "-C", repo, "worktree", "add", "--detach", root, PREVIOUS_RELEASE],
+            check=True,
+            capture_output=True,
+        )
+    return os.path.join(root, "src")
+
+
+def compare_with_previous_release(
+    name: str, setup: str, *, n: int, runs: int = 7, teardown: str = "", target: str = ""
+) -> Comparison:
+    """Time the same code on this tree ("ours") and on :data:`PREVIOUS_RELEASE` ("baseline").
+
+    ``setup`` is Python that defines ``op(count)`` with ``iron_runtime_state`` imported from
+    whichever tree runs it. Each run is a fresh process; the two trees alternate and the medians
+    are compared, as in :func:`compare`.
+    """
+    import subprocess
+
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    trees = {"ours": here, "base": previous_release_src()}
+    code = _VERSION_CHILD.format(setup=setup, teardown=teardown, n=n)
+    times: dict[str, list[float]] = {"ours": [], "base": []}
+    for i in range(runs):
+        for kind in ("ours", "base") if i % 2 == 0 else ("base", "ours"):
+            env = dict(os.environ, PYTHONPATH=trees[kind])
+            out = subprocess.run(
+                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+            )
+            times[kind].append(float(out.stdout.split()[-1]))
+    result = Comparison(
+        name, statistics.median(times["ours"]), statistics.median(times["base"]), target, runs
+    )
+    print(result.line(), flush=True)
+    return result

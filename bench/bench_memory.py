@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _harness import Comparison, Op, compare, header, save_json
+from _harness import Comparison, Op, compare, compare_with_previous_release, header, save_json
 from iron_runtime_state import AgentId, AgentState, AgentStatus, AuditEvent, StateManager
 from iron_runtime_state.audit_chain import AuditChain
 
@@ -194,6 +194,58 @@ def other_ops(n: int, runs: int) -> list[Comparison]:
     ]
 
 
+def budget_ops(n: int, runs: int) -> list[Comparison]:
+    """The budget model's figures: two scopes against none, and this release against 0.5.0."""
+    manager = StateManager()
+    for scope in ("org:acme", "team:support"):
+        manager.set_budget(scope, limit=1e8, period="month")
+    plain, scoped = [AgentId.generate() for _ in range(100)], [AgentId.generate() for _ in range(100)]
+    manager.save_agent_states(AgentState(a, AgentStatus.RUNNING, budget_limit=1e6) for a in plain)
+    manager.save_agent_states(
+        AgentState(a, AgentStatus.RUNNING, budget_limit=1e6, budget_scopes=("org:acme", "team:support"))
+        for a in scoped
+    )
+
+    def spend(agents: list[AgentId]) -> Op:
+        def run(count: int) -> None:
+            for k in range(count):
+                manager.record_spend(agents[k % 100], 0.000001)
+
+        return run
+
+    def reserve_commit(agents: list[AgentId]) -> Op:
+        def run(count: int) -> None:
+            for k in range(count):
+                manager.commit_reservation(manager.reserve_budget(agents[k % 100], 0.000002), 0.000001)
+
+        return run
+
+    previous = """
+from iron_runtime_state import AgentId, AgentState, AgentStatus, StateManager
+manager = StateManager()
+agents = [AgentId.generate() for _ in range(100)]
+for a in agents:
+    manager.save_agent_state(AgentState(a, AgentStatus.RUNNING, budget_limit=1e6))
+def op(count):
+    for k in range(count):
+        manager.record_spend(agents[k % 100], 0.000001)
+"""
+    return [
+        compare(
+            "record_spend: 2 scopes vs none", spend(scoped), spend(plain), n=n, runs=runs, target="<= 2.5x"
+        ),
+        compare(
+            "reserve+commit: 2 scopes vs none",
+            reserve_commit(scoped),
+            reserve_commit(plain),
+            n=n // 2,
+            runs=runs,
+            target="<= 2.5x",
+        ),
+        compare_with_previous_release("record_spend, no period: this vs 0.5.0", previous, n=n, runs=runs),
+    ]
+
+
 MEMORY_CHILD = r"""
 import gc, sys
 sys.path.insert(0, {bench!r})
@@ -266,6 +318,8 @@ def main() -> None:
     table(sizes, results)
     print(flush=True)
     others = other_ops(n, runs)
+    print(flush=True)
+    others += budget_ops(n, runs)
     memory = memory_per_agent(sizes[-1])
     mark = "" if memory["ours"] <= BYTES_PER_AGENT else "  !"
     print(

@@ -23,6 +23,19 @@ took per call: a change and its event are one write through the group's outbox (
 And what ``durability="replicated"`` costs a write against the default ``"async"``, on a master
 with one replica that the bench starts (not with ``--redis-url``): sync calls one after
 another, and 100 concurrent asyncio calls.
+
+Budget scopes and periods (issue 16), on the standalone server and on a three-master Redis
+Cluster the bench starts (not with ``--redis-url``), with the round trips per call:
+
+- a ``record_spend`` on an agent with two budget scopes at most 2.5x one on an agent with none,
+  and a reserve + commit with two scopes at most 2.5x one with none (standalone: one script per
+  call either way; a cluster takes steps, see ``backends/redis/spend.py``: information);
+- the period check adds at most 10% to a spend on an agent without a period: this tree against
+  0.5.0 (commit 71c1d72, a git worktree in /tmp), each run a fresh process, alternating.
+
+``--watch-only`` (issue 19): the delivery latency of ``watch()`` to a consumer waiting in
+``XREAD BLOCK``, sync and asyncio, on the standalone server and on the cluster, for appended
+records and for changes' events (which come through outboxes): median <= 50 ms.
 """
 
 from __future__ import annotations
@@ -31,8 +44,12 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
 import shutil
+import statistics
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -41,9 +58,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
-from tests.redis_servers import RedisServer, ReplicatedServer, short_tmpdir  # noqa: E402
+from tests.redis_servers import RedisCluster, RedisServer, ReplicatedServer, short_tmpdir  # noqa: E402
 
-from _harness import Comparison, Op, compare, header, save_json  # noqa: E402
+from _harness import Comparison, Op, compare, compare_with_previous_release, header, save_json  # noqa: E402
 from iron_runtime_state import (  # noqa: E402
     AgentId,
     AgentState,
@@ -55,6 +72,7 @@ from iron_runtime_state import (  # noqa: E402
 )
 from iron_runtime_state.audit_chain import AuditChain  # noqa: E402
 from iron_runtime_state.backends.redis import RedisBackend  # noqa: E402
+from iron_runtime_state.backends.redis.spend import record_spend_call  # noqa: E402
 
 BATCH = 100  # ids per batched read
 
@@ -97,7 +115,7 @@ def run(url: str, *, quick: bool) -> list[Comparison]:
     results: list[Comparison] = []
 
     ids = [AgentId.generate() for _ in range(1000)]
-    manager.save_agent_states(AgentState(a, AgentStatus.RUNNING, 1.5, 2, 1e12) for a in ids)
+    manager.save_agent_states(AgentState(a, AgentStatus.RUNNING, 1.5, 2, 1e9) for a in ids)
     agent = ids[0]
     state = manager.get_agent_state(agent)
     assert state is not None
@@ -124,7 +142,12 @@ def run(url: str, *, quick: bool) -> list[Comparison]:
         for _ in range(k):
             save(state)
 
-    mapping = {"status": "running", "budget_spent": "1.5", "pii_detections": "2", "budget_limit": "1e12"}
+    mapping = {
+        "status": "running",
+        "spent_micros": "1500000",
+        "pii_detections": "2",
+        "limit_micros": "1000000000000000",
+    }
 
     def raw_hset(k: int) -> None:
         hset = raw.hset
@@ -135,7 +158,7 @@ def run(url: str, *, quick: bool) -> list[Comparison]:
 
     spender = ids[1]
     # Each call runs once per op key (a random name per call): the baseline names each call too.
-    call = layout.record_spend(spender, 0.25, 1.0, "")
+    call = record_spend_call(layout, spender, 250_000, 1.0, "", layout.budgets.prefix)
     raw.script_load(call.script.source)
 
     def ours_spend(k: int) -> None:
@@ -237,6 +260,97 @@ def run(url: str, *, quick: bool) -> list[Comparison]:
     manager.close()
     raw.close()
     return results
+
+
+def scopes_cost(url: str, *, quick: bool, cluster: bool) -> list[Comparison]:
+    """A spend, and a reserve + commit, on an agent with two budget scopes against one on an agent
+    with none, same store, same run; with the round trips each call took."""
+    n = 200 if quick else 600
+    runs = 7 if quick else 11
+    manager = StateManager.from_url(f"{url.split('?')[0]}?namespace=bench-scopes")
+    backend = manager.backend
+    assert isinstance(backend, RedisBackend)
+    manager.set_budget("org:bench", limit=1e9)
+    manager.set_budget("team:bench", limit=1e9)
+    plain, scoped = AgentId.generate(), AgentId.generate()
+    manager.save_agent_state(AgentState(plain, AgentStatus.RUNNING, budget_limit=1e9))
+    manager.save_agent_state(
+        AgentState(scoped, AgentStatus.RUNNING, budget_limit=1e9, budget_scopes=("org:bench", "team:bench"))
+    )
+
+    def spender(agent: AgentId) -> Op:
+        def spend(k: int) -> None:
+            record = manager.record_spend
+            for _ in range(k):
+                record(agent, 0.25)
+
+        return spend
+
+    def pairs(agent: AgentId) -> Op:
+        def pair(k: int) -> None:
+            reserve, commit = manager.reserve_budget, manager.commit_reservation
+            for _ in range(k):
+                commit(reserve(agent, 1.0), 0.5)
+
+        return pair
+
+    where = "cluster" if cluster else "standalone"
+    target = "(information)" if cluster else "<= 2.5x"
+    results: list[Comparison] = []
+    for name, make in (("record_spend", spender), ("reserve + commit", pairs)):
+        result = compare(
+            f"{name}, 2 scopes vs none ({where})", make(scoped), make(plain), n=n, runs=runs, target=target
+        )
+        trips = round_trips_per_call(backend, make(scoped)), round_trips_per_call(backend, make(plain))
+        result.extra["round_trips_per_call"] = {"two_scopes": trips[0], "no_scope": trips[1]}
+        print(
+            f"{'':<42} {trips[0]:.2f} round trips per call with 2 scopes, {trips[1]:.2f} with none",
+            flush=True,
+        )
+        results.append(result)
+    manager.close()
+    return results
+
+
+#: Both trees: a spend on an agent without a period (the 0.5 API is a subset of this one's).
+_PERIOD_SETUP = """
+import uuid
+from iron_runtime_state import AgentId, AgentState, AgentStatus, StateManager
+manager = StateManager.from_url("{url}?namespace=bench-period-" + uuid.uuid4().hex[:8])
+agent = AgentId.generate()
+manager.save_agent_state(AgentState(agent, AgentStatus.RUNNING, budget_limit=1e9))
+def op(count):
+    record = manager.record_spend
+    for _ in range(count):
+        record(agent, 0.25)
+"""
+
+
+def period_check_cost(url: str, *, quick: bool) -> list[Comparison]:
+    """A spend on an agent without a period, this tree against 0.5.0 (before periods, scopes and
+    exact money), each run a fresh process on the same server, alternating."""
+    return [
+        compare_with_previous_release(
+            "record_spend, no period: this tree vs 0.5.0",
+            _PERIOD_SETUP.format(url=url.split("?")[0]),
+            n=1000 if quick else 3000,
+            runs=7 if quick else 11,
+            teardown="manager.close()",
+            target="<= 1.10x",
+        )
+    ]
+
+
+@contextlib.contextmanager
+def cluster_url() -> Iterator[str]:
+    """A fresh three-master Redis Cluster on loopback."""
+    folder = short_tmpdir("iron-bench-cluster-")
+    cluster = RedisCluster(folder).start()
+    try:
+        yield cluster.url
+    finally:
+        cluster.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def round_trips_per_call(backend: RedisBackend, op: Op, k: int = 200) -> float:
@@ -388,16 +502,131 @@ def durability_cost(*, quick: bool) -> list[Comparison]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def watch_latency(url: str, *, events: int, where: str) -> list[dict[str, object]]:
+    """Delivery latency of ``watch()`` to a consumer waiting in ``XREAD BLOCK`` (issue 19: median
+    <= 50 ms), sync and asyncio consumers, for records appended directly (``save_audit_log``) and
+    for the events of changes, which reach the trail through their group's outbox (a refused
+    ``record_spend``: its ``budget_exceeded``). From the moment the producer's call returned to
+    the moment the consumer has the record; the producer pauses 5 to 15 ms between records, so
+    the consumer is always waiting (the wake-up is measured, not a backlog)."""
+    rows: list[dict[str, object]] = []
+    for api in ("sync", "async"):
+        for source in ("append", "change"):
+            latencies = _watch_once(url, events, api, source)
+            ms = sorted(x * 1000 for x in latencies)
+            median, p95 = statistics.median(ms), ms[int(len(ms) * 0.95) - 1]
+            verdict = "meets" if median <= 50 else "MISSES"
+            print(
+                f"  {where:<10} {api:<5} {source:<6}  median {median:6.2f} ms  p95 {p95:6.2f} ms  "
+                f"max {ms[-1]:7.2f} ms  (target median <= 50 ms: {verdict})",
+                flush=True,
+            )
+            rows.append(
+                {
+                    "where": where,
+                    "api": api,
+                    "source": source,
+                    "median_ms": median,
+                    "p95_ms": p95,
+                    "max_ms": ms[-1],
+                }
+            )
+    return rows
+
+
+def _watch_once(url: str, events: int, api: str, source: str) -> list[float]:
+    url = f"{url}{'&' if '?' in url else '?'}namespace=watch-{os.urandom(4).hex()}"
+    producer = StateManager.from_url(url)
+    agent = AgentId.generate()
+    producer.save_agent_state(AgentState(agent, AgentStatus.RUNNING, budget_limit=0.0))
+    start = producer.audit_checkpoint().seq
+    received: list[float] = []
+    ready = threading.Event()
+
+    def consume_sync() -> None:
+        consumer = StateManager.from_url(url)
+        try:
+            feed = consumer.watch(after_seq=start, agent_id=agent, idle_timeout=30)
+            ready.set()
+            for _ in feed:
+                received.append(time.perf_counter())
+                if len(received) >= events:
+                    return
+        finally:
+            consumer.close()
+
+    async def consume_async() -> None:
+        consumer = AsyncStateManager.from_url(url)
+        try:
+            feed = consumer.watch(after_seq=start, agent_id=agent, idle_timeout=30)
+            ready.set()
+            async for _ in feed:
+                received.append(time.perf_counter())
+                if len(received) >= events:
+                    return
+        finally:
+            await consumer.close()
+
+    target = consume_sync if api == "sync" else lambda: asyncio.run(consume_async())
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    ready.wait(10)
+    rng = random.Random(19)
+    stored: list[float] = []
+    try:
+        time.sleep(0.3)
+        for i in range(events):
+            time.sleep(rng.uniform(0.005, 0.015))
+            if source == "append":
+                producer.save_audit_log(AuditEvent(agent, "tick", details=str(i)))
+            else:
+                with contextlib.suppress(BudgetExceeded):
+                    producer.record_spend(agent, 1.0)
+            stored.append(time.perf_counter())
+        thread.join(60)
+    finally:
+        producer.close()
+    if len(received) != events:
+        raise RuntimeError(f"only {len(received)} of {events} records arrived")
+    return [got - at for got, at in zip(received, stored, strict=True)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--redis-url", help="use this server instead of starting one")
+    parser.add_argument(
+        "--budgets-only", action="store_true", help="only the budget scopes and periods figures"
+    )
+    parser.add_argument(
+        "--watch-only", action="store_true", help="only the watch() delivery latency (standalone and cluster)"
+    )
+    parser.add_argument("--events", type=int, default=1000, help="records per watch() latency run")
     args = parser.parse_args()
-    header("Redis backend vs raw redis-py")
+    if args.watch_only:
+        header("watch(): delivery latency to a waiting consumer (XREAD BLOCK)")
+        rows: list[dict[str, object]] = []
+        with server_url(args.redis_url) as url:
+            rows += watch_latency(url, events=args.events, where="standalone")
+        if not args.redis_url:
+            with cluster_url() as url:
+                rows += watch_latency(url, events=args.events, where="cluster")
+        save_json(args.json, [], watch=rows)
+        return
+    results: list[Comparison] = []
     with server_url(args.redis_url) as url:
-        results = run(url, quick=args.quick)
-    if not args.redis_url:  # it needs a master with a replica of its own
+        if not args.budgets_only:
+            header("Redis backend vs raw redis-py")
+            results += run(url, quick=args.quick)
+        header("Budget scopes and periods (standalone)")
+        results += scopes_cost(url, quick=args.quick, cluster=False)
+        results += period_check_cost(url, quick=args.quick)
+    if not args.redis_url:
+        header("Budget scopes on a three-master Redis Cluster")
+        with cluster_url() as url:
+            results += scopes_cost(url, quick=args.quick, cluster=True)
+    if not args.redis_url and not args.budgets_only:  # it needs a master with a replica of its own
         header("durability='replicated' vs 'async' (a master and one replica)")
         results += durability_cost(quick=args.quick)
     save_json(args.json, results)

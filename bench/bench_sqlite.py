@@ -14,8 +14,18 @@ write paths are also timed against a plain table without triggers (informational
 first takes 4,000 writes, so that what is timed is the steady state of a running service, in
 which the WAL is checkpointed regularly.
 
+Then the budget model (issue 16), each a ratio in the same run: a spend, and a reserve + commit,
+on an agent drawing on two budget scopes against one drawing on none (each a transaction against
+one statement; target <= 2.5x); and a spend on an agent without a period on this tree against the
+same code on 0.5.0 (commit 71c1d72, checked out as a git worktree and run in fresh processes that
+alternate with this tree's; target <= 1.10x, the period check and exact money together).
+
 Then a trail of 1,000,000 records (100,000 with --quick): how fast verify_audit_log checks it,
 how an audit query by agent uses its index, and that exporting it keeps memory flat.
+
+Then the dashboard's agents table (issue 19) on a fleet of 1,000,000 agents (100,000 with
+--quick): the server time of page_agent_states for a first page of 50 in each order, with and
+without filters (target: well under 300 ms; the median of the runs).
 """
 
 from __future__ import annotations
@@ -26,32 +36,38 @@ import os
 import random
 import shutil
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _harness import Comparison, Op, compare, header, rss_bytes, save_json
+from _harness import Comparison, Op, compare, compare_with_previous_release, header, rss_bytes, save_json
 from iron_runtime_state import AgentId, AgentState, AgentStatus, AuditEvent, StateManager
 from iron_runtime_state.audit_chain import GENESIS_HASH, AuditChain
 from iron_runtime_state.backends import AuditQuery
-from iron_runtime_state.backends.sqlite import connection, schema, store
+from iron_runtime_state.backends.sqlite import connection, store
+from iron_runtime_state.backends.sqlite import trail as audit_trail
+from iron_runtime_state.money import to_micros
 
 # The store's own statements, so the baseline runs exactly what the store runs.
 UPSERT = store._SQL_UPSERT
-APPEND = store._SQL_APPEND
+APPEND = audit_trail.SQL_APPEND
 GET = store._SQL_GET
 # What any store must do at least to record a spend: add it to the row, in autocommit (the
 # triggers keep the fleet totals, as for ours). No limit check, no holds, no status check.
 BARE_SPEND = "UPDATE iron_agents SET budget_spent = budget_spent + ?, changed_at = ? WHERE agent_id = ?"
+CENT = to_micros(0.01)  # what the benchmark spends, in the micro-units the store keeps
 PRAGMAS = (
     "PRAGMA synchronous = normal",
     f"PRAGMA journal_size_limit = {connection.JOURNAL_SIZE_LIMIT}",
     f"PRAGMA cache_size = -{connection.DEFAULT_PAGE_CACHE_MIB * 1024}",
     "PRAGMA trusted_schema = OFF",
+    "PRAGMA temp_store = MEMORY",
 )
 
 
@@ -96,13 +112,30 @@ def same_schema(path: Path) -> sqlite3.Connection:
     return raw_connection(path)
 
 
+def row_of(key: str, state: AgentState) -> tuple[object, ...]:
+    """The parameters of the store's upsert for ``state``, as the store binds them."""
+    limit = None if state.budget_limit is None else to_micros(state.budget_limit)
+    return (
+        key,
+        0,
+        to_micros(state.budget_spent),
+        state.pii_detections,
+        limit,
+        None,
+        None,
+        None,
+        "UTC",
+        None,
+        time.time(),
+    )
+
+
 def plain_schema(path: Path) -> sqlite3.Connection:
     """The same tables and indexes without any trigger (informational baseline)."""
+    StateManager.with_sqlite(path).close()
     db = sqlite3.connect(path, isolation_level=None)
-    db.execute("PRAGMA journal_mode = WAL")
-    for statement in schema.MIGRATIONS[0]:
-        if not statement.lstrip().upper().startswith("CREATE TRIGGER"):
-            db.execute(statement)
+    for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+        db.execute(f"DROP TRIGGER {name}")
     db.close()
     return raw_connection(path)
 
@@ -118,7 +151,7 @@ def operations(folder: Path, n: int, runs: int) -> list[Comparison]:
     states = [AgentState(a, AgentStatus.RUNNING, float(i % 97), i % 5, 1e9) for i, a in enumerate(ids)]
     manager.save_agent_states(states)
     raw.execute("BEGIN")
-    raw.executemany(UPSERT, [(k, 0, float(i % 97), i % 5, 1e9, time.time()) for i, k in enumerate(keys)])
+    raw.executemany(UPSERT, [row_of(k, s) for k, s in zip(keys, states, strict=True)])
     raw.execute("COMMIT")
 
     # -- save_agent_state ---------------------------------------------------------------------
@@ -131,10 +164,7 @@ def operations(folder: Path, n: int, runs: int) -> list[Comparison]:
         def base_save(count: int) -> None:
             execute = db.execute
             for i in range(count):
-                s = states[i % m]
-                execute(
-                    UPSERT, (keys[i % m], 0, s.budget_spent, s.pii_detections, s.budget_limit, time.time())
-                )
+                execute(UPSERT, row_of(keys[i % m], states[i % m]))
 
         return base_save
 
@@ -284,7 +314,7 @@ def operations(folder: Path, n: int, runs: int) -> list[Comparison]:
         def base_spend(count: int) -> None:
             execute = db.execute
             for i in range(count):
-                execute(BARE_SPEND, (0.01, time.time(), keys[i % m]))
+                execute(BARE_SPEND, (CENT, time.time(), keys[i % m]))
 
         return base_spend
 
@@ -354,6 +384,87 @@ def operations(folder: Path, n: int, runs: int) -> list[Comparison]:
     return results
 
 
+# -- the budget model ----------------------------------------------------------------------------
+
+PREVIOUS_SPEND = """
+import os, shutil, tempfile
+from iron_runtime_state import AgentId, AgentState, AgentStatus, StateManager
+folder = tempfile.mkdtemp(prefix="bench_sqlite_release_")
+manager = StateManager.with_sqlite(os.path.join(folder, "state.db"))
+agents = [AgentId.generate() for _ in range(100)]
+for a in agents:
+    manager.save_agent_state(AgentState(a, AgentStatus.RUNNING, budget_limit=1e6))
+def op(count):
+    for k in range(count):
+        manager.record_spend(agents[k % 100], 0.01)
+op(4_000)  # the steady state: past the file's first WAL checkpoints
+"""
+PREVIOUS_TEARDOWN = "manager.close(); shutil.rmtree(folder)"
+
+
+def budget_ops(folder: Path, n: int, runs: int) -> list[Comparison]:
+    """Two budget scopes against none, and a spend on this tree against 0.5.0 (same run)."""
+    manager = StateManager.with_sqlite(folder / "budgets.db")
+    for scope in ("org:acme", "team:support"):
+        manager.set_budget(scope, limit=1e8, period="month")
+    plain = [AgentId.generate() for _ in range(100)]
+    scoped = [AgentId.generate() for _ in range(100)]
+    periodic = [AgentId.generate() for _ in range(100)]
+    manager.save_agent_states(AgentState(a, AgentStatus.RUNNING, budget_limit=1e6) for a in plain)
+    manager.save_agent_states(
+        AgentState(a, AgentStatus.RUNNING, budget_limit=1e6, budget_scopes=("org:acme", "team:support"))
+        for a in scoped
+    )
+    manager.save_agent_states(
+        AgentState(a, AgentStatus.RUNNING, budget_limit=1e6, budget_period="month") for a in periodic
+    )
+
+    def spend(agents: list[AgentId]) -> Op:
+        def run(count: int) -> None:
+            record = manager.record_spend
+            for k in range(count):
+                record(agents[k % 100], 0.01)
+
+        return run
+
+    def reserve_commit(agents: list[AgentId]) -> Op:
+        def run(count: int) -> None:
+            reserve, commit = manager.reserve_budget, manager.commit_reservation
+            for k in range(count):
+                commit(reserve(agents[k % 100], 0.02), 0.01)
+
+        return run
+
+    for warm in (spend(plain), spend(scoped), spend(periodic)):
+        warm(4_000)  # the steady state, as above
+    results = [
+        compare(
+            "record_spend: 2 scopes vs none", spend(scoped), spend(plain), n=n, runs=runs, target="<= 2.5x"
+        ),
+        compare(
+            "reserve+commit: 2 scopes vs none",
+            reserve_commit(scoped),
+            reserve_commit(plain),
+            n=n // 2,
+            runs=runs,
+            target="<= 2.5x",
+        ),
+        compare("  (info) record_spend: a period vs none", spend(periodic), spend(plain), n=n, runs=runs),
+    ]
+    manager.close()
+    results.append(
+        compare_with_previous_release(
+            "record_spend, no period: this vs 0.5.0",
+            PREVIOUS_SPEND,
+            teardown=PREVIOUS_TEARDOWN,
+            n=n,
+            runs=runs,
+            target="<= 1.10x",
+        )
+    )
+    return results
+
+
 def big_trail(folder: Path, records: int, runs: int) -> tuple[list[Comparison], dict[str, float]]:
     """verify, an indexed query by agent, and export on a store of ``records`` records."""
     path = folder / "trail.db"
@@ -385,7 +496,7 @@ def big_trail(folder: Path, records: int, runs: int) -> tuple[list[Comparison], 
 
         def base_verify(count: int) -> None:
             for _ in range(count):
-                rows = raw.execute(f"SELECT {store._AUDIT_COLUMNS} FROM iron_audit ORDER BY seq")
+                rows = raw.execute(f"SELECT {audit_trail.AUDIT_COLUMNS} FROM iron_audit ORDER BY seq")
                 reports.append(AuditChain().verify(rows))
 
         gc.collect()
@@ -454,6 +565,49 @@ def big_trail(folder: Path, records: int, runs: int) -> tuple[list[Comparison], 
     return comparisons, figures
 
 
+def fleet_pages(folder: Path, agents: int, runs: int) -> dict[str, float]:
+    """The first page of 50 of a fleet of ``agents`` in each order, filtered or not (ms)."""
+    path = folder / "fleet.db"
+    rng = random.Random(19)
+    statuses = [AgentStatus.RUNNING] * 18 + [AgentStatus.STOPPED, AgentStatus.FAILED]
+    figures: dict[str, float] = {}
+    with StateManager.with_sqlite(path) as manager:
+        started = time.perf_counter()
+        for start in range(0, agents, 10_000):
+            manager.save_agent_states(
+                AgentState(
+                    AgentId.test_fixture(i + 1),
+                    statuses[i % 20],
+                    rng.randrange(10_000) / 100,
+                    rng.randrange(50),
+                    labels={"team": f"t{i % 20}", "env": ("prod", "dev")[i % 2]},
+                )
+                for i in range(start, min(agents, start + 10_000))
+            )
+        label = f"built a fleet of {agents:,} agents"
+        print(f"{label:<42} {time.perf_counter() - started:8.1f} s (save_agent_states of 10,000)")
+        pages: dict[str, dict[str, Any]] = {
+            "by id": {},
+            "by id, failed only": {"status": "failed"},
+            "by id, one team (5%)": {"labels": {"team": "t3"}},
+            "by status": {"order_by": "status"},
+            "by spend, descending": {"order_by": "budget_spent", "descending": True},
+            "by PII count, running only": {"order_by": "pii_detections", "status": "running"},
+            "by spend, one team (5%)": {"order_by": "budget_spent", "labels": {"team": "t3"}},
+            "by spend, prod (50%)": {"order_by": "budget_spent", "labels": {"env": "prod"}},
+        }
+        for name, filters in pages.items():
+            times = []
+            for _ in range(runs):
+                begun = time.perf_counter()
+                assert len(manager.page_agent_states(limit=50, **filters)) == 50
+                times.append(time.perf_counter() - begun)
+            figures[f"page_ms {name}"] = statistics.median(times) * 1e3
+            label = f"  first page of 50, {name}"
+            print(f"{label:<48} {figures[f'page_ms {name}']:8.1f} ms  target: well under 300 ms", flush=True)
+    return figures
+
+
 EXPORT_CHILD = r"""
 import gc, os, sys, time
 sys.path.insert(0, {bench!r})
@@ -513,8 +667,13 @@ def main() -> None:
     n, runs, records = (1_000, 7, 100_000) if args.quick else (2_000, 11, 1_000_000)
     try:
         results = operations(folder, n, runs)
+        print(flush=True)
+        results.extend(budget_ops(folder, n, runs))
+        print(flush=True)
         more, figures = big_trail(folder, records, runs)
         results.extend(more)
+        print(flush=True)
+        figures.update(fleet_pages(folder, records, runs))
         save_json(args.json, results, sqlite_version=sqlite3.sqlite_version, rss=rss_bytes(), **figures)
     finally:
         if not args.dir:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from .postgres_server import pg_server, postgres_server  # noqa: F401 - fixtures, shared
 from .redis_servers import (
     RedisCluster,
     RedisServer,

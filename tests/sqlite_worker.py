@@ -1,4 +1,4 @@
-"""A separate process for tests/test_sqlite.py: ``python tests/sqlite_worker.py <job> <args...>``.
+"""A separate process for tests/test_sqlite*.py: ``python tests/sqlite_worker.py <job> <args...>``.
 
 Each job works on a SQLite store given by URL and reports on stdout, one line per event,
 flushed at once (the parent reads them while the job runs, and may kill it with SIGKILL).
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -23,6 +24,7 @@ from iron_runtime_state import (
     BudgetExceeded,
     StateManager,
 )
+from iron_runtime_state.money import from_micros, to_micros
 
 
 def say(*words: object) -> None:
@@ -124,9 +126,9 @@ def reserve(url: str, agent: str, limit: str, rounds: str, seed: str) -> None:
                 hold = manager.reserve_budget(agent_id, amount, ttl=60.0)
             except BudgetExceeded:
                 continue
-            state, held = manager.backend.reserved(agent_id, time.time())
-            if state.budget_spent + held > cap + 1e-9:
-                say("violation", state.budget_spent, held)
+            state, held = manager.backend.reserved(agent_id, time.time())  # held: micro-units
+            if to_micros(state.budget_spent) + held > to_micros(cap):
+                say("violation", state.budget_spent, from_micros(held))
                 sys.exit(2)
             if rng.random() < 0.3:
                 manager.release_reservation(hold)
@@ -223,6 +225,64 @@ def open_store(path: str) -> None:
         say(json.dumps({"error": None}))
 
 
+def scoped(url: str, agents: str, seed: str, rounds: str) -> None:
+    """8 threads spend, reserve, commit and release on agents that share budget scopes; report
+    what each agent was charged (micro-units, as JSON) once they are done."""
+    ids = [AgentId(text) for text in agents.split(",")]
+    charged = dict.fromkeys(agents.split(","), 0)
+    lock = threading.Lock()
+    with StateManager.from_url(url) as manager:
+
+        def run(k: int) -> None:
+            rng = random.Random(int(seed) * 100 + k)
+            for _ in range(int(rounds)):
+                agent_id = rng.choice(ids)
+                amount = rng.choice([0.25, 0.5, 1.0])
+                try:
+                    if rng.random() < 0.5:
+                        manager.record_spend(agent_id, amount)
+                        paid = amount
+                    else:
+                        hold = manager.reserve_budget(agent_id, amount, ttl=60.0)
+                        if rng.random() < 0.3:
+                            manager.release_reservation(hold)
+                            paid = 0.0
+                        else:
+                            paid = rng.choice([amount, amount / 2])
+                            manager.commit_reservation(hold, paid)
+                except BudgetExceeded:
+                    continue
+                with lock:
+                    charged[agent_id.as_str()] += to_micros(paid)
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(8)]
+        wait_for_go()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    say("charged", json.dumps(charged))
+
+
+def tick(url: str, count: str, gap: str) -> None:
+    """Append an event every ``gap`` seconds or so, its details the time just before the append.
+
+    The gaps vary (0.5 to 1.5 times ``gap``), so that the appends do not fall in step with a
+    consumer that polls.
+    """
+    rng = random.Random(int(count))
+    with StateManager.from_url(url) as manager:
+        agent = AgentId.test_fixture(1)
+        wait_for_go()
+        for _ in range(int(count)):
+            time.sleep(float(gap) * rng.uniform(0.5, 1.5))
+            record = manager.save_audit_log(AuditEvent(agent, "tick", 1_700_000_000, repr(time.time())))
+            say("appended", record.seq)
+        # An agent's change commits but appends nothing: a waiting watch must not see a record.
+        manager.save_agent_state(AgentState(agent, AgentStatus.RUNNING))
+        say("saved")
+
+
 JOBS: dict[str, Callable[..., None]] = {
     "durable": durable,
     "spend": spend,
@@ -234,6 +294,8 @@ JOBS: dict[str, Callable[..., None]] = {
     "append": append,
     "create": create,
     "open": open_store,
+    "scoped": scoped,
+    "tick": tick,
 }
 
 if __name__ == "__main__":

@@ -623,7 +623,7 @@ def test_export_matches_the_sync_manager() -> None:
 
 #: Keyword-only parameters the asyncio manager adds (for its worker threads).
 ASYNC_ONLY = {"max_threads"}
-ITERATORS = {"iter_agent_states", "iter_audit_log"}
+ITERATORS = {"iter_agent_states", "iter_audit_log", "watch"}
 
 
 def _public(cls: type) -> dict[str, Any]:
@@ -661,13 +661,13 @@ def test_every_operation_of_the_sync_contract_is_reachable_by_name_on_an_async_s
         agent = running()
         await backend.save(agent, 0.0)
         assert await backend.get(agent.agent_id.as_str()) == agent
-        assert [s async for s in backend.iter_states(None, 10)] == [agent]
+        assert [s async for s in backend.iter_states(None, None, 10)] == [agent]
         for name in OPERATIONS:
             assert callable(getattr(backend, name))
         with pytest.raises(AttributeError):
             _ = backend.no_such_operation
         with pytest.raises(StateTypeError):
-            await backend.call("iter_states", None, 10)  # a stream, not a call
+            await backend.call("iter_states", None, None, 10)  # a stream, not a call
         with pytest.raises(StateTypeError):
             backend.stream("get", agent.agent_id.as_str())
         assert {"iter_states", "iter_audit_rows"} == ITERATORS

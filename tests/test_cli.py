@@ -283,8 +283,20 @@ def test_agents_table_and_json(fleet: str) -> None:
     rows = ok("agents", "--url", fleet, "--json").json()
     assert len(rows) == 80
     assert {tuple(sorted(row)) for row in rows} == {
-        ("agent_id", "budget_limit", "budget_spent", "pii_detections", "status")
+        (
+            "agent_id",
+            "budget_limit",
+            "budget_period",
+            "budget_scopes",
+            "budget_spent",
+            "budget_tz",
+            "labels",
+            "period_start",
+            "pii_detections",
+            "status",
+        )
     }
+    assert {row["labels"]["team"] for row in rows} == {"support", "research"}
 
 
 def test_agents_filter_sort_and_limit(fleet: str) -> None:
@@ -387,8 +399,8 @@ def test_audit_follow_prints_new_records_and_stops_cleanly_on_ctrl_c(
     agent = AgentId.test_fixture(7)
     polls = []
 
-    def fake_sleep(seconds: float) -> None:
-        polls.append(seconds)
+    def idle() -> None:  # --follow waited _FOLLOW_IDLE seconds with nothing new
+        polls.append(1)
         if len(polls) == 1:
             with open_manager(own_fleet) as manager:
                 manager.save_audit_log(AuditEvent(agent, "follow_me", details="hello"))
@@ -396,13 +408,15 @@ def test_audit_follow_prints_new_records_and_stops_cleanly_on_ctrl_c(
         elif len(polls) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli_audit, "_sleep", fake_sleep)
+    monkeypatch.setattr(cli_audit, "_idle", idle)
+    monkeypatch.setattr(cli_audit, "_FOLLOW_IDLE", 0.1)
+    # --interval is ignored now (the command waits on the store), but old scripts still pass it.
     run = invoke("audit", "--follow", "--limit", "2", "--interval", "0.1", "--url", own_fleet, "--json")
     assert run.code == EXIT_OK, run
     lines = [json.loads(line) for line in run.stdout.splitlines()]
     assert len(lines) == 4
     assert [line["event_type"] for line in lines[2:]] == ["follow_me", "other_type"]
-    assert polls == [0.1, 0.1, 0.1]
+    assert polls == [1, 1, 1]
 
     polls.clear()
     run = invoke("audit", "-f", "--type", "follow_me", "--limit", "0", "--url", own_fleet)
@@ -534,12 +548,35 @@ def _contents(url: str) -> tuple[list[dict[str, Any]], list[tuple[str, str, int,
     return agents, events
 
 
+def _scopes(url: str) -> int:
+    with open_manager(url) as manager:
+        return len(manager.list_budgets())
+
+
+def _copied(dest: str, fleet: str, copies: int = 1) -> bool:
+    """Whether ``dest`` holds ``fleet``'s agents, and its trail ``copies`` times, each followed by
+    the ``budget_set`` events of the scopes the copy set."""
+    (agents, events), (dest_agents, dest_events) = _contents(fleet), _contents(dest)
+    scopes = _scopes(fleet)
+    size = len(events) + scopes
+    return (
+        dest_agents == agents
+        and len(dest_events) == copies * size
+        and all(dest_events[i * size : i * size + len(events)] == events for i in range(copies))
+        and all(
+            event[1] == "budget_set"
+            for i in range(copies)
+            for event in dest_events[i * size + len(events) :][:scopes]
+        )
+    )
+
+
 def test_copy_sqlite_to_sqlite(fleet: str, tmp_path: Path) -> None:
     dest = sqlite_url(tmp_path / "copy.db")
     run = ok("copy", fleet, dest)
-    assert "copied 80 agents" in run.stdout
+    assert "copied 80 agents, 3 budget scopes" in run.stdout
     assert "ok: " in run.stdout
-    assert _contents(dest) == _contents(fleet)
+    assert _copied(dest, fleet)
     with open_manager(dest) as manager:
         assert manager.verify_audit_log().ok
 
@@ -548,14 +585,14 @@ def test_copy_refuses_a_non_empty_destination_unless_asked(fleet: str, tmp_path:
     dest = sqlite_url(tmp_path / "copy.db")
     ok("copy", fleet, dest, "--json")
     one_error_line(invoke("copy", fleet, dest), EXIT_USAGE, "already holds 80 agents", "--append", "--force")
-    agents, events = _contents(fleet)
+    _, events = _contents(fleet)
     data = ok("copy", fleet, dest, "--append", "--json").json()
     assert data["verification"]["ok"] is True
-    assert data["verification"]["checked"] == 2 * len(events)
-    assert _contents(dest)[1] == events + events
+    assert data["verification"]["checked"] == 2 * (len(events) + _scopes(fleet))
+    assert _copied(dest, fleet, copies=2)
     forced = ok("copy", fleet, dest, "--force")
     assert "emptied" in forced.stderr
-    assert _contents(dest) == (agents, events)
+    assert _copied(dest, fleet)
     one_error_line(invoke("copy", fleet, dest, "--force", "--append"), EXIT_USAGE, "one of")
 
 
@@ -770,8 +807,9 @@ def test_copy_as_a_process_sqlite_to_sqlite(fleet: str, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["agents"] == 80
+    assert data["budget_scopes"] == 3
     assert data["verification"]["ok"] is True
-    assert _contents(dest) == _contents(fleet)
+    assert _copied(dest, fleet)
 
 
 @pytest.fixture
@@ -805,10 +843,15 @@ def test_copy_as_a_process_sqlite_to_redis_and_back(fleet: str, redis_url: str, 
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["verification"]["ok"] is True
-    assert _contents(dest) == _contents(fleet)
+    assert _copied(dest, fleet)
     back = sqlite_url(tmp_path / "back.db")
     ok("copy", dest, back)
-    assert _contents(back) == _contents(fleet)
+    # The trail came back with the scopes' budget_set events of both copies after it.
+    agents, events = _contents(fleet)
+    back_agents, back_events = _contents(back)
+    assert back_agents == agents
+    assert back_events[: len(events)] == events
+    assert [e[1] for e in back_events[len(events) :]] == ["budget_set"] * (2 * _scopes(fleet))
 
 
 def test_state_json_round_trip_of_agents(fleet: str) -> None:
@@ -933,13 +976,16 @@ COMMAND_NAMES = (
     "show",
     "stats",
     "purge",
+    "budgets",
     "audit",
     "verify",
     "checkpoint",
     "export",
     "prune",
     "copy",
+    "migrate",
     "metrics",
+    "serve",
 )
 
 
@@ -964,6 +1010,8 @@ def test_help_shows_no_bare_python_types_and_purge_with_the_agents() -> None:
     panels = _panels(root)
     assert panels["Agents"] == ["agents", "show", "stats", "purge"], panels
     assert panels["Audit trail"] == ["audit", "verify", "checkpoint", "export", "prune"], panels
+    assert panels["Budgets"] == ["budgets"], panels  # and the group `budget` (test_cli_budgets.py)
+    assert panels["Operate"] == ["copy", "migrate", "metrics", "serve"], panels
     for command in ("", *COMMAND_NAMES):
         text = ok(*([command] if command else []), "--help", env=wide).stdout
         for line in text.splitlines():
@@ -978,8 +1026,9 @@ def test_help_shows_no_bare_python_types_and_purge_with_the_agents() -> None:
     assert "(default: both)" in purge  # not swallowed as Rich markup
     assert "(default: 50, or all with --json)" in ok("agents", "--help", env=wide).stdout
     audit = ok("audit", "--help", env=wide).stdout
-    for metavar in ("URL", "ID", "TYPE", "WHEN", "SEQ", "SECONDS"):
+    for metavar in ("URL", "ID", "TYPE", "WHEN", "SEQ"):
         assert f" {metavar} " in audit, metavar
+    assert "--interval" not in audit  # ignored since --follow waits on the store; hidden
 
 
 def test_every_command_takes_json_and_all_but_copy_take_url() -> None:
@@ -1070,10 +1119,11 @@ def test_audit_and_show_json_give_details_as_json_where_they_are(
     shown = ok("show", str(agent), "--events", "20", "--json", "--url", url).json()
     assert {r["event_type"]: r["details"] for r in shown["events"]} == expected
 
-    def stop(seconds: float) -> None:
+    def stop() -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli_audit, "_sleep", stop)
+    monkeypatch.setattr(cli_audit, "_idle", stop)
+    monkeypatch.setattr(cli_audit, "_FOLLOW_IDLE", 0.05)
     followed = ok("audit", "--follow", "--limit", "0", "--json", "--url", url).stdout.splitlines()
     assert {r["event_type"]: r["details"] for r in map(json.loads, followed)} == expected
     with StateManager.from_url(url) as manager:  # stored, and exported, as the text that was hashed

@@ -10,7 +10,9 @@ comments are the example's whole standard output; an example without one prints 
 
 An example that names ``redis://localhost:6379`` runs against a redis-server the tests start
 on a free loopback port: only that host and port are replaced (``-k "not redis"`` leaves them
-out, as it does every Redis test).
+out, as it does every Redis test). One that names ``postgresql://app:secret@localhost:5432/app``
+runs against the tests' PostgreSQL server (its user, password, port and database replace those),
+and the schemas it creates are dropped afterwards.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LOCAL_REDIS = "redis://localhost:6379"
+LOCAL_POSTGRES = "postgresql://app:secret@localhost:5432/app"
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 _STATED = re.compile(r"#\s->(?: (.*))?$")
 
@@ -44,8 +47,13 @@ class Example:
         return LOCAL_REDIS in self.source
 
     @property
+    def needs_postgres(self) -> bool:
+        return LOCAL_POSTGRES in self.source
+
+    @property
     def name(self) -> str:
-        return f"{self.document.name}:{self.line}" + ("-redis" if self.needs_redis else "")
+        suffix = "-redis" if self.needs_redis else "-postgres" if self.needs_postgres else ""
+        return f"{self.document.name}:{self.line}{suffix}"
 
     def stated_output(self) -> list[str]:
         """The output lines its ``# ->`` comments state, in order."""
@@ -92,6 +100,18 @@ def test_example_runs_as_printed(example: Example, tmp_path: Path, request: pyte
     if example.needs_redis:
         server = request.getfixturevalue("redis_server")
         source = source.replace(LOCAL_REDIS, f"redis://127.0.0.1:{server.port}")
+    schemas: set[str] | None = None
+    if example.needs_postgres:
+        pg = request.getfixturevalue("postgres_server")
+        source = source.replace(LOCAL_POSTGRES, pg.url())
+        schemas = {name for (name,) in pg.execute("SELECT nspname FROM pg_namespace")}
+        request.addfinalizer(
+            lambda: [
+                pg.drop_schema(name)
+                for (name,) in pg.execute("SELECT nspname FROM pg_namespace")
+                if name not in (schemas or set())
+            ]
+        )
     if "prometheus_client" in source:
         pytest.importorskip("prometheus_client")
     env = {name: value for name, value in os.environ.items() if not name.startswith("IRON_STATE_")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any
@@ -154,26 +155,36 @@ def test_expired_holds_are_dropped_and_refuse_to_settle() -> None:
     agent_id = AgentId.generate()
     backend.save(AgentState(agent_id, AgentStatus.RUNNING, budget_limit=10.0), now=0.0)
     chain = AuditChain()
-    lone = backend.reserve(agent_id, 4.0, ttl=10.0, now=0.0, reservation_id="lone", chain=chain)
+    unit = 1_000_000  # amounts reach a store in micro-units
+    lone = backend.reserve(agent_id, 4 * unit, ttl=10.0, now=0.0, reservation_id="lone", chain=chain)
     assert isinstance(lone, Reservation)
-    assert backend.reserved(agent_id, now=9.0)[1] == 4.0
-    assert backend.reserved(agent_id, now=10.0)[1] == 0.0  # expired: dropped
-    assert agent_id.as_str() not in backend._holds
+    assert backend.reserved(agent_id, now=9.0)[1] == 4 * unit
+    assert backend.reserved(agent_id, now=10.0)[1] == 0  # expired: no longer counted
+    assert agent_id.as_str() in backend._holds  # a read writes no event, so it drops nothing
     with pytest.raises(ReservationError):
-        backend.commit(lone, 1.0, now=10.0, chain=chain)
-    a = backend.reserve(agent_id, 4.0, ttl=5.0, now=20.0, reservation_id="a", chain=chain)
-    b = backend.reserve(agent_id, 4.0, ttl=50.0, now=20.0, reservation_id="b", chain=chain)
+        backend.commit(lone, unit, now=10.0, chain=chain)
+    assert backend.audit_count() == 0  # a refused commit changes nothing
+    a = backend.reserve(agent_id, 4 * unit, ttl=5.0, now=20.0, reservation_id="a", chain=chain)
+    # The next write drops the expired hold, and says so once.
+    (expired,) = backend.query_audit(AuditQuery(event_type="hold_expired"))
+    assert json.loads(expired.event.details) == {
+        "amount": 4.0,
+        "expires_at": 10,
+        "reservation": "lone",
+        "scopes": [],
+    }
+    b = backend.reserve(agent_id, 4 * unit, ttl=50.0, now=20.0, reservation_id="b", chain=chain)
     assert isinstance(a, Reservation)
     assert isinstance(b, Reservation)
     # At 30 'a' has expired, so 6.0 fits beside 'b' (4.0); an expired hold cannot be committed.
-    c = backend.reserve(agent_id, 6.0, ttl=50.0, now=30.0, reservation_id="c", chain=chain)
+    c = backend.reserve(agent_id, 6 * unit, ttl=50.0, now=30.0, reservation_id="c", chain=chain)
     assert isinstance(c, Reservation)
     with pytest.raises(ReservationError):
-        backend.commit(a, 1.0, now=30.0, chain=chain)
-    backend.commit(b, 4.0, now=31.0, chain=chain)
-    backend.commit(c, 6.0, now=31.0, chain=chain)
+        backend.commit(a, unit, now=30.0, chain=chain)
+    backend.commit(b, 4 * unit, now=31.0, chain=chain)
+    backend.commit(c, 6 * unit, now=31.0, chain=chain)
     state, reserved = backend.reserved(agent_id, now=31.0)
-    assert (state.budget_spent, reserved) == (10.0, 0.0)
+    assert (state.budget_spent, reserved) == (10.0, 0)
 
 
 def test_purge_uses_the_time_a_finished_agent_last_changed() -> None:
@@ -287,7 +298,7 @@ _VALID: dict[str, list[object]] = {
 }
 _INVALID: dict[str, list[object]] = {
     "status": ["running", None],
-    "budget_spent": [-1.0, float("nan"), True, "1"],
+    "budget_spent": [-1.0, float("nan"), True, "one", 2e9],
     "pii_detections": [2**63, -1, False, 1.0],
     "budget_limit": [-0.5, float("inf"), True],
 }

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,18 +26,26 @@ from iron_runtime_state import (  # noqa: E402
     AgentStatus,
     AuditEvent,
     BackendUnavailable,
+    BudgetExceeded,
+    BudgetState,
     FleetStats,
     StateManager,
 )
 from iron_runtime_state._demo import run_fleet  # noqa: E402
 from iron_runtime_state.backends import SCHEMES  # noqa: E402
-from iron_runtime_state.metrics import FleetCollector  # noqa: E402
+from iron_runtime_state.metrics import FleetCollector, TrailCounters, follow_trail  # noqa: E402
+
+from .processes import clean_env, iron_state_command, terminate  # noqa: E402
 
 NAMES = (
     "iron_state_agents",
     "iron_state_budget_spent",
     "iron_state_pii_detections",
     "iron_state_audit_records",
+    "iron_state_scope_spent",
+    "iron_state_scope_limit",
+    "iron_state_scope_held",
+    "iron_state_scope_period_start_seconds",
     "iron_state_up",
     "iron_state_scrape_duration_seconds",
 )
@@ -108,6 +116,10 @@ def test_collector_reads_totals_at_scrape_time_and_never_scans() -> None:
             self.calls.append("audit_count")
             return super().audit_count()
 
+        def list_budgets(self) -> list[BudgetState]:
+            self.calls.append("list_budgets")
+            return super().list_budgets()
+
         def iter_agent_states(self, **kwargs: object) -> Iterator[AgentState]:  # type: ignore[override]
             raise AssertionError("the collector must not scan the agents")
 
@@ -121,7 +133,7 @@ def test_collector_reads_totals_at_scrape_time_and_never_scans() -> None:
     assert samples(generate_latest(registry).decode())[("iron_state_agents", (("status", "running"),))] == 0
     manager.save_agent_state(AgentState(AgentId.test_fixture(9), AgentStatus.RUNNING))
     assert samples(generate_latest(registry).decode())[("iron_state_agents", (("status", "running"),))] == 1
-    assert manager.calls == ["stats", "audit_count"] * 2
+    assert manager.calls == ["stats", "audit_count", "list_budgets"] * 2
 
 
 def test_describe_lists_every_metric_without_samples() -> None:
@@ -211,13 +223,6 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def iron_state_command() -> list[str]:
-    script = Path(sys.executable).with_name("iron-state")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "from iron_runtime_state.cli import main; main()"]
-
-
 def scrape(url: str, deadline: float) -> str:
     """GET ``url``, retrying until the server is up or ``deadline`` passes."""
     while True:
@@ -240,13 +245,12 @@ def test_metrics_endpoint_as_a_process(tmp_path: Path) -> None:
         run_fleet(manager, agents=50, steps=4, seed=3)
         want = expected(manager)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IRON_STATE_")}
     process = subprocess.Popen(
         [*iron_state_command(), "metrics", "--port", str(port), "--url", url],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env=clean_env(),
     )
     try:
         text = scrape(f"http://127.0.0.1:{port}/metrics", time.monotonic() + 30)
@@ -259,13 +263,130 @@ def test_metrics_endpoint_as_a_process(tmp_path: Path) -> None:
         running = ("iron_state_agents", (("status", "running"),))
         assert again[running] == want[running] + 1
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            out, err = process.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            out, err = process.communicate()
+        out, err = terminate(process)
     assert process.returncode == 0, err
     assert f"http://127.0.0.1:{port}/metrics" in err
     assert "Traceback" not in err
     assert out == ""
+
+
+# -- budget scopes, event counters, a store that is down ------------------------------------------
+
+
+def test_scope_gauges(tmp_path: Path) -> None:
+    manager = StateManager()
+    manager.set_budget("team:support", limit=100.0, period="month")
+    manager.set_budget("org:acme", limit=None)
+    agent = AgentId.test_fixture(1)
+    manager.save_agent_state(
+        AgentState(agent, AgentStatus.RUNNING, budget_scopes=("org:acme", "team:support"))
+    )
+    manager.record_spend(agent, 2.5)
+    manager.reserve_budget(agent, 1.25)
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(manager))
+    found = samples(generate_latest(registry).decode())
+    team, org = (("scope", "team:support"),), (("scope", "org:acme"),)
+    assert found[("iron_state_scope_spent", team)] == 2.5
+    assert found[("iron_state_scope_held", team)] == 1.25
+    assert found[("iron_state_scope_limit", team)] == 100.0
+    start = manager.get_budget("team:support").period_start  # type: ignore[union-attr]
+    assert found[("iron_state_scope_period_start_seconds", team)] == start.timestamp()  # type: ignore[union-attr]
+    assert found[("iron_state_scope_spent", org)] == 2.5
+    assert ("iron_state_scope_limit", org) not in found  # no limit: no sample
+    assert ("iron_state_scope_period_start_seconds", org) not in found  # no period
+
+
+def test_trail_counters_count_budget_events() -> None:
+    manager = StateManager()
+    manager.set_budget("team:support", limit=3.0)
+    agent = AgentId.test_fixture(1)
+    manager.save_agent_state(
+        AgentState(agent, AgentStatus.RUNNING, budget_limit=5.0, budget_scopes=("team:support",))
+    )
+    counters = TrailCounters(after_seq=manager.audit_checkpoint().seq)
+    with pytest.raises(BudgetExceeded):
+        manager.record_spend(agent, 6.0)  # the agent's own limit
+    with pytest.raises(BudgetExceeded):
+        manager.reserve_budget(agent, 4.0)  # the team's
+    hold = manager.reserve_budget(agent, 2.0)
+    manager.commit_reservation(hold, 4.5)  # past the team's 3: stands, and is counted
+    manager.save_audit_log(
+        AuditEvent(agent, "budget_threshold", details='{"scope":"team:support","threshold":0.8}')
+    )
+    manager.save_audit_log(AuditEvent(agent, "hold_expired", details="not json"))
+    records = manager.audit_log(after_seq=0)
+    counters.count(records)
+    counters.count(records)  # counted once only
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(manager, counters=counters))
+    found = samples(generate_latest(registry).decode())
+    assert found[("iron_state_spends_refused_total", (("scope", ""),))] == 1
+    assert found[("iron_state_reservations_refused_total", (("scope", "team:support"),))] == 1
+    assert found[("iron_state_overspent_total", (("scope", "team:support"),))] == 1
+    assert found[("iron_state_threshold_crossings_total", (("scope", "team:support"),))] == 1
+    assert found[("iron_state_holds_expired_total", (("scope", ""),))] == 1
+    assert found[("iron_state_audit_followed_seq", ())] == records[-1].seq
+
+
+def test_follow_trail_counts_as_records_arrive_and_survives_a_store_that_is_down(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'late.db'}"  # not there yet
+
+    def opener() -> StateManager:
+        return StateManager.from_url(url, create=False)
+
+    counters = TrailCounters()
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(opener, counters=counters))
+    assert samples(generate_latest(registry).decode())[("iron_state_up", ())] == 0  # down, no exit
+    stop = threading.Event()
+    follower = threading.Thread(target=follow_trail, args=(opener, counters, stop), kwargs={"idle": 0.2})
+    follower.start()
+    try:
+        with StateManager.from_url(url) as manager:
+            agent = AgentId.test_fixture(1)
+            manager.save_agent_state(AgentState(agent, AgentStatus.RUNNING, budget_limit=1.0))
+            deadline = time.monotonic() + 10
+            while counters.last_seq is None and time.monotonic() < deadline:
+                time.sleep(0.05)  # the follower opened the store and starts at its head
+            for _ in range(3):
+                with pytest.raises(BudgetExceeded):
+                    manager.record_spend(agent, 2.0)
+            while time.monotonic() < deadline:
+                found = samples(generate_latest(registry).decode())
+                if found.get(("iron_state_spends_refused_total", (("scope", ""),))) == 3:
+                    break
+                time.sleep(0.05)
+            assert found[("iron_state_up", ())] == 1
+            assert found[("iron_state_spends_refused_total", (("scope", ""),))] == 3
+    finally:
+        stop.set()
+        follower.join(10)
+    assert not follower.is_alive()
+
+
+@pytest.mark.slow
+def test_metrics_command_serves_up_0_while_the_store_is_down(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'late.db'}"  # not there yet: the command must not exit
+    port = free_port()
+    process = subprocess.Popen(
+        [*iron_state_command(), "metrics", "--port", str(port), "--url", url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
+    try:
+        found = samples(scrape(f"http://127.0.0.1:{port}/metrics", time.monotonic() + 30))
+        assert found[("iron_state_up", ())] == 0
+        assert process.poll() is None
+        with StateManager.from_url(url) as manager:
+            manager.save_agent_state(AgentState(AgentId.test_fixture(5), AgentStatus.RUNNING))
+        again = samples(scrape(f"http://127.0.0.1:{port}/metrics", time.monotonic() + 10))
+        assert again[("iron_state_up", ())] == 1
+        assert again[("iron_state_agents", (("status", "running"),))] == 1
+    finally:
+        _out, err = terminate(process)
+    assert process.returncode == 0, err
+    assert "the store is down" in err
+    assert "Traceback" not in err

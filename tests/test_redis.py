@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from importlib import resources
 from typing import cast
 
 import pytest
@@ -55,7 +57,9 @@ from iron_runtime_state.backends.redis import (
     parse_redis_url,
 )
 from iron_runtime_state.backends.redis.ops import RedisOps
-from iron_runtime_state.models import LIMIT_TOLERANCE
+from iron_runtime_state.backends.redis.scripts import _prelude_blocks
+from iron_runtime_state.backends.redis.spend import record_spend_call
+from iron_runtime_state.money import MAX_MICROS
 
 from .redis_servers import (
     HOST,
@@ -229,16 +233,31 @@ def test_each_operation_has_the_contracts_name_and_arguments() -> None:
 
 def test_scripts_carry_the_python_constants() -> None:
     scripts = load_scripts()
-    assert repr(LIMIT_TOLERANCE) in scripts["record_spend"].source
+    assert f"local MAX_MICROS = {MAX_MICROS}" in scripts["record_spend"].source
+    assert "'spent_micros', 'pii_detections'" in scripts["record_spend"].source  # AGENT_FIELDS
     assert "__" not in "".join(s.source for s in scripts.values())
     # Each script carries only the helpers it uses.
-    assert "fsum" not in scripts["save"].source
-    assert "local function fsum" in scripts["reserve"].source
+    assert "plan_rolls" not in scripts["save"].source
+    assert "local function plan_rolls" in scripts["reserve"].source
+
+
+def test_prelude_helpers_are_defined_before_they_are_used() -> None:
+    """A Lua local is visible only after its definition: one used above it is a nil global at
+    run time (scripts.load_scripts keeps the prelude's order)."""
+    prelude = (resources.files("iron_runtime_state.backends.redis") / "lua" / "_prelude.lua").read_text()
+    blocks = _prelude_blocks(prelude)
+    defined: set[str] = set()
+    names = {name for name, _ in blocks}
+    for name, text in blocks:
+        code = re.sub(r"--[^\n]*", "", text)  # comments name helpers freely
+        used = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", code)) & names - {name}
+        assert used <= defined, (name, used - defined)
+        defined.add(name)
 
 
 def _attempt(*, cluster: bool = False, idempotent: bool = False, started: float | None = None) -> Attempt:
     config = parse_redis_url("redis+cluster://h:1" if cluster else "redis://h:1")
-    script = RedisLayout("iron").record_spend(AgentId.test_fixture(1), 1.0, 0.0, "op")
+    script = record_spend_call(RedisLayout("iron"), AgentId.test_fixture(1), 1, 0.0, "op", "")
     call = Call(script.slot, script.command(), idempotent, "record spend")
     return RetryPolicy(config).attempt(call, time.monotonic() if started is None else started)
 
@@ -324,12 +343,15 @@ def test_operator_can_read_the_data_with_redis_cli(redis_server: RedisServer, ns
     fields = cli("HGETALL", key)
     data = dict(zip(fields[::2], fields[1::2], strict=True))
     assert data["status"] == "running"
-    assert float(data["budget_spent"]) == 0.1 + 0.2 + 1.25
+    assert data["spent_micros"] == "1550000"  # 0.1 + 0.2 + 1.25, exactly, in micro-units
     assert data["pii_detections"] == "3"
-    assert float(data["budget_limit"]) == 10.0
+    assert data["limit_micros"] == "10000000"
+    assert "labels" not in data
+    assert "period" not in data
     assert float(data["changed_at"]) > 1_700_000_000
     stats = cli("HGETALL", backend.layout.keys_of(state.agent_id).stats)
     assert stats[stats.index("running") + 1] == "1"
+    assert stats[stats.index("spent_micros") + 1] == "1550000"
     entry = cli("XRANGE", backend.layout.audit_log, "-", "+")
     assert entry[0] == "1-0"
     assert entry[1:9] == [
@@ -458,13 +480,14 @@ def test_closed_store_says_so(redis_server: RedisServer, ns: str) -> None:
         manager.stats()
 
 
-def test_floats_round_trip_and_add_like_python(redis_server: RedisServer, ns: str) -> None:
+def test_money_is_exact_micro_units_like_memory(redis_server: RedisServer, ns: str) -> None:
+    """Amounts are integers of micro-units in Redis: sums are exact, as in the memory store."""
     manager = StateManager.with_redis(redis_server.url, namespace=ns)
     memory = StateManager(MemoryBackend())
     agent = AgentState(AgentId.generate(), AgentStatus.RUNNING, 0.0, 0, 1.0)
     for m in (manager, memory):
         m.save_agent_state(agent)
-    amounts = [0.1] * 10 + [1e-12, 3e-10]
+    amounts = [0.1] * 9 + [0.0999995, 0.0000016, 0.000001]  # the 10th rounds to 0.1
     for amount in amounts:
         results = []
         for m in (manager, memory):
@@ -473,16 +496,18 @@ def test_floats_round_trip_and_add_like_python(redis_server: RedisServer, ns: st
             except BudgetExceeded as exc:
                 results.append(-exc.spent)
         assert results[0] == results[1]
+    assert manager.get_agent_state(agent.agent_id).budget_spent == 1.0  # type: ignore[union-attr]
+    stored = redis_server.client().hget(manager.backend.layout.agent_key(agent.agent_id), "spent_micros")
+    assert stored == b"1000000"
     rng = random.Random(7)
-    holds = [rng.uniform(0.0001, 0.01) * rng.choice([1, 1e-7, 1e3]) for _ in range(40)]
+    holds = [round(rng.uniform(0.0001, 0.01) * rng.choice([1, 1e-3, 1e3]), 6) for _ in range(40)]
     big = AgentState(AgentId.generate(), AgentStatus.RUNNING, 0.0, 0, 1e9)
     for m in (manager, memory):
         m.save_agent_state(big)
         for amount in holds:
             m.reserve_budget(big.agent_id, amount)
-    # The open holds are summed exactly (math.fsum) in Lua as in Python.
     assert manager.budget_available(big.agent_id) == memory.budget_available(big.agent_id)
-    assert manager.backend.reserved(big.agent_id, time.time())[1] == math.fsum(holds)
+    assert manager.backend.reserved(big.agent_id, time.time())[1] == sum(round(h * 1e6) for h in holds)
     manager.close()
 
 
@@ -842,8 +867,8 @@ for _ in range(100):
         hold = manager.reserve_budget(agent, amount, ttl=30)
     except BudgetExceeded:
         continue
-    state, reserved = manager.backend.reserved(hold.agent_id, time.time())
-    if state.budget_spent + reserved > limit + 1e-9:
+    state, reserved = manager.backend.reserved(hold.agent_id, time.time())  # micro-units held
+    if round(state.budget_spent * 1e6) + reserved > round(limit * 1e6):
         sys.exit("spent + reserved passed the limit: %r + %r" % (state.budget_spent, reserved))
     if rng.random() < 0.3:
         manager.release_reservation(hold)
@@ -866,8 +891,8 @@ def test_reservations_across_four_processes_never_pass_the_limit(redis_server: R
     ]
     violations = []
     while any(w.poll() is None for w in workers):  # watch from outside too, atomically each time
-        state, reserved = manager.backend.reserved(agent.agent_id, time.time())
-        if state.budget_spent + reserved > limit + 1e-9:
+        state, reserved = manager.backend.reserved(agent.agent_id, time.time())  # micro-units held
+        if round(state.budget_spent * 1e6) + reserved > round(limit * 1e6):
             violations.append((state.budget_spent, reserved))
         time.sleep(0.02)
     committed = [amount for w in workers for amount in json.loads(_finish(w))]
@@ -908,15 +933,23 @@ def test_holds_of_a_killed_process_expire(redis_server: RedisServer, ns: str) ->
         manager.reserve_budget(agent.agent_id, 5.0)
     keys = RedisLayout(ns).agent_keys(agent.agent_id)
     client = redis_server.client()
-    assert client.pttl(keys["holds"]) > 0  # the keys carry their own expiry: nothing can leak
-    # Nobody touches the agent: the server drops the keys by itself after the last expiry.
+    # The holds stop counting when their ttl runs out, by the server's clock ...
     deadline = time.monotonic() + 10
-    while client.exists(keys["holds"]) and time.monotonic() < deadline:
+    while manager.budget_available(agent.agent_id) < 10.0 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert client.exists(keys["holds"]) == 0
     assert time.time() >= held_at + ttl
     assert manager.budget_available(agent.agent_id) == 10.0
-    manager.reserve_budget(agent.agent_id, 10.0)
+    # ... but stay stored, with no expiry of their own, until a write on the agent reports them.
+    time.sleep(1.5)
+    assert client.pttl(keys["holds"]) == -1
+    assert client.zcard(keys["holds"]) == 3
+    assert manager.audit_log(agent_id=agent.agent_id, event_type="hold_expired") == []
+    mine = manager.reserve_budget(agent.agent_id, 10.0)
+    lapsed = manager.audit_log(agent_id=agent.agent_id, event_type="hold_expired")
+    assert [json.loads(r.details)["amount"] for r in lapsed] == [2.0, 2.0, 2.0]
+    assert client.zrange(keys["holds"], 0, -1) == [f"{mine.reservation_id}:10000000".encode()]
+    manager.release_reservation(mine)
+    assert client.exists(keys["holds"]) == 0  # the last hold gone, the key goes with it
     manager.close()
 
 

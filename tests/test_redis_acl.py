@@ -76,6 +76,10 @@ def exercise(manager: StateManager) -> None:
     assert manager.audit_log(agent_id=agent)
     assert manager.audit_log(event_type="tool_call")
     assert manager.verify_audit_log().ok
+    head = manager.audit_checkpoint().seq
+    assert manager.backend.wait_audit(head - 1, 0.2) is True  # XREAD (BLOCK) on its own trail
+    assert manager.backend.wait_audit(head, 0.1) is False
+    assert next(iter(manager.watch(after_seq=head - 1, idle_timeout=0.5))).seq == head
     assert manager.stats().total == before + 4
     assert len(manager.list_agents()) == before + 4
     assert len(list(manager.iter_agent_states(status=AgentStatus.STOPPED))) == 3
@@ -100,6 +104,8 @@ def reach_into(manager: StateManager, agent: AgentId) -> list[str]:
         "stats": lambda: manager.stats(),
         "list": lambda: manager.list_agents(),
         "audit_log": lambda: manager.audit_log(),
+        "wait": lambda: manager.backend.wait_audit(0, 0.1),
+        "watch": lambda: next(iter(manager.watch(after_seq=0, idle_timeout=0.1)), None),
         "audit": lambda: manager.save_audit_log(AuditEvent(agent, "tool_call", details="intruder")),
         "purge": lambda: manager.purge_agents(status=[AgentStatus.STOPPED], older_than=0),
     }

@@ -140,7 +140,7 @@ def test_replicated_writes_wait_for_the_replica(replicated: ReplicatedServer, ap
         manager.commit_reservation(manager.reserve_budget(agent, 2.0), 1.5)
         # The replica holds every acknowledged write, at once.
         key = RedisLayout(ns).agent_key(agent)
-        assert replicated.replica.command("HGET", key, "budget_spent") == b"2.5"
+        assert replicated.replica.command("HGET", key, "spent_micros") == b"2500000"
 
         replicated.replica.pause()
         try:

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,90 +51,22 @@ from iron_runtime_state.backends.sqlite import (
     open_sqlite,
 )
 from iron_runtime_state.backends.sqlite import schema as sqlite_schema
+from iron_runtime_state.money import from_micros, to_micros
+
+from .sqlite_support import WORKER, Workers, header_of, raw, url_of, worker_group
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and permissions")
-
-WORKER = Path(__file__).with_name("sqlite_worker.py")
 
 
 # -- helpers -----------------------------------------------------------------------------------
 
 
-class Workers:
-    """Subprocesses running tests/sqlite_worker.py; any still running at the end are killed."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[str]] = []
-
-    def spawn(self, job: str, *args: object) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [sys.executable, str(WORKER), job, *(str(a) for a in args)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.procs.append(proc)
-        return proc
-
-    @staticmethod
-    def start_together(procs: list[subprocess.Popen[str]]) -> None:
-        """Wait until every worker is ready, then release them all at once."""
-        for proc in procs:
-            line = proc.stdout.readline() if proc.stdout else ""
-            assert line.strip() == "ready", (line, proc.stderr.read() if proc.stderr else "")
-        for proc in procs:
-            assert proc.stdin is not None
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-
-    @staticmethod
-    def rest_of(proc: subprocess.Popen[str]) -> tuple[str, str]:
-        """The rest of the worker's stdout and stderr, once it exited.
-
-        Read through the same file objects as ``readline``: ``communicate()`` would read the
-        pipes' file descriptors and miss what those objects have already buffered.
-        """
-        assert proc.stdout is not None
-        assert proc.stderr is not None
-        out = proc.stdout.read()
-        err = proc.stderr.read()
-        proc.wait(timeout=60)
-        return out, err
-
-    def finish(self, proc: subprocess.Popen[str]) -> list[str]:
-        """The worker's remaining output lines once it exited; fails on a non-zero exit."""
-        out, err = self.rest_of(proc)
-        assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{out[-2000:]}\n{err[-4000:]}"
-        assert "database is locked" not in err
-        return out.splitlines()
-
-    def kill_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=30)
-            for pipe in (proc.stdin, proc.stdout, proc.stderr):
-                if pipe is not None:
-                    pipe.close()
-
-
-@pytest.fixture
-def workers() -> Iterator[Workers]:
-    group = Workers()
-    try:
-        yield group
-    finally:
-        group.kill_all()
+workers = pytest.fixture(worker_group, name="workers")
 
 
 @pytest.fixture
 def path(tmp_path: Path) -> Path:
     return tmp_path / "state.db"
-
-
-def url_of(path: Path) -> str:
-    return f"sqlite:///{path}"
 
 
 def digest(path: Path) -> str:
@@ -155,22 +86,6 @@ def make_store(path: Path, agents: int = 3, records: int = 5) -> None:
             [AuditEvent(AgentId.test_fixture(1), "note", 100 + i, f"r{i}") for i in range(records)]
         )
     assert not Path(f"{path}-wal").exists()
-
-
-def raw(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(path, isolation_level=None)
-
-
-def header_of(path: Path) -> tuple[int, int]:
-    """(user_version, application_id) read with raw sqlite3."""
-    db = raw(path)
-    try:
-        return (
-            db.execute("PRAGMA user_version").fetchone()[0],
-            db.execute("PRAGMA application_id").fetchone()[0],
-        )
-    finally:
-        db.close()
 
 
 def open_without_privileges(target: Path) -> dict[str, str | None]:
@@ -588,12 +503,12 @@ def test_reservations_across_processes_never_pass_the_limit(path: Path, workers:
     manager.save_agent_state(AgentState(agent_id, AgentStatus.RUNNING, budget_limit=limit))
     procs = [workers.spawn("reserve", url_of(path), agent_id, limit, 120, seed) for seed in range(4)]
     workers.start_together(procs)
-    worst = 0.0
+    worst = 0
     while any(proc.poll() is None for proc in procs):  # watch from outside too
-        state, held = manager.backend.reserved(agent_id, time.time())
-        worst = max(worst, state.budget_spent + held)
+        state, held = manager.backend.reserved(agent_id, time.time())  # held: micro-units
+        worst = max(worst, to_micros(state.budget_spent) + held)
     commits = [float(line.split()[1]) for proc in procs for line in workers.finish(proc) if "commit" in line]
-    assert worst <= limit + 1e-9
+    assert worst <= to_micros(limit)
     final = manager.get_agent_state(agent_id)
     assert final is not None
     assert final.budget_spent == sum(commits)  # amounts are binary fractions: exact
@@ -641,7 +556,7 @@ def test_holds_expire_by_one_clock(path: Path, workers: Workers) -> None:
         assert manager.budget_available(agent_id) == 0.0  # both holds are open
         backend = manager.backend
         assert isinstance(backend, SQLiteBackend)
-        assert backend.reserved(agent_id, time.time() + 3600.0)[1] == 10.0  # whatever now says
+        assert backend.reserved(agent_id, time.time() + 3600.0)[1] == 10_000_000  # whatever now says
 
 
 # -- the audit trail ------------------------------------------------------------------------------
@@ -797,12 +712,12 @@ def test_stats_triggers_match_a_full_recount(path: Path) -> None:
         db = raw(path)
         count = db.execute(
             "SELECT count(*), total(status = 0), total(status = 1), total(status = 2), "
-            "total(budget_spent), total(pii_detections) FROM iron_agents"
+            "sum(budget_spent), total(pii_detections) FROM iron_agents"
         ).fetchone()
         db.close()
         stats = manager.stats()
         assert (stats.total, stats.running, stats.stopped, stats.failed) == tuple(int(c) for c in count[:4])
-        assert stats.budget_spent == count[4]  # quarters: exact
+        assert stats.budget_spent == from_micros(count[4] or 0)  # integers: exact
         assert stats.pii_detections == count[5]
 
 
@@ -1173,7 +1088,7 @@ def test_a_spend_that_passes_is_one_statement_and_commits_at_once(path: Path) ->
         other = raw(path)
         try:
             spent = other.execute("SELECT budget_spent FROM iron_agents WHERE agent_id = ?", (str(agent_id),))
-            assert spent.fetchone() == (1.0,)
+            assert spent.fetchone() == (1_000_000,)  # micro-units
         finally:
             other.close()
 
@@ -1181,11 +1096,18 @@ def test_a_spend_that_passes_is_one_statement_and_commits_at_once(path: Path) ->
 def test_spends_take_the_transaction_where_sqlite_lacks_returning(
     path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from iron_runtime_state.backends.sqlite import store
+    from iron_runtime_state.backends.sqlite import spending, store
 
     monkeypatch.setattr(store, "_SPEND_IN_ONE_STATEMENT", False)
+    monkeypatch.setattr(spending, "_TAKE_IN_ONE_STATEMENT", False)
     with StateManager.with_sqlite(path) as manager:
         _spend_story(manager)
+        agent_id = AgentId.generate()
+        manager.save_agent_state(AgentState(agent_id, AgentStatus.RUNNING, budget_limit=1.0))
+        hold = manager.reserve_budget(agent_id, 1.0)
+        assert manager.commit_reservation(hold, 0.5).budget_spent == 0.5
+        with pytest.raises(ReservationError):
+            manager.commit_reservation(hold, 0.5)
 
 
 def test_stopped_and_failed_agents_are_read_from_their_index(path: Path) -> None:

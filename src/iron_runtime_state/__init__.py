@@ -22,6 +22,7 @@ from .errors import (
     BackendError,
     BackendUnavailable,
     BudgetExceeded,
+    BudgetNotFound,
     ConfigurationError,
     IdError,
     IdErrorCode,
@@ -41,11 +42,12 @@ from .models import (
     AuditEvent,
     AuditRecord,
     AuditVerification,
+    BudgetState,
     FleetStats,
     Reservation,
 )
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 __all__ = [
     "GENESIS_HASH",
@@ -64,6 +66,8 @@ __all__ = [
     "BackendUnavailable",
     "BudgetExceeded",
     "BudgetHold",
+    "BudgetNotFound",
+    "BudgetState",
     "ConfigurationError",
     "FleetStats",
     "IdError",

@@ -1,9 +1,15 @@
 """The simulated fleet behind ``iron-state demo``: the library doing its job, end to end.
 
-Agents start with a budget limit, then work in steps: before each model call they reserve an
-estimate (:meth:`StateManager.budget`) and commit what the call really cost. Some see PII, some
-fail, some run out of budget (the reservation is refused, a ``budget_exceeded`` event is written
-and the agent stops), some finish, and the rest are still running when the demo ends.
+The fleet is an organisation of two teams, as a platform team runs one: every agent carries the
+labels ``fleet`` and ``team``, has a budget limit of its own, and draws on two monthly budget
+scopes above it, the fleet's ``org:<fleet>`` and its team's ``team:<fleet>.<team>``. The support
+team's budget is the tighter one: it runs out before the end of a default run.
+
+Agents then work in steps: before each model call they reserve an estimate
+(:meth:`StateManager.budget`, which holds it on the agent and on both scopes) and commit what the
+call really cost. Some see PII, some fail, some run out of budget (their own, or their team's: the
+reservation is refused, a ``budget_exceeded`` event names the budget and the agent stops), some
+finish, and the rest are still running when the demo ends.
 
 Everything random comes from one ``random.Random(seed)``, so a seed gives the same fleet and
 the same outcomes. This module does no terminal output; the command line draws the progress
@@ -24,11 +30,18 @@ from .ids import AgentId
 from .manager import StateManager
 from .models import AgentState, AgentStatus, AuditEvent
 
-__all__ = ["DemoResult", "run_fleet"]
+__all__ = ["DemoResult", "org_scope", "run_fleet", "team_scope"]
 
 #: Budget limits the agents get, in currency units, with their weights.
 LIMITS: Final = (10.0, 25.0, 50.0, 100.0)
 LIMIT_WEIGHTS: Final = (3, 4, 2, 1)
+#: The teams, their share of the agents, and their monthly budget per agent and step: the
+#: support team's runs out before the end of a run, the research team's does not.
+TEAMS: Final = ("support", "research")
+TEAM_WEIGHTS: Final = (3, 2)
+TEAM_BUDGET_PER_AGENT_STEP: Final = {"support": 1.1, "research": 2.0}
+#: The organisation's monthly budget per agent and step (above both teams).
+ORG_BUDGET_PER_AGENT_STEP: Final = 1.6
 #: Chance per agent of failing at some step, and of finishing its task early.
 FAIL_CHANCE: Final = 0.05
 FINISH_CHANCE: Final = 0.45
@@ -53,6 +66,7 @@ ProgressFn = Callable[[int, int, int], None]
 class _Plan:
     agent_id: AgentId
     limit: float
+    team: str
     fail_at: int | None
     finish_at: int | None
 
@@ -67,7 +81,11 @@ class DemoResult:
     seed: int | None
     seconds: float = 0.0
     calls: int = 0  # committed model calls
-    refused: int = 0  # reservations refused: the agent hit its limit and stopped
+    refused: int = 0  # reservations refused: the agent hit its limit (or its team's) and stopped
+    #: Refusals by the budget that refused: ``"agent"`` (its own limit) or a scope's name.
+    refused_by: dict[str, int] = field(default_factory=dict)
+    #: The budget scopes of this fleet: the org's, then each team's.
+    scopes: list[str] = field(default_factory=list)
     overspent: int = 0  # commits whose real cost took the agent past its limit
     pii_events: int = 0
     failed: int = 0
@@ -86,10 +104,35 @@ def _plans(rng: random.Random, ids: list[AgentId], steps: int) -> list[_Plan]:
     plans = []
     for agent_id in ids:
         limit = rng.choices(LIMITS, LIMIT_WEIGHTS)[0]
+        team = rng.choices(TEAMS, TEAM_WEIGHTS)[0]
         fail_at = rng.randint(1, steps) if rng.random() < FAIL_CHANCE else None
         finish_at = rng.randint(max(1, steps // 2), steps) if rng.random() < FINISH_CHANCE else None
-        plans.append(_Plan(agent_id, limit, fail_at, finish_at))
+        plans.append(_Plan(agent_id, limit, team, fail_at, finish_at))
     return plans
+
+
+def org_scope(fleet: str) -> str:
+    """The budget scope of a demo fleet's organisation."""
+    return f"org:{fleet}"
+
+
+def team_scope(fleet: str, team: str) -> str:
+    """The budget scope of one team of a demo fleet."""
+    return f"team:{fleet}.{team}"
+
+
+def _set_budgets(manager: StateManager, fleet: str, plans: list[_Plan], steps: int) -> list[str]:
+    """The fleet's monthly org and team budgets, from nothing spent; their names."""
+    sizes = {team: sum(1 for p in plans if p.team == team) for team in TEAMS}
+    limits = {org_scope(fleet): ORG_BUDGET_PER_AGENT_STEP * len(plans) * steps}
+    for team in TEAMS:
+        limits[team_scope(fleet, team)] = TEAM_BUDGET_PER_AGENT_STEP[team] * sizes[team] * steps
+    for scope, limit in limits.items():
+        # A fleet run again with the same seed starts its budgets afresh too (set_budget on an
+        # existing scope would keep its spend).
+        manager.remove_budget(scope)
+        manager.set_budget(scope, limit=max(1, round(limit)), period="month")
+    return list(limits)
 
 
 def run_fleet(
@@ -115,12 +158,24 @@ def run_fleet(
 
     if seed is not None:
         result.replaced = sum(1 for s in manager.get_agent_states(ids) if s is not None)
+    result.scopes = _set_budgets(manager, fleet, plans, steps)
     # Start the fleet: two batched writes, whatever its size.
     manager.save_agent_states(
-        AgentState(p.agent_id, AgentStatus.RUNNING, budget_limit=p.limit) for p in plans
+        AgentState(
+            p.agent_id,
+            AgentStatus.RUNNING,
+            budget_limit=p.limit,
+            labels={"fleet": fleet, "team": p.team},
+            budget_scopes=(org_scope(fleet), team_scope(fleet, p.team)),
+        )
+        for p in plans
     )
     manager.save_audit_logs(
-        AuditEvent(p.agent_id, "agent_started", details=f'{{"fleet":"{fleet}","budget_limit":{p.limit}}}')
+        AuditEvent(
+            p.agent_id,
+            "agent_started",
+            details=f'{{"fleet":"{fleet}","team":"{p.team}","budget_limit":{p.limit}}}',
+        )
         for p in plans
     )
 
@@ -162,9 +217,12 @@ def _step(manager: StateManager, rng: random.Random, plan: _Plan, step: int, res
     try:
         with manager.budget(agent_id, estimate) as hold:
             state = hold.commit(actual)
-    except BudgetExceeded:
-        # Refused before the call: nothing was spent, a budget_exceeded event was written.
+    except BudgetExceeded as exc:
+        # Refused before the call: nothing was spent anywhere, a budget_exceeded event names
+        # the budget that refused (the agent's own, or a scope's).
         result.refused += 1
+        by = exc.scope or "agent"
+        result.refused_by[by] = result.refused_by.get(by, 0) + 1
         manager.set_status(agent_id, AgentStatus.STOPPED)
         return False
     result.calls += 1

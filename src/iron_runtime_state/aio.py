@@ -32,27 +32,27 @@ import functools
 import inspect
 import os
 import threading
-import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Iterator, Mapping
+from decimal import Decimal
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Concatenate, Final, Literal, ParamSpec, TypeVar
 
 from .backends import Backend
 from .backends.async_base import AsyncBackend, ThreadedAsyncBackend, open_async_backend
 from .backends.memory import MemoryBackend
-from .config import DEFAULT_NAMESPACE, env_config
+from .config import DEFAULT_NAMESPACE, DEFAULT_SCHEMA, env_config
 from .core import (
     BATCH_SIZE,
     DEFAULT_TTL,
     PAGE_SIZE,
     VERIFY_BATCH,
+    AuditFeed,
     AuditPages,
     ManagerCore,
     StoreCall,
     VerifyRows,
     audit_key_bytes,
     available,
-    check_reservation,
     check_timestamp,
     check_unsettled,
     log_events,
@@ -70,9 +70,9 @@ from .models import (
     AuditEvent,
     AuditRecord,
     AuditVerification,
+    BudgetState,
     FleetStats,
     Reservation,
-    check_state,
 )
 
 if TYPE_CHECKING:
@@ -195,12 +195,16 @@ class AsyncStateManager(ManagerCore):
     """
 
     def __init__(
-        self, backend: AsyncBackend | Backend | None = None, *, audit_key: bytes | str | None = None
+        self,
+        backend: AsyncBackend | Backend | None = None,
+        *,
+        audit_key: bytes | str | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         """Use ``backend`` (in-memory when ``None``); a sync ``Backend`` is served through
         :class:`~iron_runtime_state.backends.async_base.ThreadedAsyncBackend`. ``audit_key``
-        makes the chain HMAC-keyed."""
-        super().__init__(audit_key)
+        makes the chain HMAC-keyed; ``clock`` is as for ``StateManager``."""
+        super().__init__(audit_key, clock)
         if backend is None:
             backend = MemoryBackend()
         if isinstance(backend, Backend):
@@ -221,17 +225,19 @@ class AsyncStateManager(ManagerCore):
         url: str,
         *,
         audit_key: bytes | str | None = None,
+        clock: Callable[[], float] | None = None,
         max_threads: int | None = None,
         **options: Any,
     ) -> AsyncStateManager:
-        """The manager for a store URL: ``memory://``, ``sqlite:///state.db``, ``redis://...``.
+        """The manager for a store URL: ``memory://``, ``sqlite:///state.db``, ``redis://...``,
+        ``postgresql://...``.
 
         ``options`` go to the backend. ``max_threads`` bounds the worker threads of a store
         served through threads (SQLite; default
         :data:`~iron_runtime_state.backends.async_base.DEFAULT_THREADS`).
         """
         key = audit_key_bytes(audit_key)  # a bad key fails before anything is opened
-        return cls(open_async_backend(url, max_threads=max_threads, **options), audit_key=key)
+        return cls(open_async_backend(url, max_threads=max_threads, **options), audit_key=key, clock=clock)
 
     @classmethod
     def with_sqlite(
@@ -239,6 +245,7 @@ class AsyncStateManager(ManagerCore):
         path: str | os.PathLike[str],
         *,
         audit_key: bytes | str | None = None,
+        clock: Callable[[], float] | None = None,
         max_threads: int | None = None,
         **options: Any,
     ) -> AsyncStateManager:
@@ -250,7 +257,7 @@ class AsyncStateManager(ManagerCore):
 
         key = audit_key_bytes(audit_key)
         store = ThreadedAsyncBackend(SQLiteBackend(path, **options), max_threads=max_threads)
-        return cls(store, audit_key=key)
+        return cls(store, audit_key=key, clock=clock)
 
     @classmethod
     def with_redis(
@@ -259,6 +266,7 @@ class AsyncStateManager(ManagerCore):
         *,
         namespace: str = DEFAULT_NAMESPACE,
         audit_key: bytes | str | None = None,
+        clock: Callable[[], float] | None = None,
         **options: Any,
     ) -> AsyncStateManager:
         """A manager over Redis: state shared by every process and host using the same namespace.
@@ -269,7 +277,24 @@ class AsyncStateManager(ManagerCore):
         from .backends.redis import open_redis_async
 
         key = audit_key_bytes(audit_key)
-        return cls(open_redis_async(url, namespace=namespace, **options), audit_key=key)
+        return cls(open_redis_async(url, namespace=namespace, **options), audit_key=key, clock=clock)
+
+    @classmethod
+    def with_postgres(
+        cls,
+        url: str,
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        audit_key: bytes | str | None = None,
+        clock: Callable[[], float] | None = None,
+        **options: Any,
+    ) -> AsyncStateManager:
+        """A manager over PostgreSQL on psycopg's native asyncio connections; see
+        :meth:`iron_runtime_state.StateManager.with_postgres`."""
+        from .backends.postgres import open_async_postgres
+
+        key = audit_key_bytes(audit_key)
+        return cls(open_async_postgres(url, schema=schema, **options), audit_key=key, clock=clock)
 
     @classmethod
     def from_env(cls, **options: Any) -> AsyncStateManager:
@@ -294,12 +319,12 @@ class AsyncStateManager(ManagerCore):
 
     async def save_agent_state(self, state: AgentState) -> None:
         """Insert or replace the agent's state; an invalid state raises and stores nothing."""
-        await self._backend.call("save", check_state(state), time.time())
+        await self._backend.call("save", *self._save_request(state))
 
     async def get_agent_state(self, agent_id: str | AgentId) -> AgentState | None:
         """An independent copy of the agent's state; ``None`` if absent or not a valid id."""
         key = key_of(agent_id)
-        return None if key is None else await self._backend.call("get", key)
+        return None if key is None else self._view(await self._backend.call("get", key))
 
     async def list_agents(self) -> list[str]:
         """Every stored agent's canonical id, in no promised order."""
@@ -317,8 +342,7 @@ class AsyncStateManager(ManagerCore):
 
     async def save_agent_states(self, states: Iterable[AgentState]) -> int:
         """Insert or replace many states in batches; all are validated before any is stored."""
-        batches = self._states_request(states)
-        now = time.time()
+        batches, now = self._states_request(states)
         for batch in batches:
             await self._backend.call("save_many", batch, now)
         return sum(map(len, batches))
@@ -326,7 +350,8 @@ class AsyncStateManager(ManagerCore):
     async def get_agent_states(self, agent_ids: Iterable[str | AgentId]) -> list[AgentState | None]:
         """The states of many agents in one batched read, in order; ``None`` where absent or invalid."""
         wanted, keys = self._ids_request(agent_ids)
-        return self._found(wanted, await self._backend.call("get_many", keys) if keys else [])
+        found = await self._backend.call("get_many", keys) if keys else []
+        return [self._view(state) for state in self._found(wanted, found)]
 
     async def remove_agent_state(self, agent_id: str | AgentId) -> bool:
         """Remove the agent (and its open reservations); ``True`` when something was removed."""
@@ -343,14 +368,40 @@ class AsyncStateManager(ManagerCore):
         """
         if inspect.iscoroutinefunction(fn):
             raise StateTypeError("the update function must be a plain function, not async def")
-        aid, apply = self._update_request(agent_id, fn)
-        return await self._backend.call("update", aid, apply, time.time())  # type: ignore[no-any-return]
+        aid, apply, now = self._update_request(agent_id, fn)
+        return self._changed(await self._backend.call("update", aid, apply, now, self._chain))
 
-    def iter_agent_states(
-        self, *, status: AgentStatus | str | None = None, batch_size: int = BATCH_SIZE
+    async def iter_agent_states(
+        self,
+        *,
+        status: AgentStatus | str | None = None,
+        labels: Mapping[str, str] | None = None,
+        batch_size: int = BATCH_SIZE,
     ) -> AsyncIterator[AgentState]:
-        """Every state, or those with ``status``, fetched ``batch_size`` at a time: ``async for``."""
-        return self._backend.stream("iter_states", *self._iteration_request(status, batch_size))
+        """Every state, or those with ``status`` and every label in ``labels``, fetched
+        ``batch_size`` at a time: ``async for``."""
+        request = self._iteration_request(status, labels, batch_size)
+        async for state in self._backend.stream("iter_states", *request):
+            yield self._view(state)
+
+    async def page_agent_states(
+        self,
+        *,
+        status: AgentStatus | str | None = None,
+        labels: Mapping[str, str] | None = None,
+        order_by: str = "agent_id",
+        descending: bool = False,
+        offset: int = 0,
+        limit: int = 50,
+    ) -> list[AgentState]:
+        """One page of agents, filtered by ``status`` and ``labels`` and sorted by ``order_by``
+        (``agent_id``, ``status``, ``budget_spent`` or ``pii_detections``; ties by id).
+
+        For tables that page through a large fleet; stores answer from their indexes where
+        they keep them. ``limit`` is at most 1,000.
+        """
+        page = self._page_request(status, labels, order_by, descending, offset, limit)
+        return [self._view(state) for state in await self._backend.call("page_agents", page)]
 
     async def stats(self) -> FleetStats:
         """Fleet totals, kept up to date by every change (no agent is read)."""
@@ -375,11 +426,10 @@ class AsyncStateManager(ManagerCore):
         return await self._backend.call("audit_count")  # type: ignore[no-any-return]
 
     @_completes
-    async def record_spend(self, agent_id: str | AgentId, amount: float) -> AgentState:
-        """Atomically add ``amount`` (> 0) to the agent's spend and return the new state.
+    async def record_spend(self, agent_id: str | AgentId, amount: float | int | Decimal | str) -> AgentState:
+        """Atomically add ``amount`` (> 0) to the agent's spend and to each of its budget scopes.
 
-        Past ``budget_limit`` (counting open holds) nothing changes, a ``budget_exceeded`` event
-        is written and :class:`~iron_runtime_state.BudgetExceeded` is raised.
+        See :meth:`iron_runtime_state.StateManager.record_spend`.
         """
         request = self._spend_request(agent_id, amount)
         result = await self._backend.call("record_spend", *request, self._chain)
@@ -403,9 +453,10 @@ class AsyncStateManager(ManagerCore):
 
     @_completes
     async def reserve_budget(
-        self, agent_id: str | AgentId, amount: float, *, ttl: float = DEFAULT_TTL
+        self, agent_id: str | AgentId, amount: float | int | Decimal | str, *, ttl: float = DEFAULT_TTL
     ) -> Reservation:
-        """Hold ``amount`` of the agent's budget before a call whose cost is known only after.
+        """Hold ``amount`` of the agent's budget (and its scopes') before a call whose cost is known
+        only after.
 
         See :meth:`iron_runtime_state.StateManager.reserve_budget`.
         """
@@ -417,7 +468,9 @@ class AsyncStateManager(ManagerCore):
         return self._reserved(request, result)
 
     @_completes
-    async def commit_reservation(self, reservation: Reservation, actual: float) -> AgentState:
+    async def commit_reservation(
+        self, reservation: Reservation, actual: float | int | Decimal | str
+    ) -> AgentState:
         """Record what the call really cost and free the hold, atomically.
 
         See :meth:`iron_runtime_state.StateManager.commit_reservation`.
@@ -427,15 +480,53 @@ class AsyncStateManager(ManagerCore):
 
     async def release_reservation(self, reservation: Reservation) -> None:
         """Free the hold without spending; ``ReservationError`` if it is not open."""
-        await self._backend.call("release", check_reservation(reservation), time.time())
+        await self._backend.call("release", *self._release_request(reservation))
 
     async def budget_available(self, agent_id: str | AgentId) -> float:
-        """What can still be reserved: ``limit - spent - open holds`` (``inf`` without a limit)."""
-        return available(*await self._backend.call("reserved", coerce(agent_id), time.time()))
+        """What can still be reserved: the least ``limit - spent - open holds`` of the agent and
+        its budget scopes (``inf`` without any limit)."""
+        now = self._now()
+        state, held = await self._backend.call("reserved", coerce(agent_id), now)
+        scopes = [await self._backend.call("get_budget", scope, now) for scope in state.budget_scopes]
+        return available(
+            self._view(state), held, [self._budget(row, now) for row in scopes if row is not None]
+        )
+
+    # -- budget scopes -------------------------------------------------------------------------
+
+    @_completes
+    async def set_budget(
+        self,
+        scope: str,
+        *,
+        limit: float | int | Decimal | str | None,
+        period: str | None = None,
+        tz: str = "UTC",
+    ) -> BudgetState:
+        """Create or change a budget scope; see :meth:`iron_runtime_state.StateManager.set_budget`."""
+        request = self._budget_request(scope, limit, period, tz)
+        return self._budget_set(await self._backend.call("set_budget", *request, self._chain), request[-1])
+
+    async def get_budget(self, scope: str) -> BudgetState | None:
+        """The scope's limit, period, current period's start, spend, holds and what is available."""
+        name, now = self._scope_request(scope)
+        row = await self._backend.call("get_budget", name, now)
+        return None if row is None else self._budget(row, now)
+
+    async def list_budgets(self) -> list[BudgetState]:
+        """Every budget scope, sorted by name."""
+        now = self._now()
+        return [self._budget(row, now) for row in await self._backend.call("list_budgets", now)]
+
+    @_completes
+    async def remove_budget(self, scope: str) -> bool:
+        """Remove the scope; see :meth:`iron_runtime_state.StateManager.remove_budget`."""
+        name, now = self._scope_request(scope)
+        return self._budget_removed(await self._backend.call("remove_budget", name, now, self._chain))
 
     @contextlib.asynccontextmanager
     async def budget(
-        self, agent_id: str | AgentId, estimate: float, *, ttl: float = DEFAULT_TTL
+        self, agent_id: str | AgentId, estimate: float | int | Decimal | str, *, ttl: float = DEFAULT_TTL
     ) -> AsyncIterator[AsyncBudgetHold]:
         """A hold as an async context manager::
 
@@ -477,6 +568,38 @@ class AsyncStateManager(ManagerCore):
         """Like :meth:`audit_log`, but streamed page by page: ``async for``."""
         query = self._audit_query(agent_id, event_type, since, until, after_seq, limit)
         return self._read_pages(self._pages(query, page_size))
+
+    def watch(
+        self,
+        *,
+        after_seq: int | None = None,
+        agent_id: str | AgentId | None = None,
+        event_type: str | None = None,
+        idle_timeout: float | None = None,
+    ) -> AsyncIterator[AuditRecord]:
+        """Audit records as they are appended, in ``seq`` order: ``async for``.
+
+        See :meth:`iron_runtime_state.StateManager.watch`.
+        """
+        return self._follow(self._feed(after_seq, agent_id, event_type, idle_timeout))
+
+    async def _follow(self, feed: AuditFeed) -> AsyncIterator[AuditRecord]:
+        """Run a feed (arguments already checked, so a bad one fails at the call)."""
+        call = self._backend.call
+        if feed.last is None:
+            feed.last = (await call("audit_marks")).head[0]
+        while True:
+            head = (await call("audit_marks")).head[0]
+            page = await call("query_audit", feed.next_query())
+            for record in page:
+                yield record
+            feed.advance(page, head)
+            if feed.behind:
+                continue
+            wait = feed.wait()
+            if wait is None:
+                return
+            await call("wait_audit", feed.last, wait)
 
     async def export_audit_log(
         self,
@@ -618,7 +741,7 @@ class AsyncBudgetHold:
         self.reservation = reservation
         self.settled = False
 
-    async def commit(self, actual: float) -> AgentState:
+    async def commit(self, actual: float | int | Decimal | str) -> AgentState:
         """Record what was really spent and free the hold."""
         check_unsettled(self.reservation, self.settled)
         state = await self.manager.commit_reservation(self.reservation, actual)

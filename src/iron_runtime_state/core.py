@@ -26,15 +26,26 @@ import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from random import getrandbits
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, overload
 
 from . import events
 from .audit_chain import GENESIS_HASH, AuditChain, ChainVerifier
-from .backends.base import AuditMarks, AuditQuery, Change, CommitResult, SpendResult, UpdateFn
+from .backends.base import (
+    AGENT_ORDERS,
+    AgentPage,
+    AuditMarks,
+    AuditQuery,
+    BudgetChange,
+    BudgetRow,
+    Change,
+    CommitResult,
+    SpendResult,
+    UpdateFn,
+)
+from .budgets import budget_view, current_start, state_view
 from .errors import BudgetExceeded, ReservationError, StateTypeError, ValidationError
 from .ids import AgentId, coerce, try_parse
 from .models import (
-    MAX_AMOUNT,
     MAX_TIMESTAMP,
     MAX_TTL,
     AgentState,
@@ -43,14 +54,19 @@ from .models import (
     AuditEvent,
     AuditRecord,
     AuditVerification,
+    BudgetState,
     Reservation,
     check_amount,
     check_count,
     check_event_type,
+    check_labels,
+    check_scope,
     check_state,
 )
+from .money import MAX_MICROS, from_micros, to_micros
+from .periods import check_period, check_tz
 
-__all__ = ["BATCH_SIZE", "AuditPages", "ManagerCore", "StoreCall"]
+__all__ = ["BATCH_SIZE", "AuditFeed", "AuditPages", "ManagerCore", "StoreCall"]
 
 
 audit_logger: Final = logging.getLogger("iron_runtime_state.audit")
@@ -63,6 +79,8 @@ VERIFY_BATCH: Final = 5000
 #: Checks of the chain before a failure is reported: a prune that moves the anchor while the
 #: rows are read makes them start past the anchor that was read first, which is no tampering.
 VERIFY_ATTEMPTS: Final = 3
+#: The most agents one page of ``page_agent_states`` holds.
+MAX_PAGE: Final = 1000
 #: Default records per page of ``iter_audit_log``.
 PAGE_SIZE: Final = 5000
 #: Times the verifier reads on past rows appended while it read, before it checks the head.
@@ -90,8 +108,10 @@ class VerifyRows(NamedTuple):
     after_seq: int
 
 
-#: A spend or hold as the store receives it: the id, the amount and the time.
-SpendRequest = tuple[AgentId, float, float]
+#: A spend or hold as the store receives it: the id, the amount in micro-units and the time.
+SpendRequest = tuple[AgentId, int, float]
+#: A clock: Unix seconds now (``time.time`` unless a manager is given another).
+Clock = Callable[[], float]
 
 
 def new_reservation_id() -> str:
@@ -151,7 +171,7 @@ def check_reservation(reservation: object) -> Reservation:
         raise StateTypeError(
             f"Reservation.agent_id must be an AgentId, got {type(reservation.agent_id).__name__}"
         )
-    check_amount(reservation.amount, "Reservation.amount", maximum=MAX_AMOUNT)
+    to_micros(reservation.amount, "Reservation.amount", maximum=MAX_MICROS)
     check_amount(reservation.expires_at, "Reservation.expires_at")
     return reservation
 
@@ -177,11 +197,15 @@ def statuses_of(status: object) -> tuple[AgentStatus, ...]:
     return tuple(AgentStatus.parse(s) for s in status)
 
 
-def available(state: AgentState, reserved: float) -> float:
-    """What can still be reserved: ``limit - spent - open holds`` (``inf`` without a limit)."""
-    if state.budget_limit is None:
-        return math.inf
-    return max(0.0, state.budget_limit - state.budget_spent - reserved)
+def available(state: AgentState, reserved: int, scopes: Sequence[BudgetState] = ()) -> float:
+    """What can still be spent or reserved: the least of ``limit - spent - open holds`` over the
+    agent (``reserved`` micro-units held) and its budget scopes (``inf`` without any limit)."""
+    least = math.inf
+    if state.budget_limit is not None:
+        least = from_micros(max(0, to_micros(state.budget_limit) - to_micros(state.budget_spent) - reserved))
+    for scope in scopes:
+        least = min(least, scope.available)
+    return least
 
 
 def check_unsettled(reservation: Reservation, settled: bool) -> None:
@@ -236,6 +260,59 @@ class AuditPages:
             self._remaining -= len(page)
 
 
+#: Records read per query while a feed catches up.
+FEED_BATCH: Final = 500
+#: The longest one wait of a feed lasts, so that a feed notices when it should stop.
+FEED_WAIT: Final = 1.0
+
+
+@dataclass
+class AuditFeed:
+    """The cursor of ``watch()``: which records to ask for next, and how long to wait (no I/O).
+
+    A driver runs it so::
+
+        if feed.last is None: feed.last = <head seq>            # start from now
+        while True:
+            head = <head seq>; page = <query feed.next_query()>
+            <hand out page>; feed.advance(page, head)
+            if feed.behind: continue
+            wait = feed.wait(); if wait is None: return            # idle too long
+            <wait_audit(feed.last, wait)>
+
+    Records are handed out in ``seq`` order, each once: a feed resumed from the last ``seq`` it
+    handed out misses nothing and repeats nothing. With filters, ``last`` moves past records
+    that do not match (up to the head read before the query), so waiting does not spin on them.
+    """
+
+    query: AuditQuery
+    idle_timeout: float | None
+    last: int | None = None
+    behind: bool = False
+    _idle_since: float = field(default_factory=time.monotonic)
+
+    def next_query(self) -> AuditQuery:
+        """The query for the records after the last one handed out."""
+        q = self.query
+        return AuditQuery(q.agent_id, q.event_type, None, None, self.last, FEED_BATCH)
+
+    def advance(self, page: Sequence[AuditRecord], head: int) -> None:
+        """Move past ``page`` (and past ``head``, the head read before it, unless more are waiting)."""
+        self.behind = len(page) >= FEED_BATCH
+        if page:
+            self._idle_since = time.monotonic()
+            self.last = page[-1].seq
+        if not self.behind and self.last is not None:
+            self.last = max(self.last, head)
+
+    def wait(self) -> float | None:
+        """How long to wait for a new record now; ``None`` when the feed was idle for its timeout."""
+        if self.idle_timeout is None:
+            return FEED_WAIT
+        left = self.idle_timeout - (time.monotonic() - self._idle_since)
+        return None if left <= 0 else min(FEED_WAIT, left)
+
+
 class ManagerCore:
     """The rules of every manager operation, with no I/O; both managers derive from it.
 
@@ -245,17 +322,49 @@ class ManagerCore:
     """
 
     _chain: AuditChain
+    _clock: Clock
 
-    def __init__(self, audit_key: bytes | str | None) -> None:
+    def __init__(self, audit_key: bytes | str | None, clock: Clock | None = None) -> None:
+        if clock is not None and not callable(clock):
+            raise StateTypeError(
+                f"clock must be a callable returning Unix seconds, got {type(clock).__name__}"
+            )
         self._chain = AuditChain(audit_key_bytes(audit_key))
+        self._clock = time.time if clock is None else clock
+
+    def _now(self) -> float:
+        """Unix seconds now, by the manager's clock (periods are read with it)."""
+        return self._clock()
+
+    @overload
+    def _view(self, state: AgentState) -> AgentState: ...
+    @overload
+    def _view(self, state: AgentState | None) -> AgentState | None: ...
+    def _view(self, state: AgentState | None) -> AgentState | None:
+        """A state as read now: a period that has ended shows its new period (see :mod:`.budgets`)."""
+        if state is not None and state.budget_period is not None:
+            return state_view(state, self._clock())
+        return state
+
+    def _save_request(self, state: AgentState) -> tuple[AgentState, float]:
+        """A validated private copy of ``state`` starting the current period, and the time."""
+        now = self._clock()
+        return self._stamped(check_state(state), now), now
 
     # -- agent states -----------------------------------------------------------------------------
 
+    def _states_request(self, states: Iterable[AgentState]) -> tuple[list[list[AgentState]], float]:
+        """Every state validated (before any is stored), cut into write batches, and the time."""
+        now = self._clock()
+        checked = [self._stamped(check_state(state), now) for state in states]
+        return [checked[i : i + BATCH_SIZE] for i in range(0, len(checked), BATCH_SIZE)], now
+
     @staticmethod
-    def _states_request(states: Iterable[AgentState]) -> list[list[AgentState]]:
-        """Every state validated (before any is stored), cut into write batches."""
-        checked = [check_state(state) for state in states]
-        return [checked[i : i + BATCH_SIZE] for i in range(0, len(checked), BATCH_SIZE)]
+    def _stamped(state: AgentState, now: float) -> AgentState:
+        """A saved state's spend counts in the period that contains ``now``."""
+        if state.budget_period is not None:
+            state.period_start = current_start(state.budget_period, state.budget_tz, now)
+        return state
 
     @staticmethod
     def _ids_request(agent_ids: Iterable[str | AgentId]) -> tuple[list[AgentId | None], list[str]]:
@@ -269,17 +378,18 @@ class ManagerCore:
         states = iter(found)
         return [None if a is None else next(states) for a in wanted]
 
-    @staticmethod
     def _update_request(
-        agent_id: str | AgentId, fn: Callable[[AgentState], AgentState]
-    ) -> tuple[AgentId, UpdateFn]:
-        """The id, and the user's function wrapped so its result is checked in the atomic section."""
+        self, agent_id: str | AgentId, fn: Callable[[AgentState], AgentState]
+    ) -> tuple[AgentId, UpdateFn, float]:
+        """The id, the user's function wrapped so its result is checked in the atomic section, and
+        the time. A result that keeps the period keeps its start; a new period starts now."""
         aid = coerce(agent_id)
         if not callable(fn):
             raise StateTypeError(f"update function must be callable, got {type(fn).__name__}")
+        now = self._clock()
 
         def apply(current: AgentState) -> AgentState:
-            new = fn(current)
+            new = fn(current.copy())
             if not isinstance(new, AgentState):
                 raise StateTypeError(
                     f"the update function must return an AgentState, got {type(new).__name__}; "
@@ -290,35 +400,67 @@ class ManagerCore:
                     f"the update function changed agent_id from {aid} to {new.agent_id}; "
                     "save a new agent with save_agent_state instead"
                 )
-            return check_state(new)
+            checked = check_state(new)
+            same_period = (checked.budget_period, checked.budget_tz) == (
+                current.budget_period,
+                current.budget_tz,
+            )
+            if same_period and current.period_start is not None:
+                checked.period_start = current.period_start
+                return checked
+            return self._stamped(checked, now)
 
-        return aid, apply
+        return aid, apply, now
+
+    @staticmethod
+    def _page_request(
+        status: AgentStatus | str | None,
+        labels: object,
+        order_by: object,
+        descending: object,
+        offset: object,
+        limit: object,
+    ) -> AgentPage:
+        """The filters, order and window of ``page_agent_states``."""
+        if order_by not in AGENT_ORDERS:
+            raise ValidationError(
+                f"order_by must be one of {', '.join(AGENT_ORDERS)}; got {str(order_by)[:40]!r}"
+            )
+        if not isinstance(descending, bool):
+            raise StateTypeError(f"descending must be a bool, got {type(descending).__name__}")
+        return AgentPage(
+            None if status is None else AgentStatus.parse(status),
+            None if labels is None else check_labels(labels) or None,
+            str(order_by),
+            descending,
+            check_count(offset, "offset"),
+            min(check_count(limit, "limit", minimum=1), MAX_PAGE),
+        )
 
     @staticmethod
     def _iteration_request(
-        status: AgentStatus | str | None, batch_size: object
-    ) -> tuple[AgentStatus | None, int]:
-        """The status filter and batch size of ``iter_agent_states``."""
+        status: AgentStatus | str | None, labels: object, batch_size: object
+    ) -> tuple[AgentStatus | None, dict[str, str] | None, int]:
+        """The status and label filters and the batch size of ``iter_agent_states``."""
         wanted = None if status is None else AgentStatus.parse(status)
-        return wanted, check_count(batch_size, "batch_size", minimum=1)
+        wanted_labels = None if labels is None else check_labels(labels) or None
+        return wanted, wanted_labels, check_count(batch_size, "batch_size", minimum=1)
 
-    @staticmethod
     def _purge_request(
-        status: AgentStatus | str | Iterable[AgentStatus | str], older_than: object
+        self, status: AgentStatus | str | Iterable[AgentStatus | str], older_than: object
     ) -> tuple[tuple[AgentStatus, ...], float]:
         """The statuses and the cut-off time of ``purge_agents``; running agents are never purged."""
         wanted = statuses_of(status)
         if AgentStatus.RUNNING in wanted:
             raise ValidationError("purge_agents removes finished agents only; pass STOPPED and/or FAILED")
-        return wanted, time.time() - check_amount(older_than, "older_than (seconds)")
+        return wanted, self._clock() - check_amount(older_than, "older_than (seconds)")
 
     # -- counters, status and spends --------------------------------------------------------------
 
-    @staticmethod
-    def _spend_request(agent_id: str | AgentId, amount: object) -> SpendRequest:
-        """The id, the amount (> 0, at most :data:`MAX_AMOUNT`) and the time of a spend or a hold."""
-        value = check_amount(amount, "amount", allow_zero=False, maximum=MAX_AMOUNT)
-        return coerce(agent_id), value, time.time()
+    def _spend_request(self, agent_id: str | AgentId, amount: object) -> SpendRequest:
+        """The id, the amount in micro-units (at least one, at most a billion units) and the time."""
+        micros = to_micros(amount, "amount", allow_zero=False, maximum=MAX_MICROS)
+        return coerce(agent_id), micros, self._clock()
 
     @staticmethod
     def _ttl(ttl: object) -> float:
@@ -327,15 +469,25 @@ class ManagerCore:
 
     @staticmethod
     def _refusal(request: SpendRequest, result: SpendResult) -> BudgetExceeded:
-        """The error for a spend or hold past the limit (the store wrote its event)."""
+        """The error for a spend or hold past a limit (the store wrote its event)."""
         aid, amount, _ = request
+        budget = result.budget
+        if budget is not None:
+            return BudgetExceeded(
+                aid.as_str(),
+                limit=math.inf if budget.limit is None else from_micros(budget.limit),
+                spent=from_micros(budget.spent),
+                requested=from_micros(amount),
+                reserved=from_micros(budget.held),
+                scope=budget.scope,
+            )
         state = result.state
         return BudgetExceeded(
             aid.as_str(),
             limit=state.budget_limit if state.budget_limit is not None else math.inf,
             spent=state.budget_spent,
-            requested=amount,
-            reserved=result.reserved,
+            requested=from_micros(amount),
+            reserved=from_micros(result.reserved),
         )
 
     def _spent(self, request: SpendRequest, result: SpendResult) -> AgentState:
@@ -354,11 +506,14 @@ class ManagerCore:
             raise self._refusal(request, result)
         return result
 
-    @staticmethod
-    def _commit_request(reservation: object, actual: object) -> tuple[Reservation, float, float]:
-        """The hold, what it really cost (>= 0, at most :data:`MAX_AMOUNT`) and the time."""
+    def _commit_request(self, reservation: object, actual: object) -> tuple[Reservation, int, float]:
+        """The hold, what it really cost (micro-units, at most a billion units) and the time."""
         held = check_reservation(reservation)
-        return held, check_amount(actual, "actual", maximum=MAX_AMOUNT), time.time()
+        return held, to_micros(actual, "actual", maximum=MAX_MICROS), self._clock()
+
+    def _release_request(self, reservation: object) -> tuple[Reservation, float]:
+        """The hold to drop and the time."""
+        return check_reservation(reservation), self._clock()
 
     @staticmethod
     def _changed(result: CommitResult | Change) -> AgentState:
@@ -367,24 +522,57 @@ class ManagerCore:
             log_events(result.records)
         return result.state
 
-    @staticmethod
     def _pii_request(
-        agent_id: str | AgentId, count: object, details: object
+        self, agent_id: str | AgentId, count: object, details: object
     ) -> tuple[AgentId, int, float, AuditEvent]:
         """The id, the count (>= 1), the time, and the ``pii_detected`` event, checked before any change."""
         aid = coerce(agent_id)
         n = check_count(count, "count", minimum=1)
         if not isinstance(details, str):
             raise StateTypeError(f"details must be a str, got {type(details).__name__}")
-        now = time.time()
+        now = self._clock()
         return aid, n, now, events.pii_detected(aid, n, details, now)
 
-    @staticmethod
     def _status_request(
-        agent_id: str | AgentId, status: AgentStatus | str
+        self, agent_id: str | AgentId, status: AgentStatus | str
     ) -> tuple[AgentId, AgentStatus, float]:
         """The id, the new status and the time."""
-        return coerce(agent_id), AgentStatus.parse(status), time.time()
+        return coerce(agent_id), AgentStatus.parse(status), self._clock()
+
+    # -- budget scopes -----------------------------------------------------------------------------
+
+    def _budget_request(
+        self, scope: object, limit: object, period: object, tz: object
+    ) -> tuple[str, int | None, str | None, str, float]:
+        """The scope, its limit in micro-units (``None``: no limit), period, time zone and the time."""
+        name = check_scope(scope)
+        micros = None if limit is None else to_micros(limit, "limit", maximum=MAX_MICROS)
+        return name, micros, check_period(period), check_tz(tz), self._clock()
+
+    def _scope_request(self, scope: object) -> tuple[str, float]:
+        """A scope's name, checked, and the time."""
+        return check_scope(scope), self._clock()
+
+    @staticmethod
+    def _budget(row: BudgetRow, now: float) -> BudgetState:
+        """A stored scope as read at ``now``."""
+        return budget_view(
+            row.scope, row.limit, row.period, row.tz, row.period_start, row.spent, row.held, now
+        )
+
+    def _budget_set(self, change: BudgetChange, now: float) -> BudgetState:
+        """The outcome of ``set_budget``: the scope as it now reads."""
+        if change.records:
+            log_events(change.records)
+        assert change.budget is not None  # set_budget always leaves the scope
+        return self._budget(change.budget, now)
+
+    @staticmethod
+    def _budget_removed(change: BudgetChange) -> bool:
+        """The outcome of ``remove_budget``: whether there was a scope to remove."""
+        if change.records:
+            log_events(change.records)
+        return change.budget is not None
 
     # -- the audit trail --------------------------------------------------------------------------
 
@@ -416,6 +604,18 @@ class ManagerCore:
             limit=None if limit is None else check_count(limit, "limit"),
         )
 
+    def _feed(
+        self,
+        after_seq: int | None,
+        agent_id: str | AgentId | None,
+        event_type: str | None,
+        idle_timeout: float | None,
+    ) -> AuditFeed:
+        """The cursor of ``watch()``."""
+        query = self._audit_query(agent_id, event_type, None, None, after_seq, None)
+        idle = None if idle_timeout is None else check_amount(idle_timeout, "idle_timeout (seconds)")
+        return AuditFeed(query, idle, query.after_seq)
+
     def _pages(self, query: AuditQuery, page_size: object) -> AuditPages:
         """The cursor of ``iter_audit_log``."""
         return AuditPages(query, check_count(page_size, "page_size", minimum=1))
@@ -423,7 +623,7 @@ class ManagerCore:
     def _checkpoint(self, marks: AuditMarks) -> AuditCheckpoint:
         """A witness of the head in ``marks``, signed with the audit key when there is one."""
         seq, digest = marks.head
-        unsigned = AuditCheckpoint(seq, digest, int(time.time()))
+        unsigned = AuditCheckpoint(seq, digest, int(self._clock()))
         return AuditCheckpoint(seq, digest, unsigned.time, self._sign(unsigned))
 
     def _sign(self, checkpoint: AuditCheckpoint) -> str:

@@ -31,6 +31,7 @@ __all__ = [
     "BackendError",
     "BackendUnavailable",
     "BudgetExceeded",
+    "BudgetNotFound",
     "ConfigurationError",
     "IdError",
     "IdErrorCode",
@@ -118,10 +119,11 @@ class AgentNotRunning(StateError):
 
 
 class BudgetExceeded(StateError):
-    """A spend or a hold that would take the agent past its ``budget_limit``.
+    """A spend or a hold that would take an agent, or a budget scope it draws on, past its limit.
 
-    Nothing was changed; a ``budget_exceeded`` audit event was written.
-    ``spent`` is the committed spend and ``reserved`` the open holds at the moment of the check.
+    Nothing was charged anywhere; a ``budget_exceeded`` audit event was written. ``scope`` names
+    the budget scope that refused (``None``: the agent's own ``budget_limit``); ``limit``,
+    ``spent`` and ``reserved`` are that budget's, at the moment of the check.
     """
 
     def __init__(
@@ -131,17 +133,41 @@ class BudgetExceeded(StateError):
         spent: float,
         requested: float,
         reserved: float = 0.0,
+        scope: str | None = None,
     ) -> None:
         held = f" with {reserved:g} held by open reservations" if reserved else ""
+        if scope is None:
+            what, fix = "its budget limit", "raise budget_limit or spend less"
+        else:
+            what = f"the limit of budget scope {scope!r}"
+            fix = f"raise it with set_budget({scope!r}, limit=...) or spend less"
         super().__init__(
-            f"agent {agent_id} would pass its budget limit: {spent:g} spent{held} + "
-            f"{requested:g} requested > limit {limit:g}; raise budget_limit or spend less"
+            f"agent {agent_id} would pass {what}: {spent:g} spent{held} + "
+            f"{requested:g} requested > limit {limit:g}; {fix}"
         )
         self.agent_id = agent_id
         self.limit = limit
         self.spent = spent
         self.requested = requested
         self.reserved = reserved
+        self.scope = scope
+
+
+class BudgetNotFound(StateError, KeyError):
+    """A budget scope that was never set (or was removed), named by an agent or a call."""
+
+    def __init__(self, scope: str, agent_id: str | None = None) -> None:
+        super().__init__(scope)
+        self.scope = scope
+        self.agent_id = agent_id
+
+    def __str__(self) -> str:
+        who = f"agent {self.agent_id} draws on budget scope" if self.agent_id else "budget scope"
+        return (
+            f"{who} {self.scope!r}, which does not exist; create it with "
+            f"set_budget({self.scope!r}, limit=...) (limit=None tracks spend without a limit), "
+            "or remove it from the agent's budget_scopes"
+        )
 
 
 class ReservationError(StateError):

@@ -8,15 +8,22 @@ exactly what the manager would have.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from .ids import AgentId
-from .models import AgentState, AgentStatus, AuditEvent, Reservation
+from .models import AgentStatus, AuditEvent
+from .money import from_micros
 
 __all__ = [
     "REWOUND_AGENT",
+    "SYSTEM_AGENT",
     "audit_rewound",
     "budget_exceeded",
+    "budget_removed",
+    "budget_reset",
+    "budget_set",
     "event_json",
+    "hold_expired",
     "overspent",
     "pii_detected",
     "status_changed",
@@ -28,31 +35,108 @@ def event_json(**fields: object) -> str:
     return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
 
+def _budget_fields(scope: str | None) -> dict[str, object]:
+    """The ``scope`` field of a budget event: present only for a scope (agent events keep 0.4's shape)."""
+    return {} if scope is None else {"scope": scope}
+
+
 def budget_exceeded(
-    agent_id: AgentId, state: AgentState, reserved: float, requested: float, now: float, action: str
+    agent_id: AgentId,
+    now: float,
+    action: str,
+    *,
+    limit: int,
+    spent: int,
+    reserved: int,
+    requested: int,
+    scope: str | None = None,
 ) -> AuditEvent:
-    """A spend (``action="spend"``) or hold (``"reserve"``) refused because it would pass the limit."""
+    """A spend (``action="spend"``) or hold (``"reserve"``) of ``agent_id`` refused because it would
+    pass the limit of the agent (``scope=None``) or of the budget scope named. Amounts in micro-units."""
     details = event_json(
         action=action,
-        limit=state.budget_limit,
-        spent=state.budget_spent,
-        reserved=reserved,
-        requested=requested,
+        limit=from_micros(limit),
+        spent=from_micros(spent),
+        reserved=from_micros(reserved),
+        requested=from_micros(requested),
+        **_budget_fields(scope),
     )
     return AuditEvent._trusted(agent_id, "budget_exceeded", int(now), details)
 
 
-def overspent(state: AgentState, reservation: Reservation, actual: float, now: float) -> AuditEvent:
-    """A commit whose real cost took the agent past its limit (the spend stands)."""
+def overspent(
+    agent_id: AgentId,
+    now: float,
+    reservation_id: str,
+    *,
+    limit: int,
+    spent: int,
+    committed: int,
+    reserved: int,
+    scope: str | None = None,
+) -> AuditEvent:
+    """A commit whose real cost took the agent (or a scope it draws on) past its limit; the spend
+    stands. ``spent`` is the total after the commit; amounts in micro-units."""
     details = event_json(
         action="commit",
-        limit=state.budget_limit,
-        spent=state.budget_spent,
-        committed=actual,
-        reserved=reservation.amount,
-        reservation=reservation.reservation_id,
+        limit=from_micros(limit),
+        spent=from_micros(spent),
+        committed=from_micros(committed),
+        reserved=from_micros(reserved),
+        reservation=reservation_id,
+        **_budget_fields(scope),
     )
-    return AuditEvent._trusted(state.agent_id, "budget_exceeded", int(now), details)
+    return AuditEvent._trusted(agent_id, "budget_exceeded", int(now), details)
+
+
+def budget_reset(
+    agent_id: AgentId | None,
+    scope: str | None,
+    period: str,
+    tz: str,
+    period_start: float,
+    spent: int,
+    now: float,
+) -> AuditEvent:
+    """A budget's period ended: its spend (``spent`` micro-units, in the period that started at
+    ``period_start``) starts from zero. An agent's own budget (``scope=None``) or a scope's."""
+    details = event_json(
+        period=period,
+        tz=tz,
+        period_start=int(period_start),
+        spent=from_micros(spent),
+        **_budget_fields(scope),
+    )
+    return AuditEvent._trusted(agent_id or SYSTEM_AGENT, "budget_reset", int(now), details)
+
+
+def budget_set(scope: str, limit: int | None, period: str | None, tz: str, now: float) -> AuditEvent:
+    """A budget scope was created or changed by ``set_budget``."""
+    details = event_json(
+        scope=scope, limit=None if limit is None else from_micros(limit), period=period, tz=tz
+    )
+    return AuditEvent._trusted(SYSTEM_AGENT, "budget_set", int(now), details)
+
+
+def budget_removed(scope: str, spent: int, now: float) -> AuditEvent:
+    """A budget scope was removed by ``remove_budget`` (``spent``: its spend in the open period)."""
+    details = event_json(scope=scope, spent=from_micros(spent))
+    return AuditEvent._trusted(SYSTEM_AGENT, "budget_removed", int(now), details)
+
+
+def hold_expired(
+    agent_id: AgentId, reservation_id: str, amount: int, expires_at: float, scopes: Sequence[str], now: float
+) -> AuditEvent:
+    """A budget hold lapsed unsettled (its caller neither committed nor released it before
+    ``expires_at``; often a crashed process): the budget it held is free again. Written by the
+    store when it drops the hold, at the first operation on the agent after the expiry."""
+    details = event_json(
+        reservation=reservation_id,
+        amount=from_micros(amount),
+        expires_at=int(expires_at),
+        scopes=list(scopes),
+    )
+    return AuditEvent._trusted(agent_id, "hold_expired", int(now), details)
 
 
 def pii_detected(agent_id: AgentId, count: int, details: str, now: float) -> AuditEvent:
@@ -60,8 +144,10 @@ def pii_detected(agent_id: AgentId, count: int, details: str, now: float) -> Aud
     return AuditEvent(agent_id, "pii_detected", int(now), event_json(count=count, details=details))
 
 
-#: The agent id of the trail's own events (``audit_rewound``), which concern no agent.
-REWOUND_AGENT = AgentId.test_fixture(0)
+#: The agent id of events that concern no agent: the trail's own (``audit_rewound``) and budget
+#: scopes' (``budget_set``, ``budget_removed``, a scope's ``budget_reset``).
+SYSTEM_AGENT = AgentId.test_fixture(0)
+REWOUND_AGENT = SYSTEM_AGENT
 
 
 def audit_rewound(expected: tuple[int, str], found: tuple[int, str], now: float) -> AuditEvent:

@@ -9,25 +9,25 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from decimal import Decimal
 from types import TracebackType
 from typing import IO, Any, Literal, TypeVar
 
 from .backends import Backend, open_backend
 from .backends.memory import MemoryBackend
-from .config import DEFAULT_NAMESPACE, env_config
+from .config import DEFAULT_NAMESPACE, DEFAULT_SCHEMA, env_config
 from .core import (
     BATCH_SIZE,
     DEFAULT_TTL,
     PAGE_SIZE,
     VERIFY_BATCH,
+    AuditFeed,
     AuditPages,
     ManagerCore,
     StoreCall,
     VerifyRows,
     available,
-    check_reservation,
     check_timestamp,
     check_unsettled,
     log_events,
@@ -44,9 +44,9 @@ from .models import (
     AuditEvent,
     AuditRecord,
     AuditVerification,
+    BudgetState,
     FleetStats,
     Reservation,
-    check_state,
 )
 
 __all__ = ["BudgetHold", "StateManager"]
@@ -62,26 +62,49 @@ class StateManager(ManagerCore):
     store's connections and files.
     """
 
-    def __init__(self, backend: Backend | None = None, *, audit_key: bytes | str | None = None):
-        """Use ``backend`` (in-memory when ``None``); ``audit_key`` makes the chain HMAC-keyed."""
+    def __init__(
+        self,
+        backend: Backend | None = None,
+        *,
+        audit_key: bytes | str | None = None,
+        clock: Callable[[], float] | None = None,
+    ):
+        """Use ``backend`` (in-memory when ``None``); ``audit_key`` makes the chain HMAC-keyed.
+
+        ``clock`` (Unix seconds, ``time.time`` by default) is the time budget periods and audit
+        events are read with: tests pass one to cross a period boundary.
+        """
         if backend is not None and not isinstance(backend, Backend):
             raise StateTypeError(f"backend must be a Backend, got {type(backend).__name__}")
-        super().__init__(audit_key)
+        super().__init__(audit_key, clock)
         self._backend: Backend = backend if backend is not None else MemoryBackend()
 
     # -- constructors --------------------------------------------------------------------------
 
     @classmethod
-    def from_url(cls, url: str, *, audit_key: bytes | str | None = None, **options: Any) -> StateManager:
-        """The manager for a store URL: ``memory://``, ``sqlite:///state.db``, ``redis://...``.
+    def from_url(
+        cls,
+        url: str,
+        *,
+        audit_key: bytes | str | None = None,
+        clock: Callable[[], float] | None = None,
+        **options: Any,
+    ) -> StateManager:
+        """The manager for a store URL: ``memory://``, ``sqlite:///state.db``, ``redis://...``,
+        ``postgresql://...``.
 
         ``options`` go to the backend (see the README for each backend's options).
         """
-        return cls(open_backend(url, **options), audit_key=audit_key)
+        return cls(open_backend(url, **options), audit_key=audit_key, clock=clock)
 
     @classmethod
     def with_sqlite(
-        cls, path: str | os.PathLike[str], *, audit_key: bytes | str | None = None, **options: Any
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        audit_key: bytes | str | None = None,
+        clock: Callable[[], float] | None = None,
+        **options: Any,
     ) -> StateManager:
         """A manager over one SQLite file (created if missing); state and audit trail persist.
 
@@ -89,7 +112,7 @@ class StateManager(ManagerCore):
         """
         from .backends.sqlite import SQLiteBackend
 
-        return cls(SQLiteBackend(path, **options), audit_key=audit_key)
+        return cls(SQLiteBackend(path, **options), audit_key=audit_key, clock=clock)
 
     @classmethod
     def with_redis(
@@ -98,6 +121,7 @@ class StateManager(ManagerCore):
         *,
         namespace: str = DEFAULT_NAMESPACE,
         audit_key: bytes | str | None = None,
+        clock: Callable[[], float] | None = None,
         **options: Any,
     ) -> StateManager:
         """A manager over Redis: state shared by every process and host using the same namespace.
@@ -106,7 +130,25 @@ class StateManager(ManagerCore):
         """
         from .backends.redis import open_redis
 
-        return cls(open_redis(url, namespace=namespace, **options), audit_key=audit_key)
+        return cls(open_redis(url, namespace=namespace, **options), audit_key=audit_key, clock=clock)
+
+    @classmethod
+    def with_postgres(
+        cls,
+        url: str,
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        audit_key: bytes | str | None = None,
+        clock: Callable[[], float] | None = None,
+        **options: Any,
+    ) -> StateManager:
+        """A manager over PostgreSQL (``postgresql://user:password@host:5432/db``), in ``schema``.
+
+        Needs the ``postgres`` extra. ``options`` go to the PostgreSQL backend (see docs/postgres.md).
+        """
+        from .backends.postgres import open_postgres
+
+        return cls(open_postgres(url, schema=schema, **options), audit_key=audit_key, clock=clock)
 
     @classmethod
     def from_env(cls, **options: Any) -> StateManager:
@@ -131,12 +173,12 @@ class StateManager(ManagerCore):
 
     def save_agent_state(self, state: AgentState) -> None:
         """Insert or replace the agent's state; an invalid state raises and stores nothing."""
-        self._backend.save(check_state(state), time.time())
+        self._backend.save(*self._save_request(state))
 
     def get_agent_state(self, agent_id: str | AgentId) -> AgentState | None:
         """An independent copy of the agent's state; ``None`` if absent or not a valid id."""
         key = key_of(agent_id)
-        return None if key is None else self._backend.get(key)
+        return None if key is None else self._view(self._backend.get(key))
 
     def list_agents(self) -> list[str]:
         """Every stored agent's canonical id, in no promised order."""
@@ -157,8 +199,7 @@ class StateManager(ManagerCore):
 
         Returns how many were saved. Used for imports and ``iron-state copy``.
         """
-        batches = self._states_request(states)
-        now = time.time()
+        batches, now = self._states_request(states)
         for batch in batches:
             self._backend.save_many(batch, now)
         return sum(map(len, batches))
@@ -166,7 +207,7 @@ class StateManager(ManagerCore):
     def get_agent_states(self, agent_ids: Iterable[str | AgentId]) -> list[AgentState | None]:
         """The states of many agents in one batched read, in order; ``None`` where absent or invalid."""
         wanted, keys = self._ids_request(agent_ids)
-        return self._found(wanted, self._backend.get_many(keys) if keys else [])
+        return [self._view(s) for s in self._found(wanted, self._backend.get_many(keys) if keys else [])]
 
     def remove_agent_state(self, agent_id: str | AgentId) -> bool:
         """Remove the agent (and its open reservations); ``True`` when something was removed."""
@@ -180,14 +221,38 @@ class StateManager(ManagerCore):
         No concurrent update is lost. ``fn`` may run more than once, so it must be pure (and must
         not call this manager). Raises ``AgentNotFound`` when the agent has no state.
         """
-        aid, apply = self._update_request(agent_id, fn)
-        return self._backend.update(aid, apply, time.time())
+        aid, apply, now = self._update_request(agent_id, fn)
+        return self._changed(self._backend.update(aid, apply, now, self._chain))
 
     def iter_agent_states(
-        self, *, status: AgentStatus | str | None = None, batch_size: int = BATCH_SIZE
+        self,
+        *,
+        status: AgentStatus | str | None = None,
+        labels: Mapping[str, str] | None = None,
+        batch_size: int = BATCH_SIZE,
     ) -> Iterator[AgentState]:
-        """Every state, or those with ``status``, fetched ``batch_size`` at a time."""
-        return self._backend.iter_states(*self._iteration_request(status, batch_size))
+        """Every state, or those with ``status`` and every label in ``labels``, ``batch_size`` at a time."""
+        for state in self._backend.iter_states(*self._iteration_request(status, labels, batch_size)):
+            yield self._view(state)
+
+    def page_agent_states(
+        self,
+        *,
+        status: AgentStatus | str | None = None,
+        labels: Mapping[str, str] | None = None,
+        order_by: str = "agent_id",
+        descending: bool = False,
+        offset: int = 0,
+        limit: int = 50,
+    ) -> list[AgentState]:
+        """One page of agents, filtered by ``status`` and ``labels`` and sorted by ``order_by``
+        (``agent_id``, ``status``, ``budget_spent`` or ``pii_detections``; ties by id).
+
+        For tables that page through a large fleet; stores answer from their indexes where
+        they keep them. ``limit`` is at most 1,000.
+        """
+        page = self._page_request(status, labels, order_by, descending, offset, limit)
+        return [self._view(state) for state in self._backend.page_agents(page)]
 
     def stats(self) -> FleetStats:
         """Fleet totals, kept up to date by every change (no agent is read)."""
@@ -214,12 +279,15 @@ class StateManager(ManagerCore):
         """How many records the audit trail holds."""
         return self._backend.audit_count()
 
-    def record_spend(self, agent_id: str | AgentId, amount: float) -> AgentState:
-        """Atomically add ``amount`` (> 0) to the agent's spend and return the new state.
+    def record_spend(self, agent_id: str | AgentId, amount: float | int | Decimal | str) -> AgentState:
+        """Atomically add ``amount`` (> 0) to the agent's spend and to each of its budget scopes.
 
-        If ``spent + open reservations + amount`` would pass ``budget_limit``, nothing changes,
-        a ``budget_exceeded`` event is written and :class:`BudgetExceeded` is raised. Raises
-        ``AgentNotRunning`` for an agent that is stopped or failed.
+        All or nothing: if ``spent + open holds + amount`` would pass the limit of the agent or of
+        any scope it draws on, nothing is charged anywhere, a ``budget_exceeded`` event is
+        written and :class:`BudgetExceeded` (naming the ``scope``) is raised. A budget whose
+        period ended starts its new one first (``budget_reset``). Raises ``AgentNotRunning`` for
+        an agent that is stopped or failed, ``BudgetNotFound`` for a scope that does not exist.
+        Amounts are kept to the micro-unit (0.000001).
         """
         request = self._spend_request(agent_id, amount)
         return self._spent(request, self._backend.record_spend(*request, self._chain))
@@ -239,12 +307,13 @@ class StateManager(ManagerCore):
     # -- reservations ----------------------------------------------------------------------------
 
     def reserve_budget(
-        self, agent_id: str | AgentId, amount: float, *, ttl: float = DEFAULT_TTL
+        self, agent_id: str | AgentId, amount: float | int | Decimal | str, *, ttl: float = DEFAULT_TTL
     ) -> Reservation:
-        """Hold ``amount`` of the agent's budget before a call whose cost is known only after.
+        """Hold ``amount`` of the agent's budget, and of each of its scopes, before a call whose
+        cost is known only after.
 
-        Admitted only if ``spent + open holds + amount <= budget_limit``, atomically; otherwise
-        a ``budget_exceeded`` event and :class:`BudgetExceeded`. Settle it with
+        Admitted only if ``spent + open holds + amount <= limit`` for the agent and every scope,
+        atomically; otherwise a ``budget_exceeded`` event and :class:`BudgetExceeded`. Settle it with
         :meth:`commit_reservation` or :meth:`release_reservation`; after ``ttl`` seconds the
         store releases it by itself, even if this process died.
         """
@@ -253,8 +322,9 @@ class StateManager(ManagerCore):
         result = self._backend.reserve(aid, value, self._ttl(ttl), now, new_reservation_id(), self._chain)
         return self._reserved(request, result)
 
-    def commit_reservation(self, reservation: Reservation, actual: float) -> AgentState:
-        """Record what the call really cost and free the hold, atomically.
+    def commit_reservation(self, reservation: Reservation, actual: float | int | Decimal | str) -> AgentState:
+        """Record what the call really cost (on the agent and the hold's scopes) and free the hold,
+        atomically.
 
         The spend is recorded even if it passes the limit (it was spent); then a
         ``budget_exceeded`` event is written. Committing a hold that is not open raises
@@ -265,13 +335,60 @@ class StateManager(ManagerCore):
 
     def release_reservation(self, reservation: Reservation) -> None:
         """Free the hold without spending; :class:`ReservationError` if it is not open."""
-        self._backend.release(check_reservation(reservation), time.time())
+        self._backend.release(*self._release_request(reservation))
 
     def budget_available(self, agent_id: str | AgentId) -> float:
-        """What can still be reserved: ``limit - spent - open holds`` (``inf`` without a limit)."""
-        return available(*self._backend.reserved(coerce(agent_id), time.time()))
+        """What can still be reserved: the least ``limit - spent - open holds`` of the agent and
+        its budget scopes (``inf`` without any limit)."""
+        now = self._now()
+        state, held = self._backend.reserved(coerce(agent_id), now)
+        scopes = [self._backend.get_budget(scope, now) for scope in state.budget_scopes]
+        state = self._view(state)
+        return available(state, held, [self._budget(row, now) for row in scopes if row is not None])
 
-    def budget(self, agent_id: str | AgentId, estimate: float, *, ttl: float = DEFAULT_TTL) -> BudgetHold:
+    # -- budget scopes -------------------------------------------------------------------------
+
+    def set_budget(
+        self,
+        scope: str,
+        *,
+        limit: float | int | Decimal | str | None,
+        period: str | None = None,
+        tz: str = "UTC",
+    ) -> BudgetState:
+        """Create or change the budget scope ``scope`` (``"team:support"``, ``"org:acme"``).
+
+        Agents draw on it by listing it in ``AgentState.budget_scopes``. ``limit=None`` tracks
+        spend without a limit. With a ``period`` (``"day"``, ``"week"`` or ``"month"``, calendar
+        aligned in ``tz``; weeks start on Monday) its spend starts from zero at each boundary.
+        A changed scope keeps its spend and holds. Writes a ``budget_set`` event.
+        """
+        request = self._budget_request(scope, limit, period, tz)
+        return self._budget_set(self._backend.set_budget(*request, self._chain), request[-1])
+
+    def get_budget(self, scope: str) -> BudgetState | None:
+        """The scope's limit, period, current period's start, spend, holds and what is available."""
+        name, now = self._scope_request(scope)
+        row = self._backend.get_budget(name, now)
+        return None if row is None else self._budget(row, now)
+
+    def list_budgets(self) -> list[BudgetState]:
+        """Every budget scope, sorted by name."""
+        now = self._now()
+        return [self._budget(row, now) for row in self._backend.list_budgets(now)]
+
+    def remove_budget(self, scope: str) -> bool:
+        """Remove the scope (its open holds with it); ``True`` when there was one.
+
+        Agents that still list it get ``BudgetNotFound`` when they spend, until the scope is set
+        again or they stop listing it. Writes a ``budget_removed`` event.
+        """
+        name, now = self._scope_request(scope)
+        return self._budget_removed(self._backend.remove_budget(name, now, self._chain))
+
+    def budget(
+        self, agent_id: str | AgentId, estimate: float | int | Decimal | str, *, ttl: float = DEFAULT_TTL
+    ) -> BudgetHold:
         """A hold as a context manager::
 
             with manager.budget(agent_id, 0.50) as hold:
@@ -317,6 +434,42 @@ class StateManager(ManagerCore):
         """Like :meth:`audit_log`, but streamed page by page (flat memory for any size)."""
         query = self._audit_query(agent_id, event_type, since, until, after_seq, limit)
         return self._read_pages(self._pages(query, page_size))
+
+    def watch(
+        self,
+        *,
+        after_seq: int | None = None,
+        agent_id: str | AgentId | None = None,
+        event_type: str | None = None,
+        idle_timeout: float | None = None,
+    ) -> Iterator[AuditRecord]:
+        """Audit records as they are appended, in ``seq`` order, for as long as you iterate.
+
+        From the record after ``after_seq`` (``None``: from now on): pass the last ``seq`` you
+        handled to resume after a restart with no gap and no repeat. ``agent_id`` and
+        ``event_type`` filter. Between records it blocks on the store where the store can
+        (a condition in memory, ``XREAD BLOCK`` on Redis, ``LISTEN`` on PostgreSQL; SQLite
+        polls its data version), without busy polling. With ``idle_timeout`` the iterator ends
+        after that many seconds without a record.
+        """
+        return self._follow(self._feed(after_seq, agent_id, event_type, idle_timeout))
+
+    def _follow(self, feed: AuditFeed) -> Iterator[AuditRecord]:
+        """Run a feed (arguments already checked, so a bad one fails at the call, not at ``next``)."""
+        backend = self._backend
+        if feed.last is None:
+            feed.last = backend.audit_marks().head[0]
+        while True:
+            head = backend.audit_marks().head[0]
+            page = backend.query_audit(feed.next_query())
+            yield from page
+            feed.advance(page, head)
+            if feed.behind:
+                continue
+            wait = feed.wait()
+            if wait is None:
+                return
+            backend.wait_audit(feed.last, wait)
 
     def export_audit_log(
         self,
@@ -415,7 +568,7 @@ class BudgetHold:
         self.reservation = reservation
         self.settled = False
 
-    def commit(self, actual: float) -> AgentState:
+    def commit(self, actual: float | int | Decimal | str) -> AgentState:
         """Record what was really spent and free the hold."""
         check_unsettled(self.reservation, self.settled)
         state = self.manager.commit_reservation(self.reservation, actual)

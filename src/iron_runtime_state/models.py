@@ -11,10 +11,14 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
 from typing import Any, Final
 
 from .errors import StateTypeError, ValidationError
 from .ids import AgentId
+from .money import exact, from_micros, to_decimal, to_micros
+from .periods import check_period, check_tz
 
 __all__ = [
     "AgentState",
@@ -23,6 +27,7 @@ __all__ = [
     "AuditEvent",
     "AuditRecord",
     "AuditVerification",
+    "BudgetState",
     "FleetStats",
     "Reservation",
 ]
@@ -34,23 +39,21 @@ _new_object = object.__new__
 EVENT_TYPE_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,63}")
 MAX_DETAILS_BYTES: Final = 64 * 1024
 MAX_TIMESTAMP: Final = 2**53  # exact in a float and in JSON numbers everywhere
-#: The largest amount one call may spend, hold or commit (a trillion units). Stored totals stay
-#: finite whatever is added to them: a total near the largest float grows by less than its
-#: rounding step.
-MAX_AMOUNT: Final = 1e12
+#: The largest amount a budget counts (a total, a limit, or one call's spend, hold or commit):
+#: a billion units. Stores keep amounts as whole micro-units (:mod:`.money`), and a billion units
+#: is 10**15 of them, exact in a float, in Lua's numbers and in every store's integers, and read
+#: back from a float without loss.
+MAX_AMOUNT: Final = 1e9
 #: The longest a budget hold may last: one day (seconds). A hold that outlives its call is
 #: released when it expires, so a bound keeps a crashed caller from holding budget for ever.
 MAX_TTL: Final = 86_400.0
-
-
-#: Relative slack in limit checks, so that ten spends of 0.1 fit a limit of 1.0 despite binary
-#: rounding. Every backend (Python, SQL and Lua) uses this same rule.
-LIMIT_TOLERANCE: Final = 1e-9
-
-
-def exceeds(total: float, limit: float) -> bool:
-    """Whether ``total`` passes ``limit``, allowing :data:`LIMIT_TOLERANCE` for float rounding."""
-    return total > limit + LIMIT_TOLERANCE * max(1.0, limit)
+#: Labels an agent may carry, and their shape.
+MAX_LABELS: Final = 16
+LABEL_KEY_RE: Final = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
+MAX_LABEL_VALUE: Final = 128
+#: Budget scopes an agent may draw on, and the shape of a scope's name.
+MAX_SCOPES: Final = 8
+SCOPE_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,127}")
 
 
 class AgentStatus(enum.Enum):
@@ -75,9 +78,10 @@ class AgentStatus(enum.Enum):
 
 
 def check_amount(value: object, what: str, *, allow_zero: bool = True, maximum: float | None = None) -> float:
-    """``value`` as a float if it is a finite, non-negative number (int or float, not bool).
+    """``value`` as a float if it is a finite, non-negative number, at most ``maximum``.
 
-    ``maximum`` bounds it too (a ``ValidationError`` names the bound).
+    ``int``, ``float``, ``Decimal`` and numeric ``str`` are numbers here (``bool`` is not); a
+    ``ValidationError`` names what is wrong and the bound.
     """
     if type(value) is float:
         amount = value
@@ -86,14 +90,70 @@ def check_amount(value: object, what: str, *, allow_zero: bool = True, maximum: 
             amount = float(value)
         except OverflowError:  # an int too large for a float
             amount = _INF
+    elif isinstance(value, (Decimal, str)):
+        amount = float(to_decimal(value, what))
     else:
-        raise StateTypeError(f"{what} must be a number (float or int), got {type(value).__name__}")
+        raise StateTypeError(
+            f"{what} must be a number (int, float, Decimal or numeric str), got {type(value).__name__}"
+        )
     if not (amount > 0.0 or (allow_zero and amount == 0.0)) or amount == _INF:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValidationError(f"{what} must be finite and {bound}, got {amount!r:.40}")
     if maximum is not None and amount > maximum:
         raise ValidationError(f"{what} must be at most {maximum:g}, got {amount!r}")
     return amount
+
+
+def check_labels(value: object) -> dict[str, str]:
+    """``value`` as a new dict of labels, if it is a small str -> str mapping of valid keys."""
+    if not isinstance(value, Mapping):
+        raise StateTypeError(f"AgentState.labels must be a mapping of str to str, got {type(value).__name__}")
+    if len(value) > MAX_LABELS:
+        raise ValidationError(
+            f"AgentState.labels holds {len(value)} entries; at most {MAX_LABELS} are allowed"
+        )
+    labels: dict[str, str] = {}
+    for key, label in value.items():
+        if not isinstance(key, str) or LABEL_KEY_RE.fullmatch(key) is None:
+            raise ValidationError(
+                f"label key {str(key)[:40]!r} is invalid: use 1 to 32 of a-z 0-9 _ . -, "
+                "starting with a letter (e.g. 'team')"
+            )
+        if not isinstance(label, str):
+            raise StateTypeError(f"label {key!r} must be a str, got {type(label).__name__}")
+        if len(label) > MAX_LABEL_VALUE:
+            raise ValidationError(
+                f"label {key!r} is {len(label)} characters long; the limit is {MAX_LABEL_VALUE}"
+            )
+        labels[key] = label
+    return labels
+
+
+def check_scope(value: object, what: str = "budget scope") -> str:
+    """``value`` if it is a valid budget scope name (``team:support``, ``org:acme``)."""
+    if not isinstance(value, str):
+        raise StateTypeError(f"{what} must be a str, got {type(value).__name__}")
+    if SCOPE_RE.fullmatch(value) is None:
+        raise ValidationError(
+            f"{what} {value[:64]!r} is invalid: use 1 to 128 of a-z 0-9 _ . : -, starting with a "
+            "letter or digit (e.g. 'team:support')"
+        )
+    return value
+
+
+def check_scopes(value: object) -> tuple[str, ...]:
+    """``value`` as a tuple of distinct scope names (a list or tuple of them)."""
+    if isinstance(value, str) or not isinstance(value, (tuple, list)):
+        raise StateTypeError(
+            "AgentState.budget_scopes must be a tuple of scope names, e.g. ('org:acme', 'team:support'), "
+            f"got {type(value).__name__}"
+        )
+    scopes = tuple(check_scope(scope, "a budget scope in AgentState.budget_scopes") for scope in value)
+    if len(scopes) > MAX_SCOPES:
+        raise ValidationError(f"an agent may draw on at most {MAX_SCOPES} budget scopes, got {len(scopes)}")
+    if len(set(scopes)) != len(scopes):
+        raise ValidationError(f"AgentState.budget_scopes names a scope twice: {list(scopes)}")
+    return scopes
 
 
 def check_count(value: object, what: str, *, minimum: int = 0) -> int:
@@ -116,7 +176,15 @@ class AgentState:
 
     Mutable, as in the seed: read a copy, change it and save it back. It is validated when
     constructed and again when saved, so a state broken after construction is never stored.
-    ``budget_limit`` of ``None`` means no limit.
+    ``budget_limit`` of ``None`` means no limit. Amounts are kept to the micro-unit (see
+    :mod:`iron_runtime_state.money`).
+
+    Beyond the seed: ``labels`` say who the agent works for (``{"team": "support"}``);
+    ``budget_scopes`` name the budgets above it that each spend also draws on; with a
+    ``budget_period`` (``"day"``, ``"week"``, ``"month"``, in ``budget_tz``) ``budget_spent`` is
+    the spend of the period that started at ``period_start``, and starts from zero at the first
+    operation after the period ends. ``period_start`` is set by the store (Unix seconds; ``None``
+    without a period): a value given to a save is replaced.
     """
 
     agent_id: AgentId
@@ -124,12 +192,17 @@ class AgentState:
     budget_spent: float = 0.0
     pii_detections: int = 0
     budget_limit: float | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    budget_scopes: tuple[str, ...] = ()
+    budget_period: str | None = None
+    budget_tz: str = "UTC"
+    period_start: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``TypeError``/``ValueError`` subclasses if a field is invalid; normalise ints."""
+        """Raise ``TypeError``/``ValueError`` subclasses if a field is invalid; normalise values."""
         spent = self.budget_spent
         pii = self.pii_detections
         limit = self.budget_limit
@@ -137,11 +210,17 @@ class AgentState:
             type(self.agent_id) is AgentId
             and type(self.status) is AgentStatus
             and type(spent) is float
-            and 0.0 <= spent < _INF
+            and 0.0 <= spent <= MAX_AMOUNT
             and type(pii) is int
             and 0 <= pii < MAX_COUNT
-            and (limit is None or (type(limit) is float and 0.0 <= limit < _INF))
+            and (limit is None or (type(limit) is float and 0.0 <= limit <= MAX_AMOUNT))
+            and type(self.labels) is dict
+            and not self.labels
+            and self.budget_scopes == ()
+            and self.budget_period is None
+            and self.budget_tz == "UTC"
         ):
+            self.period_start = None
             return
         if type(self.agent_id) is not AgentId and not isinstance(self.agent_id, AgentId):
             raise StateTypeError(
@@ -153,12 +232,21 @@ class AgentState:
                 f"AgentState.status must be an AgentStatus, got {type(self.status).__name__}; "
                 "use AgentStatus.RUNNING, STOPPED or FAILED (AgentStatus.parse for strings)"
             )
-        if type(spent) is not float or not 0.0 <= spent < _INF:
-            self.budget_spent = check_amount(spent, "AgentState.budget_spent")
+        if type(spent) is not float or not 0.0 <= spent <= MAX_AMOUNT:
+            self.budget_spent = check_amount(spent, "AgentState.budget_spent", maximum=MAX_AMOUNT)
         if type(self.pii_detections) is not int or not 0 <= self.pii_detections < MAX_COUNT:
             self.pii_detections = check_count(self.pii_detections, "AgentState.pii_detections")
-        if limit is not None and (type(limit) is not float or not 0.0 <= limit < _INF):
-            self.budget_limit = check_amount(limit, "AgentState.budget_limit (or None)")
+        if limit is not None and (type(limit) is not float or not 0.0 <= limit <= MAX_AMOUNT):
+            self.budget_limit = check_amount(limit, "AgentState.budget_limit (or None)", maximum=MAX_AMOUNT)
+        self.labels = check_labels(self.labels)
+        self.budget_scopes = check_scopes(self.budget_scopes)
+        self.budget_period = check_period(self.budget_period)
+        self.budget_tz = check_tz(self.budget_tz)
+        start = self.period_start
+        if self.budget_period is None:
+            self.period_start = None
+        elif start is not None:
+            self.period_start = check_amount(start, "AgentState.period_start (Unix seconds, or None)")
 
     @classmethod
     def _trusted(
@@ -168,6 +256,11 @@ class AgentState:
         budget_spent: float,
         pii_detections: int,
         budget_limit: float | None,
+        labels: dict[str, str] | None = None,
+        budget_scopes: tuple[str, ...] = (),
+        budget_period: str | None = None,
+        budget_tz: str = "UTC",
+        period_start: float | None = None,
     ) -> AgentState:
         """Build from values read back from a store (which holds only valid ones)."""
         new: AgentState = _new_object(cls)
@@ -176,6 +269,11 @@ class AgentState:
         new.budget_spent = budget_spent
         new.pii_detections = pii_detections
         new.budget_limit = budget_limit
+        new.labels = {} if labels is None else labels
+        new.budget_scopes = budget_scopes
+        new.budget_period = budget_period
+        new.budget_tz = budget_tz
+        new.period_start = period_start
         return new
 
     def checked_copy(self) -> AgentState:
@@ -190,8 +288,19 @@ class AgentState:
 
     def copy(self) -> AgentState:
         """An independent copy."""
+        labels = self.labels
+        # Anything but a dict is handed on as it is, for validate() to name what is wrong.
         return AgentState._trusted(
-            self.agent_id, self.status, self.budget_spent, self.pii_detections, self.budget_limit
+            self.agent_id,
+            self.status,
+            self.budget_spent,
+            self.pii_detections,
+            self.budget_limit,
+            dict(labels) if type(labels) is dict else labels,
+            self.budget_scopes,
+            self.budget_period,
+            self.budget_tz,
+            self.period_start,
         )
 
     @property
@@ -199,7 +308,12 @@ class AgentState:
         """``budget_limit - budget_spent`` (never below 0), or ``inf`` without a limit."""
         if self.budget_limit is None:
             return _INF
-        return max(0.0, self.budget_limit - self.budget_spent)
+        return from_micros(max(0, to_micros(self.budget_limit) - to_micros(self.budget_spent)))
+
+    @property
+    def spent_exact(self) -> Decimal:
+        """``budget_spent`` as the exact ``Decimal`` the store keeps (to the micro-unit)."""
+        return exact(self.budget_spent)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; :meth:`from_dict` reads it back."""
@@ -209,14 +323,22 @@ class AgentState:
             "budget_spent": self.budget_spent,
             "pii_detections": self.pii_detections,
             "budget_limit": self.budget_limit,
+            "labels": dict(self.labels),
+            "budget_scopes": list(self.budget_scopes),
+            "budget_period": self.budget_period,
+            "budget_tz": self.budget_tz,
+            "period_start": self.period_start,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AgentState:
-        """The state for a dict made by :meth:`to_dict`; unknown or missing keys are errors."""
+        """The state for a dict made by :meth:`to_dict` (or by 0.4/0.5, without the newer keys).
+
+        Unknown keys are errors; missing optional keys take their defaults.
+        """
         if not isinstance(data, Mapping):
             raise StateTypeError(f"AgentState.from_dict expects a mapping, got {type(data).__name__}")
-        known = {"agent_id", "status", "budget_spent", "pii_detections", "budget_limit"}
+        known = set(_STATE_KEYS)
         unknown = sorted(str(k)[:64] for k in data if k not in known)
         if unknown:
             raise ValidationError(f"unknown AgentState fields {unknown}; expected {sorted(known)}")
@@ -225,13 +347,33 @@ class AgentState:
                 raise ValidationError(f"AgentState.from_dict: missing required field {key!r}")
         raw_id = data["agent_id"]
         agent_id = raw_id if isinstance(raw_id, AgentId) else AgentId.parse(raw_id)
+        scopes = data.get("budget_scopes", ())
         return cls(
             agent_id=agent_id,
             status=AgentStatus.parse(data["status"]),
             budget_spent=data.get("budget_spent", 0.0),
             pii_detections=data.get("pii_detections", 0),
             budget_limit=data.get("budget_limit"),
+            labels=data.get("labels", {}),
+            budget_scopes=tuple(scopes) if isinstance(scopes, list) else scopes,
+            budget_period=data.get("budget_period"),
+            budget_tz=data.get("budget_tz", "UTC"),
+            period_start=data.get("period_start"),
         )
+
+
+_STATE_KEYS: Final = (
+    "agent_id",
+    "status",
+    "budget_spent",
+    "pii_detections",
+    "budget_limit",
+    "labels",
+    "budget_scopes",
+    "budget_period",
+    "budget_tz",
+    "period_start",
+)
 
 
 def check_state(state: object) -> AgentState:
@@ -397,21 +539,79 @@ class FleetStats:
 
 
 @dataclass(frozen=True, slots=True)
+class BudgetState:
+    """A budget scope above agents (``team:support``), as ``get_budget`` reads it.
+
+    ``spent`` is the spend of the current period (since ``period_start``, a time-zone-aware
+    ``datetime``; ``None`` without a period), ``held`` the open holds on it, and ``available``
+    what can still be spent or held: ``limit - spent - held``, never below 0 (``inf`` without a
+    limit). Amounts are floats of exact micro-unit totals; ``spent_exact`` gives the ``Decimal``.
+    """
+
+    scope: str
+    limit: float | None
+    period: str | None
+    tz: str
+    period_start: datetime | None
+    spent: float
+    held: float
+
+    @property
+    def available(self) -> float:
+        """What can still be spent or held (``inf`` without a limit)."""
+        if self.limit is None:
+            return _INF
+        return from_micros(max(0, to_micros(self.limit) - to_micros(self.spent) - to_micros(self.held)))
+
+    @property
+    def spent_exact(self) -> Decimal:
+        """``spent`` as the exact ``Decimal`` the store keeps."""
+        return exact(self.spent)
+
+    @property
+    def used(self) -> float:
+        """The share of the limit spent or held, from 0.0 (``0.0`` without a limit)."""
+        if not self.limit:
+            return 0.0
+        return (self.spent + self.held) / self.limit
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (``period_start`` in ISO 8601)."""
+        return {
+            "scope": self.scope,
+            "limit": self.limit,
+            "period": self.period,
+            "tz": self.tz,
+            "period_start": None if self.period_start is None else self.period_start.isoformat(),
+            "spent": self.spent,
+            "held": self.held,
+            "available": None if self.limit is None else self.available,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Reservation:
     """An open hold on part of an agent's budget, made by ``reserve_budget``.
 
     Settle it exactly once with ``commit_reservation`` or ``release_reservation``; if neither
-    happens before ``expires_at`` (Unix seconds) the store releases it by itself.
+    happens before ``expires_at`` (Unix seconds) the store releases it by itself. ``scopes``
+    names the budget scopes the hold also counts against.
     """
 
     reservation_id: str
     agent_id: AgentId
     amount: float
     expires_at: float
+    scopes: tuple[str, ...] = ()
 
     @classmethod
     def _trusted(
-        cls, reservation_id: str, agent_id: AgentId, amount: float, expires_at: float
+        cls,
+        reservation_id: str,
+        agent_id: AgentId,
+        amount: float,
+        expires_at: float,
+        scopes: tuple[str, ...] = (),
     ) -> Reservation:
         """Build from values a store just checked (a frozen dataclass's __init__ is slow)."""
         new: Reservation = _new_object(cls)
@@ -419,12 +619,14 @@ class Reservation:
         _set_agent_id(new, agent_id)
         _set_amount(new, amount)
         _set_expires_at(new, expires_at)
+        _set_scopes(new, scopes)
         return new
 
 
 # The slots' own setters: the fastest way to fill a frozen instance (Reservation._trusted).
-_set_reservation_id, _set_agent_id, _set_amount, _set_expires_at = (
-    Reservation.__dict__[name].__set__ for name in ("reservation_id", "agent_id", "amount", "expires_at")
+_set_reservation_id, _set_agent_id, _set_amount, _set_expires_at, _set_scopes = (
+    Reservation.__dict__[name].__set__
+    for name in ("reservation_id", "agent_id", "amount", "expires_at", "scopes")
 )
 
 

@@ -16,12 +16,26 @@ from typing import Final
 
 from .errors import StateTypeError, ValidationError
 
-__all__ = ["MICRO", "MICROS_PER_UNIT", "from_micros", "to_decimal", "to_micros"]
+__all__ = [
+    "MAX_MICROS",
+    "MICRO",
+    "MICROS_PER_UNIT",
+    "exact",
+    "float_micros",
+    "from_micros",
+    "to_decimal",
+    "to_micros",
+]
 
 #: Micro-units in one unit of money.
 MICROS_PER_UNIT: Final = 1_000_000
 #: The resolution of every stored amount.
 MICRO: Final = Decimal("0.000001")
+#: The largest amount a budget counts, in micro-units (a billion units; see ``models.MAX_AMOUNT``).
+MAX_MICROS: Final = 10**15
+#: Below this many micro-units a float's product with a million is within a quarter of the
+#: decimal value's, so rounding the product is rounding the decimal (the fast path of to_micros).
+_FAST_BELOW: Final = 2.0**49
 _CONTEXT: Final = decimal.Context(prec=60, rounding=decimal.ROUND_HALF_EVEN, traps=[decimal.InvalidOperation])
 
 
@@ -41,8 +55,16 @@ def to_decimal(value: object, what: str) -> Decimal:
     return amount
 
 
-def to_micros(value: object, what: str, *, allow_zero: bool = True, maximum: int | None = None) -> int:
+def to_micros(
+    value: object, what: str = "amount", *, allow_zero: bool = True, maximum: int | None = None
+) -> int:
     """``value`` as whole micro-units (rounded half to even), at least 0 (or 1 without zero)."""
+    if type(value) is float and 0.0 <= value < _FAST_BELOW / MICROS_PER_UNIT:
+        # The common case without Decimal: a float whose scaled value is clearly not a tie.
+        scaled = value * MICROS_PER_UNIT
+        micros = round(scaled)
+        if abs(scaled - micros) < 0.25 and (micros or allow_zero) and (maximum is None or micros <= maximum):
+            return micros
     amount = to_decimal(value, what)
     micros = int(_CONTEXT.multiply(amount, MICROS_PER_UNIT).to_integral_value(decimal.ROUND_HALF_EVEN))
     if amount < 0 or (micros == 0 and not allow_zero):
@@ -55,6 +77,21 @@ def to_micros(value: object, what: str, *, allow_zero: bool = True, maximum: int
     return micros
 
 
+def float_micros(value: float) -> int:
+    """A validated float amount (0 to a billion units, as ``AgentState`` holds) in micro-units.
+
+    The same result as :func:`to_micros`, without its checks: what a store does on every save.
+    """
+    scaled = value * MICROS_PER_UNIT
+    micros = round(scaled)
+    return micros if abs(scaled - micros) < 0.25 else to_micros(value)
+
+
 def from_micros(micros: int) -> float:
     """The float nearest to an exact amount of micro-units (0 is ``0.0``, never ``-0.0``)."""
     return micros / MICROS_PER_UNIT + 0.0
+
+
+def exact(value: float) -> Decimal:
+    """The exact amount a float read from a store stands for (its micro-units as a ``Decimal``)."""
+    return Decimal(to_micros(value)).scaleb(-6)

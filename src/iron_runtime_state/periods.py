@@ -13,7 +13,7 @@ from typing import Final
 
 from .errors import StateTypeError, ValidationError
 
-__all__ = ["PERIODS", "bounds", "check_period", "check_tz"]
+__all__ = ["PERIODS", "bounds", "check_period", "check_tz", "zone"]
 
 #: The periods a budget may have (``None``: it never resets).
 PERIODS: Final = ("day", "week", "month")
@@ -35,12 +35,13 @@ def check_tz(value: object) -> str:
     """``value`` if it names an IANA time zone (``"UTC"``, ``"Europe/Paris"``, ...)."""
     if not isinstance(value, str):
         raise StateTypeError(f"tz must be a str naming an IANA time zone, got {type(value).__name__}")
-    _zone(value)
+    zone(value)
     return value
 
 
 @lru_cache(maxsize=256)
-def _zone(name: str) -> tzinfo:
+def zone(name: str) -> tzinfo:
+    """The ``tzinfo`` of an IANA time zone name (checked: a clear error for an unknown one)."""
     if name in _UTC_NAMES:
         return timezone.utc
     try:
@@ -54,8 +55,8 @@ def _zone(name: str) -> tzinfo:
 
 def bounds(now: float, period: str, tz: str) -> tuple[float, float]:
     """The start and the end (Unix seconds) of the ``period`` that contains ``now`` in ``tz``."""
-    zone = _zone(tz)
-    local = datetime.fromtimestamp(now, zone)
+    local_zone = zone(tz)
+    local = datetime.fromtimestamp(now, local_zone)
     start = local.replace(hour=0, minute=0, second=0, microsecond=0)
     if period == "day":
         end = start + timedelta(days=1)
@@ -73,7 +74,7 @@ def bounds(now: float, period: str, tz: str) -> tuple[float, float]:
         check_period(period)
         raise AssertionError("unreachable")
     # Re-attach the zone so a day that starts or ends on a DST change gets its own offset.
-    return _instant(start, zone), _instant(end, zone)
+    return _instant(start, local_zone), _instant(end, local_zone)
 
 
 def _instant(wall: datetime, zone: tzinfo) -> float:

@@ -12,6 +12,7 @@ that the hash chain catches it).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sqlite3
 import uuid
@@ -24,6 +25,8 @@ import pytest
 from iron_runtime_state import AsyncStateManager, AuditEvent, AuditRecord, StateManager
 from iron_runtime_state.backends.memory import MemoryBackend
 from iron_runtime_state.backends.redis import RedisLayout
+
+from ..postgres_server import PostgresServer, new_schema
 
 
 class StoreHandle:
@@ -287,6 +290,67 @@ class SQLiteHandle(StoreHandle):
             db.close()
 
 
+class PostgresHandle(StoreHandle):
+    """A schema of its own on the session's PostgreSQL server (tests/postgres_server.py)."""
+
+    name = "postgres"
+    multiprocess = True
+    scale = 0.25
+
+    def __init__(self, server: PostgresServer) -> None:
+        super().__init__()
+        self.schema = new_schema()
+        self._server = server
+
+    @property
+    def url(self) -> str:
+        return self._server.url(schema=self.schema)
+
+    def close_all(self) -> None:
+        super().close_all()
+        self._server.drop_schema(self.schema)
+
+    def edit(self, *statements: tuple[str, tuple[object, ...]]) -> None:
+        """Raw SQL on the schema's tables (``{s}``: the schema), in one transaction, as anyone with
+        write access to them could."""
+        with contextlib.closing(self._server.connect()) as conn, conn.transaction():
+            for sql, params in statements:
+                conn.execute(sql.replace("{s}", f'"{self.schema}"'), params)
+
+    def tamper_edit_details(self, manager: StateManager, seq: int, details: str) -> None:
+        self.edit(("UPDATE {s}.audit SET details = %s WHERE seq = %s", (details, seq)))
+
+    def tamper_delete(self, manager: StateManager, seq: int) -> None:
+        self.edit(("DELETE FROM {s}.audit WHERE seq = %s", (seq,)))
+
+    def tamper_swap(self, manager: StateManager, seq_a: int, seq_b: int) -> None:
+        swap = (
+            "UPDATE {s}.audit SET (agent_id, event_type, timestamp, details) = "
+            "(SELECT o.agent_id, o.event_type, o.timestamp, o.details FROM {s}.audit AS o "
+            "WHERE o.seq = (CASE {s}.audit.seq WHEN %s THEN %s ELSE %s END)) WHERE seq IN (%s, %s)"
+        )
+        self.edit((swap, (seq_a, seq_b, seq_a, seq_a, seq_b)))
+
+    def tamper_insert(self, manager: StateManager, after_seq: int, event: AuditEvent) -> None:
+        # Renumber the later records to make room (through negative numbers: the key is unique).
+        self.edit(
+            ("UPDATE {s}.audit SET seq = -seq - 1 WHERE seq > %s", (after_seq,)),
+            ("UPDATE {s}.audit SET seq = -seq WHERE seq < 0", ()),
+            (
+                "INSERT INTO {s}.audit SELECT %s, %s, %s, %s, %s, hash, %s FROM {s}.audit WHERE seq = %s",
+                (
+                    after_seq + 1,
+                    event.agent_id.as_str(),
+                    event.event_type,
+                    event.timestamp,
+                    event.details,
+                    "f" * 64,
+                    after_seq,
+                ),
+            ),
+        )
+
+
 Provisioner = Callable[[pytest.FixtureRequest, Path], StoreHandle]
 
 
@@ -308,12 +372,17 @@ def _redis_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> StoreHandl
     return RedisClusterHandle(cluster.url, cluster.client)
 
 
+def _postgres(request: pytest.FixtureRequest, tmp_path: Path) -> StoreHandle:
+    return PostgresHandle(request.getfixturevalue("postgres_server"))
+
+
 #: Every store kind the contract suite runs against, by name.
 PROVISIONERS: dict[str, Provisioner] = {
     "memory": _memory,
     "sqlite": _sqlite,
     "redis": _redis,
     "redis-cluster": _redis_cluster,
+    "postgres": _postgres,
 }
 
 #: Which provisioner covers each registered URL scheme.
@@ -324,4 +393,6 @@ SCHEME_COVERAGE: dict[str, str] = {
     "rediss": "redis",  # the same backend over TLS; tests/test_redis.py runs it on a TLS server
     "unix": "redis",  # the same backend over a unix socket; tests/test_redis.py covers the socket
     "redis+cluster": "redis-cluster",
+    "postgresql": "postgres",
+    "postgres": "postgres",  # the same backend; tests/test_postgres.py opens it by this scheme too
 }

@@ -89,12 +89,12 @@ def test_a_refusal_appends_its_event_in_the_same_step(
     manager: StateManager, agent: AgentId, action: str
 ) -> None:
     backend, now = manager.backend, time.time()
-    backend.record_spend(agent, 9.0, now, AuditChain())
+    backend.record_spend(agent, 9_000_000, now, AuditChain())  # micro-units
     result: SpendResult | Reservation
     if action == "spend":
-        result = backend.record_spend(agent, 2.0, now, AuditChain())
+        result = backend.record_spend(agent, 2_000_000, now, AuditChain())
     else:
-        result = backend.reserve(agent, 2.0, 60.0, now, "r" * 32, AuditChain())
+        result = backend.reserve(agent, 2_000_000, 60.0, now, "r" * 32, AuditChain())
     assert isinstance(result, SpendResult)
     assert result.exceeded
     assert result.state.budget_spent == 9.0
@@ -103,7 +103,7 @@ def test_a_refusal_appends_its_event_in_the_same_step(
     details = json.loads(record.event.details)
     assert (details["action"], details["spent"], details["requested"]) == (action, 9.0, 2.0)
     with pytest.raises(RuntimeError, match="seal"):
-        backend.record_spend(agent, 2.0, now, BrokenChain())
+        backend.record_spend(agent, 2_000_000, now, BrokenChain())
     assert manager.audit_count() in (1, 2)  # its event rolled back, or queued and appended
     assert manager.budget_available(agent) == 1.0
 
@@ -122,13 +122,13 @@ def test_an_overspending_commit_and_its_event_are_one_write(manager: StateManage
     backend = manager.backend
     hold = manager.reserve_budget(agent, 5.0)
     with pytest.raises(RuntimeError, match="seal"):
-        backend.commit(hold, 12.0, time.time(), BrokenChain())
+        backend.commit(hold, 12_000_000, time.time(), BrokenChain())
     if manager.audit_count() == 1:  # the commit stands, its event queued and appended since
         assert state_of(manager, agent).budget_spent == 12.0
         (record,) = stored(manager, "budget_exceeded")
     else:  # rolled back: nothing was spent, the hold is still open
         assert state_of(manager, agent).budget_spent == 0.0
-        result = backend.commit(hold, 12.0, time.time(), AuditChain())
+        result = backend.commit(hold, 12_000_000, time.time(), AuditChain())
         assert (result.exceeded, result.state.budget_spent) == (True, 12.0)
         (record,) = result.records
         assert record == stored(manager, "budget_exceeded")[0]

@@ -25,7 +25,7 @@ from iron_runtime_state import (
 from iron_runtime_state.audit_chain import AuditChain
 from iron_runtime_state.backends.memory import MemoryBackend
 
-from .stores import MemoryHandle, RedisHandle, SQLiteHandle, StoreHandle
+from .stores import MemoryHandle, PostgresHandle, RedisHandle, SQLiteHandle, StoreHandle
 
 KEY = b"k" * 32
 
@@ -62,6 +62,11 @@ def set_head(store: StoreHandle, manager: StateManager, head: tuple[int, str], *
             if later:
                 client.xdel(layout.audit_log, *later)
         client.hset(layout.audit_head, mapping={"seq": seq, "hash": digest})
+    elif isinstance(store, PostgresHandle):
+        edits = [("UPDATE {s}.audit_chain SET head_seq = %s, head_hash = %s", (seq, digest))]
+        if drop_after:
+            edits.insert(0, ("DELETE FROM {s}.audit WHERE seq > %s", (seq,)))
+        store.edit(*edits)
     else:  # pragma: no cover - a new kind of store needs its edit here
         pytest.fail(f"no way to move the head of a {store.name} store")
 

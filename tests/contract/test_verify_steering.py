@@ -15,7 +15,7 @@ import pytest
 from iron_runtime_state import AuditCheckpoint, StateManager, ValidationError
 from iron_runtime_state.backends.memory import MemoryBackend
 
-from .stores import MemoryHandle, RedisHandle, SQLiteHandle, StoreHandle
+from .stores import MemoryHandle, PostgresHandle, RedisHandle, SQLiteHandle, StoreHandle
 from .test_trust import KEY, set_head, trail
 
 
@@ -35,6 +35,8 @@ def set_anchor(store: StoreHandle, manager: StateManager, anchor: tuple[int, str
     elif isinstance(store, RedisHandle):
         client = store._client()
         client.hset(store._layout.audit_head, mapping={"anchor_seq": seq, "anchor_hash": digest})
+    elif isinstance(store, PostgresHandle):
+        store.edit(("UPDATE {s}.audit_chain SET anchor_seq = %s, anchor_hash = %s", (seq, digest)))
     else:  # pragma: no cover - a new kind of store needs its edit here
         pytest.fail(f"no way to move the anchor of a {store.name} store")
 

@@ -77,6 +77,21 @@ SCHEMES: dict[str, BackendSpec] = {
         "redis+cluster://host:port[,host:port...]",
         async_factory="open_redis_async",
     ),
+    # PostgreSQL: the sync backend, and its native asyncio twin on psycopg's async connections.
+    "postgresql": BackendSpec(
+        "iron_runtime_state.backends.postgres",
+        "open_postgres",
+        "postgres",
+        "postgresql://user:password@host:5432/database[?schema=iron]",
+        async_factory="open_async_postgres",
+    ),
+    "postgres": BackendSpec(
+        "iron_runtime_state.backends.postgres",
+        "open_postgres",
+        "postgres",
+        "postgres://user:password@host:5432/database[?schema=iron]",
+        async_factory="open_async_postgres",
+    ),
 }
 
 

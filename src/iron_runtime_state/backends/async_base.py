@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 
 from ..errors import BackendError, ConfigurationError, StateError, StateTypeError
 from . import load_factory, open_backend, spec_for
-from .base import ITERATORS, OPERATIONS, Backend
+from .base import ITERATORS, OPERATIONS, WAITING, Backend
 
 if TYPE_CHECKING:
     import asyncio
@@ -354,6 +354,10 @@ class ThreadedAsyncBackend(AsyncBackend):
         """Run the sync store's operation ``name`` (in a worker thread for a blocking store)."""
         if name not in OPERATIONS or name in ITERATORS:
             raise StateTypeError(f"{name!r} is not an operation of the store contract that returns a result")
+        if name in WAITING:  # off the loop and off the workers: it may wait for seconds
+            import asyncio
+
+            return await asyncio.get_running_loop().run_in_executor(None, getattr(self._backend, name), *args)
         return await self._run(getattr(self._backend, name), *args)
 
     def stream(self, name: str, *args: Any) -> AsyncIterator[Any]:

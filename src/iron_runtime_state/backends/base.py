@@ -4,20 +4,22 @@ The manager validates its inputs, writes audit events and logs; a backend stores
 atomic operation here is atomic in the store itself (a lock, a transaction, a Lua script), so
 it holds across threads, processes and hosts as far as the store is shared.
 
-Arguments reaching a backend are already valid: ids are ``AgentId``, amounts are finite
-floats, states passed ``AgentState.validate()``. A backend raises only ``StateError``
-subclasses: a backend that talks to a driver lists the driver's exception types in
-``driver_errors`` and maps them in ``map_driver_error``; every public method is wrapped once
-here, so no method needs its own try/except.
+Arguments reaching a backend are already valid: ids are ``AgentId``, amounts are whole
+micro-units (``int``, see :mod:`..money`), states passed ``AgentState.validate()`` and carry the
+``period_start`` the manager gave them. Budget rules (limits, periods) are in :mod:`..budgets`.
+A backend raises only ``StateError`` subclasses: a backend that talks to a driver lists the
+driver's exception types in ``driver_errors`` and maps them in ``map_driver_error``; every
+public method is wrapped once here, so no method needs its own try/except.
 """
 
 from __future__ import annotations
 
 import abc
 import functools
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 
 from ..audit_chain import AuditChain, AuditRow
 from ..errors import BackendError, StateError
@@ -25,11 +27,17 @@ from ..ids import AgentId
 from ..models import AgentState, AgentStatus, AuditEvent, AuditRecord, FleetStats, Reservation
 
 __all__ = [
+    "AGENT_ORDERS",
     "ITERATORS",
     "OPERATIONS",
+    "WAITING",
+    "WAIT_POLL",
+    "AgentPage",
     "AuditMarks",
     "AuditQuery",
     "Backend",
+    "BudgetChange",
+    "BudgetRow",
     "Change",
     "CommitResult",
     "OpsBackend",
@@ -38,6 +46,8 @@ __all__ = [
 ]
 
 UpdateFn = Callable[[AgentState], AgentState]
+#: Seconds between two looks at the head in the default :meth:`Backend.wait_audit`.
+WAIT_POLL: Final = 0.05
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -63,15 +73,63 @@ class AuditQuery:
         )
 
 
+#: What a page of agents may be sorted by.
+AGENT_ORDERS: Final = ("agent_id", "status", "budget_spent", "pii_detections")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentPage:
+    """One page of agents, filtered and sorted (``page_agents``): ``offset`` and ``limit`` in the
+    sorted order; ties sort by ``agent_id`` in the same direction (descending with
+    ``descending=True``)."""
+
+    status: AgentStatus | None = None
+    labels: Mapping[str, str] | None = None
+    order_by: str = "agent_id"  # one of AGENT_ORDERS
+    descending: bool = False
+    offset: int = 0
+    limit: int = 50
+
+    def sort_key(self, state: AgentState) -> tuple[Any, str]:
+        """The order of a page, for a store that sorts in Python."""
+        value: Any = state.agent_id.as_str()
+        if self.order_by == "status":
+            value = state.status.value
+        elif self.order_by in ("budget_spent", "pii_detections"):
+            value = getattr(state, self.order_by)
+        return value, state.agent_id.as_str()
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRow:
+    """A budget scope as a store keeps it: amounts in micro-units, times in Unix seconds.
+
+    ``period_start`` is the start of the period ``spent`` belongs to (``None`` without a
+    period), as stored: it may be a period that has ended (the manager reads it through
+    :func:`..budgets.budget_view`). ``held`` is the sum of the open (unexpired) holds on it.
+    """
+
+    scope: str
+    limit: int | None
+    period: str | None
+    tz: str
+    period_start: float | None
+    spent: int
+    held: int
+
+
 @dataclass(slots=True)  # not frozen: built on every spend, and frozen init is slow
 class SpendResult:
     """What an atomic spend did: the new state, or why it was refused."""
 
     state: AgentState
-    exceeded: bool = False  # True: nothing changed, the limit would have been passed
-    reserved: float = 0.0  # open holds at the time of the check
-    #: The audit records appended in the same atomic step (the ``budget_exceeded`` of a refusal).
+    exceeded: bool = False  # True: nothing was charged, a limit would have been passed
+    reserved: int = 0  # the agent's open holds at the time of the check (micro-units)
+    #: The audit records appended in the same atomic step (``budget_reset`` of a period that
+    #: ended, the ``budget_exceeded`` of a refusal).
     records: Sequence[AuditRecord] = ()
+    #: The budget scope that refused (``None``: the agent's own limit, or no refusal).
+    budget: BudgetRow | None = None
 
 
 @dataclass(slots=True)
@@ -79,8 +137,8 @@ class CommitResult:
     """What committing a reservation did: the spend is always recorded."""
 
     state: AgentState
-    exceeded: bool  # the recorded spend took the agent past its limit
-    #: The audit records appended in the same atomic step (the ``budget_exceeded`` of an overspend).
+    exceeded: bool  # the recorded spend took the agent or one of its scopes past its limit
+    #: The audit records appended in the same atomic step (``budget_reset``, ``budget_exceeded``).
     records: Sequence[AuditRecord] = ()
 
 
@@ -90,6 +148,15 @@ class Change:
 
     state: AgentState
     #: The audit records appended in the same atomic step as the change.
+    records: Sequence[AuditRecord] = ()
+
+
+@dataclass(slots=True)
+class BudgetChange:
+    """What ``set_budget`` or ``remove_budget`` did: the scope (``None``: there was none to
+    remove) and the events appended with the change."""
+
+    budget: BudgetRow | None
     records: Sequence[AuditRecord] = ()
 
 
@@ -213,28 +280,61 @@ class Backend(abc.ABC):
         """Every stored agent's canonical id."""
 
     @abc.abstractmethod
-    def iter_states(self, status: AgentStatus | None, batch_size: int) -> Iterator[AgentState]:
-        """Every state (or those with ``status``), fetched ``batch_size`` at a time."""
+    def iter_states(
+        self, status: AgentStatus | None, labels: Mapping[str, str] | None, batch_size: int
+    ) -> Iterator[AgentState]:
+        """Every state (or those with ``status`` and every label in ``labels``), ``batch_size`` at a time.
+
+        States are as stored (the manager applies the period view). A store answers a label
+        filter from an index where it keeps one, never by reading every agent's full state
+        where it can avoid it.
+        """
+
+    def page_agents(self, page: AgentPage) -> list[AgentState]:
+        """One page of the agents that match ``page``'s filters, in its order (states as stored).
+
+        This default reads every matching agent and sorts them: a store with indexes answers
+        from them instead (the dashboard pages through a million agents).
+        """
+        states = sorted(
+            self.iter_states(page.status, page.labels, 1000), key=page.sort_key, reverse=page.descending
+        )
+        return states[page.offset : page.offset + page.limit]
 
     @abc.abstractmethod
     def stats(self) -> FleetStats:
-        """Fleet totals, from aggregates kept up to date by every change (no scan)."""
+        """Fleet totals, from aggregates kept up to date by every change (no scan).
 
-    @abc.abstractmethod
-    def update(self, agent_id: AgentId, fn: UpdateFn, now: float) -> AgentState:
-        """Atomically replace the state with ``fn(copy)``; ``AgentNotFound`` when absent.
-
-        ``fn`` validates its own result and may be called more than once.
+        ``budget_spent`` sums the agents' stored spends (exact, in micro-units): an agent whose
+        period ended counts its closed period until its next operation starts the new one.
         """
 
     @abc.abstractmethod
-    def record_spend(self, agent_id: AgentId, amount: float, now: float, chain: AuditChain) -> SpendResult:
-        """Atomically add ``amount`` to ``budget_spent`` unless that passes the limit.
+    def update(self, agent_id: AgentId, fn: UpdateFn, now: float, chain: AuditChain) -> Change:
+        """Atomically replace the state with ``fn(copy)``; ``AgentNotFound`` when absent.
 
-        The check counts open reservations: ``spent + reserved + amount <= limit``. Raises
-        ``AgentNotFound`` or ``AgentNotRunning``. A refused spend changes nothing, is
-        ``exceeded=True``, and appends ``events.budget_exceeded(..., "spend")`` in the same
-        atomic step.
+        If the agent's own period ended by ``now``, the copy ``fn`` gets starts the new period
+        (``spent`` 0, the new ``period_start``) and ``events.budget_reset`` is appended in the
+        same atomic step. ``fn`` validates its own result, sets its ``period_start``, and may be
+        called more than once.
+        """
+
+    @abc.abstractmethod
+    def record_spend(self, agent_id: AgentId, amount: int, now: float, chain: AuditChain) -> SpendResult:
+        """Atomically charge ``amount`` micro-units to the agent and to each of its budget scopes.
+
+        All or nothing. First the agent's holds that expired unsettled are dropped (on its
+        scopes too), one ``events.hold_expired`` each; a pure read never drops them, so each
+        expiry is written once, by the first write that finds it (spend, reserve or commit).
+        Then every budget involved whose period ended by ``now`` starts its new period
+        (:func:`..budgets.rolled_start`; one ``events.budget_reset`` each). Then each budget's
+        check counts its open holds: ``spent + held + amount <= limit``
+        (:func:`..budgets.passes`), the agent's first, then its scopes in the order it lists
+        them. A refusal charges nothing, is ``exceeded=True`` with ``budget`` naming the scope
+        that refused (``None``: the agent's limit), and appends ``events.budget_exceeded`` in
+        the same atomic step. Raises ``AgentNotFound``, ``AgentNotRunning``, ``BudgetNotFound``
+        (a scope the agent lists does not exist; nothing changes) or ``ValidationError`` (a
+        total would pass :data:`..money.MAX_MICROS`; nothing changes).
         """
 
     @abc.abstractmethod
@@ -255,31 +355,67 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def reserve(
-        self, agent_id: AgentId, amount: float, ttl: float, now: float, reservation_id: str, chain: AuditChain
+        self, agent_id: AgentId, amount: int, ttl: float, now: float, reservation_id: str, chain: AuditChain
     ) -> Reservation | SpendResult:
-        """Hold ``amount`` if ``spent + open holds + amount <= limit``, first dropping expired holds.
+        """Hold ``amount`` micro-units on the agent and on each of its scopes, all or nothing.
 
-        Returns the reservation, or a ``SpendResult`` with ``exceeded=True`` when refused (and
-        ``events.budget_exceeded(..., "reserve")`` appended in the same atomic step). Raises
-        ``AgentNotFound`` or ``AgentNotRunning``.
+        Expired holds are dropped first, periods roll as in :meth:`record_spend`, and each
+        budget's check is ``spent + held + amount <= limit``. The hold remembers the scopes it
+        touched. Returns the reservation (its ``scopes`` set), or a ``SpendResult`` with
+        ``exceeded=True`` when refused (``events.budget_exceeded(..., "reserve")`` appended in
+        the same atomic step). Raises as :meth:`record_spend` does.
         """
 
     @abc.abstractmethod
-    def commit(self, reservation: Reservation, actual: float, now: float, chain: AuditChain) -> CommitResult:
-        """Record ``actual`` as spent and drop the hold, atomically.
+    def commit(self, reservation: Reservation, actual: int, now: float, chain: AuditChain) -> CommitResult:
+        """Charge ``actual`` micro-units to the agent and the scopes the hold touched, and drop the
+        hold everywhere, atomically.
 
-        A spend that takes the agent past its limit stands, and ``events.overspent`` is appended
-        in the same atomic step. Raises ``ReservationError`` if the hold is not open (settled,
-        expired or never made).
+        Expired holds go first (as in :meth:`record_spend`), then periods roll. A charge that
+        takes a budget past its limit stands, and
+        ``events.overspent`` is appended for each such budget in the same atomic step. A scope
+        removed since the hold was made is skipped. Raises ``ReservationError`` if the hold is
+        not open (settled, expired or never made).
         """
 
     @abc.abstractmethod
     def release(self, reservation: Reservation, now: float) -> None:
-        """Drop the hold without spending; ``ReservationError`` if it is not open."""
+        """Drop the hold (on the agent and its scopes) without spending; ``ReservationError`` if
+        it is not open. An expired hold is left for the next spend, hold or commit to drop with
+        its ``hold_expired`` event (a release writes no event)."""
 
     @abc.abstractmethod
-    def reserved(self, agent_id: AgentId, now: float) -> tuple[AgentState, float]:
-        """The agent's state and the sum of its open (unexpired) holds."""
+    def reserved(self, agent_id: AgentId, now: float) -> tuple[AgentState, int]:
+        """The agent's state (as stored) and the sum of its open (unexpired) holds, in micro-units."""
+
+    # -- budget scopes --------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def set_budget(
+        self, scope: str, limit: int | None, period: str | None, tz: str, now: float, chain: AuditChain
+    ) -> BudgetChange:
+        """Create the scope, or change its limit, period and time zone, appending ``events.budget_set``.
+
+        A new scope starts with nothing spent in the period that contains ``now``. A changed
+        scope keeps its spend and holds; if its period or time zone changed, its spend counts
+        in the period that contains ``now`` (:func:`..budgets.current_start`).
+        """
+
+    @abc.abstractmethod
+    def get_budget(self, scope: str, now: float) -> BudgetRow | None:
+        """The scope as stored (``held``: its unexpired holds at ``now``), or ``None``."""
+
+    @abc.abstractmethod
+    def list_budgets(self, now: float) -> list[BudgetRow]:
+        """Every scope, sorted by name."""
+
+    @abc.abstractmethod
+    def remove_budget(self, scope: str, now: float, chain: AuditChain) -> BudgetChange:
+        """Remove the scope (appending ``events.budget_removed``); ``budget`` is ``None`` if absent.
+
+        Agents that list it are not changed: their spends raise ``BudgetNotFound`` until the
+        scope is set again or they stop listing it. Open holds on it are dropped.
+        """
 
     # -- audit trail ------------------------------------------------------------------------
 
@@ -310,6 +446,23 @@ class Backend(abc.ABC):
     def audit_marks(self) -> AuditMarks:
         """The head, the anchor, the count and their seals, read in one snapshot."""
 
+    def wait_audit(self, after_seq: int, timeout: float) -> bool:
+        """Wait until the trail may hold a record past ``after_seq``, for at most ``timeout`` seconds.
+
+        ``True`` when one may (the caller then queries), ``False`` on timeout. This default
+        checks the head every :data:`WAIT_POLL` seconds; a store that can block on the store
+        itself overrides it (a condition in memory, ``XREAD BLOCK`` on Redis, ``LISTEN`` on
+        PostgreSQL, ``PRAGMA data_version`` on SQLite). The managers' ``watch()`` drives it.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.audit_marks().head[0] > after_seq:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(WAIT_POLL, left))
+
     @abc.abstractmethod
     def audit_count(self) -> int:
         """How many records the trail holds."""
@@ -328,6 +481,15 @@ class Backend(abc.ABC):
 
         Returns the removed ids.
         """
+
+    def migrate(self) -> str:
+        """Convert data an older version stored to this version's layout; a report of what was done.
+
+        A store that migrates by itself when it opens (memory, SQLite) has nothing to do here.
+        The Redis store reads a namespace 0.4 or 0.5 wrote as it is, and changes it only after
+        this (``iron-state migrate``), once every older process using it has stopped.
+        """
+        return f"{self.url}: nothing to migrate"
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -358,6 +520,9 @@ def _operations() -> tuple[tuple[str, ...], frozenset[str]]:
 
 #: Every operation of the store contract, and those among them that stream their items.
 OPERATIONS, ITERATORS = _operations()
+#: Operations that wait (up to a timeout) rather than work: the asyncio adapter never runs them
+#: on the event loop, nor in the worker threads that serve the other calls.
+WAITING: Final = frozenset({"wait_audit"})
 
 
 class OpsBackend(Backend):
@@ -380,17 +545,27 @@ class OpsBackend(Backend):
 
 
 def _forwarder(name: str) -> Callable[..., Any]:
+    # An operation with a default on Backend (wait_audit, page_agents) keeps it for a store whose
+    # ops do not define their own.
+    contract = getattr(Backend, name)
+    default = None if getattr(contract, "__isabstractmethod__", False) else contract
     if name in ITERATORS:
 
         def method(self: OpsBackend, *args: Any) -> Any:
+            op = getattr(self.ops, name, None)
+            if op is None and default is not None:
+                return default(self, *args)
             return self._iterate(getattr(self.ops, name)(*args))
     else:
 
         def method(self: OpsBackend, *args: Any) -> Any:
+            op = getattr(self.ops, name, None)
+            if op is None and default is not None:
+                return default(self, *args)
             return self._drive(getattr(self.ops, name)(*args))
 
     method.__name__ = method.__qualname__ = name
-    method.__doc__ = getattr(Backend, name).__doc__
+    method.__doc__ = contract.__doc__
     # Inherited by the drivers, so __init_subclass__ does not see it: map driver errors here.
     return _wrap_iter(method) if name in ITERATORS else _wrap(method)
 

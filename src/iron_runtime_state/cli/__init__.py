@@ -1,4 +1,4 @@
-"""The ``iron-state`` command line: a live demo, inspection, the audit trail, copies and metrics.
+"""The ``iron-state`` command line: a live demo, inspection, budgets, the audit trail, copies and metrics.
 
 Installed with the ``cli`` extra (``pip install 'iron-runtime-state[cli]'``); built with Typer
 and Rich, which only this entry point imports, lazily, so the library itself never needs them.
@@ -12,8 +12,10 @@ See ``docs/cli.md`` for the guide. The package, by concern:
 ``render.py``       tables, JSON and formatting shared by the commands
 ``demo.py``         ``demo``
 ``fleet.py``        ``agents``, ``show``, ``stats``, ``purge``
+``budgets.py``      ``budgets``, ``budget set``, ``budget show``, ``budget remove``
 ``audit.py``        ``audit``, ``verify``, ``checkpoint``, ``export``, ``prune``
 ``copy.py``         ``copy``
+``migrate.py``      ``migrate``
 ``metrics.py``      ``metrics``
 ``exit_codes.py``   the exit statuses below, and :class:`CommandError`, which carries one
 ==================  ============================================================================
@@ -27,7 +29,7 @@ to stderr), and ends with one of these exit statuses:
 1     a check failed: ``verify`` found a broken chain, ``copy`` could not verify, a refused operation
 2     bad input: an unknown option or value, a bad store URL, a bad agent id, a missing extra
 3     the store is unreachable or failed (a :class:`~iron_runtime_state.BackendError`)
-4     not found: the agent (or the SQLite file) does not exist
+4     not found: the agent, the budget scope (or the SQLite file) does not exist
 130   interrupted (Ctrl-C), except for ``audit --follow`` and ``metrics``, which stop with 0
 ====  ===========================================================================================
 

@@ -13,7 +13,8 @@ import inspect
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Final, NoReturn
 
 import typer
@@ -21,8 +22,8 @@ from typer.core import TyperCommand, TyperGroup
 
 from .. import __version__
 from ..config import ENV_DEBUG
-from ..errors import AgentNotFound, BackendError, StateError
-from . import audit, copy, demo, fleet, metrics
+from ..errors import AgentNotFound, BackendError, BudgetNotFound, StateError
+from . import audit, budgets, copy, demo, fleet, metrics, migrate, serve
 from .exit_codes import (
     EXIT_CHECK_FAILED,
     EXIT_INTERRUPTED,
@@ -34,14 +35,14 @@ from .exit_codes import (
 )
 from .options import FLAGS
 
-__all__ = ["COMMANDS", "app", "exit_code_for", "run"]
+__all__ = ["COMMANDS", "Group", "app", "exit_code_for", "run"]
 
 
 def exit_code_for(exc: BaseException) -> int:
     """The documented exit status for an error (see :mod:`iron_runtime_state.cli`)."""
     if isinstance(exc, CommandError):
         return exc.exit_code
-    if isinstance(exc, AgentNotFound):
+    if isinstance(exc, (AgentNotFound, BudgetNotFound)):
         return EXIT_NOT_FOUND
     if isinstance(exc, BackendError):
         return EXIT_UNAVAILABLE
@@ -190,12 +191,32 @@ def _root(
     """The live state of a fleet of AI agents."""
 
 
+@dataclass(frozen=True)
+class Group:
+    """A command with subcommands (``iron-state budget set|show|remove``)."""
+
+    name: str
+    help: str
+    commands: Mapping[str, Callable[..., None]]
+
+
 #: Every command, under its heading of ``iron-state --help``, in the order the help lists them.
-COMMANDS: Final[tuple[tuple[str, tuple[Callable[..., None], ...]], ...]] = (
+COMMANDS: Final[tuple[tuple[str, tuple[Callable[..., None] | Group, ...]], ...]] = (
     ("Start here", (demo.demo,)),
     ("Agents", (fleet.agents, fleet.show, fleet.stats, fleet.purge)),
+    (
+        "Budgets",
+        (
+            budgets.budgets,
+            Group(
+                "budget",
+                budgets.BUDGET_HELP,
+                {"set": budgets.budget_set, "show": budgets.budget_show, "remove": budgets.budget_remove},
+            ),
+        ),
+    ),
     ("Audit trail", (audit.audit, audit.verify, audit.checkpoint, audit.export, audit.prune)),
-    ("Operate", (copy.copy, metrics.metrics)),
+    ("Operate", (copy.copy, migrate.migrate, metrics.metrics, serve.serve)),
 )
 
 
@@ -204,10 +225,29 @@ def _reflow(doc: str) -> str:
     return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
 
 
+class _SubGroup(TyperGroup):
+    """A command with subcommands: its help, like the root's, shows nothing for a flag."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
+
+
 def _add_commands() -> None:
     for panel, commands in COMMANDS:
         for command in commands:
-            app.command(cls=_Command, rich_help_panel=panel, help=_reflow(command.__doc__ or ""))(command)
+            if isinstance(command, Group):
+                sub = typer.Typer(
+                    cls=_SubGroup,
+                    help=command.help,
+                    no_args_is_help=True,
+                    rich_markup_mode="rich",
+                    context_settings={"help_option_names": ["-h", "--help"]},
+                )
+                for name, function in command.commands.items():
+                    sub.command(name, cls=_Command, help=_reflow(function.__doc__ or ""))(function)
+                app.add_typer(sub, name=command.name, rich_help_panel=panel)
+            else:
+                app.command(cls=_Command, rich_help_panel=panel, help=_reflow(command.__doc__ or ""))(command)
 
 
 _add_commands()

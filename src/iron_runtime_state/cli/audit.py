@@ -5,8 +5,7 @@ from __future__ import annotations
 import enum
 import json
 import sys
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -92,8 +91,12 @@ def tail_audit(manager: StateManager, count: int, **filters: Any) -> list[AuditR
         window *= 8
 
 
-#: How ``audit --follow`` waits between polls; tests replace it.
-_sleep: Callable[[float], None] = time.sleep
+#: Seconds ``audit --follow`` waits for a record before it starts waiting again (tests set it low).
+_FOLLOW_IDLE = 60.0
+
+
+def _idle() -> None:
+    """Called each time ``audit --follow`` waited ``_FOLLOW_IDLE`` seconds for nothing; tests replace it."""
 
 
 def audit(
@@ -115,7 +118,13 @@ def audit(
     ] = False,
     interval: Annotated[
         float,
-        typer.Option("--interval", min=0.05, metavar="SECONDS", help="Seconds between polls with --follow."),
+        typer.Option(
+            "--interval",
+            min=0.05,
+            metavar="SECONDS",
+            hidden=True,
+            help="Ignored (kept for old scripts): --follow waits on the store for new records.",
+        ),
     ] = 1.0,
     url: UrlOption = CLI_DEFAULT_URL,
     json_output: JsonOption = False,
@@ -123,7 +132,9 @@ def audit(
 ) -> None:
     """The audit trail, oldest first: the newest --limit records matching the filters.
 
-    With --json: a JSON array; with --json --follow: one JSON object per line (JSON Lines).
+    With --follow, new records are printed as they are appended: the command waits on the store
+    (StateManager.watch), so they show within a fraction of a second without polling. With
+    --json: a JSON array; with --json --follow: one JSON object per line (JSON Lines).
     """
     session = Session(url, json_output)
     filters = _audit_filters(agent, event_type, since, until)
@@ -144,7 +155,7 @@ def audit(
                 session.out.print(audit_table(shown, session.out.width))
                 session.note(f"{len(shown):,} records shown; the trail holds {manager.audit_count():,}")
             return
-        _follow(session, manager, records, head, filters, interval)
+        _follow(session, manager, records, head, filters)
 
 
 def _follow(
@@ -153,40 +164,41 @@ def _follow(
     first: Iterable[AuditRecord],
     head: int,
     filters: dict[str, Any],
-    interval: float,
 ) -> None:
-    def show_records(records: Iterable[AuditRecord]) -> int:
-        last = 0
-        for r in records:
-            if session.json:
-                session.emit_line(record_json(r))
-            else:
-                session.out.print(
-                    Text.assemble(
-                        (f"{r.seq:>8} ", "dim"),
-                        fmt_time(r.timestamp),
-                        " ",
-                        r.agent_id.as_str(),
-                        " ",
-                        (r.event_type, "cyan"),
-                        " ",
-                        clip(r.details, 120),
-                    )
+    def show(r: AuditRecord) -> None:
+        if session.json:
+            session.emit_line(record_json(r))
+        else:
+            session.out.print(
+                Text.assemble(
+                    (f"{r.seq:>8} ", "dim"),
+                    fmt_time(r.timestamp),
+                    " ",
+                    r.agent_id.as_str(),
+                    " ",
+                    (r.event_type, "cyan"),
+                    " ",
+                    clip(r.details, 120),
                 )
-            last = r.seq
-        return last
+            )
 
+    seen = head
+    for record in first:
+        show(record)
+        seen = max(seen, record.seq)
     filters.pop("after_seq", None)
-    seen = max(show_records(first), head)
+    since, until = filters.pop("since", None), filters.pop("until", None)
     session.note(f"following {manager.url}; Ctrl-C to stop")
     try:
         while True:
-            _sleep(interval)
-            head = manager.backend.audit_marks().head[0]
-            if head <= seen:
-                continue
-            shown = show_records(manager.iter_audit_log(after_seq=seen, **filters))
-            seen = max(seen, head, shown)
+            # Blocks on the store between records; ends after _FOLLOW_IDLE seconds without one.
+            for record in manager.watch(after_seq=seen, idle_timeout=_FOLLOW_IDLE, **filters):
+                seen = record.seq
+                if (since is None or record.timestamp >= since) and (
+                    until is None or record.timestamp <= until
+                ):
+                    show(record)
+            _idle()
     except KeyboardInterrupt:
         session.note("stopped")
 

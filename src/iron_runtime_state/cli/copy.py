@@ -14,7 +14,7 @@ from ..manager import StateManager
 from ..models import AuditVerification
 from .exit_codes import EXIT_CHECK_FAILED, CommandError
 from .options import DebugOption, JsonOption
-from .render import print_verification
+from .render import fmt_exact, print_verification
 from .session import Session, clear_store, open_store, sqlite_path
 
 __all__ = ["copy"]
@@ -53,7 +53,9 @@ def copy(
 
     The source's chain is verified first. Audit events are appended in seq order and sealed
     into the destination's own chain (new seq numbers and hashes), which is verified at the
-    end. Open budget reservations are not copied.
+    end. Budget scopes are then set at the destination with their limits and periods (a
+    budget_set event each), but not what they have spent in the current period; open budget
+    reservations are not copied.
     """
     session = Session(source, json_output)
     if append and force:
@@ -87,15 +89,18 @@ def _copy_into(
     """Copy every agent and audit record of ``src`` into ``dst``; the destination's verification."""
     if src.url == dst.url or _same_file(src.url, dst.url):
         raise CommandError(f"the source and the destination are the same store ({src.url})")
-    held = dst.stats().total, dst.audit_count()
+    held = dst.stats().total, dst.audit_count(), len(dst.list_budgets())
     if any(held) and not (append or force):
         raise CommandError(
-            f"{dst.url} already holds {held[0]:,} agents and {held[1]:,} audit records; "
-            "pass --append to add to them, or --force to empty it first"
+            f"{dst.url} already holds {held[0]:,} agents, {held[2]:,} budget scopes and {held[1]:,} "
+            "audit records; pass --append to add to them, or --force to empty it first"
         )
     if force and any(held):
-        removed, pruned = clear_store(dst)
-        session.note(f"emptied {dst.url}: removed {removed:,} agents and {pruned:,} audit records")
+        removed, scopes, pruned = clear_store(dst)
+        session.note(
+            f"emptied {dst.url}: removed {removed:,} agents, {scopes:,} budget scopes "
+            f"and {pruned:,} audit records"
+        )
     started = time.perf_counter()
     total_agents, total_records = src.stats().total, src.audit_count()
     with session.progress() as progress:
@@ -109,6 +114,18 @@ def _copy_into(
         for records in _batches(src.iter_audit_log(page_size=5 * AUDIT_BATCH), AUDIT_BATCH):
             copied_records += len(dst.save_audit_logs(r.event for r in records))
             progress.update(records_task, advance=len(records))
+        # After the trail, whose budget_set events tell the scopes' history: each set_budget
+        # here appends one more, at the time of the copy.
+        budgets = src.list_budgets()
+        for budget in budgets:
+            dst.set_budget(budget.scope, limit=budget.limit, period=budget.period, tz=budget.tz)
+    not_carried = sum(b.spent_exact for b in budgets)
+    if not_carried:
+        session.note(
+            f"note: {len(budgets):,} budget scopes were copied with their limits and periods, not their "
+            f"spend this period ({fmt_exact(float(not_carried))} in all), which starts from 0 at the "
+            "destination"
+        )
     report = dst.verify_audit_log()
     seconds = time.perf_counter() - started
     if session.json:
@@ -117,6 +134,7 @@ def _copy_into(
                 "source": src.url,
                 "destination": dst.url,
                 "agents": copied_agents,
+                "budget_scopes": len(budgets),
                 "audit_records": copied_records,
                 "seconds": round(seconds, 3),
                 "verification": report.to_dict(),
@@ -124,8 +142,8 @@ def _copy_into(
         )
     else:
         session.say(
-            f"copied {copied_agents:,} agents and {copied_records:,} audit records "
-            f"from {src.url} to {dst.url} in {seconds:.1f} s"
+            f"copied {copied_agents:,} agents, {len(budgets):,} budget scopes and {copied_records:,} "
+            f"audit records from {src.url} to {dst.url} in {seconds:.1f} s"
         )
         print_verification(session.out, dst.url, report)
     return report

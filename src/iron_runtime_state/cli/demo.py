@@ -10,11 +10,12 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from .._demo import DemoResult, run_fleet
+from .._demo import DemoResult, run_fleet, team_scope
 from ..config import CLI_DEFAULT_URL, METRICS_PORT
 from ..manager import StateManager
-from ..models import AgentState, AgentStatus, AuditRecord
+from ..models import AgentState, AgentStatus, AuditRecord, BudgetState
 from .audit import tail_audit
+from .budgets import budget_json, budgets_table
 from .options import DebugOption, JsonOption, UrlOption
 from .render import audit_table, fmt_money, fmt_used, plural, status_text
 from .session import Session, clear_store, url_flag
@@ -41,7 +42,8 @@ def demo(
     json_output: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Simulate a fleet of agents: budgets reserved and spent, PII, failures, exhausted limits.
+    """Simulate a fleet of agents in two teams: budgets reserved and spent on each agent, its
+    team and the org, PII, failures, exhausted limits.
 
     Runs on the embedded default store, a SQLite file in this folder (or --url). Every run adds
     a new fleet; --reset empties the store first.
@@ -49,8 +51,11 @@ def demo(
     session = Session(url, json_output)
     with session.open(must_exist=False) as manager:
         if reset:
-            removed, pruned = clear_store(manager)
-            session.note(f"reset: removed {removed:,} agents and {pruned:,} audit records from {manager.url}")
+            removed, cleared, pruned = clear_store(manager)
+            session.note(
+                f"reset: removed {removed:,} agents, {cleared:,} budget scopes and {pruned:,} audit "
+                f"records from {manager.url}"
+            )
         with session.progress() as progress:
             task = progress.add_task("starting", total=agents * steps)
 
@@ -59,6 +64,7 @@ def demo(
 
             result = run_fleet(manager, agents=agents, steps=steps, seed=seed, on_progress=advance)
         states = [s for s in manager.get_agent_states(result.agent_ids) if s is not None]
+        scopes = [b for b in map(manager.get_budget, result.scopes) if b is not None]
         stats = manager.stats()
         audit_records = manager.audit_count()
         if result.replaced:
@@ -79,6 +85,9 @@ def demo(
                     "by_status": by_status,
                     "calls": result.calls,
                     "refused": result.refused,
+                    "refused_by": result.refused_by,
+                    "budgets": [budget_json(b) for b in scopes],
+                    "by_team": _by_team(states),
                     "overspent": result.overspent,
                     "pii_events": result.pii_events,
                     "agents_with_pii": sum(1 for s in states if s.pii_detections),
@@ -91,7 +100,7 @@ def demo(
             )
             return
         last = tail_audit(manager, 8)
-        _print_demo(session, manager, result, states, by_status, stats.total, audit_records, last)
+        _print_demo(session, manager, result, states, scopes, by_status, stats.total, audit_records, last)
 
 
 def _by_status(states: Sequence[AgentState]) -> dict[str, dict[str, Any]]:
@@ -107,11 +116,30 @@ def _by_status(states: Sequence[AgentState]) -> dict[str, dict[str, Any]]:
     return rows
 
 
+def _by_team(states: Sequence[AgentState]) -> dict[str, int]:
+    teams: dict[str, int] = {}
+    for s in states:
+        team = s.labels.get("team", "")
+        teams[team] = teams.get(team, 0) + 1
+    return dict(sorted(teams.items()))
+
+
+def _refusals(result: DemoResult) -> str:
+    """``252 agents stopped at a limit (reservation refused): 40 at their own, 212 at team:...``."""
+    text = f"{plural(result.refused, 'agent')} stopped at a limit (reservation refused)"
+    parts = [
+        f"{count:,} at {'their own' if by == 'agent' else by}"
+        for by, count in sorted(result.refused_by.items(), key=lambda item: (item[0] != "agent", item[0]))
+    ]
+    return f"{text}: {', '.join(parts)}" if parts else text
+
+
 def _print_demo(
     session: Session,
     manager: StateManager,
     result: DemoResult,
     states: Sequence[AgentState],
+    scopes: Sequence[BudgetState],
     by_status: dict[str, dict[str, Any]],
     store_agents: int,
     audit_records: int,
@@ -167,8 +195,7 @@ def _print_demo(
     lines = [
         (
             "Budget",
-            f"{plural(result.calls, 'model call')} reserved and committed; "
-            f"{plural(result.refused, 'agent')} stopped at their limit (reservation refused); "
+            f"{plural(result.calls, 'model call')} reserved and committed; {_refusals(result)}; "
             f"{plural(result.overspent, 'call')} cost more than reserved and went over",
         ),
         ("PII", f"{plural(result.pii_events, 'detection event')} on {plural(pii_agents, 'agent')}"),
@@ -187,16 +214,35 @@ def _print_demo(
         out.print(Text.assemble((first[:10], "bold"), first[10:]))
         for line in rest:
             out.print(line, markup=False)
+    if scopes:
+        out.print()
+        sizes = ", ".join(f"{count:,} {team}" for team, count in _by_team(states).items())
+        out.print(
+            Text.assemble(("Budgets", "bold"), f" of the org and its teams ({sizes} agents), per month")
+        )
+        out.print(budgets_table(scopes))
     out.print()
     out.print("[bold]Last audit events[/bold]")
     out.print(audit_table(last, out.width))
     flag = url_flag(session.url)
     example = next((s for s in states if s.status is AgentStatus.FAILED), states[0] if states else None)
+    # The team whose budget refused the most calls (the one worth a look), by name on a tie.
+    teams = sorted({s.labels["team"] for s in states if "team" in s.labels})
+    team = max(teams, key=lambda t: result.refused_by.get(team_scope(result.fleet, t), 0), default=None)
     commands = [
         (f"iron-state stats{flag}", "fleet totals"),
+        (f"iron-state budgets{flag}", "the org's and the teams' budgets"),
         (f"iron-state agents --status failed{flag}", "the agents that failed"),
         (f"iron-state agents --sort spent --limit 10{flag}", "the biggest spenders"),
     ]
+    if team is not None:
+        labels = f"--label fleet={result.fleet} --label team={team}"
+        commands.append(
+            (
+                f"iron-state agents {labels} --sort spent --limit 5{flag}",
+                f"the {team} team's biggest spenders",
+            )
+        )
     if example is not None:
         commands.append((f"iron-state show {example.agent_id}{flag}", "one agent and its audit events"))
     commands += [

@@ -26,7 +26,10 @@ from .render import (
     audit_table,
     emit_stream,
     finite,
+    fmt_labels,
     fmt_money,
+    fmt_period,
+    fmt_time,
     fmt_used,
     plural,
     record_json,
@@ -34,7 +37,7 @@ from .render import (
 )
 from .session import Session, confirm
 
-__all__ = ["SortKey", "agents", "purge", "show", "stats"]
+__all__ = ["SortKey", "agents", "parse_labels", "purge", "show", "stats"]
 
 
 class SortKey(str, enum.Enum):
@@ -62,6 +65,14 @@ def agents(
             help="Rows to show; 0 for all (default: 50, or all with --json).",
         ),
     ] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label",
+            metavar="KEY=VALUE",
+            help="Only agents with this label, e.g. team=support; repeat to require several.",
+        ),
+    ] = None,
     sort: Annotated[
         SortKey,
         typer.Option(
@@ -74,23 +85,47 @@ def agents(
     json_output: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """List agents with their status, spend against their limit and PII detections."""
+    """List agents with their status, spend against their limit, PII detections, labels and
+    budget scopes."""
     session = Session(url, json_output)
     wanted = None if status is None else AgentStatus(status.value)
+    labels = parse_labels(label or [])
     if limit is None:
         limit = 0 if json_output else 50
     with session.open() as manager:
         stats = manager.stats()
-        matching = stats.total if wanted is None else getattr(stats, wanted.value)
-        rows = _select_agents(manager.iter_agent_states(status=wanted), sort, limit)
+        rows = _select_agents(manager.iter_agent_states(status=wanted, labels=labels or None), sort, limit)
         if session.json:
             emit_stream(state.to_dict() for state in rows)
             return
         shown = list(rows)
-        session.out.print(agents_table(shown))
+        session.out.print(agents_table(shown, session.out.width))
         what = "agents" if wanted is None else f"{wanted.value} agents"
+        if labels:
+            # The store's totals do not count by label: say how many are shown, and whether
+            # the limit may have cut the list.
+            more = " (--limit 0 for all)" if limit and len(shown) == limit else ""
+            session.note(f"{len(shown):,} {what} with {fmt_labels(labels)} in {manager.url}{more}")
+            return
+        matching = stats.total if wanted is None else getattr(stats, wanted.value)
         more = "" if len(shown) >= matching else " (--limit 0 for all)"
         session.note(f"{len(shown):,} of {matching:,} {what} in {manager.url}{more}")
+
+
+def parse_labels(pairs: list[str]) -> dict[str, str]:
+    """``--label KEY=VALUE`` options as a dict (every one must match)."""
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValidationError(f"--label {pair[:64]!r}: use KEY=VALUE, e.g. --label team=support")
+        if key in labels and labels[key] != value:
+            raise ValidationError(
+                f"--label {key} is given twice ({labels[key][:32]!r} and {value[:32]!r}); "
+                "an agent has one value per key"
+            )
+        labels[key] = value
+    return labels
 
 
 def _select_agents(states: Iterator[AgentState], sort: SortKey, limit: int) -> Iterator[AgentState]:
@@ -152,14 +187,24 @@ def show(
             if state.budget_limit is None
             else f"{fmt_money(state.budget_limit)} ({fmt_used(state.budget_spent, state.budget_limit)} used)"
         )
-        for label, value in (
+        rows: list[tuple[str, str | Text]] = [
             ("agent", Text(aid.as_str())),
             ("status", status_text(state.status)),
             ("spent", fmt_money(state.budget_spent)),
             ("limit", limit),
+        ]
+        if state.budget_period is not None:
+            since = "" if state.period_start is None else f", since {fmt_time(int(state.period_start))}"
+            rows.append(("period", f"{fmt_period(state.budget_period, state.budget_tz)}{since}"))
+        rows += [
             ("available", "unlimited" if math.isinf(available) else fmt_money(available)),
             ("PII", str(state.pii_detections)),
-        ):
+        ]
+        if state.labels:
+            rows.append(("labels", Text(fmt_labels(state.labels))))
+        if state.budget_scopes:
+            rows.append(("scopes", Text(" ".join(state.budget_scopes))))
+        for label, value in rows:
             session.out.print(Text.assemble((f"{label:<11}", "bold"), value))
         if events:
             session.out.print()

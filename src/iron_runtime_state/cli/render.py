@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Final
 
@@ -14,24 +14,32 @@ from rich.table import Table
 from rich.text import Text
 
 from ..models import AgentState, AgentStatus, AuditRecord, AuditVerification
+from ..money import exact
 
 __all__ = [
+    "BAR_WIDTH",
     "agents_table",
     "audit_table",
     "clip",
     "emit_stream",
     "finite",
+    "fmt_exact",
+    "fmt_labels",
     "fmt_money",
+    "fmt_period",
     "fmt_time",
     "fmt_used",
     "plural",
     "print_verification",
     "record_json",
     "status_text",
+    "usage_bar",
 ]
 
 #: The widest details column of an audit table.
 DETAILS_WIDTH: Final = 100
+#: Cells in a usage bar (``budgets``, ``budget show``).
+BAR_WIDTH: Final = 20
 
 
 def fmt_time(timestamp: int) -> str:
@@ -42,6 +50,25 @@ def fmt_time(timestamp: int) -> str:
 def fmt_money(value: float | None) -> str:
     """An amount with two decimals, ``-`` for none."""
     return "-" if value is None else f"{value:,.2f}"
+
+
+def fmt_exact(value: float | None) -> str:
+    """An amount to the micro-unit the store keeps, at least two decimals: ``18.5326``, ``100.00``."""
+    if value is None:
+        return "-"
+    text = f"{exact(value):,.6f}".rstrip("0")
+    whole, _, decimals = text.partition(".")
+    return f"{whole}.{decimals.ljust(2, '0')}"
+
+
+def fmt_period(period: str | None, tz: str) -> str:
+    """A budget's period and its time zone: ``month (Europe/Paris)``, ``-`` without a period."""
+    return "-" if period is None else f"{period} ({tz})"
+
+
+def fmt_labels(labels: Mapping[str, str]) -> str:
+    """Labels as ``key=value`` pairs, sorted by key: ``env=prod team=support``."""
+    return " ".join(f"{key}={value}" for key, value in sorted(labels.items()))
 
 
 def fmt_used(spent: float, limit: float | None) -> str:
@@ -66,6 +93,42 @@ def clip(text: str, width: int = DETAILS_WIDTH) -> str:
 def finite(value: float) -> float | None:
     """``value``, or ``None`` for an infinity (which JSON cannot hold)."""
     return value if math.isfinite(value) else None
+
+
+def usage_bar(spent: float, held: float, limit: float | None, width: int = BAR_WIDTH) -> Text:
+    """A budget's use of its limit as a bar and a percentage: ``█`` spent, ``▒`` held by open
+    reservations, ``░`` still available; green, then yellow from 75 %, red at or past the limit.
+
+    The three marks differ in shape as well as colour, so the bar reads without colour too. Any
+    spend, and any hold, shows at least one cell.
+    """
+    if limit is None:
+        return Text("no limit", style="dim")
+    used = spent + held
+    share = used / limit if limit else (0.0 if used == 0 else math.inf)
+    spent_cells = min(width, _cells(spent, limit, width))
+    held_cells = min(width - spent_cells, max(held > 0, _cells(used, limit, width) - spent_cells))
+    style = "red" if share >= 1.0 else "yellow" if share >= 0.75 else "green"
+    if math.isinf(share):
+        percent = "over"
+    else:
+        # Rounded down below the limit, so that 100 % means the limit is reached.
+        percent = f"{round(100 * share) if share >= 1.0 else math.floor(100 * share + 1e-9)}%"
+    return Text.assemble(
+        ("█" * spent_cells, style),
+        ("▒" * held_cells, style),
+        ("░" * (width - spent_cells - held_cells), "dim"),
+        f" {percent:>4}",
+    )
+
+
+def _cells(amount: float, limit: float, width: int) -> int:
+    # Rounded down, except that any use at all shows at least one cell.
+    if amount <= 0:
+        return 0
+    if limit <= 0:
+        return width
+    return max(1, math.floor(width * amount / limit))
 
 
 def status_text(status: AgentStatus) -> Text:
@@ -113,24 +176,50 @@ def audit_table(records: Sequence[AuditRecord], width: int) -> Table:
     return table
 
 
-def agents_table(states: Iterable[AgentState]) -> Table:
-    """Agents, one line each: status, spend against the limit, PII detections."""
-    table = Table()
-    table.add_column("agent", no_wrap=True)
-    table.add_column("status")
-    table.add_column("spent", justify="right")
-    table.add_column("limit", justify="right")
-    table.add_column("used", justify="right")
-    table.add_column("PII", justify="right")
-    for s in states:
-        table.add_row(
-            Text(s.agent_id.as_str()),
-            status_text(s.status),
-            fmt_money(s.budget_spent),
-            fmt_money(s.budget_limit),
-            fmt_used(s.budget_spent, s.budget_limit),
-            str(s.pii_detections),
+def agents_table(states: Iterable[AgentState], width: int | None = None) -> Table:
+    """Agents, one line each: status, spend against the limit (and its period), PII detections;
+    then their labels and their budget scopes, when some agent has them and they fit in
+    ``width`` columns (labels first; ``None``: always). Both wrap at spaces, one per line."""
+    rows = list(states)
+    cells: list[list[str | Text]] = []
+    for s in rows:
+        limit = fmt_money(s.budget_limit)
+        if s.budget_period is not None and s.budget_limit is not None:
+            limit += f"/{s.budget_period}"
+        cells.append(
+            [
+                Text(s.agent_id.as_str()),
+                status_text(s.status),
+                fmt_money(s.budget_spent),
+                limit,
+                fmt_used(s.budget_spent, s.budget_limit),
+                str(s.pii_detections),
+            ]
         )
+    headers = ["agent", "status", "spent", "limit", "used", "PII"]
+    # Rich's default box: each column adds 2 of padding and 1 border, plus the last border.
+    used = 1 + sum(3 + max([len(h), *(len(str(c[i])) for c in cells)]) for i, h in enumerate(headers))
+    extra: list[tuple[str, list[str]]] = []
+    for header, values in (
+        ("labels", [fmt_labels(s.labels) for s in rows]),
+        ("scopes", [" ".join(s.budget_scopes) for s in rows]),
+    ):
+        if not any(values):
+            continue
+        need = 3 + max([len(header), *(len(word) for value in values for word in value.split())])
+        if width is not None and used + need > width:
+            break
+        used += need
+        extra.append((header, values))
+    table = Table()
+    for header in headers:
+        table.add_column(
+            header, justify="left" if header in ("agent", "status") else "right", no_wrap=header == "agent"
+        )
+    for header, _ in extra:
+        table.add_column(header)
+    for i, row in enumerate(cells):
+        table.add_row(*row, *(Text(values[i].replace(" ", "\n")) for _, values in extra))
     return table
 
 

@@ -94,13 +94,15 @@ def url_flag(url: str) -> str:
     return f" --url {shlex.quote(url)}"
 
 
-def clear_store(manager: StateManager) -> tuple[int, int]:
-    """Remove every agent and every audit record; returns how many of each."""
+def clear_store(manager: StateManager) -> tuple[int, int, int]:
+    """Remove every agent, every budget scope and every audit record; how many of each."""
     agents = 0
     for agent_id in manager.list_agents():
         agents += manager.remove_agent_state(agent_id)
+    scopes = sum(manager.remove_budget(budget.scope) for budget in manager.list_budgets())
+    # Last: removing a scope writes an audit event.
     records = manager.prune_audit_log(before=MAX_TIMESTAMP)
-    return agents, records
+    return agents, scopes, records
 
 
 class Session:

@@ -5,7 +5,10 @@ the canonical id text to the slot: a read by text is one dict lookup, with no pa
 agents cost about 200 bytes each (the text, its dict entry, the slot number, the slot's link
 back to the text and 33 bytes of columns), where a dict of dataclasses costs more. A removed
 agent's slot is reused. Agents of one status are found by searching the status column, a byte
-per slot, in C. The audit trail is a :class:`~.trail.Trail` the store holds.
+per slot, in C. Amounts are whole micro-units. Labels, budget scopes and periods live beside the
+columns (:class:`~.budgets.Extra`), for the agents that have them, with an index from each label
+to its agents; budget scopes and holds are in :mod:`.budgets`. The audit trail is a
+:class:`~.trail.Trail` the store holds.
 
 One lock guards every structure, the trail's included, so the store does not rely on the GIL
 (free-threaded CPython included). It is re-entrant so that an update function may read the
@@ -15,16 +18,16 @@ store. Each call holds it for microseconds, so the asyncio adapter calls this st
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Final
 
 from ... import events
 from ...audit_chain import AuditChain, AuditRow
-from ...errors import AgentNotFound, AgentNotRunning, ConfigurationError, ReservationError
+from ...budgets import check_total, current_start, micros_of_state, passes, rolled_start
+from ...errors import AgentNotFound, AgentNotRunning, BudgetNotFound, ConfigurationError, ReservationError
 from ...ids import AgentId
 from ...models import (
     AgentState,
@@ -34,9 +37,20 @@ from ...models import (
     FleetStats,
     Reservation,
     check_count,
-    exceeds,
 )
-from ..base import AuditMarks, AuditQuery, Backend, Change, CommitResult, SpendResult, UpdateFn
+from ...money import from_micros
+from ..base import (
+    AuditMarks,
+    AuditQuery,
+    Backend,
+    BudgetChange,
+    BudgetRow,
+    Change,
+    CommitResult,
+    SpendResult,
+    UpdateFn,
+)
+from .budgets import Extra, Holds, Scope
 from .trail import Trail
 
 __all__ = ["MemoryBackend", "open_memory"]
@@ -46,45 +60,7 @@ __all__ = ["MemoryBackend", "open_memory"]
 _STATUSES: Final = (AgentStatus.RUNNING, AgentStatus.STOPPED, AgentStatus.FAILED)
 _RUNNING: Final = _STATUSES.index(AgentStatus.RUNNING)
 _FREE: Final = len(_STATUSES)
-_NO_LIMIT: Final = math.nan  # the limit column's value for ``budget_limit=None``
-
-
-class _Holds:
-    """One agent's open reservations and their running total.
-
-    ``soonest`` is never later than the first expiry, so the holds are scanned for expired ones
-    only once ``now`` reaches it: many open holds stay cheap. A settled hold may leave it early,
-    which costs one scan that finds the true value.
-    """
-
-    __slots__ = ("amounts", "soonest", "total")
-
-    def __init__(self) -> None:
-        self.amounts: dict[str, tuple[float, float]] = {}  # reservation id -> (amount, expires_at)
-        self.soonest = math.inf
-        self.total = 0.0
-
-    def add(self, reservation_id: str, amount: float, expires_at: float) -> None:
-        self.amounts[reservation_id] = (amount, expires_at)
-        self.total += amount
-        self.soonest = min(self.soonest, expires_at)
-
-    def take(self, reservation_id: str) -> tuple[float, float] | None:
-        """Drop one hold; its ``(amount, expires_at)``, or ``None`` if there is no such hold."""
-        entry = self.amounts.pop(reservation_id, None)
-        if entry is not None:
-            # Exactly zero once nothing is held, so rounding never builds up.
-            self.total = self.total - entry[0] if self.amounts else 0.0
-        return entry
-
-    def open_total(self, now: float) -> float:
-        """Drop the holds whose time is up; the total of those left."""
-        if now >= self.soonest:
-            for reservation_id, (_, expires_at) in list(self.amounts.items()):
-                if expires_at <= now:
-                    self.take(reservation_id)
-            self.soonest = min((expires_at for _, expires_at in self.amounts.values()), default=math.inf)
-        return self.total
+_NO_LIMIT: Final = -1  # the limit column's value for ``budget_limit=None``
 
 
 class MemoryBackend(Backend):
@@ -100,16 +76,21 @@ class MemoryBackend(Backend):
         self._free: list[int] = []  # slots of removed agents, taken before new ones
         # The columns, one entry per slot. A free slot has status _FREE, zero spent and count.
         self._status = array("B")
-        self._spent = array("d")
+        self._spent = array("q")  # micro-units
         self._pii = array("q")
-        self._limit = array("d")  # _NO_LIMIT (NaN) for no limit
+        self._limit = array("q")  # micro-units; _NO_LIMIT for no limit
         self._changed = array("d")  # when the slot last changed, for purge_agents
         # The stats() aggregates, changed by _write alone; _counts[_FREE] counts free slots.
         self._counts = [0] * (len(_STATUSES) + 1)
-        self._spent_total = 0.0
+        self._spent_total = 0
         self._pii_total = 0
-        self._holds: dict[str, _Holds] = {}  # only agents that have open holds
-        self._trail = Trail()  # the audit trail, guarded by the same lock
+        self._extra: dict[str, Extra] = {}  # only agents with labels, scopes or a period
+        self._labelled: dict[tuple[str, str], set[str]] = {}  # (key, value) -> agents with it
+        self._holds: dict[str, Holds] = {}  # only agents that have open holds
+        self._scopes: dict[str, Scope] = {}  # budget scopes by name
+        # Woken by every append, for watch(): waits on the store's one lock.
+        self._appended = threading.Condition(self._lock)
+        self._trail = Trail(self._appended.notify_all)  # the audit trail, guarded by the same lock
 
     @property
     def url(self) -> str:
@@ -122,9 +103,9 @@ class MemoryBackend(Backend):
         slot: int,
         now: float,
         code: int | None = None,
-        spent: float | None = None,
+        spent: int | None = None,
         pii: int | None = None,
-        limit: float | None = None,
+        limit: int | None = None,
     ) -> None:
         """Change a slot's columns (``None`` leaves one as it is; ``limit`` as the column holds it).
 
@@ -148,15 +129,13 @@ class MemoryBackend(Backend):
         if limit is not None:
             self._limit[slot] = limit
         self._changed[slot] = now
-        if code == _FREE and self._counts[_FREE] == len(self._status):
-            self._spent_total = 0.0  # an empty store: no rounding left behind
 
     def _new_slot(self) -> int:
         if self._free:
             return self._free.pop()
         self._keys.append("")
         self._status.append(_FREE)
-        self._spent.append(0.0)
+        self._spent.append(0)
         self._pii.append(0)
         self._limit.append(_NO_LIMIT)
         self._changed.append(0.0)
@@ -167,18 +146,51 @@ class MemoryBackend(Backend):
         slot = self._slots.pop(key, None)
         if slot is None:
             return False
-        self._holds.pop(key, None)
-        self._write(slot, 0.0, code=_FREE, spent=0.0, pii=0, limit=_NO_LIMIT)
+        holds = self._holds.pop(key, None)
+        if holds is not None:
+            for reservation_id, (_, _, scopes) in holds.amounts.items():
+                self._drop_scope_holds(reservation_id, scopes)
+        self._set_extra(key, None)
+        self._write(slot, 0.0, code=_FREE, spent=0, pii=0, limit=_NO_LIMIT)
         self._keys[slot] = ""
         self._free.append(slot)
         return True
+
+    def _set_extra(self, key: str, extra: Extra | None) -> None:
+        """Replace an agent's fields beyond the columns, keeping the label index in step."""
+        old = self._extra.pop(key, None)
+        if old is not None:
+            for label in old.labels.items():
+                agents = self._labelled[label]
+                agents.discard(key)
+                if not agents:
+                    del self._labelled[label]
+        if extra is not None:
+            self._extra[key] = extra
+            for label in extra.labels.items():
+                self._labelled.setdefault(label, set()).add(key)
 
     def _state(self, agent_id: AgentId, slot: int) -> AgentState:
         """A new state holding the slot's values (valid: the store holds nothing else)."""
         limit = self._limit[slot]
         status = _STATUSES[self._status[slot]]
-        budget_limit = None if math.isnan(limit) else limit
-        return AgentState._trusted(agent_id, status, self._spent[slot], self._pii[slot], budget_limit)
+        budget_limit = None if limit == _NO_LIMIT else from_micros(limit)
+        spent = from_micros(self._spent[slot])
+        extra = self._extra.get(agent_id.as_str())
+        if extra is None:
+            return AgentState._trusted(agent_id, status, spent, self._pii[slot], budget_limit)
+        return AgentState._trusted(
+            agent_id,
+            status,
+            spent,
+            self._pii[slot],
+            budget_limit,
+            dict(extra.labels),
+            extra.scopes,
+            extra.period,
+            extra.tz,
+            extra.period_start,
+        )
 
     def _slot(self, key: str, action: str = "") -> int:
         """The agent's slot; ``AgentNotFound`` when absent, ``AgentNotRunning`` for an ``action``
@@ -206,23 +218,37 @@ class MemoryBackend(Backend):
                 slot = column.find(code, slot + 1)
         return found
 
-    def _passes_limit(self, slot: int, total: float) -> bool:
-        """Whether a spend total passes the slot's limit (by ``models.exceeds``, the one rule)."""
-        limit = self._limit[slot]
-        return not math.isnan(limit) and exceeds(total, limit)
+    def _keys_labelled(self, labels: Mapping[str, str]) -> list[str]:
+        """The ids of the agents that carry every label in ``labels``, from the label index."""
+        sets = sorted((self._labelled.get(label, set()) for label in labels.items()), key=len)
+        return sorted(sets[0].intersection(*sets[1:]))
 
     # -- agent states -----------------------------------------------------------------------
 
     def save(self, state: AgentState, now: float) -> None:
         key = state.agent_id.as_str()
-        limit = _NO_LIMIT if state.budget_limit is None else state.budget_limit
+        spent, limit = micros_of_state(state)
         code = _STATUSES.index(state.status)
+        plain = (
+            not state.labels
+            and not state.budget_scopes
+            and state.budget_period is None
+            and state.budget_tz == "UTC"
+        )
+        extra = None
+        if not plain:
+            labels = dict(state.labels)
+            extra = Extra(
+                labels, state.budget_scopes, state.budget_period, state.budget_tz, state.period_start
+            )
         with self._lock:
             slot = self._slots.get(key)
             if slot is None:
                 slot = self._slots[key] = self._new_slot()
                 self._keys[slot] = key
-            self._write(slot, now, code, state.budget_spent, state.pii_detections, limit)
+            self._write(slot, now, code, spent, state.pii_detections, _NO_LIMIT if limit is None else limit)
+            if extra is not None or key in self._extra:
+                self._set_extra(key, extra)
 
     def save_many(self, states: Sequence[AgentState], now: float) -> None:
         with self._lock:  # held across the batch: other threads see all of it or none
@@ -246,30 +272,43 @@ class MemoryBackend(Backend):
         with self._lock:
             return list(self._slots)
 
-    def iter_states(self, status: AgentStatus | None, batch_size: int) -> Iterator[AgentState]:
+    def iter_states(
+        self, status: AgentStatus | None, labels: Mapping[str, str] | None, batch_size: int
+    ) -> Iterator[AgentState]:
         wanted = range(len(_STATUSES)) if status is None else (_STATUSES.index(status),)
         with self._lock:
-            keys = list(self._slots) if status is None else self._keys_with(wanted)
+            if labels:
+                keys = self._keys_labelled(labels)
+            else:
+                keys = list(self._slots) if status is None else self._keys_with(wanted)
         for start in range(0, len(keys), batch_size):
             batch: list[AgentState] = []
             with self._lock:
                 for key in keys[start : start + batch_size]:
                     slot = self._slots.get(key)  # gone if removed since
                     if slot is not None and self._status[slot] in wanted:
-                        batch.append(self._state(AgentId._trusted(key), slot))
+                        state = self._state(AgentId._trusted(key), slot)
+                        if not labels or labels.items() <= state.labels.items():
+                            batch.append(state)
             yield from batch
 
     def stats(self) -> FleetStats:
         with self._lock:
             running, stopped, failed, _ = self._counts
             total = running + stopped + failed
-            return FleetStats(total, running, stopped, failed, self._spent_total, self._pii_total)
+            return FleetStats(
+                total, running, stopped, failed, from_micros(self._spent_total), self._pii_total
+            )
 
-    def update(self, agent_id: AgentId, fn: UpdateFn, now: float) -> AgentState:
+    def update(self, agent_id: AgentId, fn: UpdateFn, now: float, chain: AuditChain) -> Change:
         with self._lock:
-            slot = self._slot(agent_id.as_str())
-            self.save(fn(self._state(agent_id, slot)), now)
-            return self._state(agent_id, slot)
+            key = agent_id.as_str()
+            slot = self._slot(key)
+            resets = self._roll_agent(agent_id, slot, self._extra.get(key), now)
+            new = fn(self._state(agent_id, slot))
+            sealed = self._trail.seal(resets, chain, now)
+            self.save(new, now)
+            return Change(self._state(agent_id, slot), self._trail.keep(sealed))
 
     def purge_agents(self, statuses: Sequence[AgentStatus], changed_before: float) -> list[str]:
         codes = {_STATUSES.index(status) for status in statuses}
@@ -281,33 +320,130 @@ class MemoryBackend(Backend):
                 self._drop(key)
         return doomed
 
-    # -- atomic counters ----------------------------------------------------------------------
+    # -- budgets: periods, checks and charges (every caller holds the lock) -------------------
 
-    def record_spend(self, agent_id: AgentId, amount: float, now: float, chain: AuditChain) -> SpendResult:
-        key = agent_id.as_str()
-        with self._lock:
-            slot = self._slot(key, "record spend")
-            reserved = self._open_holds(key, now)
-            spent = self._spent[slot]
-            if self._passes_limit(slot, spent + reserved + amount):
-                return self._refuse(agent_id, slot, reserved, amount, now, "spend", chain)
-            self._write(slot, now, spent=spent + amount)
-            return SpendResult(self._state(agent_id, slot), False, reserved)
+    def _scopes_of(self, agent_id: AgentId, names: Iterable[str]) -> list[tuple[str, Scope]]:
+        """The agent's scopes; ``BudgetNotFound`` for one that does not exist."""
+        found = []
+        for name in names:
+            scope = self._scopes.get(name)
+            if scope is None:
+                raise BudgetNotFound(name, agent_id.as_str())
+            found.append((name, scope))
+        return found
 
-    def _refuse(
+    def _roll_agent(self, agent_id: AgentId, slot: int, extra: Extra | None, now: float) -> list[AuditEvent]:
+        """Start the agent's new period if its own has ended; the ``budget_reset`` it implies."""
+        if extra is None:
+            return []
+        start = rolled_start(extra.period, extra.tz, extra.period_start, now)
+        if start is None or extra.period is None:
+            return []
+        event = events.budget_reset(
+            agent_id, None, extra.period, extra.tz, extra.period_start or start, self._spent[slot], now
+        )
+        self._write(slot, now, spent=0)
+        extra.period_start = start
+        return [event]
+
+    @staticmethod
+    def _roll_scopes(scopes: Sequence[tuple[str, Scope]], now: float) -> list[AuditEvent]:
+        """Start the new period of each scope whose period has ended; their ``budget_reset`` events."""
+        resets = []
+        for name, scope in scopes:
+            start = rolled_start(scope.period, scope.tz, scope.period_start, now)
+            if start is not None and scope.period is not None:
+                resets.append(
+                    events.budget_reset(
+                        None, name, scope.period, scope.tz, scope.period_start or start, scope.spent, now
+                    )
+                )
+                scope.spent = 0
+                scope.period_start = start
+        return resets
+
+    def _charge_check(self, slot: int, scopes: Sequence[tuple[str, Scope]], amount: int) -> None:
+        """``ValidationError`` (before anything changes) if a charge would take a total past the maximum.
+
+        Checked on the spends before any period ends: a total that a reset would bring down is
+        refused here too, which only matters within a micro-unit of a billion units.
+        """
+        check_total(self._spent[slot] + amount, "the agent's budget_spent")
+        for name, scope in scopes:
+            check_total(scope.spent + amount, f"the spend of budget scope {name!r}")
+
+    def _refusal(
         self,
         agent_id: AgentId,
         slot: int,
-        reserved: float,
-        amount: float,
+        scopes: Sequence[tuple[str, Scope]],
+        amount: int,
         now: float,
         action: str,
-        chain: AuditChain,
-    ) -> SpendResult:
-        """A spend or hold past the limit: nothing changes, and its ``budget_exceeded`` event is appended."""
-        state = self._state(agent_id, slot)
-        event = events.budget_exceeded(agent_id, state, reserved, amount, now, action)
-        return SpendResult(state, True, reserved, self._trail.keep(self._trail.seal([event], chain, now)))
+    ) -> tuple[int, AuditEvent, BudgetRow | None] | None:
+        """Why the agent or one of its scopes cannot take ``amount`` more: the agent's holds,
+        the ``budget_exceeded`` event and the scope that refused; ``None`` when all can."""
+        holds = self._holds.get(agent_id.as_str())
+        held = 0 if holds is None else holds.total  # expired ones were dropped first
+        spent, limit = self._spent[slot], self._limit[slot]
+        if limit != _NO_LIMIT and passes(limit, spent + held + amount):
+            event = events.budget_exceeded(
+                agent_id, now, action, limit=limit, spent=spent, reserved=held, requested=amount
+            )
+            return held, event, None
+        for name, scope in scopes:
+            scope_held = scope.holds.open_total(now)
+            if passes(scope.limit, scope.spent + scope_held + amount):
+                assert scope.limit is not None  # passes() is False without a limit
+                event = events.budget_exceeded(
+                    agent_id,
+                    now,
+                    action,
+                    limit=scope.limit,
+                    spent=scope.spent,
+                    reserved=scope_held,
+                    requested=amount,
+                    scope=name,
+                )
+                return held, event, scope.row(name, now)
+        return None
+
+    def _prepare(
+        self, agent_id: AgentId, amount: int, now: float, action: str
+    ) -> tuple[int, list[tuple[str, Scope]], list[AuditEvent]]:
+        """The checks that come before a spend or a hold: the agent's slot and scopes, the total's
+        bound; then the holds that expired and the periods that ended go (their events)."""
+        key = agent_id.as_str()
+        slot = self._slot(key, action)
+        extra = self._extra.get(key)
+        if extra is None:  # no scopes and no period: nothing to roll
+            self._charge_check(slot, (), amount)
+            return slot, [], self._expire_holds(agent_id, now)
+        scopes = self._scopes_of(agent_id, extra.scopes)
+        self._charge_check(slot, scopes, amount)
+        implied = self._expire_holds(agent_id, now)
+        return (
+            slot,
+            scopes,
+            implied + self._roll_agent(agent_id, slot, extra, now) + self._roll_scopes(scopes, now),
+        )
+
+    # -- atomic counters ----------------------------------------------------------------------
+
+    def record_spend(self, agent_id: AgentId, amount: int, now: float, chain: AuditChain) -> SpendResult:
+        with self._lock:
+            slot, scopes, resets = self._prepare(agent_id, amount, now, "record spend")
+            refusal = self._refusal(agent_id, slot, scopes, amount, now, "spend")
+            if refusal is not None:
+                held, event, budget = refusal
+                sealed = self._trail.seal([*resets, event], chain, now)
+                state = self._state(agent_id, slot)
+                return SpendResult(state, True, held, self._trail.keep(sealed), budget)
+            records = self._trail.keep(self._trail.seal(resets, chain, now)) if resets else ()
+            self._write(slot, now, spent=self._spent[slot] + amount)
+            for _, scope in scopes:
+                scope.spent += amount
+            return SpendResult(self._state(agent_id, slot), False, 0, records)
 
     def record_pii(
         self, agent_id: AgentId, count: int, now: float, event: AuditEvent, chain: AuditChain
@@ -330,25 +466,35 @@ class MemoryBackend(Backend):
 
     # -- reservations ----------------------------------------------------------------------
 
-    def _open_holds(self, key: str, now: float) -> float:
-        """The total of the agent's unexpired holds, dropping the expired ones."""
+    def _expire_holds(self, agent_id: AgentId, now: float) -> list[AuditEvent]:
+        """Drop the agent's holds whose time is up, on it and its scopes: a ``hold_expired`` each.
+
+        Only operations that change the agent call it, so a read never writes an event.
+        """
+        key = agent_id.as_str()
         holds = self._holds.get(key)
-        if holds is None:
-            return 0.0
-        total = holds.open_total(now)
+        if holds is None or now < holds.soonest:
+            return []
+        expired = holds.expire(now)
         if not holds.amounts:
             del self._holds[key]
-        return total
+        found = []
+        for reservation_id, (amount, expires_at, scopes) in expired:
+            self._drop_scope_holds(reservation_id, scopes)
+            found.append(events.hold_expired(agent_id, reservation_id, amount, expires_at, scopes, now))
+        return found
 
-    def _check_open(self, reservation: Reservation, now: float, action: str) -> None:
-        """``ReservationError`` unless the reservation's hold is open (an expired one is dropped)."""
-        key = reservation.agent_id.as_str()
-        holds = self._holds.get(key)
+    def _open_hold(
+        self, reservation: Reservation, now: float, action: str
+    ) -> tuple[int, float, tuple[str, ...]]:
+        """The reservation's open hold; ``ReservationError`` unless it is open.
+
+        An expired hold stays until an operation that writes events drops it (``hold_expired``).
+        """
+        holds = self._holds.get(reservation.agent_id.as_str())
         entry = None if holds is None else holds.amounts.get(reservation.reservation_id)
         if entry is not None and entry[1] > now:
-            return
-        if entry is not None:
-            self._drop_hold(key, reservation.reservation_id)
+            return entry
         raise ReservationError(
             f"cannot {action} reservation {reservation.reservation_id}: it is not open "
             "(already committed or released, expired after its ttl, or its agent was "
@@ -356,52 +502,130 @@ class MemoryBackend(Backend):
         )
 
     def _drop_hold(self, key: str, reservation_id: str) -> None:
-        """Drop a hold known to be there."""
+        """Drop a hold known to be there, on the agent and on its scopes."""
         holds = self._holds[key]
-        holds.take(reservation_id)
+        entry = holds.take(reservation_id)
         if not holds.amounts:
             del self._holds[key]
+        if entry is not None:
+            self._drop_scope_holds(reservation_id, entry[2])
+
+    def _drop_scope_holds(self, reservation_id: str, scopes: Iterable[str]) -> None:
+        for name in scopes:
+            scope = self._scopes.get(name)
+            if scope is not None:
+                scope.holds.take(reservation_id)
 
     def reserve(
-        self, agent_id: AgentId, amount: float, ttl: float, now: float, reservation_id: str, chain: AuditChain
+        self, agent_id: AgentId, amount: int, ttl: float, now: float, reservation_id: str, chain: AuditChain
     ) -> Reservation | SpendResult:
         key = agent_id.as_str()
         with self._lock:
-            slot = self._slot(key, "reserve budget")
-            reserved = self._open_holds(key, now)
-            if self._passes_limit(slot, self._spent[slot] + reserved + amount):
-                return self._refuse(agent_id, slot, reserved, amount, now, "reserve", chain)
+            slot, scopes, resets = self._prepare(agent_id, amount, now, "reserve budget")
+            refusal = self._refusal(agent_id, slot, scopes, amount, now, "reserve")
+            if refusal is not None:
+                held, event, budget = refusal
+                sealed = self._trail.seal([*resets, event], chain, now)
+                state = self._state(agent_id, slot)
+                return SpendResult(state, True, held, self._trail.keep(sealed), budget)
+            if resets:
+                self._trail.keep(self._trail.seal(resets, chain, now))
+            names = tuple(name for name, _ in scopes)
+            expires_at = now + ttl
             holds = self._holds.get(key)
             if holds is None:
-                holds = self._holds[key] = _Holds()
-            holds.add(reservation_id, amount, now + ttl)
-        return Reservation._trusted(reservation_id, agent_id, amount, now + ttl)
+                holds = self._holds[key] = Holds()
+            holds.add(reservation_id, amount, expires_at, names)
+            for _, scope in scopes:
+                scope.holds.add(reservation_id, amount, expires_at)
+        return Reservation._trusted(reservation_id, agent_id, from_micros(amount), expires_at, names)
 
-    def commit(self, reservation: Reservation, actual: float, now: float, chain: AuditChain) -> CommitResult:
+    def commit(self, reservation: Reservation, actual: int, now: float, chain: AuditChain) -> CommitResult:
         agent_id = reservation.agent_id
         key = agent_id.as_str()
+        rid = reservation.reservation_id
         with self._lock:
-            self._check_open(reservation, now, "commit")
+            amount, _, names = self._open_hold(reservation, now, "commit")
             slot = self._slot(key)  # there: removing an agent drops its holds
-            spent = self._spent[slot] + actual
-            state = self._state(agent_id, slot)
-            state.budget_spent = spent  # the state this commit leaves
-            exceeded = self._passes_limit(slot, spent)
-            overspent = [events.overspent(state, reservation, actual, now)] if exceeded else []
-            sealed = self._trail.seal(overspent, chain, now)
-            self._drop_hold(key, reservation.reservation_id)
+            scopes = [(name, self._scopes[name]) for name in names if name in self._scopes]
+            self._charge_check(slot, scopes, actual)
+            extra = self._extra.get(key)
+            expired = self._expire_holds(agent_id, now)
+            resets = expired + self._roll_agent(agent_id, slot, extra, now) + self._roll_scopes(scopes, now)
+            spent, limit = self._spent[slot] + actual, self._limit[slot]
+            overs = []
+            if limit != _NO_LIMIT and passes(limit, spent):
+                overs.append(
+                    events.overspent(
+                        agent_id, now, rid, limit=limit, spent=spent, committed=actual, reserved=amount
+                    )
+                )
+            for name, scope in scopes:
+                if scope.limit is not None and passes(scope.limit, scope.spent + actual):
+                    overs.append(
+                        events.overspent(
+                            agent_id,
+                            now,
+                            rid,
+                            limit=scope.limit,
+                            spent=scope.spent + actual,
+                            committed=actual,
+                            reserved=amount,
+                            scope=name,
+                        )
+                    )
+            sealed = self._trail.seal(resets + overs, chain, now)
+            self._drop_hold(key, rid)
             self._write(slot, now, spent=spent)
-            return CommitResult(state, exceeded, self._trail.keep(sealed))
+            for _, scope in scopes:
+                scope.spent += actual
+            return CommitResult(self._state(agent_id, slot), bool(overs), self._trail.keep(sealed))
 
     def release(self, reservation: Reservation, now: float) -> None:
         with self._lock:
-            self._check_open(reservation, now, "release")
+            self._open_hold(reservation, now, "release")
             self._drop_hold(reservation.agent_id.as_str(), reservation.reservation_id)
 
-    def reserved(self, agent_id: AgentId, now: float) -> tuple[AgentState, float]:
+    def reserved(self, agent_id: AgentId, now: float) -> tuple[AgentState, int]:
         with self._lock:
             slot = self._slot(agent_id.as_str())
-            return self._state(agent_id, slot), self._open_holds(agent_id.as_str(), now)
+            holds = self._holds.get(agent_id.as_str())
+            return self._state(agent_id, slot), 0 if holds is None else holds.total_at(now)
+
+    # -- budget scopes ------------------------------------------------------------------------
+
+    def set_budget(
+        self, scope: str, limit: int | None, period: str | None, tz: str, now: float, chain: AuditChain
+    ) -> BudgetChange:
+        with self._lock:
+            sealed = self._trail.seal([events.budget_set(scope, limit, period, tz, now)], chain, now)
+            found = self._scopes.get(scope)
+            if found is None:
+                found = self._scopes[scope] = Scope(limit, period, tz, current_start(period, tz, now))
+            else:
+                if (found.period, found.tz) != (period, tz):
+                    found.period_start = current_start(period, tz, now)
+                found.limit, found.period, found.tz = limit, period, tz
+            return BudgetChange(found.row(scope, now), self._trail.keep(sealed))
+
+    def get_budget(self, scope: str, now: float) -> BudgetRow | None:
+        with self._lock:
+            found = self._scopes.get(scope)
+            return None if found is None else found.row(scope, now)
+
+    def list_budgets(self, now: float) -> list[BudgetRow]:
+        with self._lock:
+            return [self._scopes[name].row(name, now) for name in sorted(self._scopes)]
+
+    def remove_budget(self, scope: str, now: float, chain: AuditChain) -> BudgetChange:
+        with self._lock:
+            found = self._scopes.get(scope)
+            if found is None:
+                return BudgetChange(None)
+            sealed = self._trail.seal([events.budget_removed(scope, found.spent, now)], chain, now)
+            row = found.row(scope, now)
+            del self._scopes[scope]
+            return BudgetChange(row, self._trail.keep(sealed))
 
     # -- audit trail -------------------------------------------------------------------------
 
@@ -432,6 +656,10 @@ class MemoryBackend(Backend):
     def audit_marks(self) -> AuditMarks:
         with self._lock:
             return self._trail.marks()
+
+    def wait_audit(self, after_seq: int, timeout: float) -> bool:
+        with self._appended:
+            return self._appended.wait_for(lambda: self._trail.head[0] > after_seq, timeout)
 
     def audit_count(self) -> int:
         with self._lock:

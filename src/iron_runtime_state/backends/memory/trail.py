@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final, NamedTuple
 
 from ...audit_chain import GENESIS_HASH, AuditChain
@@ -89,7 +89,9 @@ class Sealed(NamedTuple):
 class Trail:
     """The audit trail of one in-memory store; the caller holds the store's lock for every call."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_append: Callable[[], None] = lambda: None) -> None:
+        """``on_append`` is called (under the store's lock) after records are kept."""
+        self.on_append = on_append
         self.records: list[AuditRecord] = []
         self.timeline = _Timeline()
         self.by_agent: dict[str, list[int]] = {}  # the seqs of each agent's records
@@ -135,6 +137,7 @@ class Trail:
         self.head = (last.seq, last.hash)
         self.head_seal = sealed.head_seal
         self.watch.wrote(self.head)
+        self.on_append()
         return records[sealed.rewound :]
 
     def _record(self, seq: int) -> AuditRecord | None:

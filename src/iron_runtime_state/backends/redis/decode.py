@@ -1,52 +1,73 @@
 """Replies read back: what each script's or command's reply means, as results or errors.
 
 A script's reply starts with a code saying what it did (-1: no such agent, -2: not running,
--3: no such hold, -4 and -5: a count would overflow) and then carries the agent's fields, in the
-order of :data:`~.keys.STATE_FIELDS`, where it has them. A change that queued an audit event in
-its group's outbox ends its reply with the entry (:class:`Queued`); :func:`outbox_event` builds
-an entry's event. Data that cannot be read raises ``SchemaError``.
+-3: no such hold, -4 and -5: a count would overflow, and the codes of :data:`CODES`) and then
+carries the agent's fields, in the order of :data:`~.keys.READ_FIELDS`, where it has them. A
+change that queued audit events in an outbox ends its reply with them (:class:`Queued`);
+:func:`outbox_event` builds an entry's event. Data that cannot be read raises ``SchemaError``.
+Money is whole micro-units; a value 0.4/0.5 stored (a float) reads as the micro-units nearest it.
 """
 
 from __future__ import annotations
 
-import math
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
 from ... import events
 from ...audit_chain import GENESIS_HASH, AuditRow
-from ...errors import AgentNotFound, AgentNotRunning, ReservationError, SchemaError
-from ...ids import AgentId
-from ...models import (
-    AgentState,
-    AgentStatus,
-    AuditEvent,
-    AuditRecord,
-    FleetStats,
-    Reservation,
-    check_count,
+from ...budgets import check_total
+from ...errors import (
+    AgentNotFound,
+    AgentNotRunning,
+    BudgetNotFound,
+    ReservationError,
+    SchemaError,
+    StateError,
 )
-from ..base import AuditMarks, CommitResult, SpendResult
+from ...ids import AgentId
+from ...models import AgentState, AgentStatus, AuditEvent, AuditRecord, FleetStats, Reservation, check_count
+from ...money import from_micros, to_micros
+from ..base import AuditMarks, BudgetRow
 
 __all__ = [
+    "LATE",
+    "LEGACY",
+    "NO_SCOPE",
+    "RESOLVE",
+    "ROLL",
+    "TOO_BIG",
     "Queued",
     "decode_agent_id",
     "decode_audit_row",
-    "decode_commit",
     "decode_head",
     "decode_marks",
     "decode_pii",
     "decode_query_rows",
-    "decode_reserve",
-    "decode_reserved",
-    "decode_spend",
+    "decode_row",
     "decode_state",
     "decode_stats",
     "decode_status",
+    "float_micros",
+    "legacy_error",
     "outbox_event",
+    "queued",
+    "refused_change",
     "reservation_error",
     "row_to_record",
 ]
+
+#: Reply codes (``lua/_prelude.lua``): the client computes new periods and runs the script again;
+#: (cluster) the client settles holds whose other half lives in another slot, and runs it again.
+ROLL: Final = -10
+RESOLVE: Final = -11
+#: Reply codes of refusals that changed nothing: a scope the agent lists does not exist; (cluster)
+#: a step that came after its pending hold expired; a total past MAX_MICROS; an agent 0.4/0.5
+#: stored, not migrated yet.
+NO_SCOPE: Final = -6
+LATE: Final = -7
+TOO_BIG: Final = -8
+LEGACY: Final = -9
 
 _STATUS: Final = {s.value.encode(): s for s in AgentStatus}
 
@@ -64,27 +85,59 @@ def decode_agent_id(value: bytes | str) -> AgentId:
         raise SchemaError(f"the store holds {text[:64]!r} where an agent id belongs") from None
 
 
-def decode_state(agent_id: AgentId, reply: Sequence[Any], at: int = 0) -> AgentState | None:
-    """The state in ``reply[at:at + 4]`` (status, budget_spent, pii_detections, budget_limit).
+def float_micros(value: bytes | str) -> int:
+    """An amount 0.4/0.5 stored (a float's text, ``"4"`` or ``"0.30000000000000004"``) as the
+    micro-units nearest it."""
+    return to_micros(float(value))
 
-    ``None`` when the status is missing (no such agent). A missing or empty limit is no limit.
+
+def decode_state(agent_id: AgentId, reply: Sequence[Any], at: int = 0) -> AgentState | None:
+    """The state in ``reply[at:at + 9]`` (the first nine :data:`~.scripts.AGENT_FIELDS`), or in a
+    read of an agent 0.4/0.5 stored, its float spend and limit at ``at + 9`` and ``at + 10``.
+
+    ``None`` when the status is missing (no such agent). A missing limit is no limit.
     """
     status = reply[at]
     if status is None:
         return None
-    limit = reply[at + 3]
     try:
+        spent, limit = reply[at + 1], reply[at + 3]
+        if spent is None:  # 0.4/0.5: float fields
+            spent, limit = float_micros(reply[at + 9]), reply[at + 10] and float_micros(reply[at + 10])
+        labels, scopes, period, tz, start = reply[at + 4 : at + 9]
         return AgentState._trusted(
             agent_id,
             _STATUS[status],
-            float(reply[at + 1]),
+            from_micros(int(spent)),
             int(reply[at + 2]),
-            float(limit) if limit else None,
+            None if limit is None else from_micros(int(limit)),
+            json.loads(labels) if labels else {},
+            tuple(scopes.decode().split(",")) if scopes else (),
+            None if period is None else period.decode(),
+            "UTC" if tz is None else tz.decode(),
+            None if start is None else float(start),
         )
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, IndexError):
         raise SchemaError(
-            f"agent {agent_id} has unreadable fields in Redis: {[reply[at + i] for i in range(4)]!r:.200}"
+            f"agent {agent_id} has unreadable fields in Redis: {list(reply[at : at + 11])!r:.200}"
         ) from None
+
+
+def decode_row(row: Sequence[Any]) -> BudgetRow:
+    """A budget scope as replies carry it (``budget_row`` in ``lua/_prelude.lua``)."""
+    try:
+        name, limit, period, tz, start, spent, held = row
+        return BudgetRow(
+            name.decode(),
+            None if limit is None else int(limit),
+            None if period is None else period.decode(),
+            tz.decode(),
+            float(start) if start else None,
+            int(spent),
+            int(held),
+        )
+    except (TypeError, ValueError, AttributeError):
+        raise SchemaError(f"a budget scope in Redis has unreadable fields: {row!r:.200}") from None
 
 
 def _state(agent_id: AgentId, reply: Sequence[Any], at: int) -> AgentState:
@@ -94,48 +147,47 @@ def _state(agent_id: AgentId, reply: Sequence[Any], at: int) -> AgentState:
 
 
 class Queued(NamedTuple):
-    """An audit event a change queued in its group's outbox, as the change script replied it."""
+    """The audit events a change queued in an outbox, as the change script replied them."""
 
-    entry_id: bytes  # its outbox entry
-    fields: list[bytes]  # the entry's fields, flat (see :func:`outbox_event`)
-    waiting: int  # the entries in the outbox, this one included (more: older ones wait too)
+    #: Each event's outbox entry, ``[entry id, fields (flat, see outbox_event)]``, in order.
+    entries: list[list[Any]]
+    waiting: int  # the entries in the outbox, these included (more: older ones wait too)
 
 
-def _queued(reply: Sequence[Any], at: int) -> Queued | None:
-    """The queued event at ``reply[at:at + 3]``, if the reply has one."""
+def queued(reply: Sequence[Any], at: int) -> Queued | None:
+    """The events queued at ``reply[at:]`` (see ``queue_events``), if the reply has any."""
     if len(reply) <= at:
         return None
-    return Queued(reply[at], reply[at + 1], int(reply[at + 2]))
+    return Queued([[reply[i], reply[i + 1]] for i in range(at + 1, len(reply), 2)], int(reply[at]))
 
 
-def _not_running(agent_id: AgentId, status: bytes, action: str) -> AgentNotRunning:
-    return AgentNotRunning(agent_id.as_str(), status.decode("utf-8", "replace"), action)
+def legacy_error(namespace: str) -> SchemaError:
+    """A change of a namespace (or an agent) still in the layout 0.4 and 0.5 wrote."""
+    return SchemaError(
+        f"namespace {namespace!r} was written by iron-runtime-state 0.4 or 0.5 (money as floats): it "
+        "reads as it is, but must be migrated before it changes. Stop the processes that still run "
+        "0.4 or 0.5 on it, then run `iron-state migrate` with its URL (or call the store's migrate())"
+    )
 
 
-def decode_spend(agent_id: AgentId, reply: Sequence[Any]) -> tuple[SpendResult, Queued | None]:
-    """What ``record_spend.lua`` did, and the ``budget_exceeded`` event a refusal queued."""
+def refused_change(reply: Sequence[Any], agent_id: AgentId, namespace: str, what: str) -> Exception:
+    """The error of a reply whose code refused a change outright (changing nothing)."""
     code = reply[0]
-    if code == 1:
-        return SpendResult(_state(agent_id, reply, 1), reserved=float(reply[5])), None
-    if code == 0:
-        return SpendResult(_state(agent_id, reply, 1), True, float(reply[5])), _queued(reply, 6)
     if code == -2:
-        raise _not_running(agent_id, reply[1], "record spend")
-    raise AgentNotFound(agent_id.as_str())
-
-
-def decode_reserve(
-    agent_id: AgentId, amount: float, reservation_id: str, reply: Sequence[Any]
-) -> tuple[Reservation | SpendResult, Queued | None]:
-    """What ``reserve.lua`` did, and the ``budget_exceeded`` event a refusal queued."""
-    code = reply[0]
-    if code == 1:
-        return Reservation._trusted(reservation_id, agent_id, amount, float(reply[1])), None
-    if code == 0:
-        return SpendResult(_state(agent_id, reply, 1), True, float(reply[5])), _queued(reply, 6)
-    if code == -2:
-        raise _not_running(agent_id, reply[1], "reserve budget")
-    raise AgentNotFound(agent_id.as_str())
+        return AgentNotRunning(agent_id.as_str(), reply[1].decode("utf-8", "replace"), what)
+    if code == NO_SCOPE:
+        return BudgetNotFound(reply[1].decode(), agent_id.as_str())
+    if code == TOO_BIG:
+        scope = reply[1].decode()
+        try:
+            check_total(
+                int(reply[2]), f"the spend of budget scope {scope!r}" if scope else "the agent's spend"
+            )
+        except StateError as exc:
+            return exc
+    if code == LEGACY:
+        return legacy_error(namespace)
+    return AgentNotFound(agent_id.as_str())
 
 
 def reservation_error(reservation: Reservation, action: str) -> ReservationError:
@@ -147,31 +199,18 @@ def reservation_error(reservation: Reservation, action: str) -> ReservationError
     )
 
 
-def decode_commit(reservation: Reservation, reply: Sequence[Any]) -> tuple[CommitResult, Queued | None]:
-    """What ``commit.lua`` did, and the ``budget_exceeded`` event an overspend queued."""
-    code = reply[0]
-    if code == -3:
-        raise reservation_error(reservation, "commit")
-    if code == -1:
-        raise AgentNotFound(reservation.agent_id.as_str())
-    return CommitResult(_state(reservation.agent_id, reply, 1), exceeded=code == 1), _queued(reply, 5)
-
-
-def decode_reserved(agent_id: AgentId, reply: Sequence[Any]) -> tuple[AgentState, float]:
-    """What ``reserved.lua`` read."""
-    if reply[0] != 1:
-        raise AgentNotFound(agent_id.as_str())
-    return _state(agent_id, reply, 1), float(reply[5])
-
-
-def decode_status(agent_id: AgentId, reply: Sequence[Any]) -> tuple[AgentState, Queued | None]:
+def decode_status(
+    agent_id: AgentId, reply: Sequence[Any], namespace: str
+) -> tuple[AgentState, Queued | None]:
     """What ``set_status.lua`` did: the new state, and the ``status_changed`` event it queued."""
     if reply[0] != 1:
-        raise AgentNotFound(agent_id.as_str())
-    return _state(agent_id, reply, 2), _queued(reply, 6)
+        raise refused_change(reply, agent_id, namespace, "set status")
+    return _state(agent_id, reply, 2), queued(reply, 11)
 
 
-def decode_pii(agent_id: AgentId, count: int, reply: Sequence[Any]) -> tuple[AgentState, Queued]:
+def decode_pii(
+    agent_id: AgentId, count: int, reply: Sequence[Any], namespace: str
+) -> tuple[AgentState, Queued]:
     """What ``record_pii.lua`` did, and the ``pii_detected`` event it queued.
 
     A count that would reach 2**63 is a ``ValidationError`` (the script changed nothing).
@@ -182,38 +221,87 @@ def decode_pii(agent_id: AgentId, count: int, reply: Sequence[Any]) -> tuple[Age
     if code == -5:
         check_count(int(reply[1]) + count, "the fleet's pii_detections")
     if code != 1:
-        raise AgentNotFound(agent_id.as_str())
-    queued = _queued(reply, 5)
-    assert queued is not None  # every PII change has its event
-    return _state(agent_id, reply, 1), queued
+        raise refused_change(reply, agent_id, namespace, "record PII detections")
+    events = queued(reply, 10)
+    assert events is not None  # every PII change has its event
+    return _state(agent_id, reply, 1), events
 
 
 def outbox_event(fields: Sequence[bytes]) -> AuditEvent:
     """The audit event of an outbox entry (its fields as a flat list), built by ``events.py``.
 
-    Entries hold raw values (the numbers as the script read them, the shortest text of each
-    double), so the JSON of the details is written here, exactly as the other stores write it.
+    Entries hold raw values (amounts in micro-units, times as the client sent them), so the JSON
+    of the details is written here, exactly as the other stores write it. An entry 0.5 left in an
+    outbox (float amounts, no scope) reads too.
     """
     entry = dict(zip(fields[::2], fields[1::2], strict=True))
+    # An entry of this version always has a scope field (b"" for an agent's own budget); 0.5's had
+    # none, and float amounts.
+    micros = int if b"scope" in entry else float_micros
     try:
         kind = entry[b"kind"]
-        agent_id = decode_agent_id(entry[b"agent"])
+        now = float(entry[b"at"]) if b"at" in entry else 0.0
+        scope = _text(entry[b"scope"]) if entry.get(b"scope") else None
+        if kind == b"set":
+            limit = entry[b"limit"]
+            period = _text(entry[b"period"]) or None
+            return events.budget_set(
+                _text(entry[b"scope"]), micros(limit) if limit else None, period, _text(entry[b"tz"]), now
+            )
+        if kind == b"removed":
+            return events.budget_removed(_text(entry[b"scope"]), micros(entry[b"spent"]), now)
+        agent_id = decode_agent_id(entry[b"agent"]) if entry[b"agent"] else None
+        if kind == b"reset":
+            return events.budget_reset(
+                agent_id,
+                scope,
+                _text(entry[b"period"]),
+                _text(entry[b"tz"]),
+                float(entry[b"start"]),
+                micros(entry[b"spent"]),
+                now,
+            )
+        assert agent_id is not None
+        if kind == b"expired":
+            scopes = _text(entry[b"scopes"])
+            return events.hold_expired(
+                agent_id,
+                _text(entry[b"reservation"]),
+                int(entry[b"amount"]),
+                float(entry[b"expires"]),
+                tuple(scopes.split(",")) if scopes else (),
+                now,
+            )
         if kind == b"event":
             return AuditEvent._trusted(
                 agent_id, _text(entry[b"type"]), int(entry[b"timestamp"]), _text(entry[b"details"])
             )
-        now = float(entry[b"at"])
         if kind == b"status":
             return events.status_changed(agent_id, _STATUS[entry[b"from"]], _STATUS[entry[b"to"]], now)
-        limit, spent = float(entry[b"limit"]), float(entry[b"spent"])
-        state = AgentState._trusted(agent_id, AgentStatus.RUNNING, spent, 0, limit)
+        limit_micros, spent = micros(entry[b"limit"]), micros(entry[b"spent"])
         if kind == b"commit":
-            held = Reservation._trusted(_text(entry[b"reservation"]), agent_id, float(entry[b"held"]), 0.0)
-            return events.overspent(state, held, float(entry[b"actual"]), now)
+            return events.overspent(
+                agent_id,
+                now,
+                _text(entry[b"reservation"]),
+                limit=limit_micros,
+                spent=spent,
+                committed=micros(entry[b"actual"]),
+                reserved=micros(entry[b"held"]),
+                scope=scope,
+            )
         if kind in (b"spend", b"reserve"):
-            reserved, amount = float(entry[b"reserved"]), float(entry[b"amount"])
-            return events.budget_exceeded(agent_id, state, reserved, amount, now, kind.decode())
-    except (KeyError, ValueError):
+            return events.budget_exceeded(
+                agent_id,
+                now,
+                kind.decode(),
+                limit=limit_micros,
+                spent=spent,
+                reserved=micros(entry[b"reserved"]),
+                requested=micros(entry[b"amount"]),
+                scope=scope,
+            )
+    except (KeyError, ValueError, AssertionError):
         pass
     raise SchemaError(
         f"an audit outbox entry holds unreadable fields: {fields!r:.200}; remove it from the "
@@ -273,9 +361,10 @@ def row_to_record(row: AuditRow) -> AuditRecord:
 
 
 def decode_stats(replies: Sequence[Sequence[Any]]) -> FleetStats:
-    """Fleet totals from every group's statistics hash (``HMGET`` of :data:`~.keys.STATS_FIELDS`)."""
+    """Fleet totals from every group's statistics hash (``HMGET`` of :data:`~.keys.STATS_FIELDS`):
+    exact sums of micro-units (and of the float totals of a namespace 0.4/0.5 wrote)."""
     counts = [0, 0, 0]
-    spent: list[float] = []
+    spent = 0
     pii = 0
     for reply in replies:
         if reply[0] is None and reply[1] is None and reply[2] is None:
@@ -283,7 +372,7 @@ def decode_stats(replies: Sequence[Sequence[Any]]) -> FleetStats:
         try:
             for i in range(3):
                 counts[i] += int(reply[i] or 0)
-            spent.append(float(reply[3] or 0.0))
+            spent += int(reply[3] or 0) + (to_micros(float(reply[5])) if reply[5] else 0)
             pii += int(reply[4] or 0)
         except ValueError:
             raise SchemaError(
@@ -295,7 +384,7 @@ def decode_stats(replies: Sequence[Sequence[Any]]) -> FleetStats:
         running=running,
         stopped=stopped,
         failed=failed,
-        budget_spent=math.fsum(spent),
+        budget_spent=from_micros(spent),
         pii_detections=pii,
     )
 

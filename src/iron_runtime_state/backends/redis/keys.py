@@ -4,15 +4,22 @@ Plain computation: a driver only sends what this module builds and hands the rep
 :mod:`.decode`. Key layout of one namespace ``ns`` (what an operator sees with ``redis-cli``)::
 
     ns:meta                            hash    layout version and slot-group count
-    ns:{ns:g<G>}:agent:<agent_id>      hash    status, budget_spent, pii_detections,
-                                               budget_limit (absent: no limit), changed_at
-    ns:{ns:g<G>}:holds:<agent_id>      zset    open reservations "<reservation_id>:<amount>",
-                                               scored by expiry (Unix seconds, server clock)
+    ns:{ns:g<G>}:agent:<agent_id>      hash    status, spent_micros, pii_detections, changed_at;
+                                               limit_micros, labels (JSON), scopes (comma-
+                                               separated), period, tz, period_start, period_end
+                                               when not the default (money in micro-units)
+    ns:{ns:g<G>}:holds:<agent_id>      zset    open reservations "<reservation_id>:<micro-units>
+                                               [:<scopes>]", scored by expiry (server clock)
+    ns:{ns:g<G>}:pending:<agent_id>    zset    (cluster) spends whose scopes are being charged,
+                                               "<op id>:<micro-units>" scored by expiry
+    ns:{ns:g<G>}:committed:<res id>    string  (cluster) the amount a commit charged, until its
+                                               scopes are charged too (see spend.py)
     ns:{ns:g<G>}:stats                 hash    the group's running/stopped/failed counts,
-                                               budget_spent and pii_detections totals
+                                               spent_micros and pii_detections totals
     ns:{ns:g<G>}:ids                   zset    the group's agent ids (score 0: walked by name)
     ns:{ns:g<G>}:finished              zset    stopped and failed agents, scored by last change
     ns:{ns:g<G>}:status:<status>       zset    the group's agent ids with that status (score 0)
+    ns:{ns:g<G>}:label:<key>=<value>   zset    the group's agent ids with that label (score 0)
     ns:{ns:g<G>}:outbox                stream  audit events of the group's changes on their way
                                                to the trail (see ops.py)
     ns:{ns:g<G>}:op:<op id>            string  the reply of one change, for a resend of its call;
@@ -32,6 +39,13 @@ Plain computation: a driver only sends what this module builds and hands the rep
                                                them, where it rises (see lua/_prelude.lua)
     ns:{ns:audit}:time_lows            zset    blocks of seqs by the lowest timestamp from them on
     ns:{ns:audit}:op:<op id>           string  the reply of one prune, as the groups' op keys
+    ns:{ns:budgets}:scope:<name>       hash    a budget scope: spent_micros, tz; limit_micros,
+                                               period, period_start, period_end when set
+    ns:{ns:budgets}:holds:<name>       zset    its holds "<reservation_id>:<micro-units>:
+                                               <agent_id>:<scopes>", scored by expiry
+    ns:{ns:budgets}:names              zset    every scope's name (score 0)
+    ns:{ns:budgets}:outbox             stream  audit events of scope changes (as a group's)
+    ns:{ns:budgets}:op:<op id>         string  the reply of one scope change (see spend.py)
 
 An agent belongs to one of :data:`GROUPS` slot groups, fixed by its UUID. The part in braces is
 the Redis Cluster hash tag, so an agent's keys and its group's aggregates share one slot and one
@@ -40,29 +54,35 @@ the groups' small ``stats`` hashes and never reads an agent; ``iter_agent_states
 walks the groups' status sets, and an audit query by time reads only the seqs the time index
 leaves (see :mod:`.index`). ``meta``'s ``status_sets`` marks a namespace whose status sets are
 complete. The audit trail and its indexes share a slot of their own; a change's audit event
-reaches it through the group's outbox.
+reaches it through the group's outbox. Every budget scope of a namespace shares one more slot,
+so one script checks and charges all the scopes an agent draws on (see :mod:`.spend`).
 """
 
 from __future__ import annotations
 
 import binascii
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
 from ...errors import ConfigurationError, SchemaError
 from ...ids import AgentId
-from ...models import AgentState, AgentStatus, AuditEvent, Reservation
-from .scripts import OUTBOX_BATCH, ScriptCall, load_scripts
+from ...models import AgentState, AgentStatus, AuditEvent
+from ...money import to_micros
+from ...periods import bounds
+from .scripts import AGENT_FIELDS, OUTBOX_BATCH, ScriptCall, load_scripts
 from .url import RedisConfig, check_namespace
 
 __all__ = [
     "CLUSTER_SLOTS",
     "GROUPS",
     "LAYOUT_VERSION",
+    "LEGACY_LAYOUT",
     "OP_TTL_MARGIN",
-    "STATE_FIELDS",
+    "READ_FIELDS",
     "STATS_FIELDS",
+    "BudgetKeys",
     "GroupKeys",
     "GroupWalk",
     "Origin",
@@ -71,18 +91,22 @@ __all__ = [
     "key_slot",
 ]
 
-#: Version of the key layout; stored in ``<namespace>:meta`` and checked on first use.
-LAYOUT_VERSION: Final = 1
+#: Version of the key layout; stored in ``<namespace>:meta`` and checked on first use. Layout 2
+#: keeps money as whole micro-units and adds labels, budget scopes and periods.
+LAYOUT_VERSION: Final = 2
+#: The layout 0.4 and 0.5 wrote (money as floats): read as it is, changed after ``migrate``.
+LEGACY_LAYOUT: Final = 1
 #: Slot groups per namespace (a power of two). Fixed for the life of a namespace.
 GROUPS: Final = 256
 CLUSTER_SLOTS: Final = 16384
 #: Seconds a change's reply outlives its call's timeout under its op key, for a resend whose
 #: first copy the server runs late.
 OP_TTL_MARGIN: Final = 2.0
-#: The fields of an agent's hash that make its state, in the order the decoders read them.
-STATE_FIELDS: Final = ("status", "budget_spent", "pii_detections", "budget_limit")
-#: The fields of a group's statistics hash.
-STATS_FIELDS: Final = ("running", "stopped", "failed", "budget_spent", "pii_detections")
+#: The fields of an agent's hash a read asks for, in the order the decoders read them: its state
+#: (as the scripts reply it), then 0.4/0.5's float spend and limit (present until migrated).
+READ_FIELDS: Final = (*AGENT_FIELDS[:9], "budget_spent", "budget_limit")
+#: The fields of a group's statistics hash (``budget_spent``: 0.4/0.5's float total).
+STATS_FIELDS: Final = ("running", "stopped", "failed", "spent_micros", "pii_detections", "budget_spent")
 #: The group of an agent is the low bits of its UUID, read from its last hex digits: eight of
 #: them hold 32 bits, so the group count stays at or below 2**32.
 _GROUP_DIGITS: Final = 8
@@ -103,7 +127,7 @@ def key_slot(key: str | bytes) -> int:
 
 
 class GroupKeys(NamedTuple):
-    """The keys of one slot group: an agent's two keys (and a call's op key) are a prefix here and its id."""
+    """The keys of one slot group: an agent's keys (and a call's op key) are a prefix here and its id."""
 
     slot: int  # the cluster slot of every key of the group
     agent: str  # + agent id: the agent's state hash
@@ -114,6 +138,9 @@ class GroupKeys(NamedTuple):
     outbox: str
     op: str  # + op id: the reply of one change, for a resend of its call
     status: str  # + status value: the group's agent ids with that status
+    label: str  # + "<key>=<value>": the group's agent ids with that label
+    pending: str  # + agent id: (cluster) spends under way whose scopes are being charged
+    committed: str  # + reservation id: (cluster) a commit whose scopes are not charged yet
 
     def status_keys(self) -> tuple[str, str, str]:
         """The group's running, stopped and failed sets (the scripts' ``status_sets``)."""
@@ -133,6 +160,36 @@ class GroupKeys(NamedTuple):
             f"{prefix}outbox",
             f"{prefix}op:",
             f"{prefix}status:",
+            f"{prefix}label:",
+            f"{prefix}pending:",
+            f"{prefix}committed:",
+        )
+
+
+class BudgetKeys(NamedTuple):
+    """The keys of a namespace's budget scopes, all in one slot: a scope's keys are a prefix and
+    its name. Scripts on a standalone server name them from :attr:`prefix`."""
+
+    slot: int
+    prefix: str
+    scope: str  # + name: the scope's hash
+    holds: str  # + name: the holds on it
+    names: str  # every scope's name
+    outbox: str
+    op: str  # + op id
+
+    @classmethod
+    def of(cls, namespace: str) -> BudgetKeys:
+        """The budget scopes' keys of ``namespace`` (hash tag ``{<ns>:budgets}``)."""
+        prefix = f"{namespace}:{{{namespace}:budgets}}:"
+        return cls(
+            key_slot(prefix),
+            prefix,
+            f"{prefix}scope:",
+            f"{prefix}holds:",
+            f"{prefix}names",
+            f"{prefix}outbox",
+            f"{prefix}op:",
         )
 
 
@@ -142,13 +199,17 @@ class Origin(NamedTuple):
     group: int
     #: The outbox entry of each record, in order (``b""`` for a record no outbox holds).
     entry_ids: Sequence[bytes]
-    #: The entry of the change being made, whose record the caller wants back (if any).
-    own: bytes | None
+    #: The entries of the change being made, whose records the caller wants back (if any).
+    own: Sequence[bytes]
 
 
-def _hold(reservation: Reservation) -> str:
-    """A hold's member in the holds sorted set: the reservation id and the amount, as reserved."""
-    return f"{reservation.reservation_id}:{reservation.amount!r}"
+def _text(value: str | None) -> str:
+    return "" if value is None else value
+
+
+def _labels_text(labels: Mapping[str, str]) -> str:
+    """Labels as stored: one JSON object, keys sorted (so equal labels are equal text), or ''."""
+    return json.dumps(labels, sort_keys=True, separators=(",", ":"), ensure_ascii=False) if labels else ""
 
 
 class RedisLayout:
@@ -189,8 +250,14 @@ class RedisLayout:
         self.audit_landed = audit + "landed"
         self.audit_time = (audit + "time_highs", audit + "time_lows")
         self.audit_slot = key_slot(self.audit_log)
+        #: The budget scopes' keys, and the number their outbox goes by (after the groups').
+        self.budgets = BudgetKeys.of(ns)
+        self.budgets_group = groups
         #: Milliseconds a change's reply is kept under its op key.
         self.op_ttl = math.ceil((timeout + OP_TTL_MARGIN) * 1000)
+        #: Seconds a pending spend holds its agent on a cluster while its scopes are charged
+        #: (see :mod:`.spend`): as long as the call may take, and a resend of it.
+        self.pending_ttl = str(self.op_ttl / 1000)
         self._scripts = load_scripts()
 
     # -- keys --
@@ -237,7 +304,7 @@ class RedisLayout:
     # -- plain commands --
 
     def get_command(self, key: str) -> Routed | None:
-        """``HMGET`` of the :data:`STATE_FIELDS` of the agent whose canonical id is ``key``.
+        """``HMGET`` of the :data:`READ_FIELDS` of the agent whose canonical id is ``key``.
 
         Decode with ``decode_state``. ``None`` for text that cannot be an id: only ids are
         stored, so it would find nothing, and it must not break the read. Text that is not ASCII
@@ -250,7 +317,7 @@ class RedisLayout:
             g = self.group_keys[self.group_of(key)]
         except ValueError:
             return None
-        return g.slot, ("HMGET", g.agent + key, *STATE_FIELDS)
+        return g.slot, ("HMGET", g.agent + key, *READ_FIELDS)
 
     def stats_commands(self) -> list[Routed]:
         """One ``HMGET`` per group's statistics hash (decode with ``decode_stats``)."""
@@ -276,66 +343,88 @@ class RedisLayout:
         """Read the audit head's ``seq, hash``; decode with ``decode_head``."""
         return self.audit_slot, ("HMGET", self.audit_head, "seq", "hash")
 
-    def outbox_oldest(self, group: int) -> Routed:
-        """The oldest :data:`~.scripts.OUTBOX_BATCH` entries of a group's outbox."""
+    def outbox(self, group: int) -> tuple[int, str]:
+        """The slot and key of outbox ``group``: a slot group's, or :attr:`budgets_group`, the
+        budget scopes' (which drains as a group's does)."""
+        if group == self.budgets_group:
+            return self.budgets.slot, self.budgets.outbox
         g = self.group_keys[group]
-        return g.slot, ("XRANGE", g.outbox, "-", "+", "COUNT", OUTBOX_BATCH)
+        return g.slot, g.outbox
+
+    def outbox_oldest(self, group: int) -> Routed:
+        """The oldest :data:`~.scripts.OUTBOX_BATCH` entries of an outbox (see :meth:`outbox`)."""
+        slot, key = self.outbox(group)
+        return slot, ("XRANGE", key, "-", "+", "COUNT", OUTBOX_BATCH)
 
     def outbox_commands(self) -> list[Routed]:
-        """The oldest entries of every group's outbox (see :meth:`outbox_oldest`)."""
-        return [self.outbox_oldest(group) for group in range(self.groups)]
+        """The oldest entries of every outbox, the budget scopes' last (see :meth:`outbox_oldest`)."""
+        return [self.outbox_oldest(group) for group in range(self.groups + 1)]
 
     def outbox_after(self, group: int, entry_id: bytes) -> Routed:
-        """The next :data:`~.scripts.OUTBOX_BATCH` entries of a group's outbox after ``entry_id``."""
-        g = self.group_keys[group]
-        return g.slot, ("XRANGE", g.outbox, b"(" + entry_id, "+", "COUNT", OUTBOX_BATCH)
+        """The next :data:`~.scripts.OUTBOX_BATCH` entries of an outbox after ``entry_id``."""
+        slot, key = self.outbox(group)
+        return slot, ("XRANGE", key, b"(" + entry_id, "+", "COUNT", OUTBOX_BATCH)
 
     def outbox_trim(self, group: int, upto: bytes) -> Routed:
-        """Drop a group's outbox entries up to ``upto`` (appended to the trail); safe to repeat."""
-        g = self.group_keys[group]
+        """Drop an outbox's entries up to ``upto`` (appended to the trail); safe to repeat."""
+        slot, key = self.outbox(group)
         ms, _, n = upto.partition(b"-")
-        return g.slot, ("XTRIM", g.outbox, "MINID", b"%s-%d" % (ms, int(n) + 1))
+        return slot, ("XTRIM", key, "MINID", b"%s-%d" % (ms, int(n) + 1))
 
     # -- agent states --
 
     def save(self, state: AgentState, now: float) -> ScriptCall:
-        """Insert or replace a state."""
+        """Insert or replace a state (money as micro-units; ``period_end`` computed here)."""
         a = state.agent_id.as_str()
         g = self.keys_of(state.agent_id)
         limit = state.budget_limit
+        period, start = state.budget_period, state.period_start
+        end = "" if period is None or start is None else repr(bounds(start, period, state.budget_tz)[1])
         return ScriptCall(
             self._scripts["save"],
             g.slot,
-            (g.agent + a, g.stats, g.ids, g.finished, *g.status_keys()),
+            (g.agent + a, g.stats, g.ids, g.finished, *g.status_keys(), g.outbox),
             (
                 a,
                 state.status.value,
-                repr(state.budget_spent),
+                str(to_micros(state.budget_spent)),
                 str(state.pii_detections),
-                "" if limit is None else repr(limit),
+                "" if limit is None else str(to_micros(limit)),
                 repr(now),
+                _labels_text(state.labels),
+                ",".join(state.budget_scopes),
+                _text(period),
+                state.budget_tz,
+                "" if period is None or start is None else repr(start),
+                end,
+                g.label,
             ),
         )
 
-    def update(self, read: Sequence[Any], new: AgentState, now: float) -> ScriptCall:
-        """Store ``new`` if the agent still holds the fields ``read`` (from :meth:`get_command`).
+    def update(
+        self, read: Sequence[Any], new: AgentState, now: float, event: Sequence[str] = ()
+    ) -> ScriptCall:
+        """Store ``new`` if the agent still holds the fields ``read`` (from :meth:`get_command`),
+        queueing the outbox entry ``event`` (flat fields) with it.
 
-        The reply is 1 when stored, 0 when the agent changed meanwhile, -1 when it is gone.
+        The reply is ``[1]`` (then the events queued) when stored, ``[0]`` when the agent changed
+        meanwhile, ``[-1]`` when it is gone.
         """
         call = self.save(new, now)
-        return call._replace(args=(*call.args, read[0], read[1], read[2], read[3] or b""))
+        expected = [b"" if value is None else value for value in read[:9]]
+        return call._replace(args=(*call.args, *expected, *event))
 
-    def remove(self, agent_id: AgentId) -> ScriptCall:
-        """Remove an agent and its holds."""
+    def remove(self, agent_id: AgentId, prefix: str) -> ScriptCall:
+        """Remove an agent and its holds (``prefix``: the budgets prefix, '' on a cluster)."""
         a, g = agent_id.as_str(), self.keys_of(agent_id)
         return ScriptCall(
             self._scripts["remove"],
             g.slot,
-            (g.agent + a, g.stats, g.ids, g.finished, g.holds + a, *g.status_keys()),
-            (a,),
+            (g.agent + a, g.stats, g.ids, g.finished, g.holds + a, g.pending + a, *g.status_keys()),
+            (a, g.label, prefix),
         )
 
-    def _change(
+    def change(
         self, name: str, g: GroupKeys, keys: tuple[str, ...], args: tuple[str, ...], op: str
     ) -> ScriptCall:
         """A script that changes an agent of group ``g`` once per ``op`` (a random id per call):
@@ -343,82 +432,56 @@ class RedisLayout:
         time to live."""
         return ScriptCall(self._scripts[name], g.slot, (*keys, g.outbox, g.op + op), (*args, self.op_ttl))
 
-    def record_spend(self, agent_id: AgentId, amount: float, now: float, op: str) -> ScriptCall:
-        """Add to budget_spent within the limit (decode with ``decode_spend``)."""
-        a, g = agent_id.as_str(), self.keys_of(agent_id)
-        return self._change(
-            "record_spend", g, (g.agent + a, g.stats, g.holds + a), (repr(amount), repr(now), a), op
-        )
-
     def record_pii(self, agent_id: AgentId, count: int, now: float, event: AuditEvent, op: str) -> ScriptCall:
         """Add PII detections with their event (decode with ``decode_pii``)."""
         a, g = agent_id.as_str(), self.keys_of(agent_id)
         args = (str(count), repr(now), a, event.event_type, str(event.timestamp), event.details)
-        return self._change("record_pii", g, (g.agent + a, g.stats, g.finished), args, op)
+        return self.change("record_pii", g, (g.agent + a, g.stats, g.finished), args, op)
 
     def set_status(self, agent_id: AgentId, status: AgentStatus, now: float, op: str) -> ScriptCall:
         """Change the status (decode with ``decode_status``)."""
         a, g = agent_id.as_str(), self.keys_of(agent_id)
         keys = (g.agent + a, g.stats, g.finished, *g.status_keys())
-        return self._change("set_status", g, keys, (status.value, repr(now), a), op)
-
-    # -- reservations --
-
-    def reserve(
-        self, agent_id: AgentId, amount: float, ttl: float, now: float, reservation_id: str, op: str
-    ) -> ScriptCall:
-        """Hold part of the budget (decode with ``decode_reserve``)."""
-        a, g = agent_id.as_str(), self.keys_of(agent_id)
-        args = (repr(amount), repr(ttl), reservation_id, repr(now), a)
-        return self._change("reserve", g, (g.agent + a, g.holds + a), args, op)
-
-    def commit(self, reservation: Reservation, actual: float, now: float, op: str) -> ScriptCall:
-        """Settle a hold with what was spent (decode with ``decode_commit``)."""
-        a, g = reservation.agent_id.as_str(), self.keys_of(reservation.agent_id)
-        hold, rid = _hold(reservation), reservation.reservation_id
-        args = (hold, repr(actual), repr(now), a, rid, repr(reservation.amount))
-        return self._change("commit", g, (g.agent + a, g.stats, g.holds + a, g.finished), args, op)
-
-    def release(self, reservation: Reservation, op: str) -> ScriptCall:
-        """Drop a hold (the reply is 1, or -3 when it was not open)."""
-        a, g = reservation.agent_id.as_str(), self.keys_of(reservation.agent_id)
-        return self._change("release", g, (g.holds + a,), (_hold(reservation),), op)
-
-    def reserved(self, agent_id: AgentId) -> ScriptCall:
-        """The state and the open holds' sum (decode with ``decode_reserved``)."""
-        a, g = agent_id.as_str(), self.keys_of(agent_id)
-        return ScriptCall(self._scripts["reserved"], g.slot, (g.agent + a, g.holds + a), ())
+        return self.change("set_status", g, keys, (status.value, repr(now), a), op)
 
     def purge(
-        self, group: int, candidates: Sequence[str], statuses: Sequence[AgentStatus], cutoff: float
+        self,
+        group: int,
+        candidates: Sequence[str],
+        statuses: Sequence[AgentStatus],
+        cutoff: float,
+        prefix: str,
     ) -> ScriptCall:
-        """Remove those candidates of one group that still qualify (the reply lists them)."""
+        """Remove those candidates of one group that still qualify (the reply lists them, and on a
+        cluster, ``prefix`` '', the holds on scopes left to drop)."""
         g = self.group_keys[group]
         keys = [g.stats, g.ids, g.finished, *g.status_keys()]
         for a in candidates:
-            keys += (g.agent + a, g.holds + a)
+            keys += (g.agent + a, g.holds + a, g.pending + a)
         return ScriptCall(
             self._scripts["purge"],
             g.slot,
             keys,
-            (repr(cutoff), ",".join(s.value for s in statuses), *candidates),
+            (repr(cutoff), ",".join(s.value for s in statuses), g.label, prefix, *candidates),
         )
 
     def meta_check(self) -> ScriptCall:
         """Mark the namespace with this layout, reading back what it holds (see :meth:`check_meta`)."""
         return ScriptCall(self._scripts["meta"], self.meta_slot, (self.meta,), (LAYOUT_VERSION, self.groups))
 
-    def check_meta(self, reply: Sequence[Any]) -> bool:
-        """Whether the namespace keeps its status sets (else they are built: :meth:`index_status`);
-        ``SchemaError`` when it was written with another layout."""
+    def check_meta(self, reply: Sequence[Any]) -> tuple[bool, bool]:
+        """Whether the namespace keeps its status sets (else they are built: :meth:`index_status`),
+        and whether it is in the layout 0.4 and 0.5 wrote (:data:`LEGACY_LAYOUT`: read as it is,
+        changed only after ``migrate``); ``SchemaError`` for any other layout."""
         layout, groups, status_sets = reply
-        if layout != str(LAYOUT_VERSION).encode() or groups != str(self.groups).encode():
+        legacy = layout == str(LEGACY_LAYOUT).encode()
+        if (layout != str(LAYOUT_VERSION).encode() and not legacy) or groups != str(self.groups).encode():
             raise SchemaError(
                 f"namespace {self.namespace!r} holds data in Redis layout {layout!r} with {groups!r} "
                 f"slot groups, but this version of iron-runtime-state uses layout {LAYOUT_VERSION} "
                 f"with {self.groups}; use a matching version or another namespace"
             )
-        return status_sets is not None
+        return status_sets is not None, legacy
 
     def index_status(self, group: int, ids: Sequence[str]) -> ScriptCall:
         """Put agents of one group in their status's set (building the sets of an older namespace)."""
@@ -444,9 +507,10 @@ class RedisLayout:
         """Append sealed events if the trail's head is still ``head``, storing the new head's ``seal``.
 
         ``origin`` says which outbox entries the events come from (events given directly have
-        none); ``trim`` drops them from the outbox in the same script, which only a standalone
-        server can run (on a cluster the outbox lives in another slot). The reply is ``[1]``
-        when appended, or ``[0, seq, hash, mark, ...]`` (see ``lua/append_audit.lua``).
+        none), and which of them the caller wants the records of; ``trim`` drops them from the
+        outbox in the same script, which only a standalone server can run (on a cluster the
+        outbox lives in another slot). The reply is ``[1]`` when appended, or
+        ``[0, seq, hash, mark, ...]`` (see ``lua/append_audit.lua``).
         """
         keys = [
             self.audit_log,
@@ -460,7 +524,7 @@ class RedisLayout:
         args: list[str | int | bytes] = [head[0], head[1], seal or "", "", b"", 0]
         entry_ids: Sequence[bytes] = (b"",) * len(events)
         if origin is not None:
-            args[3], args[4], entry_ids = str(origin.group), origin.own or b"", origin.entry_ids
+            args[3], args[4], entry_ids = str(origin.group), b",".join(origin.own), origin.entry_ids
         for event, digest, entry_id in zip(events, hashes, entry_ids, strict=True):
             agent = event.agent_id.as_str()
             positions = []
@@ -472,7 +536,7 @@ class RedisLayout:
                 positions.append(at)
             args += (agent, event.event_type, event.timestamp, event.details, digest, *positions, entry_id)
         if trim and origin is not None:
-            keys.append(self.group_keys[origin.group].outbox)
+            keys.append(self.outbox(origin.group)[1])
             args[5] = len(keys)
         return ScriptCall(self._scripts["append_audit"], self.audit_slot, keys, args)
 
@@ -561,11 +625,14 @@ class GroupWalk:
         count: int,
         groups: Sequence[int] | None = None,
         status: AgentStatus | None = None,
+        label: tuple[str, str] | None = None,
     ) -> None:
-        """Walk the ``groups`` (all by default): their agents, or those with ``status``."""
+        """Walk the ``groups`` (all by default): their agents, those with ``status``, or those with
+        the ``label`` (key, value)."""
         self._layout = layout
         self._count = count
         self._status = status
+        self._label = None if label is None else f"{label[0]}={label[1]}"
         self._starts: dict[int, bytes] = dict.fromkeys(
             range(layout.groups) if groups is None else groups, b"-"
         )
@@ -583,7 +650,12 @@ class GroupWalk:
         commands: list[Routed] = []
         for g, start in self._order:
             keys = lay.group_keys[g]
-            key = keys.ids if self._status is None else keys.status + self._status.value
+            if self._label is not None:
+                key = keys.label + self._label
+            elif self._status is not None:
+                key = keys.status + self._status.value
+            else:
+                key = keys.ids
             commands.append((keys.slot, ("ZRANGEBYLEX", key, start, "+", "LIMIT", 0, self._count)))
         return commands
 

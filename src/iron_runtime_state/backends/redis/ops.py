@@ -13,165 +13,91 @@ replies, and returns the result; a driver only carries the requests to Redis and
 
 Requests: :class:`~.policy.Call` (one command; the reply), :class:`Batch` (commands that
 are safe to repeat, pipelined per server; the replies in order), :class:`Gather` (reads sent
-once per server, a failed server's error as its replies), :class:`Pause` (back off for a
+once per server, a failed server's error as its replies), :class:`Block` (a read that waits on
+the server, ``XREAD BLOCK``, on a connection of its own), :class:`Pause` (back off for a
 moment while another client wins a compare-and-set) and, in the two iterators only,
 :class:`Emit` (items for the consumer). So the compare-and-set loops of ``update`` and of audit
 appends, the paging of walks, queries, prunes and purges, and every encoding and decoding exist
 once, whatever drives them. A driver that raises while a request is out closes the operation
 (``close()``), so an operation can clean up in ``except BaseException``.
 
-A change and its audit event are one write
-------------------------------------------
-A refused spend or hold, a commit past the limit, a PII count and a real status change each
-imply an audit event. An agent's keys live in its group's slot and the trail in a slot of its
-own, and one script cannot write two slots of a Redis Cluster; nor can a script seal the event:
-the hash chain is keyed with the audit key, which never reaches Redis. So the change's script
-queues the event, as raw values, in its group's *outbox* (a stream in the group's slot): the
-change and its pending event are stored together or not at all. The client then *drains* the
-outbox: it builds the events in Python (:func:`.decode.outbox_event`, with ``events.py``: the
-same details, to the digit, as every other store writes), seals them onto the trail's head and
-appends them with ``append_audit.lua``, then trims them from the outbox (in the same script on a
-standalone server, where every key is on one server; with one more command on a cluster).
+By concern: a change and its audit event are one write, through an outbox drained into the
+audit trail (:mod:`.trail`); spends and holds on an agent and its budget scopes, and how periods
+roll without time zones in Lua, are in :mod:`.spend`; the scopes themselves in :mod:`.scopes`.
 
-The drain is idempotent by outbox entry: the trail keeps each group's *mark*, the id of the
-group's last entry appended. Entries are appended in id order and a batch whose first entry is
-not past the mark is refused (like a moved head, with the mark in the reply), so however often a
-drain is repeated, and by however many processes at once, no entry is appended twice. A caller
-whose own entry another process appended gets its record from the reply (the trail remembers
-where the newest :data:`~.scripts.LANDED_KEEP` outbox entries landed).
-
-A reply lost after the server ran a change must not let a resend count it twice. Each change
-script runs once per *op key*: the client names every call with a random id, the script keeps its
-reply under that key for the call's ``timeout`` plus :data:`~.keys.OP_TTL_MARGIN`, and a resend of
-the call gets the first reply back and changes nothing. So the drivers resend a change after a
-lost reply as they resend a read. Only a server away for the whole ``timeout`` ends the call with
-``BackendUnavailable`` (outcome unknown); the change and its event were then made together or
-not at all, and the trail shows which.
-
-A process killed between the change and the drain leaves the event in the outbox. It is appended
-by the next drain of its group (a change that queues an event drains its group's outbox, oldest
-first, before its own), by the first write of every store object (so a restarted process sweeps
-every outbox with a :class:`Gather`, passing over a server it cannot reach), and before
-every audit read (``audit_marks``, ``audit_count``, ``iter_audit_rows``, ``query_audit``) of a
-store object that has written, with the chain it last sealed with. A store object that never
-wrote does not drain: it has no key to seal with, and a reader without the key must not append
-to a keyed trail. So a reader may briefly see a change whose event is still in an outbox; never
-an event without its change.
-
-Round trips: a change that implies no event takes one, as before; with its event, two on a
-standalone server and three on a cluster.
+A namespace 0.4 or 0.5 wrote (layout 1, money as floats) reads as it is; its agents and scopes
+change only once :meth:`RedisOps.migrate` (``iron-state migrate``) has converted it (see
+:mod:`.migrate`).
 """
 
 from __future__ import annotations
 
 import itertools
-import os
-import random
 import time
-from collections.abc import Sequence
-from typing import Any, ClassVar, NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import ClassVar, Final
 
-from ...audit_chain import AuditChain, AuditRow
+from ... import events
+from ...audit_chain import AuditChain
+from ...budgets import rolled_start
 from ...errors import AgentNotFound, BackendError, StateError
 from ...ids import AgentId
-from ...models import AgentState, AgentStatus, AuditEvent, AuditRecord, FleetStats, Reservation
-from ..base import AuditMarks, AuditQuery, Change, CommitResult, SpendResult, UpdateFn
+from ...models import AgentState, AgentStatus, AuditEvent, FleetStats
+from ..base import AgentPage, Change, UpdateFn
 from ..head_watch import HeadWatch
 from .decode import (
-    Queued,
     decode_agent_id,
-    decode_audit_row,
-    decode_commit,
-    decode_head,
-    decode_marks,
     decode_pii,
-    decode_query_rows,
-    decode_reserve,
-    decode_reserved,
-    decode_spend,
     decode_state,
     decode_stats,
     decode_status,
-    outbox_event,
-    reservation_error,
-    row_to_record,
+    legacy_error,
 )
-from .index import build_status_sets, build_time_index
-from .keys import GroupWalk, Origin, RedisLayout
+from .decode import queued as queued_tail
+from .index import build_status_sets
+from .keys import GroupWalk, RedisLayout, Routed
+from .migrate import migrate_namespace
 from .policy import RetryPolicy, rexc
-from .requests import Batch, Call, Emit, Gather, Op, Pause, Request
-from .scripts import OUTBOX_BATCH, ScriptCall
+from .requests import Batch, Block, Call, Emit, Gather, Op, Pause, Request, contended, op_id, script
+from .scopes import ScopeOps
+from .spend import SpendOps, legacy_held
+from .trail import TrailOps
 from .url import RedisConfig
 
-__all__ = ["Batch", "Call", "Emit", "Gather", "Op", "Pause", "RedisOps", "RedisStore", "Request"]
+__all__ = [
+    "MAX_BLOCK",
+    "Batch",
+    "Block",
+    "Call",
+    "Emit",
+    "Gather",
+    "Op",
+    "Pause",
+    "RedisOps",
+    "RedisStore",
+    "Request",
+]
+
+#: The longest one ``XREAD BLOCK`` of ``wait_audit`` waits on the server (seconds).
+MAX_BLOCK: Final = 1.0
 
 
-class _Appended(NamedTuple):
-    """What an append did: the records it wrote, the caller's own record, the group's mark."""
-
-    records: list[AuditRecord]
-    own: AuditRecord | None  # the record of the origin's ``own`` entry, whoever appended it
-    mark: bytes | None  # the id of the group's last outbox entry in the trail, when known
-
-
-def _script(call: ScriptCall, idempotent: bool, what: str) -> Call:
-    """Run a script: ``EVALSHA`` (the drivers fall back to ``EVAL`` when the server lacks it)."""
-    return Call(call.slot, call.command(), idempotent, what)
-
-
-def _once(call: ScriptCall, what: str) -> Call:
-    """Run a script that changes state once however often it is sent (by op key, or by outbox
-    marks): resent after a lost reply, and an unknown outcome if every resend goes unanswered."""
-    return Call(call.slot, call.command(), True, what, changes=True)
-
-
-def _op_id() -> str:
-    """A fresh name for one call of a change script (its op key): random, so forked processes
-    and hosts never share one."""
-    return os.urandom(9).hex()
-
-
-def _entry_order(entry_id: bytes) -> tuple[int, int]:
-    """A stream entry id ``<ms>-<n>`` as numbers, to compare ids."""
-    ms, _, n = entry_id.partition(b"-")
-    return int(ms), int(n)
-
-
-def _seal(events: Sequence[AuditEvent], chain: AuditChain, head: tuple[int, str]) -> list[AuditRecord]:
-    """The records of ``events`` sealed into the chain on top of ``head``."""
-    seq, prev = head
-    records: list[AuditRecord] = []
-    for event in events:
-        seq += 1
-        digest = chain.seal(
-            prev, seq, event.agent_id.as_str(), event.event_type, event.timestamp, event.details
-        )
-        records.append(AuditRecord(seq, event, digest, prev))
-        prev = digest
-    return records
-
-
-def _contended(started: float, timeout: float, attempt: int) -> Pause | None:
-    """After losing a compare-and-set: ``None`` to give up, else the pause before the next try.
-
-    Others keep winning after a few tries: step aside for a moment, longer each time.
-    """
-    if time.monotonic() - started > max(10.0, timeout):
-        return None
-    return Pause(random.random() * 0.001 * min(attempt, 20) if attempt >= 2 else 0.0)
-
-
-class RedisOps:
+class RedisOps(SpendOps, ScopeOps, TrailOps):
     """Every operation of the Redis store, over one namespace's layout.
 
     Holds the only state the operations share: the audit head this process saw last (so a lone
     writer appends in one round trip, and an append notices a head that went back), and the
-    chain it last sealed with (to drain outboxes before audit reads; see the module docstring).
+    chain it last sealed with (to drain outboxes before audit reads; see :mod:`.trail`).
     """
 
-    def __init__(self, layout: RedisLayout, timeout: float, cluster: bool = False) -> None:
+    def __init__(
+        self, layout: RedisLayout, timeout: float, cluster: bool = False, block: float = 1.0
+    ) -> None:
         self.layout = layout
         self._timeout = timeout
+        #: The longest one blocking read of ``wait_audit`` waits (seconds): a reply must come
+        #: well within the socket timeout, and a sync wait holds a pooled connection meanwhile.
+        self._block = block
         #: Whether the keys spread over masters: outboxes are then trimmed by a command of their own
         #: (their slot is not the trail's), and ``stats`` pipelines its reads.
         self._cluster = cluster
@@ -184,23 +110,47 @@ class RedisOps:
         #: The chain this store object last sealed with: audit reads drain the outboxes with it.
         self._chain: AuditChain | None = None
         self._swept = False  # this store object drained every outbox once, at its first write
+        #: Whether the namespace is still in the layout 0.4/0.5 wrote (reads only; see migrate).
+        self.legacy = False
+        #: Settled markers of cluster steps, deleted in batches (see :mod:`.spend`).
+        self._garbage: list[Routed] = []
+        self._prefix = "" if cluster else layout.budgets.prefix
         self._stats_commands = layout.stats_commands()
         self._stats_script = layout.stats_script()
 
     def prepare(self) -> Op[None]:
         """Check that the namespace uses this version's key layout (once per store)."""
         call = self.layout.meta_check()
-        if not self.layout.check_meta((yield _script(call, True, "check the namespace"))):
+        status_sets, self.legacy = self.layout.check_meta((yield script(call, True, "check the namespace")))
+        if not status_sets:
             yield from build_status_sets(self.layout)  # a namespace written before them
+
+    def _writable(self) -> Op[None]:
+        """Before a change that stores agents or scopes: a namespace 0.4/0.5 wrote must be migrated
+        first (its meta is read again, in case another process migrated it meanwhile)."""
+        if self.legacy:
+            lay = self.layout
+            layout = yield Call(lay.meta_slot, ("HGET", lay.meta, "layout"), True, "check the namespace")
+            if layout == b"1":
+                raise legacy_error(lay.namespace)
+            self.legacy = False
+
+    def migrate(self) -> Op[str]:
+        """See ``Backend.migrate``: convert a namespace 0.4/0.5 wrote to this layout (see :mod:`.migrate`)."""
+        report = yield from migrate_namespace(self.layout)
+        self.legacy = False
+        return report
 
     # -- agent states --------------------------------------------------------------------------
 
     def save(self, state: AgentState, now: float) -> Op[None]:
         """See ``Backend.save``."""
-        yield _script(self.layout.save(state, now), True, "save an agent state")
+        yield from self._writable()
+        yield script(self.layout.save(state, now), True, "save an agent state")
 
     def save_many(self, states: Sequence[AgentState], now: float) -> Op[None]:
         """See ``Backend.save_many``."""
+        yield from self._writable()
         calls = [self.layout.save(state, now) for state in states]
         yield Batch([(c.slot, c.command()) for c in calls], "save agent states")
 
@@ -222,8 +172,17 @@ class RedisOps:
         ]
 
     def remove(self, agent_id: AgentId) -> Op[bool]:
-        """See ``Backend.remove``."""
-        return bool((yield _script(self.layout.remove(agent_id), False, "remove an agent")) == 1)
+        """See ``Backend.remove``: on a cluster, the agent's holds on scopes are dropped next."""
+        yield from self._writable()
+        reply = yield script(self.layout.remove(agent_id, self._prefix), False, "remove an agent")
+        yield from self._drop_scope_holds(reply[1:])
+        return bool(reply[0] == 1)
+
+    def _drop_scope_holds(self, members: Sequence[bytes]) -> Op[None]:
+        """(cluster) Drop holds of removed agents from the scopes (their expiry would, later)."""
+        if members:
+            entries = [value for member in members for value in (member, "")]
+            yield from self._settle_scopes(entries, 0.0, None, "drop the holds of removed agents")
 
     def _walk_round(self, walk: GroupWalk) -> Op[list[tuple[int, bytes]]]:
         """The next round of a walk over the groups' id sets: one pipelined read per server."""
@@ -237,44 +196,97 @@ class RedisOps:
             ids += [agent.decode() for _, agent in (yield from self._walk_round(walk))]
         return ids
 
-    def iter_states(self, status: AgentStatus | None, batch_size: int) -> Op[None]:
-        """See ``Backend.iter_states`` (an iterator: the states come as :class:`Emit`)."""
-        walk = GroupWalk(self.layout, max(batch_size, 100), status=status)
+    def iter_states(
+        self, status: AgentStatus | None, labels: Mapping[str, str] | None, batch_size: int
+    ) -> Op[None]:
+        """See ``Backend.iter_states`` (an iterator: the states come as :class:`Emit`).
+
+        With labels, the walk goes over the groups' set of the first label (``label:<key>=<value>``),
+        else over their status sets (with a status) or their id sets.
+        """
+        label = next(iter(labels.items())) if labels else None
+        walk = GroupWalk(self.layout, max(batch_size, 100), status=status, label=label)
+        wanted = dict(labels or {})
         while not walk.done:
             batch = yield from self._walk_round(walk)
             for start in range(0, len(batch), batch_size):
                 # Ids read back are checked: garbage in the id set is a SchemaError, not a miss.
                 keys = [decode_agent_id(agent).as_str() for _, agent in batch[start : start + batch_size]]
                 states = yield from self.get_many(keys)
-                # Checked again: an agent whose status changed since the walk read the set.
-                yield Emit([s for s in states if s is not None and (status is None or s.status is status)])
+                # Checked again: an agent changed since the walk read the set.
+                yield Emit(
+                    [
+                        s
+                        for s in states
+                        if s is not None
+                        and (status is None or s.status is status)
+                        and all(s.labels.get(k) == v for k, v in wanted.items())
+                    ]
+                )
+
+    def page_agents(self, page: AgentPage) -> Op[list[AgentState]]:
+        """See ``Backend.page_agents``: the matching agents, walked through the label or status
+        sets as :meth:`iter_states` walks them, then sorted."""
+        walk = self.iter_states(page.status, page.labels, 1000)
+        states: list[AgentState] = []
+        request = next(walk, None)
+        while request is not None:
+            reply = None
+            if type(request) is Emit:
+                states += request.items
+            else:
+                reply = yield request
+            try:
+                request = walk.send(reply)
+            except StopIteration:
+                break
+        states.sort(key=page.sort_key, reverse=page.descending)
+        return states[page.offset : page.offset + page.limit]
 
     def stats(self) -> Op[FleetStats]:
         """See ``Backend.stats``: one script on a standalone server, one pipeline per master of a
         cluster (a script cannot read the slots of other masters)."""
         if self._cluster:
             return decode_stats((yield Batch(self._stats_commands, "read fleet statistics")))
-        return decode_stats((yield _script(self._stats_script, True, "read fleet statistics")))
+        return decode_stats((yield script(self._stats_script, True, "read fleet statistics")))
 
-    def update(self, agent_id: AgentId, fn: UpdateFn, now: float) -> Op[AgentState]:
-        """See ``Backend.update``: read, apply ``fn``, store if unchanged meanwhile, else again."""
+    def update(self, agent_id: AgentId, fn: UpdateFn, now: float, chain: AuditChain) -> Op[Change]:
+        """See ``Backend.update``: read, roll the agent's period if it ended (its ``budget_reset``
+        queued with the write), apply ``fn``, store if unchanged meanwhile, else again."""
+        yield from self._writable()
+        if not self._swept:
+            yield from self._first_use(chain)
         lay = self.layout
         command = lay.get_command(agent_id.as_str())
         assert command is not None  # an id always has a group
         read = Call(*command, True, "read an agent")
+        group = lay.group_of(agent_id.as_str())
         started = time.monotonic()
         for attempt in itertools.count():
             fields = yield read
             current = decode_state(agent_id, fields)
             if current is None:
                 raise AgentNotFound(agent_id.as_str())
+            if fields[1] is None:  # stored by 0.4/0.5: migrate first
+                raise legacy_error(lay.namespace)
+            event: list[str] = []
+            period, start = current.budget_period, current.period_start
+            rolled = rolled_start(period, current.budget_tz, start, now)
+            if period is not None and rolled is not None:
+                if start is not None:
+                    reset = events.budget_reset(
+                        agent_id, None, period, current.budget_tz, start, int(fields[1]), now
+                    )
+                    event = ["kind", "event", "agent", agent_id.as_str(), "type", reset.event_type,
+                             "timestamp", str(reset.timestamp), "details", reset.details]  # fmt: skip
+                current.budget_spent, current.period_start = 0.0, rolled
             new = fn(current)
-            result = yield _script(lay.update(fields, new, now), False, "update an agent")
-            if result == 1:
-                return new.copy()
-            if result == -1:
+            reply = yield script(lay.update(fields, new, now, event), False, "update an agent")
+            if reply[0] == 1:
+                return Change(new.copy(), (yield from self._events(group, queued_tail(reply, 1), chain)))
+            if reply[0] == -1:
                 raise AgentNotFound(agent_id.as_str())
-            pause = _contended(started, self._timeout, attempt)
+            pause = contended(started, self._timeout, attempt)
             if pause is None:
                 break
             if pause.seconds:
@@ -285,340 +297,44 @@ class RedisOps:
         )
 
     # -- changes and their events -----------------------------------------------------------------
-    # Each script runs once per op key (_op_id()), so it is resent after a lost reply (_once).
-
-    def record_spend(
-        self, agent_id: AgentId, amount: float, now: float, chain: AuditChain
-    ) -> Op[SpendResult]:
-        """See ``Backend.record_spend``."""
-        call = self.layout.record_spend(agent_id, amount, now, _op_id())
-        result, queued = decode_spend(agent_id, (yield from self._change(call, "record spend", chain)))
-        result.records = yield from self._events(agent_id, queued, chain)
-        return result
+    # Each script runs once per op key (op_id()), so it is resent after a lost reply (_once).
 
     def record_pii(
         self, agent_id: AgentId, count: int, now: float, event: AuditEvent, chain: AuditChain
     ) -> Op[Change]:
         """See ``Backend.record_pii``."""
-        call = self.layout.record_pii(agent_id, count, now, event, _op_id())
+        call = self.layout.record_pii(agent_id, count, now, event, op_id())
         reply = yield from self._change(call, "record PII detections", chain)
-        state, queued = decode_pii(agent_id, count, reply)
-        return Change(state, (yield from self._events(agent_id, queued, chain)))
+        state, queued = decode_pii(agent_id, count, reply, self.layout.namespace)
+        return Change(
+            state, (yield from self._events(self.layout.group_of(agent_id.as_str()), queued, chain))
+        )
 
     def set_status(self, agent_id: AgentId, status: AgentStatus, now: float, chain: AuditChain) -> Op[Change]:
         """See ``Backend.set_status``."""
-        call = self.layout.set_status(agent_id, status, now, _op_id())
-        state, queued = decode_status(agent_id, (yield from self._change(call, "set a status", chain)))
-        return Change(state, (yield from self._events(agent_id, queued, chain)))
+        call = self.layout.set_status(agent_id, status, now, op_id())
+        reply = yield from self._change(call, "set a status", chain)
+        state, queued = decode_status(agent_id, reply, self.layout.namespace)
+        return Change(
+            state, (yield from self._events(self.layout.group_of(agent_id.as_str()), queued, chain))
+        )
 
-    def reserve(
-        self, agent_id: AgentId, amount: float, ttl: float, now: float, reservation_id: str, chain: AuditChain
-    ) -> Op[Reservation | SpendResult]:
-        """See ``Backend.reserve``.
-
-        Holds expire by the Redis server's clock (one clock for every client host); the client's
-        ``now`` only dates a refusal's event.
-        """
-        call = self.layout.reserve(agent_id, amount, ttl, now, reservation_id, _op_id())
-        reply = yield from self._change(call, "reserve budget", chain)
-        result, queued = decode_reserve(agent_id, amount, reservation_id, reply)
-        if isinstance(result, SpendResult):
-            result.records = yield from self._events(agent_id, queued, chain)
-        return result
-
-    def commit(
-        self, reservation: Reservation, actual: float, now: float, chain: AuditChain
-    ) -> Op[CommitResult]:
-        """See ``Backend.commit``."""
-        call = self.layout.commit(reservation, actual, now, _op_id())
-        reply = yield from self._change(call, "commit a reservation", chain)
-        result, queued = decode_commit(reservation, reply)
-        result.records = yield from self._events(reservation.agent_id, queued, chain)
-        return result
-
-    def release(self, reservation: Reservation, now: float) -> Op[None]:
-        """See ``Backend.release`` (a hold's expiry is the server's business: ``now`` is unused)."""
-        call = self.layout.release(reservation, _op_id())
-        if (yield _once(call, "release a reservation")) != 1:
-            raise reservation_error(reservation, "release")
-
-    def reserved(self, agent_id: AgentId, now: float) -> Op[tuple[AgentState, float]]:
-        """See ``Backend.reserved`` (holds expire by the server's clock: ``now`` is unused)."""
-        return decode_reserved(agent_id, (yield _script(self.layout.reserved(agent_id), True, "read holds")))
-
-    def _change(self, call: ScriptCall, what: str, chain: AuditChain) -> Op[Any]:
-        """Run a change script (once per op key: resent after a lost reply); the reply. The first
-        write of this store object drains every outbox first."""
-        if not self._swept:
-            yield from self._first_use(chain)
-        return (yield _once(call, what))
-
-    def _events(self, agent_id: AgentId, queued: Queued | None, chain: AuditChain) -> Op[list[AuditRecord]]:
-        """Append the event a change queued, if any (and, first, any older entry of its group's
-        outbox: those of a writer that died, or of one draining too); the records of the change.
-
-        Empty, too, when another process appended the event and its record can no longer be found
-        (more than :data:`~.scripts.OUTBOX_BATCH` older entries waited before it, or more than
-        :data:`~.scripts.LANDED_KEEP` records came from outboxes since): the event is in the
-        trail, this call just cannot hand its record back.
-        """
-        if queued is None:
-            return []
-        group = self.layout.group_of(agent_id.as_str())
-        mine = [queued.entry_id, queued.fields]
-        entries: list[Any] = [mine]
-        if queued.waiting > 1:
-            entries = yield Call(*self.layout.outbox_oldest(group), True, "read an audit outbox")
-            if len(entries) < OUTBOX_BATCH and all(entry_id != queued.entry_id for entry_id, _ in entries):
-                # Another drain appended it and trimmed the outbox up to it: what is left is newer.
-                # Offered first, it is refused by the group's mark, and the refusal carries its record.
-                entries = [mine, *entries]
-        own = yield from self._drain(group, entries, chain, queued.entry_id)
-        return [] if own is None else [own]
-
-    # -- outboxes -----------------------------------------------------------------------------------
-
-    def _first_use(self, chain: AuditChain) -> Op[None]:
-        """The first write of this store object: drain every outbox (what crashed writers left)."""
-        yield from self._sweep(chain)
-        self._chain = self._chain or chain
-        self._swept = True
-
-    def _sweep(self, chain: AuditChain) -> Op[None]:
-        """Drain every group's outbox: one pipelined read per server, and a drain per group found
-        with entries (none, unless a writer died between its change and its drain).
-
-        A server that cannot be reached is passed over: its groups' changes cannot be read
-        either, and the next sweep drains them.
-        """
-        pending = yield Gather(self.layout.outbox_commands())
-        for group, entries in enumerate(pending):
-            if entries and not isinstance(entries, BaseException):
-                yield from self._drain(group, entries, chain)
-
-    def _drain(
-        self, group: int, entries: list[Any], chain: AuditChain, own: bytes | None = None
-    ) -> Op[AuditRecord | None]:
-        """Append a group's outbox entries to the trail, ``entries`` (the oldest) first, a batch at
-        a time, and trim them; up to the ``own`` entry if given (else to the end). Returns the
-        record of ``own``."""
-        lay = self.layout
-        mine: AuditRecord | None = None
-        while entries:
-            ids = [entry_id for entry_id, _ in entries]
-            events = [outbox_event(fields) for _, fields in entries]
-            appended = yield from self._append(events, chain, Origin(group, ids, own))
-            mine = mine or appended.own
-            if appended.mark is not None and (self._cluster or not appended.records):
-                yield Call(*lay.outbox_trim(group, appended.mark), True, "trim an audit outbox")
-            last = ids[-1]
-            if len(entries) < OUTBOX_BATCH or (own is not None and _entry_order(own) <= _entry_order(last)):
-                break
-            entries = yield Call(*lay.outbox_after(group, last), True, "read an audit outbox")
-        return mine
-
-    # -- audit trail ------------------------------------------------------------------------------
-
-    def _read_head(self) -> Op[tuple[int, str]]:
-        head = decode_head((yield Call(*self.layout.head_command(), True, "read the audit head")))
-        self._saw(head)
-        return head
-
-    def _saw(self, head: tuple[int, str]) -> None:
-        """A head read from the store: the marks rise to it, never fall (a head below means
-        records were lost, which the next append must see and report)."""
-        if self._head is None or head[0] > self._head[0]:
-            self._head = head
-        self._watch.saw(head)
-
-    def _wrote(self, head: tuple[int, str]) -> None:
-        """A head this store object appended: the marks move to it (a rewind is reported once)."""
-        self._head = head
-        self._watch.wrote(head)
-
-    def _rewound(self, found: tuple[int, str], highest: tuple[int, str] | None) -> list[AuditEvent]:
-        """The ``audit_rewound`` record to append first when ``found``, the store's head, is
-        behind ``highest``, the highest known before the store was asked (none otherwise)."""
-        if highest is None or found[0] > highest[0] or found == highest:
-            return []
-        return self._watch.check(found, time.time())  # logs the warning, builds the record
-
-    def append_audit(self, events: Sequence[AuditEvent], chain: AuditChain) -> Op[list[AuditRecord]]:
-        """See ``Backend.append_audit``."""
-        if not events:
-            return []
-        if not self._swept:
-            yield from self._first_use(chain)
-        return (yield from self._append(events, chain)).records
-
-    def _append(
-        self, events: Sequence[AuditEvent], chain: AuditChain, origin: Origin | None = None
-    ) -> Op[_Appended]:
-        """Seal ``events`` on the head last seen and append them if it is still the head.
-
-        Another process that appended first moves the head: the script returns the new one, and
-        the events are sealed again on top of it. A head below the highest this store object saw
-        gets an ``audit_rewound`` record first (:class:`~..head_watch.HeadWatch`). Events from
-        an outbox (``origin``) are appended at most once: those the group's mark shows appended
-        already are dropped, so that resending this append is safe too.
-        """
-        lay = self.layout
-        head = self._head or (yield from self._read_head())
-        rewound: list[AuditEvent] = []
-        ids = list(origin.entry_ids) if origin is not None else []
-        mine: AuditRecord | None = None
-        mark: bytes | None = None
-        started = time.monotonic()
-        for attempt in itertools.count():
-            records = _seal([*rewound, *events], chain, head)
-            last = records[-1]
-            seal = chain.seal_mark("head", last.seq, last.hash)
-            batch = [r.event for r in records]
-            hashes = [r.hash for r in records]
-            if origin is None:
-                call = lay.append_audit(batch, hashes, head, seal)
-            else:
-                entry_ids = [b""] * len(rewound) + ids
-                call = lay.append_audit(
-                    batch, hashes, head, seal, origin._replace(entry_ids=entry_ids), trim=not self._cluster
-                )
-            # An append from outboxes is safe to resend (the marks); one of events given directly is not.
-            what = "append to the audit trail"
-            highest = self._head
-            reply = yield _script(call, False, what) if origin is None else _once(call, what)
-            if reply[0] == 1:
-                self._wrote((last.seq, last.hash))
-                self._chain = chain
-                appended = records[len(rewound) :]
-                if origin is not None:
-                    mark = ids[-1]
-                    mine = mine or next(
-                        (r for r, i in zip(appended, ids, strict=True) if i == origin.own), None
-                    )
-                return _Appended(appended, mine, mark)
-            head = (int(reply[1]), reply[2].decode())  # the store's head when the script ran
-            rewound = self._rewound(head, highest)
-            self._saw(head)
-            if origin is not None:
-                if reply[3]:
-                    mark = reply[3]
-                    done = _entry_order(mark)
-                    kept = [i for i, entry_id in enumerate(ids) if _entry_order(entry_id) > done]
-                    events, ids = [events[i] for i in kept], [ids[i] for i in kept]
-                if len(reply) > 4:
-                    mine = row_to_record(decode_audit_row(reply[4], reply[5]))
-                if not events:
-                    return _Appended([], mine, mark)
-            pause = _contended(started, self._timeout, attempt)
-            if pause is None:
-                break
-            if pause.seconds:
-                yield pause
-        raise BackendError("appending to the audit trail kept losing to concurrent appenders; retry later")
-
-    def _drain_for_readers(self) -> Op[None]:
-        """Before an audit read: drain what crashed writers left, if this store writes at all."""
-        if self._chain is not None:
-            yield from self._sweep(self._chain)
-
-    def audit_marks(self) -> Op[AuditMarks]:
-        """See ``Backend.audit_marks``: one script reads them all."""
-        yield from self._drain_for_readers()
-        marks = decode_marks((yield _script(self.layout.audit_marks(), True, "read the audit marks")))
-        self._saw(marks.head)
-        return marks
-
-    def query_audit(self, query: AuditQuery) -> Op[list[AuditRecord]]:
-        """See ``Backend.query_audit``: pages of at most ``query_budget`` candidates per script call
-        (see :mod:`.index` for the indexes that pick them)."""
-        limit = query.limit
-        if limit == 0:
-            return []
-        yield from self._drain_for_readers()
-        lay = self.layout
-        after = query.after_seq or 0
-        rows: list[AuditRow] = []
-        while True:
-            want = lay.query_budget if limit is None else limit - len(rows)
-            call = lay.query_audit(query.agent_id, query.event_type, query.since, query.until, after, want)
-            reply = yield _script(call, True, "query the audit trail")
-            if reply[1] == -1:  # by time, and records were appended without the time index
-                yield from build_time_index(lay)
-                continue
-            rows += decode_query_rows(reply)
-            if reply[1] == 1 or (limit is not None and len(rows) >= limit):
-                break
-            after = int(reply[0])
-        return [row_to_record(row) for row in rows]
-
-    def iter_audit_rows(self, after_seq: int, batch_size: int) -> Op[None]:
-        """See ``Backend.iter_audit_rows`` (an iterator: the rows come as :class:`Emit`).
-
-        The stream itself is read, so every stored record is handed out, wherever the marks are.
-        """
-        yield from self._drain_for_readers()
-        lay = self.layout
-        start: bytes | str = str(after_seq + 1)
-        while True:
-            command = ("XRANGE", lay.audit_log, start, "+", "COUNT", batch_size)
-            entries = yield Call(lay.audit_slot, command, True, "read the audit trail")
-            yield Emit([decode_audit_row(entry_id, fields) for entry_id, fields in entries])
-            if len(entries) < batch_size:
-                return
-            start = b"(" + entries[-1][0]
-
-    def audit_count(self) -> Op[int]:
-        """See ``Backend.audit_count``: the records the stream holds."""
-        yield from self._drain_for_readers()
-        lay = self.layout
-        return int((yield Call(lay.audit_slot, ("XLEN", lay.audit_log), True, "count audit records")))
-
-    def prune_audit(self, before: int, chain: AuditChain) -> Op[int]:
-        """See ``Backend.prune_audit``: chunks of ``prune_chunk`` records, then the indexes.
-
-        The run to remove is read first, so that the new anchor's seal is made here (the key
-        never reaches Redis); the script removes it only if it is still the oldest run.
-        """
-        if not self._swept:
-            yield from self._first_use(chain)
-        lay = self.layout
-        total = 0
-        anchor_seq = 0
-        while True:
-            entries = yield Call(*lay.oldest_command(), True, "read the oldest audit records")
-            rows = [decode_audit_row(entry_id, fields) for entry_id, fields in entries]
-            run = next((i for i, row in enumerate(rows) if row[3] >= before), len(rows))
-            if run == 0:
-                break
-            seq, digest = rows[run - 1][0], rows[run - 1][6]
-            seal = chain.seal_mark("anchor", seq, digest)
-            call = lay.prune_audit(before, entries[run - 1][0], digest, seal, _op_id())
-            removed = yield _once(call, "prune the audit trail")
-            if removed < 0:
-                continue  # another prune ran meanwhile: read the oldest records again
-            total += removed
-            anchor_seq = seq
-            if run < len(rows) or len(rows) < lay.prune_chunk:
-                break
-        if total:
-            yield from self._clean_audit_indexes(anchor_seq)
-        return total
-
-    def _clean_audit_indexes(self, anchor_seq: int) -> Op[None]:
-        """Drop pruned seqs from the per-agent and per-type indexes, a batch at a time."""
-        lay = self.layout
-        cursor: bytes | int = 0
-        while True:
-            command = ("SSCAN", lay.audit_indexes, cursor, "COUNT", 200)
-            cursor, keys = yield Call(lay.audit_slot, command, True, "list audit indexes")
-            if keys:
-                call = lay.prune_indexes([k.decode() for k in keys], anchor_seq)
-                yield _script(call, True, "clean audit indexes")
-            if int(cursor) == 0:
-                return
+    def _legacy_reserved(self, agent_id: AgentId, now: float) -> Op[tuple[AgentState, int]]:
+        """``reserved`` of an agent 0.4/0.5 stored (float holds), read as it is."""
+        a, g = agent_id.as_str(), self.layout.keys_of(agent_id)
+        command = self.layout.get_command(a)
+        assert command is not None
+        fields, members = yield Batch(
+            [command, (g.slot, ("ZRANGEBYSCORE", g.holds + a, f"({now!r}", "+inf"))], "read holds"
+        )
+        state = decode_state(agent_id, fields)
+        if state is None:
+            raise AgentNotFound(a)
+        return state, legacy_held(members)
 
     def purge_agents(self, statuses: Sequence[AgentStatus], changed_before: float) -> Op[list[str]]:
         """See ``Backend.purge_agents``."""
+        yield from self._writable()
         wanted = tuple(dict.fromkeys(statuses))
         if not wanted:
             return []
@@ -652,8 +368,10 @@ class RedisOps:
     def _purge(
         self, group: int, ids: list[str], statuses: Sequence[AgentStatus], cutoff: float
     ) -> Op[list[str]]:
-        reply = yield _script(self.layout.purge(group, ids, statuses, cutoff), False, "purge agents")
-        return [agent.decode() for agent in reply]
+        call = self.layout.purge(group, ids, statuses, cutoff, self._prefix)
+        removed, dropped = yield script(call, False, "purge agents")
+        yield from self._drop_scope_holds(dropped)
+        return [agent.decode() for agent in removed]
 
 
 class RedisStore:
@@ -670,7 +388,9 @@ class RedisStore:
         self._config = config
         self._layout = RedisLayout(config.namespace, timeout=config.timeout)
         #: Every operation of the store, as I/O-free generators.
-        self.ops = RedisOps(self._layout, config.timeout, config.cluster)
+        self.ops = RedisOps(
+            self._layout, config.timeout, config.cluster, block=min(MAX_BLOCK, config.socket_timeout / 2)
+        )
         self._policy = RetryPolicy(config)
         self._ready = False  # the namespace's layout was checked; False again after close()
         self._closed = False

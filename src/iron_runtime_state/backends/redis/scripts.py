@@ -2,8 +2,9 @@
 
 Redis scripts cannot import one another, so each script is sent as the definitions of
 ``lua/_prelude.lua`` that it uses (directly or through each other) followed by its own file;
-the prelude's placeholders take the Python constants they stand for (:data:`LIMIT_TOLERANCE`,
-:data:`GENESIS_HASH`, :data:`LANDED_KEEP`, :data:`TIME_BLOCK`), so the two languages agree by construction.
+the prelude's placeholders take the Python constants they stand for (:data:`GENESIS_HASH`,
+:data:`LANDED_KEEP`, :data:`TIME_BLOCK`, :data:`~...money.MAX_MICROS`, :data:`AGENT_FIELDS`), so the
+two languages agree by construction.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from typing import Any, Final, NamedTuple
 
 from ...audit_chain import GENESIS_HASH
 from ...errors import SchemaError
-from ...models import LIMIT_TOLERANCE
+from ...money import MAX_MICROS
 
 __all__ = [
+    "AGENT_FIELDS",
     "LANDED_KEEP",
     "OUTBOX_BATCH",
     "SCRIPT_NAMES",
@@ -39,6 +41,22 @@ LANDED_KEEP: Final = 10_000
 #: many records outside its time range at each end (see ``index_time`` in ``lua/_prelude.lua``).
 TIME_BLOCK: Final = 100
 
+#: The fields of an agent's hash that the scripts read, in order: the state (status to
+#: period_start, as replies carry it: see ``state_reply`` in ``lua/_prelude.lua``) and where its
+#: period ends. An agent 0.4/0.5 stored lacks ``spent_micros`` until migrated.
+AGENT_FIELDS: Final = (
+    "status",
+    "spent_micros",
+    "pii_detections",
+    "limit_micros",
+    "labels",
+    "scopes",
+    "period",
+    "tz",
+    "period_start",
+    "period_end",
+)
+
 SCRIPT_NAMES: Final = (
     "save",
     "remove",
@@ -49,6 +67,15 @@ SCRIPT_NAMES: Final = (
     "commit",
     "release",
     "reserved",
+    "settle_pending",
+    "resolve_holds",
+    "resolve_ops",
+    "scope_spend",
+    "scope_settle",
+    "budget_set",
+    "budget_remove",
+    "budgets_read",
+    "migrate",
     "purge",
     "meta",
     "index_status",
@@ -109,7 +136,8 @@ def load_scripts() -> dict[str, Script]:
     folder = resources.files("iron_runtime_state.backends.redis").joinpath("lua")
     prelude = folder.joinpath("_prelude.lua").read_text(encoding="utf-8")
     for placeholder, value in (
-        ("__LIMIT_TOLERANCE__", repr(LIMIT_TOLERANCE)),
+        ("__MAX_MICROS__", str(MAX_MICROS)),
+        ("__AGENT_FIELDS__", "{" + ", ".join(f"'{name}'" for name in AGENT_FIELDS) + "}"),
         ("__GENESIS_HASH__", GENESIS_HASH),
         ("__LANDED_KEEP__", str(LANDED_KEEP)),
         ("__TIME_BLOCK__", str(TIME_BLOCK)),

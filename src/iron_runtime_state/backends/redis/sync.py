@@ -39,7 +39,7 @@ from ...errors import BackendError
 from ..base import OpsBackend
 from .durability import Durability
 from .keys import Routed
-from .ops import Batch, Call, Emit, Gather, Op, Pause, RedisStore, Request
+from .ops import Batch, Block, Call, Emit, Gather, Op, Pause, RedisStore, Request
 from .policy import UNREACHABLE, Attempt, SlotDiscovery, plan_batches, rexc, stale_slot_table
 from .url import Node, RedisConfig, address
 
@@ -185,6 +185,10 @@ class RedisBackend(RedisStore, OpsBackend):
             return self._batch(request.items, request.what)
         if type(request) is Gather:
             return self._gather(request.items)
+        if type(request) is Block:
+            # A pooled connection, held for at most request.seconds (a second at most), which is
+            # well within its socket timeout; other calls take other connections meanwhile.
+            return self._run(Call(request.slot, request.command, True, request.what))
         if type(request) is Pause:
             time.sleep(request.seconds)
             return None

@@ -1,7 +1,8 @@
 """The SQLite store: ``sqlite:///relative.db`` and ``sqlite:////absolute.db``.
 
-One file holds the agent states, the open budget holds, the fleet aggregates and the
-hash-chained audit trail. Every process and thread that opens the same file shares them.
+One file holds the agent states (with their labels, indexed), the budget scopes, the open
+budget holds, the fleet aggregates and the hash-chained audit trail. Every process and thread
+that opens the same file shares them.
 docs/sqlite.md has the user-facing version; the modules, each with the reasons for its design:
 
 - :mod:`.schema`: the tables and triggers, the ordered :data:`MIGRATIONS` and the check that a
@@ -9,7 +10,13 @@ docs/sqlite.md has the user-facing version; the modules, each with the reasons f
 - :mod:`.connection`: options and URLs, creating the file owner-only, WAL and ``synchronous``,
   one connection per thread, transactions, and the read cache checked against
   ``PRAGMA data_version``.
-- :mod:`.store`: :class:`SQLiteBackend`, the operations and the statements they run.
+- :mod:`.rows`: how an agent and a budget scope are stored in a row (micro-units, labels and
+  scope lists as JSON) and read back, and the SQL fragments the others share.
+- :mod:`.store`: :class:`SQLiteBackend`, its operations, the one-statement spend and hold, and
+  the wait for new audit records.
+- :mod:`.spending`: spends, holds, periods and budget scopes, each one transaction.
+- :mod:`.paging`: a page of agents for the dashboard, filtered and sorted from the indexes.
+- :mod:`.trail`: the audit trail's statements and the append to its hash chain.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from typing import Final
 from ...audit_chain import GENESIS_HASH
 from ...errors import SchemaError
 from ...models import AgentStatus
+from ...money import MAX_MICROS, to_micros
 
 __all__ = [
     "APPLICATION_ID",
@@ -149,6 +150,154 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # reads only the matches. Partial: most of a fleet runs, and a running agent's writes then
     # touch no index (an index of every status costs a third of save_agent_state's speed).
     ("CREATE INDEX iron_agents_finished ON iron_agents (status) WHERE status = 1 OR status = 2",),
+    # 4 (0.6): exact money, labels, periods and budget scopes. Every amount becomes an INTEGER of
+    # micro-units (money.py), converted by iron_micros (_micros_of_real): the decimal value a
+    # stored float stands for, rounded half to even, so 0.30000000000000004 becomes 300000.
+    # SQLite cannot change a column's type, so the agents, holds and totals tables are rebuilt
+    # (their triggers and index go with them and are made again below). Old agents read as
+    # agents without labels, scopes or period.
+    (
+        "DROP TRIGGER iron_agents_inserted",
+        "DROP TRIGGER iron_agents_updated",
+        "DROP TRIGGER iron_agents_deleted",
+        "DROP INDEX iron_agents_finished",
+        # Amounts in micro-units. labels: a JSON object with sorted keys (NULL: none), so two
+        # equal label sets are equal texts; budget_scopes: a JSON array in the agent's order
+        # (NULL: none); budget_period NULL: no period; period_start: Unix seconds.
+        """CREATE TABLE iron_agents_v4 (
+            agent_id       TEXT    NOT NULL PRIMARY KEY,
+            status         INTEGER NOT NULL,
+            budget_spent   INTEGER NOT NULL,
+            pii_detections INTEGER NOT NULL,
+            budget_limit   INTEGER,
+            changed_at     REAL    NOT NULL,
+            labels         TEXT,
+            budget_scopes  TEXT,
+            budget_period  TEXT,
+            budget_tz      TEXT    NOT NULL DEFAULT 'UTC',
+            period_start   REAL
+        ) WITHOUT ROWID""",
+        """INSERT INTO iron_agents_v4
+            (agent_id, status, budget_spent, pii_detections, budget_limit, changed_at)
+        SELECT agent_id, status, iron_micros(budget_spent), pii_detections,
+               iron_micros(budget_limit), changed_at
+        FROM iron_agents""",
+        "DROP TABLE iron_agents",
+        "ALTER TABLE iron_agents_v4 RENAME TO iron_agents",
+        "CREATE INDEX iron_agents_finished ON iron_agents (status) WHERE status = 1 OR status = 2",
+        # The totals, recounted exactly from the converted agents (the float sum had drifted).
+        "DROP TABLE iron_stats",
+        """CREATE TABLE iron_stats (
+            id             INTEGER PRIMARY KEY CHECK (id = 0),
+            running        INTEGER NOT NULL,
+            stopped        INTEGER NOT NULL,
+            failed         INTEGER NOT NULL,
+            budget_spent   INTEGER NOT NULL,
+            pii_detections INTEGER NOT NULL
+        )""",
+        """INSERT INTO iron_stats
+        SELECT 0, coalesce(sum(status = 0), 0), coalesce(sum(status = 1), 0),
+               coalesce(sum(status = 2), 0), coalesce(sum(budget_spent), 0),
+               coalesce(sum(pii_detections), 0)
+        FROM iron_agents""",
+        # A hold remembers the budget scopes it counts against (a JSON array; NULL: none).
+        """CREATE TABLE iron_holds_v4 (
+            agent_id       TEXT    NOT NULL,
+            reservation_id TEXT    NOT NULL,
+            amount         INTEGER NOT NULL,
+            expires_at     REAL    NOT NULL,
+            scopes         TEXT,
+            PRIMARY KEY (agent_id, reservation_id)
+        ) WITHOUT ROWID""",
+        """INSERT INTO iron_holds_v4 (agent_id, reservation_id, amount, expires_at)
+        SELECT agent_id, reservation_id, iron_micros(amount), expires_at FROM iron_holds""",
+        "DROP TABLE iron_holds",
+        "ALTER TABLE iron_holds_v4 RENAME TO iron_holds",
+        # Budget scopes: spent is the spend of the period that started at period_start.
+        """CREATE TABLE iron_budgets (
+            scope        TEXT    NOT NULL PRIMARY KEY,
+            budget_limit INTEGER,
+            period       TEXT,
+            tz           TEXT    NOT NULL,
+            period_start REAL,
+            spent        INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+        # Each hold once per scope it touches, ordered by expiry within the scope, so a scope's
+        # held total reads only its unexpired holds: a range of this table's key.
+        """CREATE TABLE iron_scope_holds (
+            scope          TEXT    NOT NULL,
+            expires_at     REAL    NOT NULL,
+            agent_id       TEXT    NOT NULL,
+            reservation_id TEXT    NOT NULL,
+            amount         INTEGER NOT NULL,
+            PRIMARY KEY (scope, expires_at, agent_id, reservation_id)
+        ) WITHOUT ROWID""",
+        # The label index: each agent's labels as rows, found by (key, value) in agent id order
+        # through iron_labels_by_value (which holds agent_id, the table's key, beside them).
+        """CREATE TABLE iron_labels (
+            agent_id TEXT NOT NULL,
+            key      TEXT NOT NULL,
+            value    TEXT NOT NULL,
+            PRIMARY KEY (agent_id, key)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX iron_labels_by_value ON iron_labels (key, value)",
+        """CREATE TRIGGER iron_agents_inserted AFTER INSERT ON iron_agents BEGIN
+            UPDATE iron_stats SET
+                running = running + (NEW.status = 0),
+                stopped = stopped + (NEW.status = 1),
+                failed = failed + (NEW.status = 2),
+                budget_spent = budget_spent + NEW.budget_spent,
+                pii_detections = pii_detections + NEW.pii_detections;
+        END""",
+        """CREATE TRIGGER iron_agents_updated
+        AFTER UPDATE OF status, budget_spent, pii_detections ON iron_agents BEGIN
+            UPDATE iron_stats SET
+                running = running + (NEW.status = 0) - (OLD.status = 0),
+                stopped = stopped + (NEW.status = 1) - (OLD.status = 1),
+                failed = failed + (NEW.status = 2) - (OLD.status = 2),
+                budget_spent = budget_spent + (NEW.budget_spent - OLD.budget_spent),
+                pii_detections = pii_detections + (NEW.pii_detections - OLD.pii_detections);
+        END""",
+        # Removing an agent drops its holds (and, by iron_holds_deleted, their scope entries).
+        """CREATE TRIGGER iron_agents_deleted AFTER DELETE ON iron_agents BEGIN
+            DELETE FROM iron_holds WHERE agent_id = OLD.agent_id;
+            UPDATE iron_stats SET
+                running = running - (OLD.status = 0),
+                stopped = stopped - (OLD.status = 1),
+                failed = failed - (OLD.status = 2),
+                budget_spent = budget_spent - OLD.budget_spent,
+                pii_detections = pii_detections - OLD.pii_detections;
+        END""",
+        # The label index follows the labels column; the WHEN clauses keep writes that leave
+        # the labels as they were (every spend, most saves) away from it.
+        """CREATE TRIGGER iron_agents_labelled AFTER INSERT ON iron_agents
+        WHEN NEW.labels IS NOT NULL BEGIN
+            INSERT INTO iron_labels SELECT NEW.agent_id, key, value FROM json_each(NEW.labels);
+        END""",
+        """CREATE TRIGGER iron_agents_relabelled AFTER UPDATE OF labels ON iron_agents
+        WHEN NEW.labels IS NOT OLD.labels BEGIN
+            DELETE FROM iron_labels WHERE agent_id = OLD.agent_id;
+            INSERT INTO iron_labels SELECT NEW.agent_id, key, value FROM json_each(NEW.labels);
+        END""",
+        """CREATE TRIGGER iron_agents_unlabelled AFTER DELETE ON iron_agents
+        WHEN OLD.labels IS NOT NULL BEGIN
+            DELETE FROM iron_labels WHERE agent_id = OLD.agent_id;
+        END""",
+        # A hold's scope entries are made and dropped with it, whoever makes or drops it (a
+        # commit, a release, an expired hold cleared, an agent removed).
+        """CREATE TRIGGER iron_holds_made AFTER INSERT ON iron_holds
+        WHEN NEW.scopes IS NOT NULL BEGIN
+            INSERT INTO iron_scope_holds
+            SELECT value, NEW.expires_at, NEW.agent_id, NEW.reservation_id, NEW.amount
+            FROM json_each(NEW.scopes);
+        END""",
+        """CREATE TRIGGER iron_holds_dropped AFTER DELETE ON iron_holds
+        WHEN OLD.scopes IS NOT NULL BEGIN
+            DELETE FROM iron_scope_holds
+            WHERE scope IN (SELECT value FROM json_each(OLD.scopes)) AND expires_at = OLD.expires_at
+              AND agent_id = OLD.agent_id AND reservation_id = OLD.reservation_id;
+        END""",
+    ),
 )
 
 #: The schema version this code writes: the number of migrations.
@@ -170,6 +319,15 @@ _REQUIRED: Final = frozenset(
         "iron_agents_updated",
         "iron_agents_deleted",
         "iron_audit_appended",
+        "iron_budgets",
+        "iron_scope_holds",
+        "iron_labels",
+        "iron_labels_by_value",
+        "iron_agents_labelled",
+        "iron_agents_relabelled",
+        "iron_agents_unlabelled",
+        "iron_holds_made",
+        "iron_holds_dropped",
     }
 )
 
@@ -216,12 +374,27 @@ def read_identity(db: sqlite3.Connection, path: str) -> tuple[int, int, set[str]
 def migrate(db: sqlite3.Connection, version: int, application: int) -> None:
     """Apply the migrations after ``version`` and mark the file as ours (in the caller's transaction)."""
     migrations = MIGRATIONS  # read now, not at import: tests extend it
+    # Version 4 converts stored floats with this function; registered on this connection only.
+    db.create_function("iron_micros", 1, _micros_of_real, deterministic=True)
     for target in range(version + 1, len(migrations) + 1):
         for statement in migrations[target - 1]:
             db.execute(statement)
         db.execute(f"PRAGMA user_version = {target}")
     if application == 0:
         db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+
+
+def _micros_of_real(value: float | int | None) -> int | None:
+    """An amount stored by 0.5 or older (a float) in micro-units, for migration 4.
+
+    The decimal value the float stands for, rounded half to even (:func:`..money.to_micros`).
+    Past :data:`..money.MAX_MICROS` (a billion units, the most this version counts; 0.5
+    allowed a thousand times more) it is that maximum, so every stored amount stays one this
+    version can read back, check and save.
+    """
+    if value is None:
+        return None
+    return min(to_micros(value, "a stored amount"), MAX_MICROS)
 
 
 def check_complete(path: str, names: set[str]) -> None:

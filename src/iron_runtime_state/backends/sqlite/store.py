@@ -2,22 +2,23 @@
 
 - **Atomicity.** A write that is one statement runs in autocommit; every read-modify-write runs
   in one ``BEGIN IMMEDIATE`` transaction (:class:`~.connection.Connection`). A change and the
-  audit events it implies (a refused spend's ``budget_exceeded``, a status change, a PII count)
-  are one transaction: both are kept, or neither.
+  audit events it implies (a refused spend's ``budget_exceeded``, a period's ``budget_reset``, a
+  status change, a PII count) are one transaction: both are kept, or neither.
 - **Aggregates.** ``iron_stats`` is kept by triggers on ``iron_agents``, in the same
-  transaction as each change, so :meth:`SQLiteBackend.stats` reads one row.
-- **Budgets.** A spend and a hold are checked against the same read of the agent with its open
-  holds (:func:`_admit`), by ``models.exceeds``. A spend that passes is one ``UPDATE`` in
-  autocommit whose condition is that rule in SQL, on the same numbers in the same order; only
-  when it changes nothing (a missing or stopped agent, a refusal with its event to append) does
-  the spend take the transaction and :func:`_admit`. Holds expire by the database's clock, one
-  clock for every caller.
-- **Audit chain.** ``iron_audit_chain`` holds the head (newest ``seq`` and hash ever appended)
-  and the anchor (left behind by pruning), each with its seal under an audit key. A trigger
-  refuses any record that does not extend the head and moves the head, atomically with the
-  insert. So a single unkeyed append is one statement built from the newest head this store
-  object knows; when another connection appended in between (or the head went back), the
-  database refuses it and the append is redone under ``BEGIN IMMEDIATE``, which reads the head.
+  transaction as each change, in integers (micro-units for money), so :meth:`SQLiteBackend.stats`
+  reads one exact row.
+- **Budgets.** The spends, holds, periods and budget scopes are :mod:`.spending`. A spend on
+  an agent without budget scopes or period that passes is one ``UPDATE`` in autocommit here
+  (:data:`_SQL_SPEND`), whose condition is the limit rule of :func:`...budgets.passes` in SQL on
+  the same integers; only when it changes nothing (a missing or stopped agent, an agent with
+  scopes or a period, a refusal with its event to append) does the spend take the transaction.
+  A hold on such an agent is likewise one ``INSERT ... SELECT`` (:data:`_SQL_HOLD`).
+- **Labels.** ``iron_labels`` indexes every agent's labels by (key, value), kept by triggers,
+  so ``iter_states(labels=...)`` reads the matching agents only.
+- **The dashboard.** ``page_agents`` is :mod:`.paging`; ``wait_audit`` polls
+  ``PRAGMA data_version``, which changes when another connection commits, and reads the head
+  only then.
+- **Audit chain.** :mod:`.trail`.
 """
 
 from __future__ import annotations
@@ -26,32 +27,28 @@ import itertools
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 from ... import events
 from ...audit_chain import AuditChain, AuditRow
-from ...errors import (
-    AgentNotFound,
-    AgentNotRunning,
-    ReservationError,
-    SchemaError,
-    StateError,
-    StateTypeError,
+from ...errors import AgentNotFound, StateError, StateTypeError
+from ...ids import AgentId
+from ...models import AgentState, AgentStatus, AuditEvent, AuditRecord, FleetStats, Reservation, check_count
+from ...money import MAX_MICROS, from_micros
+from ..base import (
+    AgentPage,
+    AuditMarks,
+    AuditQuery,
+    Backend,
+    BudgetChange,
+    BudgetRow,
+    Change,
+    CommitResult,
+    SpendResult,
+    UpdateFn,
 )
-from ...ids import AgentId, try_parse
-from ...models import (
-    LIMIT_TOLERANCE,
-    AgentState,
-    AgentStatus,
-    AuditEvent,
-    AuditRecord,
-    FleetStats,
-    Reservation,
-    check_count,
-    exceeds,
-)
-from ..base import AuditMarks, AuditQuery, Backend, Change, CommitResult, SpendResult, UpdateFn
+from . import paging, spending
 from .connection import (
     DEFAULT_BUSY_TIMEOUT,
     DEFAULT_PAGE_CACHE_MIB,
@@ -65,33 +62,53 @@ from .connection import (
     parse_sqlite_url,
     url_of,
 )
+from .rows import AGENT_COLUMNS, CLOCK, HELD, LAPSED, OF_A, row_of, state_of, stored_id
 from .schema import RUNNING, STATUS_CODE, STATUSES
+from .trail import (
+    ROWS_PER_READ,
+    SQL_APPEND,
+    SQL_COUNT,
+    SQL_FIRST_KEPT,
+    SQL_HEAD_SEQ,
+    SQL_LAST,
+    SQL_LAST_BEFORE,
+    SQL_MARKS,
+    SQL_PRUNE,
+    SQL_ROWS,
+    SQL_SET_ANCHOR,
+    append,
+    audit_select,
+    seal,
+)
 
 __all__ = ["SQLiteBackend", "audit_select", "open_sqlite"]
 
 # -- the statements ----------------------------------------------------------------------------
 
-_STATE: Final = "status, budget_spent, pii_detections, budget_limit"
-_SQL_GET: Final = f"SELECT {_STATE} FROM iron_agents WHERE agent_id = ?"
-_SQL_GET_IN: Final = f"SELECT agent_id, {_STATE} FROM iron_agents WHERE agent_id IN ({{}})"
+_SQL_GET: Final = spending.SQL_GET
+_SQL_GET_IN: Final = f"SELECT agent_id, {AGENT_COLUMNS} FROM iron_agents WHERE agent_id IN ({{}})"
 _SQL_UPSERT: Final = (
-    "INSERT INTO iron_agents (agent_id, status, budget_spent, pii_detections, budget_limit, changed_at) "
-    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (agent_id) DO UPDATE SET status = excluded.status, "
-    "budget_spent = excluded.budget_spent, pii_detections = excluded.pii_detections, "
-    "budget_limit = excluded.budget_limit, changed_at = excluded.changed_at"
+    "INSERT INTO iron_agents (agent_id, status, budget_spent, pii_detections, budget_limit, labels, "
+    "budget_scopes, budget_period, budget_tz, period_start, changed_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (agent_id) DO UPDATE SET "
+    "status = excluded.status, budget_spent = excluded.budget_spent, "
+    "pii_detections = excluded.pii_detections, budget_limit = excluded.budget_limit, "
+    "labels = excluded.labels, budget_scopes = excluded.budget_scopes, "
+    "budget_period = excluded.budget_period, budget_tz = excluded.budget_tz, "
+    "period_start = excluded.period_start, changed_at = excluded.changed_at"
 )
-_SQL_REPLACE: Final = (
-    "UPDATE iron_agents SET status = ?, budget_spent = ?, pii_detections = ?, budget_limit = ?, "
-    "changed_at = ? WHERE agent_id = ?"
+_SQL_SET_COUNTS: Final = (
+    "UPDATE iron_agents SET status = ?, pii_detections = ?, changed_at = ? WHERE agent_id = ?"
 )
-_SQL_SET_SPENT: Final = "UPDATE iron_agents SET budget_spent = ?, changed_at = ? WHERE agent_id = ?"
 _SQL_REMOVE: Final = "DELETE FROM iron_agents WHERE agent_id = ?"
 _SQL_IDS: Final = "SELECT agent_id FROM iron_agents"
-_SQL_PAGE: Final = f"SELECT agent_id, {_STATE} FROM iron_agents WHERE agent_id > ? ORDER BY agent_id LIMIT ?"
+_SQL_PAGE: Final = (
+    f"SELECT agent_id, {AGENT_COLUMNS} FROM iron_agents WHERE agent_id > ? ORDER BY agent_id LIMIT ?"
+)
 # The status is written into each statement, not bound: SQLite then knows when a partial index
 # (iron_agents_finished, stopped and failed agents) holds every match.
 _SQL_PAGE_STATUS: Final = {
-    code: f"SELECT agent_id, {_STATE} FROM iron_agents WHERE agent_id > ? AND status = {code} "
+    code: f"SELECT agent_id, {AGENT_COLUMNS} FROM iron_agents WHERE agent_id > ? AND status = {code} "
     "ORDER BY agent_id LIMIT ?"
     for code in range(len(STATUSES))
 }
@@ -100,225 +117,71 @@ _SQL_STATS: Final = "SELECT running, stopped, failed, budget_spent, pii_detectio
 _SQL_PURGEABLE: Final = "SELECT agent_id FROM iron_agents WHERE ({}) AND changed_at < ?"
 _SQL_PURGE: Final = "DELETE FROM iron_agents WHERE ({}) AND changed_at < ?"
 
-# Holds expire by one clock, the database's: SQLite's own time (Unix seconds), read where the
-# statement runs, never a caller's ``now``. A caller whose clock is ahead would otherwise drop
-# another's open hold, and one that is behind would keep lapsed holds. A hold is open while the
-# clock is before its expires_at.
-_CLOCK: Final = "((julianday('now') - 2440587.5) * 86400.0)"
-_SQL_CLOCK: Final = f"SELECT {_CLOCK}"
-# The total of the open holds of agent ?1 (0.0 when none). Every budget check sums them here,
-# in SQL, so the check in one statement (_SQL_SPEND) and the one in Python (_admit) add the
-# same numbers in the same order.
-_HELD: Final = f"(SELECT total(amount) FROM iron_holds WHERE agent_id = ?1 AND expires_at > {_CLOCK})"
-# An agent with the total of its open holds: what every budget check reads.
-_SQL_BUDGET: Final = f"SELECT {_STATE}, {_HELD} FROM iron_agents WHERE agent_id = ?1"
-# A spend that passes, as one statement: the agent runs and spent + open holds + amount
-# (?2) passes no limit, by the rule of models.exceeds with the same arithmetic as _admit. It
-# returns the new row and the holds; no row when the agent is missing, not running or would
-# pass its limit, which record_spend then sorts out under the write lock. (RETURNING gives an
-# integral REAL as an integer, hence the casts.)
+# A spend that passes, as one statement, on an agent without scopes or period (the others need
+# their scopes and periods, in spending.py): the agent runs, has no lapsed hold (which the
+# transaction drops with its hold_expired event), spent + open holds + amount (?2) passes no
+# limit (budgets.passes), and the new spent stays a total the store counts (budgets.check_total).
+# It returns the new row and the holds; no row when any of that fails, which record_spend then
+# sorts out under the write lock.
 _SQL_SPEND: Final = (
     "UPDATE iron_agents SET budget_spent = budget_spent + ?2, changed_at = ?3 "
-    f"WHERE agent_id = ?1 AND status = {RUNNING} AND (budget_limit IS NULL OR budget_spent + {_HELD} + ?2 "
-    f"<= budget_limit + {LIMIT_TOLERANCE!r} * max(1.0, budget_limit)) RETURNING status, "
-    f"CAST(budget_spent AS REAL), pii_detections, CAST(budget_limit AS REAL), {_HELD}"
+    f"WHERE agent_id = ?1 AND status = {RUNNING} AND budget_scopes IS NULL AND budget_period IS NULL "
+    f"AND budget_spent + ?2 <= {MAX_MICROS} "
+    f"AND (budget_limit IS NULL OR budget_spent + {HELD} + ?2 <= budget_limit) AND NOT {LAPSED} "
+    f"RETURNING {AGENT_COLUMNS}, {HELD}"
+)
+# A hold that passes, as one statement, on the same agents: the hold is made only if the checks
+# of _SQL_SPEND pass. It returns the hold's expiry, by the database's clock (rows.CLOCK), like
+# the transaction's; no row sends the reservation to the transaction.
+_SQL_HOLD: Final = (
+    "INSERT INTO iron_holds (agent_id, reservation_id, amount, expires_at) "
+    f"SELECT ?1, ?2, ?3, {CLOCK} + ?4 FROM iron_agents "
+    f"WHERE agent_id = ?1 AND status = {RUNNING} AND budget_scopes IS NULL AND budget_period IS NULL "
+    f"AND budget_spent + ?3 <= {MAX_MICROS} "
+    f"AND (budget_limit IS NULL OR budget_spent + {HELD} + ?3 <= budget_limit) AND NOT {LAPSED} "
+    "RETURNING expires_at"
 )
 # RETURNING came with SQLite 3.35; an older library takes the transaction for every spend.
 _SPEND_IN_ONE_STATEMENT: Final = sqlite3.sqlite_version_info >= (3, 35, 0)
-_SQL_DROP_EXPIRED: Final = f"DELETE FROM iron_holds WHERE agent_id = ? AND expires_at <= {_CLOCK}"
-_SQL_HOLD: Final = "INSERT INTO iron_holds (agent_id, reservation_id, amount, expires_at) VALUES (?, ?, ?, ?)"
-_SQL_TAKE_HOLD: Final = (
-    f"DELETE FROM iron_holds WHERE agent_id = ? AND reservation_id = ? AND expires_at > {_CLOCK}"
-)
-
-_AUDIT_COLUMNS: Final = "seq, agent_id, event_type, timestamp, details, prev_hash, hash"
-_SQL_APPEND: Final = f"INSERT INTO iron_audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
-_SQL_HEAD: Final = "SELECT head_seq, head_hash FROM iron_audit_chain"
-_SQL_SEAL_HEAD: Final = "UPDATE iron_audit_chain SET head_seal = ?"
-# One statement, so one snapshot: the marks and the count agree with each other.
-_SQL_MARKS: Final = (
-    "SELECT head_seq, head_hash, anchor_seq, anchor_hash, (SELECT count(*) FROM iron_audit), "
-    "head_seal, anchor_seal FROM iron_audit_chain"
-)
-_SQL_SET_ANCHOR: Final = "UPDATE iron_audit_chain SET anchor_seq = ?, anchor_hash = ?, anchor_seal = ?"
-_SQL_COUNT: Final = "SELECT count(*) FROM iron_audit"
-_SQL_ROWS: Final = f"SELECT {_AUDIT_COLUMNS} FROM iron_audit WHERE seq > ? ORDER BY seq LIMIT ?"
-# NOT INDEXED: walk seq order from the oldest record and stop at the first recent one, instead
-# of sorting every recent record by seq (the time index would find them all first).
-_SQL_FIRST_KEPT: Final = "SELECT seq FROM iron_audit NOT INDEXED WHERE timestamp >= ? ORDER BY seq LIMIT 1"
-_SQL_LAST: Final = "SELECT seq, hash FROM iron_audit ORDER BY seq DESC LIMIT 1"
-_SQL_LAST_BEFORE: Final = "SELECT seq, hash FROM iron_audit WHERE seq < ? ORDER BY seq DESC LIMIT 1"
-_SQL_PRUNE: Final = "DELETE FROM iron_audit WHERE seq <= ?"
 
 _IN_CHUNK: Final = 500  # ids per "IN (...)" read
-_ROWS_PER_READ: Final = 256  # audit rows per read while iterating the trail
+_LABEL_PAGE: Final = (
+    f"SELECT {OF_A} FROM iron_labels l INDEXED BY iron_labels_by_value "
+    "JOIN iron_agents a ON a.agent_id = l.agent_id "
+    "WHERE l.key = ? AND l.value = ? AND l.agent_id > ?{}"
+    " ORDER BY l.agent_id LIMIT ?"
+)
+_AND_LABEL: Final = (
+    " AND EXISTS (SELECT 1 FROM iron_labels m WHERE m.agent_id = l.agent_id AND m.key = ? AND m.value = ?)"
+)
 
-#: One record as inserted: (seq, agent_id, event_type, timestamp, details, prev_hash, hash).
-_AuditInsert = tuple[int, str, str, int, str, str, str]
+
+#: Seconds between two looks at ``PRAGMA data_version`` while ``watch()`` waits: a record is
+#: seen ~10 ms after its commit (median), and a waiting feed costs ~0.6% of a core (measured;
+#: half of it is the sleep's own wake-up).
+WAIT_TICK: Final = 0.02
 
 
-def audit_select(query: AuditQuery) -> tuple[str, list[object]]:
-    """The SELECT and parameters for an audit query (``query.limit`` of 0 is the caller's case).
+def _label_page(status: AgentStatus | None, others: int) -> str:
+    """The page of agents with one label (by its index), ``others`` more and ``status`` if given."""
+    extra = _AND_LABEL * others
+    if status is not None:
+        extra += f" AND a.status = {STATUS_CODE[status._value_]}"
+    return _LABEL_PAGE.format(extra)
 
-    Every filter is a plain comparison on an indexed column. SQLite answers by agent or by event
-    type from that column's index, in ``seq`` order for free. A time window alone is read from
-    the time index: left to itself, SQLite would walk the whole trail in ``seq`` order to find
-    a recent window. With ``after_seq`` (the next page), walking ``seq`` order from there is
-    cheaper, and SQLite does that.
+
+def _maybe_plain(conn: Connection, key: str) -> bool:
+    """Whether a spend or hold should first try its one statement (``_SQL_SPEND``, ``_SQL_HOLD``).
+
+    A hint, never trusted for the rules: an agent this connection last saw with scopes or a
+    period goes straight to the transaction, without first trying the one statement (which
+    would decline it). Stale or missing, the hint costs one statement at most.
     """
-    where: list[str] = []
-    params: list[object] = []
-    if query.agent_id is not None:
-        where.append("agent_id = ?")
-        params.append(query.agent_id.as_str())
-    if query.event_type is not None:
-        where.append("event_type = ?")
-        params.append(query.event_type)
-    if query.since is not None:
-        where.append("timestamp >= ?")
-        params.append(query.since)
-    if query.until is not None:
-        where.append("timestamp <= ?")
-        params.append(query.until)
-    if query.after_seq is not None:
-        where.append("seq > ?")
-        params.append(query.after_seq)
-    sql = f"SELECT {_AUDIT_COLUMNS} FROM iron_audit"
-    by_time_only = query.agent_id is None and query.event_type is None and query.after_seq is None
-    if by_time_only and (query.since is not None or query.until is not None):
-        sql += " INDEXED BY iron_audit_by_time"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY seq"
-    if query.limit is not None:
-        sql += " LIMIT ?"
-        params.append(query.limit)
-    return sql, params
-
-
-# -- rows and objects --------------------------------------------------------------------------
-
-
-def _state(agent_id: AgentId, row: Row) -> AgentState:
-    return AgentState._trusted(agent_id, STATUSES[row[0]], row[1], row[2], row[3])
-
-
-def _row_of(state: AgentState) -> Row:
-    return (STATUS_CODE[state.status._value_], state.budget_spent, state.pii_detections, state.budget_limit)
-
-
-def _stored_id(text: str) -> AgentId:
-    """The id of a row read by scanning (a row edited by hand may hold anything)."""
-    agent_id = try_parse(text)
-    if agent_id is None:
-        raise SchemaError(
-            f"the store holds an invalid agent id {text[:64]!r}: it was edited outside "
-            "iron-runtime-state; remove that row or restore the file from a backup"
-        )
-    return agent_id
-
-
-def _agent_row(db: sqlite3.Connection, key: str) -> Row:
-    """The agent's row; ``AgentNotFound`` when there is none."""
-    row: Row | None = db.execute(_SQL_GET, (key,)).fetchone()
-    if row is None:
-        raise AgentNotFound(key)
-    return row
-
-
-def _budget(db: sqlite3.Connection, key: str) -> tuple[Row, float]:
-    """The agent's row and the sum of its open holds; ``AgentNotFound`` when there is none."""
-    found = db.execute(_SQL_BUDGET, (key,)).fetchone()
-    if found is None:
-        raise AgentNotFound(key)
-    status, spent, pii, limit, held = found
-    return (status, spent, pii, limit), held
-
-
-def _admit(db: sqlite3.Connection, key: str, amount: float, action: str) -> tuple[Row, float, bool]:
-    """The limit rule of a spend or a hold: the row, the open holds, and whether ``amount`` passes.
-
-    ``spent + open holds + amount`` is checked against the limit; only a running agent may
-    spend or hold (``AgentNotRunning`` names ``action``).
-    """
-    row, reserved = _budget(db, key)
-    if row[0] != RUNNING:
-        raise AgentNotRunning(key, STATUSES[row[0]].value, action)
-    return row, reserved, _passes(row[1] + reserved + amount, row[3])
-
-
-def _refuse(
-    conn: Connection,
-    agent_id: AgentId,
-    row: Row,
-    reserved: float,
-    amount: float,
-    now: float,
-    action: str,
-    chain: AuditChain,
-) -> list[AuditRecord]:
-    """A spend or hold past the limit changes nothing: its ``budget_exceeded`` event is appended
-    in the transaction ``conn`` holds."""
-    event = events.budget_exceeded(agent_id, _state(agent_id, row), reserved, amount, now, action)
-    return _append(conn, [event], chain, now)
-
-
-def _passes(total: float, limit: float | None) -> bool:
-    """Whether ``total`` passes ``limit`` (``None``: no limit)."""
-    return limit is not None and exceeds(total, limit)
-
-
-def _take_hold(db: sqlite3.Connection, reservation: Reservation, action: str) -> None:
-    """Drop an open hold; ``ReservationError`` when it is not open."""
-    params = (reservation.agent_id._value, reservation.reservation_id)
-    if db.execute(_SQL_TAKE_HOLD, params).rowcount == 0:
-        raise ReservationError(
-            f"cannot {action} reservation {reservation.reservation_id}: it is not open (already "
-            "committed or released, expired after its ttl, or its agent was removed); if money was "
-            "spent after the hold expired, record it with record_spend"
-        )
-
-
-def _seal(
-    events: Sequence[AuditEvent], chain: AuditChain, seq: int, prev: str
-) -> tuple[list[_AuditInsert], list[AuditRecord]]:
-    """The rows and records of ``events`` chained after the record ``(seq, prev)``."""
-    rows: list[_AuditInsert] = []
-    records: list[AuditRecord] = []
-    for event in events:
-        seq += 1
-        agent, kind, at, details = event.agent_id._value, event.event_type, event.timestamp, event.details
-        digest = chain.seal(prev, seq, agent, kind, at, details)
-        rows.append((seq, agent, kind, at, details, prev, digest))
-        records.append(AuditRecord(seq, event, digest, prev))
-        prev = digest
-    return rows, records
-
-
-def _append(
-    conn: Connection, batch: Sequence[AuditEvent], chain: AuditChain, now: float
-) -> list[AuditRecord]:
-    """Append ``batch`` in the transaction ``conn`` holds; the records of ``batch``.
-
-    The head is read in the same transaction, so the records extend it whoever appended last.
-    A head behind the one this store object last saw gets an ``audit_rewound`` record first
-    (:class:`~..head_watch.HeadWatch`). With a keyed chain the new head's seal is stored with it
-    (the chain's trigger cleared the old one). The connection notes the new head, for the
-    store object to remember once the transaction commits.
-    """
-    if not batch:
-        return []
-    db = conn.db
-    head: tuple[int, str] = db.execute(_SQL_HEAD).fetchone()
-    rewound = conn.watch.check(head, now)
-    rows, records = _seal([*rewound, *batch], chain, *head)
-    db.executemany(_SQL_APPEND, rows)
-    head = (rows[-1][0], rows[-1][6])
-    seal = chain.seal_mark("head", *head)
-    if seal is not None:
-        db.execute(_SQL_SEAL_HEAD, (seal,))
-    conn.appended = head
-    return records[len(rewound) :]
+    if not _SPEND_IN_ONE_STATEMENT:
+        return False
+    cache = conn.cache
+    seen = None if cache is None else cache.get(key)
+    return seen is None or (seen[5] is None and seen[6] is None)
 
 
 # -- the store ---------------------------------------------------------------------------------
@@ -404,14 +267,14 @@ class SQLiteBackend(Backend):
     def save(self, state: AgentState, now: float) -> None:
         conn = self._connections.get()
         key = state.agent_id._value
-        row = _row_of(state)
+        row = row_of(state)
         conn.forget(key)
         conn.db.execute(_SQL_UPSERT, (key, *row, now))
         conn.remember(key, row)
 
     def save_many(self, states: Sequence[AgentState], now: float) -> None:
         conn = self._connections.get()
-        rows = [(state.agent_id._value, _row_of(state)) for state in states]
+        rows = [(state.agent_id._value, row_of(state)) for state in states]
         for key, _ in rows:
             conn.forget(key)
         with conn as db:
@@ -428,7 +291,7 @@ class SQLiteBackend(Backend):
             if row is None:
                 return None
             conn.remember(key, row)
-        return _state(AgentId._trusted(key), row)
+        return state_of(AgentId._trusted(key), row)
 
     def get_many(self, keys: Sequence[str]) -> list[AgentState | None]:
         conn = self._connections.get()
@@ -438,10 +301,11 @@ class SQLiteBackend(Backend):
         for start in range(0, len(missing), _IN_CHUNK):
             chunk = missing[start : start + _IN_CHUNK]
             sql = _SQL_GET_IN.format(", ".join("?" * len(chunk)))
-            for key, status, spent, pii, limit in conn.db.execute(sql, chunk).fetchall():
-                found[key] = row = (status, spent, pii, limit)
+            for stored in conn.db.execute(sql, chunk).fetchall():
+                key, row = stored[0], stored[1:]
+                found[key] = row
                 conn.remember(key, row)
-        return [_state(AgentId._trusted(key), found[key]) if key in found else None for key in keys]
+        return [state_of(AgentId._trusted(key), found[key]) if key in found else None for key in keys]
 
     def remove(self, agent_id: AgentId) -> bool:
         conn = self._connections.get()
@@ -453,21 +317,38 @@ class SQLiteBackend(Backend):
     def list_ids(self) -> list[str]:
         return [key for (key,) in self._connections.get().db.execute(_SQL_IDS).fetchall()]
 
-    def iter_states(self, status: AgentStatus | None, batch_size: int) -> Iterator[AgentState]:
+    def iter_states(
+        self, status: AgentStatus | None, labels: Mapping[str, str] | None, batch_size: int
+    ) -> Iterator[AgentState]:
+        if labels:
+            # From the label index: the agents with the first label, in id order, each checked
+            # for the others by the index's key; no other agent is read.
+            (key, value), *others = labels.items()
+            sql = _label_page(status, len(others))
+            more = [text for pair in others for text in pair]
+            make: Callable[[str], tuple[object, ...]] = lambda after: (key, value, after, *more)  # noqa: E731
+        elif status is None:
+            sql = _SQL_PAGE
+            make = lambda after: (after,)  # noqa: E731
+        else:
+            sql = _SQL_PAGE_STATUS[STATUS_CODE[status._value_]]
+            make = lambda after: (after,)  # noqa: E731
         after = ""
         while True:
             db = self._connections.get().db  # per batch: the caller may move between threads
-            if status is None:
-                rows = db.execute(_SQL_PAGE, (after, batch_size)).fetchall()
-            else:
-                sql = _SQL_PAGE_STATUS[STATUS_CODE[status._value_]]
-                rows = db.execute(sql, (after, batch_size)).fetchall()
+            rows = db.execute(sql, (*make(after), batch_size)).fetchall()
             if not rows:
                 return
             after = rows[-1][0]
-            yield from [_state(_stored_id(row[0]), row[1:]) for row in rows]
+            yield from [state_of(stored_id(row[0]), row[1:]) for row in rows]
             if len(rows) < batch_size:
                 return
+
+    def page_agents(self, page: AgentPage) -> list[AgentState]:
+        """One page from the store's indexes, sorted by SQLite (:mod:`.paging`)."""
+        with self._connections.get().snapshot() as db:
+            rows = paging.page_rows(db, page)
+        return [state_of(stored_id(row[0]), row[1:]) for row in rows]
 
     def stats(self) -> FleetStats:
         running, stopped, failed, spent, pii = self._connections.get().db.execute(_SQL_STATS).fetchone()
@@ -476,67 +357,58 @@ class SQLiteBackend(Backend):
             running=running,
             stopped=stopped,
             failed=failed,
-            budget_spent=spent,
+            budget_spent=from_micros(spent),
             pii_detections=pii,
         )
+
+    def update(self, agent_id: AgentId, fn: UpdateFn, now: float, chain: AuditChain) -> Change:
+        return spending.update(self._connections.get(), agent_id, fn, now, chain)
 
     def _rewrite(
         self,
         agent_id: AgentId,
         now: float,
-        change: Callable[[Row], Row],
-        chain: AuditChain | None = None,
-        implied: Callable[[Row], list[AuditEvent]] | None = None,
+        change: Callable[[Row], tuple[int, int]],
+        chain: AuditChain,
+        implied: Callable[[Row], list[AuditEvent]],
     ) -> Change:
-        """Replace the agent's row with ``change(row)`` under the write lock, and append the
-        events ``implied(old row)`` with ``chain`` in the same transaction."""
+        """Set the agent's status and PII count to ``change(row)`` under the write lock, and
+        append the events ``implied(old row)`` with ``chain`` in the same transaction."""
         conn = self._connections.get()
         key = agent_id._value
         conn.forget(key)
-        records: list[AuditRecord] = []
         with conn as db:
-            old = _agent_row(db, key)
-            new = change(old)
-            db.execute(_SQL_REPLACE, (*new, now, key))
-            if chain is not None and implied is not None:
-                records = _append(conn, implied(old), chain, now)
+            old: Row | None = db.execute(_SQL_GET, (key,)).fetchone()
+            if old is None:
+                raise AgentNotFound(key)
+            status, pii = change(old)
+            db.execute(_SQL_SET_COUNTS, (status, pii, now, key))
+            records = append(conn, implied(old), chain, now)
+        new: Row = (status, old[1], pii, *old[3:])
         conn.remember(key, new)
-        return Change(_state(agent_id, new), records)
-
-    def update(self, agent_id: AgentId, fn: UpdateFn, now: float) -> AgentState:
-        # fn runs holding the write lock: it must be quick.
-        return self._rewrite(agent_id, now, lambda old: _row_of(fn(_state(agent_id, old)))).state
+        return Change(state_of(agent_id, new), records)
 
     # -- atomic counters ----------------------------------------------------------------------
 
-    def record_spend(self, agent_id: AgentId, amount: float, now: float, chain: AuditChain) -> SpendResult:
+    def record_spend(self, agent_id: AgentId, amount: int, now: float, chain: AuditChain) -> SpendResult:
         conn = self._connections.get()
         key = agent_id._value
+        plain = _maybe_plain(conn, key)
         conn.forget(key)
-        if _SPEND_IN_ONE_STATEMENT:
+        if plain:
             # fetchall: the statement must run to its end to commit (autocommit).
-            for status, spent, pii, limit, held in conn.db.execute(_SQL_SPEND, (key, amount, now)).fetchall():
-                row = (status, spent, pii, limit)
+            for found in conn.db.execute(_SQL_SPEND, (key, amount, now)).fetchall():
+                row: Row = found[:9]
                 conn.remember(key, row)
-                return SpendResult(_state(agent_id, row), False, held)
-        # Missing, not running or past the limit (or changed since): decided under the write
-        # lock, where a refusal's event is appended in the same transaction.
-        records: list[AuditRecord] = []
-        with conn as db:
-            row, reserved, exceeded = _admit(db, key, amount, "record spend")
-            if exceeded:
-                records = _refuse(conn, agent_id, row, reserved, amount, now, "spend", chain)
-            else:
-                row = (row[0], row[1] + amount, row[2], row[3])
-                db.execute(_SQL_SET_SPENT, (row[1], now, key))
-        conn.remember(key, row)
-        return SpendResult(_state(agent_id, row), exceeded, reserved, records)
+                return SpendResult(state_of(agent_id, row), False, found[9])
+        # Missing, not running, with scopes, a period or lapsed holds, or refused: a transaction.
+        return spending.record_spend(conn, agent_id, amount, now, chain)
 
     def record_pii(
         self, agent_id: AgentId, count: int, now: float, event: AuditEvent, chain: AuditChain
     ) -> Change:
-        def change(old: Row) -> Row:
-            return (old[0], old[1], check_count(old[2] + count, "the agent's pii_detections"), old[3])
+        def change(old: Row) -> tuple[int, int]:
+            return old[0], check_count(old[2] + count, "the agent's pii_detections")
 
         return self._rewrite(agent_id, now, change, chain, lambda old: [event])
 
@@ -548,53 +420,50 @@ class SQLiteBackend(Backend):
                 return []
             return [events.status_changed(agent_id, STATUSES[old[0]], status, now)]
 
-        return self._rewrite(agent_id, now, lambda old: (code, old[1], old[2], old[3]), chain, implied)
+        return self._rewrite(agent_id, now, lambda old: (code, old[2]), chain, implied)
 
     # -- reservations -------------------------------------------------------------------------
 
     def reserve(
-        self, agent_id: AgentId, amount: float, ttl: float, now: float, reservation_id: str, chain: AuditChain
+        self, agent_id: AgentId, amount: int, ttl: float, now: float, reservation_id: str, chain: AuditChain
     ) -> Reservation | SpendResult:
         conn = self._connections.get()
-        key = agent_id._value
-        records: list[AuditRecord] = []
-        with conn as db:
-            expires_at = db.execute(_SQL_CLOCK).fetchone()[0] + ttl
-            db.execute(_SQL_DROP_EXPIRED, (key,))  # lapsed holds go before the check
-            row, reserved, exceeded = _admit(db, key, amount, "reserve budget")
-            if exceeded:
-                records = _refuse(conn, agent_id, row, reserved, amount, now, "reserve", chain)
-            else:
-                db.execute(_SQL_HOLD, (key, reservation_id, amount, expires_at))
-        conn.remember(key, row)
-        if exceeded:
-            return SpendResult(_state(agent_id, row), True, reserved, records)
-        return Reservation(reservation_id, agent_id, amount, expires_at)
+        if _maybe_plain(conn, agent_id._value):
+            # The hold leaves the agent's row as it was: the read cache keeps it.
+            params = (agent_id._value, reservation_id, amount, ttl)
+            for (expires_at,) in conn.db.execute(_SQL_HOLD, params).fetchall():
+                return Reservation._trusted(reservation_id, agent_id, from_micros(amount), expires_at, ())
+        # Missing, not running, with scopes, a period or lapsed holds, or refused: a transaction.
+        return spending.reserve(conn, agent_id, amount, ttl, now, reservation_id, chain)
 
-    def commit(self, reservation: Reservation, actual: float, now: float, chain: AuditChain) -> CommitResult:
-        conn = self._connections.get()
-        agent_id = reservation.agent_id
-        key = agent_id._value
-        conn.forget(key)
-        records: list[AuditRecord] = []
-        with conn as db:
-            _take_hold(db, reservation, "commit")
-            old = _agent_row(db, key)  # it exists: removing an agent removes its holds
-            row = (old[0], old[1] + actual, old[2], old[3])
-            db.execute(_SQL_SET_SPENT, (row[1], now, key))
-            state = _state(agent_id, row)
-            exceeded = _passes(row[1], row[3])
-            if exceeded:
-                records = _append(conn, [events.overspent(state, reservation, actual, now)], chain, now)
-        conn.remember(key, row)
-        return CommitResult(state, exceeded, records)
+    def commit(self, reservation: Reservation, actual: int, now: float, chain: AuditChain) -> CommitResult:
+        return spending.commit(self._connections.get(), reservation, actual, now, chain)
 
     def release(self, reservation: Reservation, now: float) -> None:
-        _take_hold(self._connections.get().db, reservation, "release")
+        spending.release(self._connections.get(), reservation)
 
-    def reserved(self, agent_id: AgentId, now: float) -> tuple[AgentState, float]:
-        row, held = _budget(self._connections.get().db, agent_id._value)
-        return _state(agent_id, row), held
+    def reserved(self, agent_id: AgentId, now: float) -> tuple[AgentState, int]:
+        key = agent_id._value
+        found = self._connections.get().db.execute(spending.SQL_BUDGET, (key,)).fetchone()
+        if found is None:
+            raise AgentNotFound(key)
+        return state_of(agent_id, found[:9]), found[9]
+
+    # -- budget scopes ------------------------------------------------------------------------
+
+    def set_budget(
+        self, scope: str, limit: int | None, period: str | None, tz: str, now: float, chain: AuditChain
+    ) -> BudgetChange:
+        return spending.set_budget(self._connections.get(), scope, limit, period, tz, now, chain)
+
+    def get_budget(self, scope: str, now: float) -> BudgetRow | None:
+        return spending.get_budget(self._connections.get(), scope)
+
+    def list_budgets(self, now: float) -> list[BudgetRow]:
+        return spending.list_budgets(self._connections.get())
+
+    def remove_budget(self, scope: str, now: float, chain: AuditChain) -> BudgetChange:
+        return spending.remove_budget(self._connections.get(), scope, now, chain)
 
     # -- audit trail --------------------------------------------------------------------------
 
@@ -608,16 +477,16 @@ class SQLiteBackend(Backend):
             # the chain trigger refuses it unless that is still the store's head (another
             # connection appended in between, or the head went back). A keyed chain also
             # stores the head's seal, so it takes the transaction below.
-            rows, records = _seal(events, chain, *hint)
+            rows, records = seal(events, chain, *hint)
             try:
-                conn.db.execute(_SQL_APPEND, rows[0])
+                conn.db.execute(SQL_APPEND, rows[0])
             except sqlite3.IntegrityError:
                 pass  # the seq is taken or the head moved (the only constraints on the table)
             else:
                 conn.watch.wrote((rows[0][0], rows[0][6]))
                 return records
         with conn:  # under the write lock, reading the head in the same transaction
-            return _append(conn, events, chain, time.time())
+            return append(conn, events, chain, time.time())
 
     def query_audit(self, query: AuditQuery) -> list[AuditRecord]:
         if query.limit == 0:
@@ -629,7 +498,7 @@ class SQLiteBackend(Backend):
         for seq, agent, event_type, timestamp, details, prev_hash, digest in rows:
             agent_id = ids.get(agent)
             if agent_id is None:
-                agent_id = ids[agent] = _stored_id(agent)
+                agent_id = ids[agent] = stored_id(agent)
             event = AuditEvent._trusted(agent_id, event_type, timestamp, details)
             out.append(AuditRecord(seq, event, digest, prev_hash))
         return out
@@ -638,7 +507,7 @@ class SQLiteBackend(Backend):
         # Verifying a trail goes through here once per record: the batches are flattened in C,
         # and kept small enough that their rows are still in the CPU's caches when checked
         # (5,000 rows at a time verify ~40% slower than 256).
-        size = min(batch_size, _ROWS_PER_READ)
+        size = min(batch_size, ROWS_PER_READ)
         return itertools.chain.from_iterable(self._audit_batches(after_seq, size))
 
     def _audit_batches(self, after_seq: int, batch_size: int) -> Iterator[list[AuditRow]]:
@@ -646,7 +515,7 @@ class SQLiteBackend(Backend):
         after = after_seq
         while True:
             db = self._connections.get().db
-            rows: list[AuditRow] = db.execute(_SQL_ROWS, (after, batch_size)).fetchall()
+            rows: list[AuditRow] = db.execute(SQL_ROWS, (after, batch_size)).fetchall()
             if rows:
                 yield rows
             if len(rows) < batch_size:
@@ -656,26 +525,49 @@ class SQLiteBackend(Backend):
     def audit_marks(self) -> AuditMarks:
         conn = self._connections.get()
         head_seq, head_hash, anchor_seq, anchor_hash, count, head_seal, anchor_seal = conn.db.execute(
-            _SQL_MARKS
+            SQL_MARKS
         ).fetchone()
         conn.watch.saw((head_seq, head_hash))
         return AuditMarks((head_seq, head_hash), (anchor_seq, anchor_hash), count, head_seal, anchor_seal)
 
+    def wait_audit(self, after_seq: int, timeout: float) -> bool:
+        """Wait for the head to pass ``after_seq``, reading it only when the file changed.
+
+        ``PRAGMA data_version`` of this thread's connection changes when any other connection
+        (thread or process) commits, and costs no read of the file: it is polled every
+        :data:`WAIT_TICK`. The version is read before the head, so a commit between the two is
+        either in the head read or changes the version the next look compares.
+        """
+        conn = self._connections.get()
+        deadline = time.monotonic() + timeout
+        seen = None
+        while True:
+            version = conn.data_version()
+            if version != seen:
+                seen = version
+                head: int = conn.db.execute(SQL_HEAD_SEQ).fetchone()[0]
+                if head > after_seq:
+                    return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(WAIT_TICK, left))
+
     def audit_count(self) -> int:
-        count: int = self._connections.get().db.execute(_SQL_COUNT).fetchone()[0]
+        count: int = self._connections.get().db.execute(SQL_COUNT).fetchone()[0]
         return count
 
     def prune_audit(self, before: int, chain: AuditChain) -> int:
         with self._connections.get() as db:
-            first_kept = db.execute(_SQL_FIRST_KEPT, (before,)).fetchone()
+            first_kept = db.execute(SQL_FIRST_KEPT, (before,)).fetchone()
             if first_kept is None:
-                last = db.execute(_SQL_LAST).fetchone()
+                last = db.execute(SQL_LAST).fetchone()
             else:
-                last = db.execute(_SQL_LAST_BEFORE, (first_kept[0],)).fetchone()
+                last = db.execute(SQL_LAST_BEFORE, (first_kept[0],)).fetchone()
             if last is None:
                 return 0
-            removed: int = db.execute(_SQL_PRUNE, (last[0],)).rowcount
-            db.execute(_SQL_SET_ANCHOR, (last[0], last[1], chain.seal_mark("anchor", last[0], last[1])))
+            removed: int = db.execute(SQL_PRUNE, (last[0],)).rowcount
+            db.execute(SQL_SET_ANCHOR, (last[0], last[1], chain.seal_mark("anchor", last[0], last[1])))
         return removed
 
     def purge_agents(self, statuses: Sequence[AgentStatus], changed_before: float) -> list[str]:

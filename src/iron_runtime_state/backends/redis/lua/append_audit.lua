@@ -7,18 +7,19 @@
 -- of its last entry appended, in `drained`) makes the drain idempotent: a batch whose first
 -- entry is not after the mark is refused like a moved head, and the reply says where the mark
 -- is, so a repeated drain appends nothing twice. `landed` keeps the seq of the newest entries'
--- records, so a client whose own entry another process appended finds its record.
+-- records, so a client whose own entries another process appended finds their records.
 -- Each record's entry id is "<seq>-0"; per-agent and per-type sorted sets index its seq, and the
 -- time index (see `index_time`) its timestamp, while that index is complete (time_indexed = seq).
 -- KEYS: log, head, index registry, drained, landed, time highs, time lows, then every index key
 --       the batch touches (and,
 --       on a standalone server, the group's outbox, trimmed of the entries appended)
 -- ARGV: expected seq, expected hash, head seal, group ('' for events given directly), the
---       caller's own outbox entry id (''), KEYS position of the outbox to trim (0: none), then for
+--       caller's own outbox entry ids (comma-separated, '' for none), KEYS position of the outbox to trim (0: none), then for
 --       each record: agent_id, event_type, timestamp, details, hash, the KEYS positions of its
 --       agent index and its type index, and its outbox entry id ('' for none)
 -- Returns {1} when appended; otherwise {0, head seq, head hash, the group's mark ('' for none)},
--- followed, when the caller's own entry was appended already, by its record (entry id, fields).
+-- followed, for each of the caller's own entries appended already, by its outbox entry id and
+-- its record (entry id, fields).
 local log, head, group, own = KEYS[1], KEYS[2], ARGV[4], ARGV[5]
 local h = redis.call('HMGET', head, 'seq', 'hash', 'time_indexed')
 local seq = tonumber(h[1] or '0')
@@ -33,9 +34,15 @@ if group ~= '' then
 end
 if int(seq) ~= ARGV[1] or prev ~= ARGV[2] or (first ~= '' and not id_after(first, mark)) then
   local reply = {0, int(seq), prev, mark or ''}
-  local at = own ~= '' and redis.call('ZSCORE', KEYS[5], group .. '/' .. own)
-  local entry = at and redis.call('XRANGE', log, at .. '-0', at .. '-0')[1]
-  if entry then reply[5], reply[6] = entry[1], entry[2] end
+  for id in string.gmatch(own, '[^,]+') do
+    local at = redis.call('ZSCORE', KEYS[5], group .. '/' .. id)
+    local entry = at and redis.call('XRANGE', log, at .. '-0', at .. '-0')[1]
+    if entry then
+      reply[#reply + 1] = id
+      reply[#reply + 1] = entry[1]
+      reply[#reply + 1] = entry[2]
+    end
+  end
   return reply
 end
 local last = false

@@ -3,14 +3,15 @@
 -- 2^63 - 1 (the agent's or the fleet's) changes nothing. Run once per op key (see `once`).
 -- KEYS: agent, stats, finished, outbox, op
 -- ARGV: count, now, agent_id, event_type, timestamp, details, op ttl (ms)
--- Returns {1, status, budget_spent, pii_detections, budget_limit, then the queued event (see
--- `queue_event`: its id, its fields, the entries waiting)}, {-1} when the agent does not exist,
--- {-4, the agent's count} when its count would overflow and {-5, the group's count} when the
--- group's total would.
+-- Returns {1, state (see state_reply)} followed by the event queued (see queue_events), {-1} when
+-- the agent does not exist, {LEGACY} when it is stored as 0.4/0.5 wrote it, {-4, the agent's
+-- count} when its count would overflow and {-5, the group's count} when the group's total would.
 return once(KEYS[5], ARGV[7], function()
   local agent, stats = KEYS[1], KEYS[2]
-  local status = redis.call('HGET', agent, 'status')
+  local found = redis.call('HMGET', agent, 'status', 'spent_micros')
+  local status = found[1]
   if not status then return {-1} end
+  if not found[2] then return {LEGACY} end
   if type(redis.pcall('HINCRBY', agent, 'pii_detections', ARGV[1])) == 'table' then
     return {-4, redis.call('HGET', agent, 'pii_detections')}
   end
@@ -20,8 +21,7 @@ return once(KEYS[5], ARGV[7], function()
   end
   redis.call('HSET', agent, 'changed_at', ARGV[2])
   index_finished(KEYS[3], ARGV[3], status, status, ARGV[2])
-  local id, fields, waiting = queue_event(KEYS[4], {'kind', 'event', 'agent', ARGV[3],
-    'type', ARGV[4], 'timestamp', ARGV[5], 'details', ARGV[6]})
-  local s, spent, pii, limit = stored_fields(agent)
-  return {1, s, spent, pii, limit, id, fields, waiting}
+  local reply = state_reply(1, redis.call('HMGET', agent, unpack(AGENT_FIELDS)))
+  return queue_events(KEYS[4], {{'kind', 'event', 'agent', ARGV[3], 'type', ARGV[4],
+    'timestamp', ARGV[5], 'details', ARGV[6]}}, reply)
 end)

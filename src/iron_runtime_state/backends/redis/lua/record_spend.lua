@@ -1,27 +1,51 @@
--- record_spend: add an amount to budget_spent unless spent + open holds + amount passes the limit.
--- A refusal changes nothing but queues its budget_exceeded event in the group's outbox. Run once
+-- record_spend: charge an amount (micro-units) to an agent and to each budget scope it draws on,
+-- unless it would take one of them past its limit (spent + open holds + amount, the agent first,
+-- then the scopes in the order it lists them). The agent's holds that lapsed unsettled go first,
+-- each with its hold_expired event (see expire_holds); periods that ended roll (see plan_rolls).
+-- A refusal charges nothing but queues its budget_exceeded event in the group's outbox. Run once
 -- per op key (see `once`), so a call resent after a lost reply is not applied twice.
--- KEYS: agent, stats, holds, outbox, op
--- ARGV: amount, now, agent_id, op ttl (ms)
--- Returns {1, status, budget_spent, pii_detections, budget_limit, reserved} when spent,
--- {0, the same fields, then the queued event (see `queue_event`: its id, its fields, the entries
--- waiting)} when the limit refused it, {-1} when the agent does not exist and {-2, status} when it
--- is not running.
-return once(KEYS[5], ARGV[4], function()
-  local agent = KEYS[1]
-  local f = redis.call('HMGET', agent, 'status', 'budget_spent', 'pii_detections', 'budget_limit')
-  if not f[1] then return {-1} end
-  if f[1] ~= 'running' then return {-2, f[1]} end
-  local amount = tonumber(ARGV[1])
-  local spent = tonumber(f[2])
-  local reserved = num(open_holds(KEYS[3]))
-  if f[4] and exceeds(spent + tonumber(reserved) + amount, tonumber(f[4])) then
-    local id, fields, waiting = queue_event(KEYS[4], {'kind', 'spend', 'agent', ARGV[3],
-      'at', ARGV[2], 'spent', f[2], 'limit', f[4], 'reserved', reserved, 'amount', ARGV[1]})
-    return {0, f[1], f[2], f[3], f[4], reserved, id, fields, waiting}
+-- On a standalone server the scopes are read and charged here too (their keys are named from
+-- the budgets prefix), in the same script. On a cluster (prefix '') they live in another slot:
+-- an agent with scopes gets a pending hold of the amount, and the client goes on with
+-- scope_spend.lua and settle_pending.lua (see spend.py).
+-- KEYS: agent, stats, holds, pending, outbox, op
+-- ARGV: amount, now, agent_id, op ttl (ms), budgets prefix ('' on a cluster), pending hold ttl
+--       (s), op id, then the rolls the client computed (see given_rolls)
+-- Returns {1, state (see state_reply), reserved} when charged; {0, state, reserved, the scope
+-- that refused (budget_row) or false for the agent} when refused; {2, state, reserved, pending
+-- hold expiry} when the scopes come next (cluster); each followed by the events queued (see
+-- queue_events). {-1}: no such agent; {-2, status}: not running; {NO_SCOPE, name}; {TOO_BIG,
+-- scope ('' for the agent), total}; {LEGACY}; {ROLL, ...} (see plan_rolls); {RESOLVE, expired
+-- pending holds...} (cluster).
+return once(KEYS[6], ARGV[4], function()
+  local agent, stats, aid, at = KEYS[1], KEYS[2], ARGV[3], ARGV[2]
+  local amount, now = tonumber(ARGV[1]), tonumber(at)
+  local stop, f, me, budgets = spender(agent, KEYS[3], KEYS[4], ARGV[5], now, 8)
+  if stop then return stop end
+  local refused = refusing(budgets, amount)
+  if refused then
+    return refuse('spend', refused, f, me, budgets, amount, aid, at, stats, KEYS[5])
   end
-  local new = num(spent + amount)
-  redis.call('HSET', agent, 'budget_spent', new, 'changed_at', ARGV[2])
-  add_float(KEYS[2], 'budget_spent', amount)
-  return {1, f[1], new, f[3], f[4] or '', reserved}
+  local big, total = too_big(budgets, amount, false)
+  if big then return {TOO_BIG, big.name, int(total)} end
+  local events = {}
+  expire_holds(me.lapsed, aid, at, events)
+  write_rolls(budgets, aid, at, events, stats)
+  f[9] = me.start ~= '' and me.start
+  local reply
+  if ARGV[5] == '' and f[6] then
+    local expiry = server_now() + tonumber(ARGV[6])
+    redis.call('ZADD', KEYS[4], num(expiry), ARGV[7] .. ':' .. ARGV[1])
+    f[2] = int(me.spent)
+    reply = state_reply(2, f)
+    reply[12] = num(expiry)
+  else
+    f[2] = int(me.spent + amount)
+    redis.call('HSET', agent, 'spent_micros', f[2], 'changed_at', at)
+    for i = 2, #budgets do redis.call('HINCRBY', budgets[i].key, 'spent_micros', ARGV[1]) end
+    redis.call('HINCRBY', stats, 'spent_micros', ARGV[1])
+    reply = state_reply(1, f)
+  end
+  reply[11] = int(me.held)
+  return queue_events(KEYS[5], events, reply)
 end)

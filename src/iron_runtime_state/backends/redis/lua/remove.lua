@@ -1,10 +1,12 @@
--- remove: delete an agent with its open holds, keeping its group's statistics in step.
--- KEYS: agent, stats, ids, finished, holds, then the group's running, stopped and failed sets
--- ARGV: agent_id
--- Returns 1 when the agent existed, 0 otherwise.
+-- remove: delete an agent with its open and pending holds (its holds on scopes too, see
+-- drop_scope_holds), keeping its group's statistics, status sets and label sets in step.
+-- KEYS: agent, stats, ids, finished, holds, pending, then the group's running, stopped and failed
+--       sets
+-- ARGV: agent_id, the group's label prefix, the budgets prefix ('' on a cluster)
+-- Returns {1, scope hold members the client drops (cluster)...} when the agent existed, else {0}.
 local k = {agent = KEYS[1], stats = KEYS[2], ids = KEYS[3], finished = KEYS[4], holds = KEYS[5],
-  status = status_sets(6)}
-local f = redis.call('HMGET', k.agent, 'status', 'budget_spent', 'pii_detections')
-if not f[1] then return 0 end
+  pending = KEYS[6], status = status_sets(7), labels = ARGV[2], prefix = ARGV[3], dropped = {1}}
+local f = redis.call('HMGET', k.agent, 'status', 'spent_micros', 'pii_detections', 'labels')
+if not f[1] then return {0} end
 drop_agent(k, ARGV[1], f)
-return 1
+return k.dropped

@@ -1,18 +1,25 @@
--- save: insert or replace one agent's state, keeping its group's statistics in step.
+-- save: insert or replace one agent's state, keeping its group's statistics, status sets and
+-- label sets in step. Money is whole micro-units; a field whose value is the default (no limit,
+-- no labels, no scopes, no period, 'UTC') is absent.
 -- update_agent_state also sends the values it read: then the state is stored only if the agent
--- still holds them (compare-and-set), and otherwise the client reads again and retries.
--- KEYS: agent, stats, ids, finished, then the group's running, stopped and failed sets
--- ARGV: agent_id, status, budget_spent, pii_detections, budget_limit ('' for none), now,
---       then for a compare-and-set the status, budget_spent, pii_detections, budget_limit read
--- Returns 1 when stored; for a compare-and-set, 0 when the agent changed meanwhile and -1 when
--- it no longer exists.
-local agent, stats = KEYS[1], KEYS[2]
-local id, status, spent, pii, limit, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local old = redis.call('HMGET', agent, 'status', 'budget_spent', 'pii_detections', 'budget_limit')
-if #ARGV > 6 then
-  if not old[1] then return -1 end
-  if old[1] ~= ARGV[7] or old[2] ~= ARGV[8] or old[3] ~= ARGV[9] or (old[4] or '') ~= ARGV[10] then
-    return 0
+-- still holds them (compare-and-set), and otherwise the client reads again and retries; when the
+-- agent's period ended, the budget_reset event of the closed period comes too, and is queued in
+-- the group's outbox with the change.
+-- KEYS: agent, stats, ids, finished, the group's running, stopped and failed sets, outbox
+-- ARGV: agent_id, status, spent, pii_detections, limit, now, labels (JSON), scopes
+--       (comma-separated), period, tz, period_start, period_end, the group's label prefix
+--       ('' stands for none in each); then for a compare-and-set the first nine AGENT_FIELDS as
+--       read ('' for none) and the fields of the event to queue (none: no event)
+-- Returns 1 when stored; for a compare-and-set, {1} followed by the events queued (see
+-- queue_events), {0} when the agent changed meanwhile and {-1} when it no longer exists.
+local agent, stats, id, status, spent, pii, now = KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3],
+  ARGV[4], ARGV[6]
+local old = redis.call('HMGET', agent, unpack(AGENT_FIELDS))
+local cas = #ARGV > 13
+if cas then
+  if not old[1] then return {-1} end
+  for i = 1, 9 do
+    if (old[i] or '') ~= ARGV[13 + i] then return {0} end
   end
 end
 -- The pii total first: it is the one step that can fail (64-bit overflow), and then nothing
@@ -21,25 +28,36 @@ if old[3] ~= pii then
   if pii ~= '0' then redis.call('HINCRBY', stats, 'pii_detections', pii) end
   if old[3] and old[3] ~= '0' then redis.call('HINCRBY', stats, 'pii_detections', '-' .. old[3]) end
 end
-if limit == '' then
-  redis.call('HSET', agent, 'status', status, 'budget_spent', spent, 'pii_detections', pii,
-    'changed_at', now)
-  if old[4] then redis.call('HDEL', agent, 'budget_limit') end
-else
-  redis.call('HSET', agent, 'status', status, 'budget_spent', spent, 'pii_detections', pii,
-    'budget_limit', limit, 'changed_at', now)
+redis.call('HSET', agent, 'status', status, 'spent_micros', spent, 'pii_detections', pii,
+  'changed_at', now)
+-- The optional fields, each stored only when it is not the default.
+local optional = {{'limit_micros', 5, 4}, {'labels', 7, 5}, {'scopes', 8, 6}, {'period', 9, 7},
+  {'tz', 10, 8}, {'period_start', 11, 9}, {'period_end', 12, 10}}
+for _, o in ipairs(optional) do
+  local value = ARGV[o[2]]
+  if o[1] == 'tz' and value == 'UTC' then value = '' end
+  if value ~= '' then
+    redis.call('HSET', agent, o[1], value)
+  elseif old[o[3]] then
+    redis.call('HDEL', agent, o[1])
+  end
 end
 if old[1] then
   if old[1] ~= status then
     redis.call('HINCRBY', stats, old[1], -1)
     redis.call('HINCRBY', stats, status, 1)
   end
-  if old[2] ~= spent then add_float(stats, 'budget_spent', tonumber(spent) - tonumber(old[2])) end
+  local delta = tonumber(spent) - (tonumber(old[2]) or 0)
+  if delta ~= 0 then redis.call('HINCRBY', stats, 'spent_micros', int(delta)) end
 else
   redis.call('ZADD', KEYS[3], 0, id)
   redis.call('HINCRBY', stats, status, 1)
-  if tonumber(spent) ~= 0 then add_float(stats, 'budget_spent', tonumber(spent)) end
+  if spent ~= '0' then redis.call('HINCRBY', stats, 'spent_micros', spent) end
 end
 index_finished(KEYS[4], id, old[1], status, now)
 index_status(status_sets(5), id, old[1], status)
-return 1
+index_labels(ARGV[13], id, old[5], ARGV[7])
+if not cas then return 1 end
+local events = {}
+if #ARGV > 22 then events[1] = {unpack(ARGV, 23)} end
+return queue_events(KEYS[8], events, {1})

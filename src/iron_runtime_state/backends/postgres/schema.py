@@ -1,0 +1,371 @@
+"""What a store's schema holds: its tables, indexes, triggers and functions, and their versions.
+
+Every object lives in the store's own PostgreSQL schema (``?schema=``, default ``iron``), so
+tenants or fleets can share a database. ``{s}`` in each statement stands for the quoted schema.
+:data:`MIGRATIONS` is an ordered list: ``MIGRATIONS[i]`` takes a schema from version ``i`` to
+``i + 1``, and the version is kept in ``meta``. A schema written by a newer version is refused
+untouched (:class:`~iron_runtime_state.SchemaError`); an older one is migrated on first use, in
+one transaction under an advisory lock, so processes starting together migrate it once. This is
+the stored format: a shipped entry is never edited, only followed by new ones.
+
+The tables, and why they look as they do:
+
+- ``agents``: one row per agent; amounts in micro-units (``bigint``). ``period_end`` is the end
+  of the period ``spent`` belongs to (computed when the row is written), so the hot statements
+  check "has the period ended" with one comparison, no calendar arithmetic in SQL.
+- ``stats``: the fleet's totals as 64 rows of partial sums, kept by a trigger in the same
+  transaction as every change to ``agents``. ``stats()`` adds 64 rows instead of scanning the
+  agents, and writers spread over the rows (each transaction updates the one its transaction id
+  picks) instead of queueing on one row's lock.
+- ``agent_labels``: (key, value, agent) for every label, kept by a trigger: a label filter reads
+  one range of its primary key, in agent order, so paging by label never scans the fleet.
+- ``budgets``: budget scopes. ``holds``: open budget holds, one row each, with the scopes they
+  count against; ``hold_scopes``: each hold again under each of its scopes, keyed by (scope,
+  expiry) so a scope's open holds are one index range.
+- ``audit`` and ``audit_chain``: the hash-chained trail, and its head and anchor (one row).
+  Appends are serialised by the head row (see :mod:`.ops`).
+
+``spend``, ``reserve`` and ``commit_hold`` are the hot paths as functions: each locks the agent
+and then its scopes (in name order: every writer takes the same order, so none deadlocks) and
+reads the holds *after* taking the locks, which a single SQL statement cannot do (it reads from
+a snapshot taken before it waited for a lock). Each one either completes the whole change or
+changes nothing and returns no row, and the store then takes its general path (:mod:`.ops`):
+periods that roll, refusals and overspends, which write audit events built and hashed in Python.
+Every writer takes its row of ``stats`` (when it changes an agent) after its scopes' locks, and
+the audit head last.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from ...audit_chain import GENESIS_HASH
+from ...models import AgentStatus
+from ...money import MAX_MICROS
+
+__all__ = [
+    "MIGRATIONS",
+    "RUNNING",
+    "SCHEMA_VERSION",
+    "STATS_SLOTS",
+    "STATUSES",
+    "STATUS_CODE",
+    "render",
+]
+
+#: ``agents.status`` codes: a status is stored as its index here (as in the SQLite store).
+STATUSES: Final = (AgentStatus.RUNNING, AgentStatus.STOPPED, AgentStatus.FAILED)
+STATUS_CODE: Final = {status._value_: code for code, status in enumerate(STATUSES)}
+RUNNING: Final = 0
+#: Rows of partial sums in ``stats``.
+STATS_SLOTS: Final = 64
+
+_MAX: Final = str(MAX_MICROS)
+
+
+def render(statement: str, quoted_schema: str) -> str:
+    """``statement`` for one schema: ``{s}`` becomes the quoted schema name."""
+    return statement.replace("{s}", quoted_schema)
+
+
+# A period has ended when the manager's clock (p_now) reached its end; a period without a
+# stored end (written before its start was known) counts as ended, so it starts properly.
+_ENDED = "({r}.period IS NOT NULL AND ({r}.period_end IS NULL OR p_now >= {r}.period_end))"
+
+_SPEND: Final = f"""
+CREATE FUNCTION {{s}}.spend(p_agent text, p_amount bigint, p_now double precision)
+RETURNS TABLE (r_status smallint, r_spent bigint, r_pii bigint, r_limit bigint, r_labels jsonb,
+               r_scopes text[], r_period text, r_tz text, r_period_start double precision)
+LANGUAGE plpgsql AS $$
+DECLARE
+    a record;
+    b record;
+    clock double precision;
+    held bigint;
+    lapsed bigint;
+    counted integer := 0;
+BEGIN
+    SELECT * INTO a FROM {{s}}.agents WHERE agent_id = p_agent FOR UPDATE;
+    IF NOT FOUND OR a.status <> {RUNNING} OR a.spent + p_amount > {_MAX} OR {_ENDED.format(r="a")} THEN
+        RETURN;
+    END IF;
+    -- Read after the lock: holds committed by the writer we waited for are counted. One that
+    -- lapsed unsettled is for the general path to drop, with its event.
+    clock := extract(epoch FROM clock_timestamp());
+    SELECT coalesce(sum(h.amount) FILTER (WHERE h.expires_at > clock), 0),
+           count(*) FILTER (WHERE h.expires_at <= clock)
+    INTO held, lapsed FROM {{s}}.holds h WHERE h.agent_id = p_agent;
+    IF lapsed > 0 OR (a.budget_limit IS NOT NULL AND a.spent + held + p_amount > a.budget_limit) THEN
+        RETURN;
+    END IF;
+    IF cardinality(a.scopes) > 0 THEN
+        FOR b IN SELECT * FROM {{s}}.budgets WHERE scope = ANY (a.scopes) ORDER BY scope FOR UPDATE LOOP
+            counted := counted + 1;
+            IF b.spent + p_amount > {_MAX} OR {_ENDED.format(r="b")} THEN
+                RETURN;
+            END IF;
+            IF b.budget_limit IS NOT NULL THEN
+                SELECT coalesce(sum(h.amount), 0) INTO held FROM {{s}}.hold_scopes h
+                WHERE h.scope = b.scope AND h.expires_at > clock;
+                IF b.spent + held + p_amount > b.budget_limit THEN
+                    RETURN;
+                END IF;
+            END IF;
+        END LOOP;
+        IF counted < cardinality(a.scopes) THEN
+            RETURN;
+        END IF;
+        UPDATE {{s}}.budgets SET spent = spent + p_amount, changed_at = p_now WHERE scope = ANY (a.scopes);
+    END IF;
+    -- Last: updating the agent takes a row of stats (by trigger), after every budget's lock.
+    UPDATE {{s}}.agents SET spent = spent + p_amount, changed_at = p_now WHERE agent_id = p_agent
+    RETURNING status, spent, pii, budget_limit, labels, scopes, period, tz, period_start
+    INTO r_status, r_spent, r_pii, r_limit, r_labels, r_scopes, r_period, r_tz, r_period_start;
+    RETURN NEXT;
+END
+$$"""
+
+_RESERVE: Final = f"""
+CREATE FUNCTION {{s}}.reserve(p_agent text, p_amount bigint, p_ttl double precision,
+                              p_now double precision, p_id text)
+RETURNS TABLE (r_expires_at double precision, r_scopes text[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    a record;
+    b record;
+    clock double precision;
+    held bigint;
+    lapsed bigint;
+    counted integer := 0;
+BEGIN
+    SELECT * INTO a FROM {{s}}.agents WHERE agent_id = p_agent FOR UPDATE;
+    IF NOT FOUND OR a.status <> {RUNNING} OR {_ENDED.format(r="a")} THEN
+        RETURN;
+    END IF;
+    clock := extract(epoch FROM clock_timestamp());
+    SELECT coalesce(sum(h.amount) FILTER (WHERE h.expires_at > clock), 0),
+           count(*) FILTER (WHERE h.expires_at <= clock)
+    INTO held, lapsed FROM {{s}}.holds h WHERE h.agent_id = p_agent;
+    IF lapsed > 0 OR a.spent + held + p_amount > coalesce(a.budget_limit, {_MAX}) THEN
+        RETURN;
+    END IF;
+    IF cardinality(a.scopes) > 0 THEN
+        FOR b IN SELECT * FROM {{s}}.budgets WHERE scope = ANY (a.scopes) ORDER BY scope FOR UPDATE LOOP
+            counted := counted + 1;
+            IF {_ENDED.format(r="b")} THEN
+                RETURN;
+            END IF;
+            SELECT coalesce(sum(h.amount), 0) INTO held FROM {{s}}.hold_scopes h
+            WHERE h.scope = b.scope AND h.expires_at > clock;
+            IF b.spent + held + p_amount > coalesce(b.budget_limit, {_MAX}) THEN
+                RETURN;
+            END IF;
+        END LOOP;
+        IF counted < cardinality(a.scopes) THEN
+            RETURN;
+        END IF;
+    END IF;
+    INSERT INTO {{s}}.holds (agent_id, reservation_id, amount, expires_at, scopes)
+    VALUES (p_agent, p_id, p_amount, clock + p_ttl, a.scopes);
+    IF cardinality(a.scopes) > 0 THEN
+        INSERT INTO {{s}}.hold_scopes (scope, expires_at, reservation_id, amount)
+        SELECT scope, clock + p_ttl, p_id, p_amount FROM unnest(a.scopes) AS scope;
+    END IF;
+    RETURN QUERY SELECT clock + p_ttl, a.scopes;
+END
+$$"""
+
+_COMMIT: Final = f"""
+CREATE FUNCTION {{s}}.commit_hold(p_agent text, p_id text, p_actual bigint, p_now double precision)
+RETURNS TABLE (r_status smallint, r_spent bigint, r_pii bigint, r_limit bigint, r_labels jsonb,
+               r_scopes text[], r_period text, r_tz text, r_period_start double precision)
+LANGUAGE plpgsql AS $$
+DECLARE
+    a record;
+    b record;
+    h record;
+    clock double precision;
+BEGIN
+    SELECT * INTO a FROM {{s}}.agents WHERE agent_id = p_agent FOR UPDATE;
+    IF NOT FOUND OR a.spent + p_actual > coalesce(a.budget_limit, {_MAX}) OR {_ENDED.format(r="a")} THEN
+        RETURN;
+    END IF;
+    clock := extract(epoch FROM clock_timestamp());
+    SELECT * INTO h FROM {{s}}.holds
+    WHERE agent_id = p_agent AND reservation_id = p_id AND expires_at > clock;
+    IF NOT FOUND
+       OR EXISTS (SELECT FROM {{s}}.holds l WHERE l.agent_id = p_agent AND l.expires_at <= clock) THEN
+        RETURN;
+    END IF;
+    IF cardinality(h.scopes) > 0 THEN
+        FOR b IN SELECT * FROM {{s}}.budgets WHERE scope = ANY (h.scopes) ORDER BY scope FOR UPDATE LOOP
+            IF b.spent + p_actual > coalesce(b.budget_limit, {_MAX}) OR {_ENDED.format(r="b")} THEN
+                RETURN;
+            END IF;
+        END LOOP;
+        DELETE FROM {{s}}.hold_scopes s
+        WHERE s.scope = ANY (h.scopes) AND s.expires_at = h.expires_at AND s.reservation_id = p_id;
+        UPDATE {{s}}.budgets SET spent = spent + p_actual, changed_at = p_now WHERE scope = ANY (h.scopes);
+    END IF;
+    DELETE FROM {{s}}.holds WHERE agent_id = p_agent AND reservation_id = p_id;
+    UPDATE {{s}}.agents SET spent = spent + p_actual, changed_at = p_now WHERE agent_id = p_agent;
+    RETURN QUERY SELECT a.status, a.spent + p_actual, a.pii, a.budget_limit, a.labels, a.scopes,
+        a.period, a.tz, a.period_start;
+END
+$$"""
+
+#: Schema migrations, in order: ``MIGRATIONS[i]`` takes a schema from version ``i`` to ``i + 1``.
+#: Append new entries; never edit one that has shipped. Each runs in the migrating transaction.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: agents with their labels and fleet totals, budget scopes and holds, the audit trail.
+    (
+        # status: 0 running, 1 stopped, 2 failed. Amounts in micro-units; budget_limit NULL: no
+        # limit. Text keys in the "C" collation: byte order, the fastest compare, and the order
+        # Python sorts in. changed_at: Unix time of the last change (purge_agents).
+        """CREATE TABLE {s}.agents (
+            agent_id     text COLLATE "C" PRIMARY KEY,
+            status       smallint NOT NULL,
+            spent        bigint   NOT NULL,
+            pii          bigint   NOT NULL,
+            budget_limit bigint,
+            labels       jsonb    NOT NULL DEFAULT '{}',
+            scopes       text[] COLLATE "C" NOT NULL DEFAULT '{}',
+            period       text,
+            tz           text     NOT NULL DEFAULT 'UTC',
+            period_start double precision,
+            period_end   double precision,
+            changed_at   double precision NOT NULL
+        )""",
+        # The stopped and failed agents by status, in id order (iter_agent_states(status=...),
+        # purge_agents). Partial: most of a fleet runs, and a running agent's writes touch no index.
+        "CREATE INDEX agents_finished ON {s}.agents (status, agent_id) WHERE status <> 0",
+        """CREATE TABLE {s}.agent_labels (
+            key      text COLLATE "C",
+            value    text COLLATE "C",
+            agent_id text COLLATE "C",
+            PRIMARY KEY (key, value, agent_id)
+        )""",
+        """CREATE TABLE {s}.stats (
+            slot    integer PRIMARY KEY,
+            running bigint  NOT NULL DEFAULT 0,
+            stopped bigint  NOT NULL DEFAULT 0,
+            failed  bigint  NOT NULL DEFAULT 0,
+            spent   numeric NOT NULL DEFAULT 0,
+            pii     numeric NOT NULL DEFAULT 0
+        )""",
+        f"INSERT INTO {{s}}.stats (slot) SELECT generate_series(0, {STATS_SLOTS - 1})",
+        # One slot per transaction (its id modulo the slots): a transaction that changes many
+        # agents locks one stats row, so two of them cannot deadlock over stats rows. Rows added
+        # or removed are counted once per statement (a row updated again and again in one
+        # transaction costs PostgreSQL more each time: a bulk insert or purge would be quadratic);
+        # a changed agent (a spend, a status) once per row, with no work when none of the counted
+        # columns changed.
+        f"""CREATE FUNCTION {{s}}.agents_counted() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP = 'UPDATE' THEN
+                UPDATE {{s}}.stats SET
+                    running = running + (NEW.status = 0)::int - (OLD.status = 0)::int,
+                    stopped = stopped + (NEW.status = 1)::int - (OLD.status = 1)::int,
+                    failed = failed + (NEW.status = 2)::int - (OLD.status = 2)::int,
+                    spent = spent + (NEW.spent - OLD.spent), pii = pii + (NEW.pii - OLD.pii)
+                WHERE slot = txid_current() % {STATS_SLOTS};
+            ELSE
+                UPDATE {{s}}.stats s SET running = s.running + sign * d.running,
+                    stopped = s.stopped + sign * d.stopped, failed = s.failed + sign * d.failed,
+                    spent = s.spent + sign * d.spent, pii = s.pii + sign * d.pii
+                FROM (SELECT CASE WHEN TG_OP = 'INSERT' THEN 1 ELSE -1 END AS sign,
+                             count(*) FILTER (WHERE status = 0) AS running,
+                             count(*) FILTER (WHERE status = 1) AS stopped,
+                             count(*) FILTER (WHERE status = 2) AS failed,
+                             coalesce(sum(spent), 0) AS spent, coalesce(sum(pii), 0) AS pii
+                      FROM changed) d
+                WHERE s.slot = txid_current() % {STATS_SLOTS} AND d.running + d.stopped + d.failed > 0;
+            END IF;
+            RETURN NULL;
+        END
+        $$""",
+        """CREATE TRIGGER agents_added AFTER INSERT ON {s}.agents REFERENCING NEW TABLE AS changed
+        FOR EACH STATEMENT EXECUTE FUNCTION {s}.agents_counted()""",
+        """CREATE TRIGGER agents_removed AFTER DELETE ON {s}.agents REFERENCING OLD TABLE AS changed
+        FOR EACH STATEMENT EXECUTE FUNCTION {s}.agents_counted()""",
+        """CREATE TRIGGER agents_recounted AFTER UPDATE OF status, spent, pii ON {s}.agents
+        FOR EACH ROW WHEN (OLD.status <> NEW.status OR OLD.spent <> NEW.spent OR OLD.pii <> NEW.pii)
+        EXECUTE FUNCTION {s}.agents_counted()""",
+        """CREATE FUNCTION {s}.agents_labelled() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP <> 'INSERT' THEN
+                DELETE FROM {s}.agent_labels l USING jsonb_each_text(OLD.labels) o
+                WHERE l.key = o.key AND l.value = o.value AND l.agent_id = OLD.agent_id;
+            END IF;
+            IF TG_OP <> 'DELETE' THEN
+                INSERT INTO {s}.agent_labels (key, value, agent_id)
+                SELECT key, value, NEW.agent_id FROM jsonb_each_text(NEW.labels);
+            END IF;
+            RETURN NULL;
+        END
+        $$""",
+        """CREATE TRIGGER agents_labelled AFTER INSERT ON {s}.agents
+        FOR EACH ROW WHEN (NEW.labels <> '{}') EXECUTE FUNCTION {s}.agents_labelled()""",
+        """CREATE TRIGGER agents_relabelled AFTER UPDATE OF labels ON {s}.agents
+        FOR EACH ROW WHEN (OLD.labels <> NEW.labels) EXECUTE FUNCTION {s}.agents_labelled()""",
+        """CREATE TRIGGER agents_unlabelled AFTER DELETE ON {s}.agents
+        FOR EACH ROW WHEN (OLD.labels <> '{}') EXECUTE FUNCTION {s}.agents_labelled()""",
+        """CREATE TABLE {s}.budgets (
+            scope        text COLLATE "C" PRIMARY KEY,
+            budget_limit bigint,
+            period       text,
+            tz           text   NOT NULL,
+            period_start double precision,
+            period_end   double precision,
+            spent        bigint NOT NULL,
+            changed_at   double precision NOT NULL
+        )""",
+        # Holds expire by the database's clock (Unix seconds), one clock for every client.
+        """CREATE TABLE {s}.holds (
+            agent_id       text COLLATE "C",
+            reservation_id text COLLATE "C",
+            amount         bigint NOT NULL,
+            expires_at     double precision NOT NULL,
+            scopes         text[] COLLATE "C" NOT NULL,
+            PRIMARY KEY (agent_id, reservation_id)
+        )""",
+        """CREATE TABLE {s}.hold_scopes (
+            scope          text COLLATE "C",
+            expires_at     double precision,
+            reservation_id text COLLATE "C",
+            amount         bigint NOT NULL,
+            PRIMARY KEY (scope, expires_at, reservation_id)
+        )""",
+        _SPEND,
+        _RESERVE,
+        _COMMIT,
+        """CREATE TABLE {s}.audit (
+            seq        bigint PRIMARY KEY,
+            agent_id   text COLLATE "C" NOT NULL,
+            event_type text COLLATE "C" NOT NULL,
+            timestamp  bigint NOT NULL,
+            details    text   NOT NULL,
+            prev_hash  text   NOT NULL,
+            hash       text   NOT NULL
+        )""",
+        # Each answers one filter in seq order (by agent, by type), or a time window.
+        "CREATE INDEX audit_by_agent ON {s}.audit (agent_id, seq)",
+        "CREATE INDEX audit_by_type ON {s}.audit (event_type, seq)",
+        "CREATE INDEX audit_by_time ON {s}.audit (timestamp, seq)",
+        # head: the newest record ever appended; anchor: what the first remaining record links
+        # to (moved by pruning). Seals: AuditChain.seal_mark under an audit key (NULL: none).
+        """CREATE TABLE {s}.audit_chain (
+            id          integer PRIMARY KEY CHECK (id = 0),
+            head_seq    bigint NOT NULL,
+            head_hash   text   NOT NULL,
+            head_seal   text,
+            anchor_seq  bigint NOT NULL,
+            anchor_hash text   NOT NULL,
+            anchor_seal text
+        )""",
+        f"INSERT INTO {{s}}.audit_chain VALUES (0, 0, '{GENESIS_HASH}', NULL, 0, '{GENESIS_HASH}', NULL)",
+    ),
+)
+
+#: The schema version this code writes: the number of migrations.
+SCHEMA_VERSION: Final = len(MIGRATIONS)
