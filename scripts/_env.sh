@@ -32,3 +32,26 @@ ensure_venv() {
     touch "$stamp"
   fi
 }
+
+# ensure_debian_package PACKAGE CHECK...: run CHECK (a command); if it fails, install Debian's
+# PACKAGE (as root, or through password-less sudo), or stop with a message saying how.
+ensure_debian_package() {
+  local package="$1"
+  shift
+  if "$@" >/dev/null 2>&1; then
+    return 0
+  fi
+  local run=()
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    echo "==> installing $package (Debian package)"
+  elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    echo "==> installing $package (Debian package, via sudo)"
+    run=(sudo -n)
+  else
+    echo "error: $package is not installed and cannot be installed here;" >&2
+    echo "       install it (Debian/Ubuntu: apt-get install $package) and run again" >&2
+    exit 1
+  fi
+  "${run[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+  "${run[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$package" >/dev/null
+}

@@ -150,6 +150,11 @@ class PostgresServer:
             "-c", "max_connections=300",
             "-c", "log_min_messages=warning", "-c", "logging_collector=off",
         ]  # fmt: skip
+        # Tied to this process: if it dies without stopping the server (a killed test run), the
+        # kernel sends the server SIGINT (a fast shutdown) rather than leaving it running.
+        setpriv = shutil.which("setpriv")
+        if setpriv is not None:
+            args = [setpriv, "--pdeathsig", "SIGINT", *args]
         log = open(self.folder / "postgres.log", "ab")  # noqa: SIM115 - kept open by the child
         try:
             self.process = self._popen(args, stdout=log, stderr=subprocess.STDOUT)

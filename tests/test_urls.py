@@ -15,7 +15,7 @@ def test_memory_url() -> None:
         assert manager.url == "memory://"
 
 
-@pytest.mark.parametrize("url", ["postgres://x", "ftp://host/db", "MONGO://x"])
+@pytest.mark.parametrize("url", ["mysql://x", "ftp://host/db", "MONGO://x"])
 def test_unknown_scheme_names_the_supported_ones(url: str) -> None:
     with pytest.raises(ConfigurationError) as info:
         StateManager.from_url(url)

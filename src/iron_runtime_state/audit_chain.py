@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from json.encoder import encode_basestring  # the C escaper json.dumps itself uses
 from typing import Final
 
-from .models import AuditVerification
+from .models import AuditEvent, AuditRecord, AuditVerification
 
 __all__ = ["GENESIS_HASH", "AuditChain", "AuditRow", "ChainVerifier", "canonical_event_json"]
 
@@ -74,6 +74,22 @@ class AuditChain:
         if self._key is None:
             return _sha256(message).hexdigest()
         return _hmac_digest(self._key, message, "sha256").hex()
+
+    def seal_rows(
+        self, events: Sequence[AuditEvent], seq: int, prev: str
+    ) -> tuple[list[AuditRow], list[AuditRecord]]:
+        """The rows and records of ``events`` chained after the record ``(seq, prev)``: what a
+        store that keeps records as rows (SQLite, PostgreSQL) inserts, and what it returns."""
+        rows: list[AuditRow] = []
+        records: list[AuditRecord] = []
+        for event in events:
+            seq += 1
+            agent, kind, at, details = event.agent_id._value, event.event_type, event.timestamp, event.details
+            digest = self.seal(prev, seq, agent, kind, at, details)
+            rows.append((seq, agent, kind, at, details, prev, digest))
+            records.append(AuditRecord(seq, event, digest, prev))
+            prev = digest
+        return rows, records
 
     def seal_mark(self, kind: str, seq: int, digest: str) -> str | None:
         """The keyed seal of a mark of the trail (``"head"``, ``"anchor"``, ``"checkpoint"``).

@@ -33,9 +33,10 @@ MICROS_PER_UNIT: Final = 1_000_000
 MICRO: Final = Decimal("0.000001")
 #: The largest amount a budget counts, in micro-units (a billion units; see ``models.MAX_AMOUNT``).
 MAX_MICROS: Final = 10**15
-#: Below this many micro-units a float's product with a million is within a quarter of the
-#: decimal value's, so rounding the product is rounding the decimal (the fast path of to_micros).
-_FAST_BELOW: Final = 2.0**49
+#: Up to a billion units (10**15 micro-units, below 2**50), a float's product with a million is
+#: within 0.13 of the decimal value's scaled exactly, so where the product is within a quarter of
+#: an integer, that integer is also the decimal value rounded: the fast path of ``to_micros``.
+_FAST_UP_TO: Final = MAX_MICROS / MICROS_PER_UNIT
 _CONTEXT: Final = decimal.Context(prec=60, rounding=decimal.ROUND_HALF_EVEN, traps=[decimal.InvalidOperation])
 
 
@@ -59,7 +60,7 @@ def to_micros(
     value: object, what: str = "amount", *, allow_zero: bool = True, maximum: int | None = None
 ) -> int:
     """``value`` as whole micro-units (rounded half to even), at least 0 (or 1 without zero)."""
-    if type(value) is float and 0.0 <= value < _FAST_BELOW / MICROS_PER_UNIT:
+    if type(value) is float and 0.0 <= value <= _FAST_UP_TO:
         # The common case without Decimal: a float whose scaled value is clearly not a tie.
         scaled = value * MICROS_PER_UNIT
         micros = round(scaled)

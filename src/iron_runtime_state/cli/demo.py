@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .._demo import DemoResult, run_fleet, team_scope
-from ..config import CLI_DEFAULT_URL, METRICS_PORT
+from ..config import CLI_DEFAULT_URL, DASHBOARD_PORT, METRICS_PORT
 from ..manager import StateManager
 from ..models import AgentState, AgentStatus, AuditRecord, BudgetState
 from .audit import tail_audit
@@ -249,6 +249,10 @@ def _print_demo(
         (f"iron-state audit --type budget_exceeded --limit 5{flag}", "refused and exceeded budgets"),
         (f"iron-state verify{flag}", "check the audit trail's hash chain"),
         (f"iron-state metrics --port {METRICS_PORT}{flag}", "serve Prometheus metrics"),
+        (
+            f"iron-state serve --port {DASHBOARD_PORT}{flag}",
+            f"the live dashboard: http://127.0.0.1:{DASHBOARD_PORT}/",
+        ),
     ]
     out.print()
     if manager.url.startswith("memory:"):

@@ -101,7 +101,11 @@ class AgentOps(TrailOps):
     # -- reads and writes ---------------------------------------------------------------------
 
     def save(self, state: AgentState, now: float) -> Op[None]:
-        yield Sql(self.sql["upsert"], (state.agent_id._value, *agent_params(state), now))
+        # An UPDATE first: most saves rewrite an agent that exists, and an INSERT statement costs
+        # more (the totals' trigger runs once per INSERT statement, even one that inserts nothing).
+        key, params = state.agent_id._value, agent_params(state)
+        if not (yield Sql(self.sql["replace"], (*params, now, key))):
+            yield Sql(self.sql["upsert"], (key, *params, now))
 
     @restartable
     def save_many(self, states: Sequence[AgentState], now: float) -> Op[None]:

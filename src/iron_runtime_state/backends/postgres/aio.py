@@ -26,8 +26,9 @@ from ...errors import BackendError, StateError, StateTypeError
 from ..async_base import AsyncBackend
 from ..base import ITERATORS, OPERATIONS, WAITING
 from .errors import DRIVER_ERRORS, map_error
+from .listen import AsyncListeners
 from .ops import PostgresOps
-from .requests import Emit, Op, Pause, Request, Sql
+from .requests import Emit, Listen, Op, Request, Sql
 from .sync import _TUPLES, labels_loads, pool_options, session_settings, usable
 from .url import PostgresConfig
 
@@ -46,10 +47,7 @@ async def _rollback_open(conn: psycopg.AsyncConnection[Any]) -> None:
 
 
 async def _execute(conn: psycopg.AsyncConnection[Any], request: Request) -> Any:
-    if type(request) is Pause:
-        await asyncio.sleep(request.seconds)
-        return None
-    assert type(request) is Sql  # Emit comes only from streaming operations (_iterate)
+    assert type(request) is Sql  # Emit and Listen are run by AsyncPostgresBackend._step
     cur = await conn.execute(request.query, request.params)
     result = cur.pgresult
     return await cur.fetchall() if result is not None and result.status == _TUPLES else cur.rowcount
@@ -91,6 +89,9 @@ class AsyncPostgresBackend(AsyncBackend):
         self._config = config
         self._ops = PostgresOps(config.schema)
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+        #: The connections wait_audit listens on, apart from the pool: one per waiting task
+        #: (see :mod:`.listen`).
+        self._listeners = AsyncListeners(config.conninfo)
         self._prepared = False
         self._setup: asyncio.Lock | None = None
         self._closed = False
@@ -129,6 +130,8 @@ class AsyncPostgresBackend(AsyncBackend):
             if self._closed:
                 raise BackendError("this PostgreSQL store was closed; open a new manager")
             if self._pool is None:
+                # As the sync driver does: one connection by hand first, to fail at once, saying why.
+                await (await psycopg.AsyncConnection.connect(self._config.conninfo, autocommit=True)).close()
                 pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
                     configure=self._configure, **pool_options(self._config)
                 )
@@ -182,9 +185,13 @@ class AsyncPostgresBackend(AsyncBackend):
 
     async def _step(self, request: Request) -> Any:
         """One request of an operation run loosely: on a connection borrowed for it alone."""
-        if type(request) is Pause:
-            await asyncio.sleep(request.seconds)
-            return None
+        if type(request) is Listen:
+            if not self._prepared:  # the schema must exist before the head is read
+                async with self._connection():
+                    pass
+            elif self._closed:
+                raise BackendError("this PostgreSQL store was closed; open a new manager")
+            return await self._listeners.wait(request)
         async with self._connection() as conn:
             return await _execute(conn, request)
 
@@ -222,5 +229,6 @@ class AsyncPostgresBackend(AsyncBackend):
         """Close the pool's connections; later calls raise ``BackendError``. Idempotent."""
         self._closed = True
         pool, self._pool = self._pool, None
+        await self._listeners.close()
         if pool is not None:
             await pool.close()

@@ -48,11 +48,16 @@ def map_error(exc: BaseException, config: PostgresConfig) -> StateError:
             f"{where}: a call waited more than {config.timeout:g} s for a lock held by another "
             f"client, and gave up without changing anything ({message})"
         )
+    if message.startswith("connection failed"):  # no connection was made: nothing was sent
+        return BackendUnavailable(
+            f"{where} cannot be reached ({message}); check the URL, the credentials and that the "
+            "server is up: calls work again as soon as it can be reached"
+        )
     if isinstance(exc, _UNREACHABLE) or (isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None):
         return BackendUnavailable(
-            f"{where} cannot be reached or closed the connection ({message}). A write in flight "
-            "either committed whole or not at all; the store reconnects by itself when the server "
-            "is back"
+            f"{where} closed the connection during the call ({message}): a write in flight was "
+            "either committed whole or not at all, so check before repeating it; the store "
+            "reconnects by itself"
         )
     if isinstance(exc, pgerrors.InsufficientPrivilege):
         return BackendError(

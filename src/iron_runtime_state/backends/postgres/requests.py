@@ -2,7 +2,7 @@
 
 An operation is a generator: it yields :class:`Sql` (one statement) and receives the statement's
 rows (a list of tuples), or its row count for a statement that returns no rows. A streaming
-operation also yields :class:`Emit` with items for its caller, and a polling one :class:`Pause`.
+operation also yields :class:`Emit` with items for its caller, and a waiting one :class:`Listen`.
 A driver error is thrown into the operation at the ``yield`` that caused it, after the driver
 rolled back any open transaction: :func:`restartable` catches the ones that mean "run it
 again". The sync and asyncio drivers (:mod:`.sync`, :mod:`.aio`) only carry statements and
@@ -32,8 +32,8 @@ __all__ = [
     "CLOCK",
     "COMMIT",
     "Emit",
+    "Listen",
     "Op",
-    "Pause",
     "Sql",
     "agent_params",
     "budget_row",
@@ -58,13 +58,23 @@ class Emit(NamedTuple):
     items: list[Any]
 
 
-class Pause(NamedTuple):
-    """Wait this many seconds (an operation that polls); the reply is ``None``."""
+class Listen(NamedTuple):
+    """Wait for the head of the trail to pass ``after_seq``; the reply is ``True`` when it did,
+    ``False`` after ``timeout`` seconds.
 
-    seconds: float
+    The driver runs it on a connection kept for listening, never one of the pool's (a wait may
+    last a second, and the pool's connections serve the calls): ``LISTEN`` on ``channel``, then
+    ``head`` (a statement returning the head seq) and, if the head is not past ``after_seq``
+    yet, a wait for a notification on ``channel`` whose payload (the new head) is.
+    """
+
+    channel: str
+    head: str
+    after_seq: int
+    timeout: float
 
 
-Request = Sql | Emit | Pause
+Request = Sql | Emit | Listen
 #: An operation: yields requests, receives replies, returns its result.
 Op = Generator[Request, Any, _T]
 

@@ -29,8 +29,9 @@ The tables, and why they look as they do:
 and then its scopes (in name order: every writer takes the same order, so none deadlocks) and
 reads the holds *after* taking the locks, which a single SQL statement cannot do (it reads from
 a snapshot taken before it waited for a lock). Each one either completes the whole change or
-changes nothing and returns no row, and the store then takes its general path (:mod:`.ops`):
-periods that roll, refusals and overspends, which write audit events built and hashed in Python.
+changes nothing and returns no row (``spend``: a row of NULLs), and the store then takes its
+general path (:mod:`.ops`): periods that roll, refusals and overspends, and holds that lapsed,
+which write audit events built and hashed in Python.
 Every writer takes its row of ``stats`` (when it changes an agent) after its scopes' locks, and
 the audit head last.
 """
@@ -73,9 +74,10 @@ def render(statement: str, quoted_schema: str) -> str:
 _ENDED = "({r}.period IS NOT NULL AND ({r}.period_end IS NULL OR p_now >= {r}.period_end))"
 
 _SPEND: Final = f"""
-CREATE FUNCTION {{s}}.spend(p_agent text, p_amount bigint, p_now double precision)
-RETURNS TABLE (r_status smallint, r_spent bigint, r_pii bigint, r_limit bigint, r_labels jsonb,
-               r_scopes text[], r_period text, r_tz text, r_period_start double precision)
+CREATE FUNCTION {{s}}.spend(
+    p_agent text, p_amount bigint, p_now double precision, OUT r_status smallint, OUT r_spent bigint,
+    OUT r_pii bigint, OUT r_limit bigint, OUT r_labels jsonb, OUT r_scopes text[], OUT r_period text,
+    OUT r_tz text, OUT r_period_start double precision)
 LANGUAGE plpgsql AS $$
 DECLARE
     a record;
@@ -121,7 +123,6 @@ BEGIN
     UPDATE {{s}}.agents SET spent = spent + p_amount, changed_at = p_now WHERE agent_id = p_agent
     RETURNING status, spent, pii, budget_limit, labels, scopes, period, tz, period_start
     INTO r_status, r_spent, r_pii, r_limit, r_labels, r_scopes, r_period, r_tz, r_period_start;
-    RETURN NEXT;
 END
 $$"""
 

@@ -288,9 +288,9 @@ class BudgetOps(AgentOps):
     # -- spends and holds ---------------------------------------------------------------------
 
     def record_spend(self, agent_id: AgentId, amount: int, now: float, chain: AuditChain) -> Op[SpendResult]:
-        rows = yield Sql(self.sql["spend"], (agent_id._value, amount, now))
-        if rows:
-            return SpendResult(state_of(agent_id, rows[0]))
+        row = (yield Sql(self.sql["spend"], (agent_id._value, amount, now)))[0]
+        if row[0] is not None:  # a row of NULLs: the general path decides
+            return SpendResult(state_of(agent_id, row))
         result = yield from self._charge(agent_id, amount, now, chain)
         assert isinstance(result, SpendResult)
         return result

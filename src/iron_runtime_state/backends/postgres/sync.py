@@ -33,8 +33,9 @@ from psycopg_pool import ConnectionPool
 from ...errors import BackendError, StateError
 from ..base import OpsBackend
 from .errors import DRIVER_ERRORS, map_error
+from .listen import Listeners
 from .ops import PostgresOps
-from .requests import Emit, Op, Pause, Request, Sql
+from .requests import Emit, Listen, Op, Request, Sql
 from .url import PostgresConfig
 
 __all__ = ["PostgresBackend", "labels_loads", "pool_options", "session_settings", "usable"]
@@ -105,10 +106,7 @@ def rollback_open(conn: Any) -> None:
 
 def execute(conn: psycopg.Connection[Any], request: Request) -> Any:
     """Run one request on ``conn``: the statement's rows, or its row count."""
-    if type(request) is Pause:
-        time.sleep(request.seconds)
-        return None
-    assert type(request) is Sql  # Emit comes only from streaming operations (_iterate)
+    assert type(request) is Sql  # Emit and Listen are run by PostgresBackend._loosely
     cur = conn.execute(request.query, request.params)
     # The result's status, not cur.description: that builds a Column object per column.
     result = cur.pgresult
@@ -157,6 +155,8 @@ class PostgresBackend(OpsBackend):
         self._spare: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()  # opening the pool, preparing the schema, closing
         self._spare_lock = threading.Lock()
+        #: The connections wait_audit listens on, apart from the pool (see :mod:`.listen`).
+        self._listeners = Listeners(config.conninfo)
         self._prepared = False
         self._closed = False
 
@@ -193,6 +193,9 @@ class PostgresBackend(OpsBackend):
             if self._closed:
                 raise BackendError("this PostgreSQL store was closed; open a new manager")
             if self._pool is None:
+                # One connection by hand first: a pool that cannot connect only says that it timed
+                # out, this says why (a refused password, a missing database, a server down), at once.
+                psycopg.connect(self._config.conninfo, autocommit=True).close()
                 pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
                     configure=self._configure, **pool_options(self._config)
                 )
@@ -258,7 +261,7 @@ class PostgresBackend(OpsBackend):
     def _loosely(self, op: Op[Any]) -> Generator[Any, None, Any]:
         """Run ``op`` holding no connection between its statements (each borrows one), yielding
         the items it emits; its result is the generator's return value. For streaming and
-        polling operations: a slow reader or a long wait keeps no connection from others."""
+        waiting operations: a slow reader or a long wait keeps no connection of the pool."""
         reply: Any = None
         try:
             while True:
@@ -269,8 +272,8 @@ class PostgresBackend(OpsBackend):
                 reply = None
                 if type(request) is Emit:
                     yield from request.items
-                elif type(request) is Pause:
-                    time.sleep(request.seconds)
+                elif type(request) is Listen:
+                    reply = self._listen(request)
                 else:
                     with self._connection() as conn:
                         reply = execute(conn, request)
@@ -280,8 +283,16 @@ class PostgresBackend(OpsBackend):
     def _iterate(self, op: Op[Any]) -> Iterator[Any]:
         return self._loosely(op)
 
+    def _listen(self, request: Listen) -> bool:
+        if not self._prepared:  # the schema must exist before the head is read
+            with self._connection():
+                pass
+        elif self._closed:
+            raise BackendError("this PostgreSQL store was closed; open a new manager")
+        return self._listeners.wait(request)
+
     def wait_audit(self, after_seq: int, timeout: float) -> bool:
-        """See ``Backend.wait_audit``: the head is polled, with no connection held between reads."""
+        """See ``Backend.wait_audit``: ``LISTEN/NOTIFY`` on a connection of its own (:mod:`.listen`)."""
         steps = self._loosely(self.ops.wait_audit(after_seq, timeout))
         while True:
             try:
@@ -295,6 +306,7 @@ class PostgresBackend(OpsBackend):
             self._closed = True
             pool, self._pool = self._pool, None
             spare, self._spare = self._spare, None
+        self._listeners.close()
         if pool is not None:
             if spare is not None:
                 pool.putconn(spare)

@@ -17,6 +17,7 @@ A head found below the highest this store object saw gets an ``audit_rewound`` r
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from typing import Final
@@ -25,23 +26,28 @@ from ...audit_chain import AuditChain, AuditRow
 from ...errors import SchemaError
 from ...ids import AgentId, try_parse
 from ...models import AuditEvent, AuditRecord
-from ..base import WAIT_POLL, AuditMarks, AuditQuery
+from ..base import AuditMarks, AuditQuery
 from ..head_watch import HeadWatch
-from .requests import BEGIN, COMMIT, Emit, Op, Pause, Sql, restartable
+from .requests import BEGIN, COMMIT, Emit, Listen, Op, Sql, restartable
 from .schema import render
 
-__all__ = ["TrailOps", "audit_select"]
+__all__ = ["TrailOps", "audit_channel", "audit_select"]
 
 _AUDIT_COLUMNS: Final = "seq, agent_id, event_type, timestamp, details, prev_hash, hash"
 
 _STATEMENTS: Final = {
     # Insert the records only if the head is still (after, prev), moving it in the same statement.
+    # The same statement tells the schema's channel the new head ({c}: see audit_channel); the
+    # server delivers it when the transaction commits, and never if it rolls back. `note` is
+    # read by the EXISTS (an unread CTE that is no data change never runs), once: the head
+    # matched one row or none.
     "append": (
         "WITH head AS (UPDATE {s}.audit_chain SET head_seq = %s, head_hash = %s, head_seal = %s "
-        "WHERE id = 0 AND head_seq = %s AND head_hash = %s RETURNING 1) "
+        "WHERE id = 0 AND head_seq = %s AND head_hash = %s RETURNING head_seq), "
+        "note AS (SELECT pg_notify('{c}', head_seq::text) FROM head) "
         f"INSERT INTO {{s}}.audit ({_AUDIT_COLUMNS}) "
         "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::bigint[], %s::text[], "
-        "%s::text[], %s::text[]) WHERE EXISTS (SELECT FROM head)"
+        "%s::text[], %s::text[]) WHERE EXISTS (SELECT FROM note)"
     ),
     "lock_head": "SELECT head_seq, head_hash FROM {s}.audit_chain WHERE id = 0 FOR UPDATE",
     "head": "SELECT head_seq FROM {s}.audit_chain WHERE id = 0",
@@ -65,8 +71,19 @@ _STATEMENTS: Final = {
 #: still in the CPU's caches when checked).
 _ROWS_PER_READ: Final = 1000
 
-#: One record as inserted: (seq, agent_id, event_type, timestamp, details, prev_hash, hash).
-_Insert = tuple[int, str, str, int, str, str, str]
+
+def audit_channel(quoted_schema: str) -> str:
+    """The ``LISTEN/NOTIFY`` channel of a schema's audit trail: ``iron_audit_<schema>``.
+
+    The schema name is checked (``a-z 0-9 _``, see ``check_schema``), so the channel needs no
+    quoting inside a string or a quoted identifier; a channel name is limited to 63 bytes, so a
+    long schema name is replaced by a digest of it.
+    """
+    schema = quoted_schema.strip('"')
+    channel = f"iron_audit_{schema}"
+    if len(channel) > 63:
+        channel = "iron_audit_" + hashlib.sha256(schema.encode()).hexdigest()[:32]
+    return channel
 
 
 def stored_id(text: str) -> AgentId:
@@ -113,32 +130,21 @@ def audit_select(schema: str, query: AuditQuery) -> tuple[str, list[object]]:
     return sql, params
 
 
-def _seal(
-    events: Sequence[AuditEvent], chain: AuditChain, seq: int, prev: str
-) -> tuple[list[_Insert], list[AuditRecord]]:
-    """The rows and records of ``events`` chained after the record ``(seq, prev)``."""
-    rows: list[_Insert] = []
-    records: list[AuditRecord] = []
-    for event in events:
-        seq += 1
-        agent, kind, at, details = event.agent_id._value, event.event_type, event.timestamp, event.details
-        digest = chain.seal(prev, seq, agent, kind, at, details)
-        rows.append((seq, agent, kind, at, details, prev, digest))
-        records.append(AuditRecord(seq, event, digest, prev))
-        prev = digest
-    return rows, records
-
-
 class TrailOps:
     """The audit trail's operations, and :meth:`_append` for the operations that write events."""
 
     def __init__(self, quoted_schema: str) -> None:
         self.quoted_schema = quoted_schema
-        self.sql: dict[str, str] = {name: render(text, quoted_schema) for name, text in _STATEMENTS.items()}
+        #: The channel every append notifies with the new head seq; ``wait_audit`` listens on it.
+        self.channel = audit_channel(quoted_schema)
+        self.sql: dict[str, str] = {
+            name: render(text, quoted_schema).replace("{c}", self.channel)
+            for name, text in _STATEMENTS.items()
+        }
         #: The highest head this store object saw or wrote (rewind detection).
         self.watch = HeadWatch()
 
-    def _append_rows(self, rows: list[_Insert], chain: AuditChain, after: tuple[int, str]) -> Sql:
+    def _append_rows(self, rows: list[AuditRow], chain: AuditChain, after: tuple[int, str]) -> Sql:
         """The statement appending ``rows`` if the head is still ``after``."""
         head_seq, head_hash = rows[-1][0], rows[-1][6]
         columns = list(zip(*rows, strict=True))
@@ -161,13 +167,13 @@ class TrailOps:
             return [], None
         hint = self.watch.highest if hinted else None
         if hint is not None:
-            rows, records = _seal(events, chain, *hint)
+            rows, records = chain.seal_rows(events, *hint)
             if (yield self._append_rows(rows, chain, hint)):
                 return records, (rows[-1][0], rows[-1][6])
         found = (yield Sql(self.sql["lock_head"]))[0]
         head: tuple[int, str] = (found[0], found[1])
         rewound = self.watch.check(head, now)
-        rows, records = _seal([*rewound, *events], chain, *head)
+        rows, records = chain.seal_rows([*rewound, *events], *head)
         if not (yield self._append_rows(rows, chain, head)):  # we hold the head's lock
             raise AssertionError("the audit head moved while locked")  # pragma: no cover
         return records[len(rewound) :], (rows[-1][0], rows[-1][6])
@@ -181,7 +187,7 @@ class TrailOps:
         hint = self.watch.highest
         if hint is not None:
             # One statement in autocommit, linked to the newest head this store object knows.
-            rows, records = _seal(events, chain, *hint)
+            rows, records = chain.seal_rows(events, *hint)
             if (yield self._append_rows(rows, chain, hint)):
                 self.watch.wrote((rows[-1][0], rows[-1][6]))
                 return records
@@ -226,16 +232,15 @@ class TrailOps:
         return AuditMarks((head_seq, head_hash), (anchor_seq, anchor_hash), count, head_seal, anchor_seal)
 
     def wait_audit(self, after_seq: int, timeout: float) -> Op[bool]:
-        """The head is read every :data:`~..base.WAIT_POLL` seconds (``LISTEN`` is for a later
-        version); the drivers hold no connection while it pauses."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if (yield Sql(self.sql["head"]))[0][0] > after_seq:
-                return True
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            yield Pause(min(WAIT_POLL, left))
+        """See ``Backend.wait_audit``: ``LISTEN`` on the schema's channel, woken by the append's ``NOTIFY``.
+
+        Every append notifies :attr:`channel` with the new head seq in its own transaction. The
+        driver waits on a listening connection of its own, not one of the pool's (see
+        :class:`Listen`): it listens, reads the head (a record appended before the ``LISTEN``
+        took effect is seen there, so no wake-up is lost), then waits for a notification past
+        ``after_seq``, up to ``timeout``.
+        """
+        return bool((yield Listen(self.channel, self.sql["head"], after_seq, timeout)))
 
     def audit_count(self) -> Op[int]:
         return int((yield Sql(self.sql["count"]))[0][0])

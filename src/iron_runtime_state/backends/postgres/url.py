@@ -18,10 +18,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import parse_qsl, quote, unquote, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 from ...config import DEFAULT_SCHEMA
 from ...errors import ConfigurationError
+from ..urls import shown, shown_url
 
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
@@ -37,8 +38,6 @@ __all__ = [
 DEFAULT_TIMEOUT: Final = 5.0
 #: Connections each store object's pool may open.
 DEFAULT_MAX_CONNECTIONS: Final = 10
-#: The most characters of any input an error repeats.
-_SHOWN: Final = 64
 _SCHEMES: Final = ("postgresql", "postgres")
 #: A schema name we create and quote: lowercase, so that it reads the same quoted or not.
 _SCHEMA_RE: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -54,43 +53,13 @@ OPTIONS: Final[Mapping[str, str]] = {
 }
 
 
-def _shown(value: str) -> str:
-    return repr(value if len(value) <= _SHOWN else value[: _SHOWN - 3] + "...")
-
-
-def shown_url(url: str) -> str:
-    """``url`` as a message may quote it: every password masked, at most 64 characters.
-
-    The user info is taken to end at the last ``@`` before the query (or of all, when there is
-    none there), so no part of a password shows even in a URL that does not parse.
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    at = rest.partition("?")[0].rfind("@")
-    if at < 0:
-        at = rest.rfind("@")
-    if at >= 0:
-        user, colon, _ = rest[:at].partition(":")
-        rest = user + (":***" if colon else "") + rest[at:]
-    body, question, query = rest.partition("?")
-    if question:
-        pairs = query.split("&")
-        for i, pair in enumerate(pairs):
-            key, equals, _ = pair.partition("=")
-            if equals and unquote(key) in _SECRETS:
-                pairs[i] = f"{key}=***"
-        rest = f"{body}?{'&'.join(pairs)}"
-    return _shown(f"{scheme}{sep}{rest}")
-
-
 def check_schema(schema: object) -> str:
     """``schema`` if it is a name we can use: 1 to 63 of ``a-z 0-9 _``, not starting with a digit."""
     if not isinstance(schema, str):
         raise ConfigurationError(f"schema must be a str, got {type(schema).__name__}")
     if _SCHEMA_RE.fullmatch(schema) is None or schema.startswith("pg_"):
         raise ConfigurationError(
-            f"schema {_shown(schema)} is invalid: use 1 to 63 characters of a-z, 0-9 and _, starting "
+            f"schema {shown(schema)} is invalid: use 1 to 63 characters of a-z, 0-9 and _, starting "
             "with a letter or _ and not with pg_ (e.g. 'iron' or 'tenant_42')"
         )
     return schema
@@ -135,9 +104,7 @@ def _convert(name: str, value: object) -> Any:
             try:
                 seconds = float(value)
             except ValueError:
-                raise ConfigurationError(
-                    f"timeout must be a number of seconds, got {_shown(value)}"
-                ) from None
+                raise ConfigurationError(f"timeout must be a number of seconds, got {shown(value)}") from None
         if (
             isinstance(seconds, bool)
             or not isinstance(seconds, (int, float))

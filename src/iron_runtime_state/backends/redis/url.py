@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, quote, unquote
 
 from ...config import DEFAULT_NAMESPACE
 from ...errors import ConfigurationError
+from ..urls import SHOWN_INPUT, shown, shown_url
 
 __all__ = [
     "DEFAULT_NAMESPACE",
@@ -37,8 +38,6 @@ __all__ = [
 Node = tuple[str, int]
 
 DEFAULT_PORT: Final = 6379
-#: The most characters of any input (a URL, a namespace, an option's value) an error repeats.
-SHOWN_INPUT: Final = 64
 #: ``durability=`` settings: what a write waits for before the call returns (see .durability).
 DURABILITY_MODES: Final = ("async", "replicated", "aof")
 
@@ -72,8 +71,6 @@ _FLOAT_OPTIONS: Final = frozenset({"timeout", "socket_timeout", "socket_connect_
 #: Integer options and their smallest value.
 _INT_OPTIONS: Final = {"db": 0, "max_connections": 1, "replicas": 0}
 _BOOL_OPTIONS: Final = frozenset({"ssl", "ssl_check_hostname", "allow_eviction"})
-#: Options whose value is a secret, masked wherever a URL is shown.
-_SECRET_OPTIONS: Final = ("password", "ssl_password")
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 _CERT_REQS: Final = ("required", "optional", "none")
@@ -162,45 +159,6 @@ def address(node: Node) -> str:
     """``host:port``, with an IPv6 host in brackets."""
     host, port = node
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def shown(value: object, limit: int = SHOWN_INPUT) -> str:
-    """``value`` as an error message quotes it: its repr, from at most ``limit`` characters."""
-    if isinstance(value, str):
-        return repr(value if len(value) <= limit else value[: limit - 3] + "...")
-    try:
-        text = repr(value)
-    except ValueError:  # an int past Python's digit limit for str()
-        return f"a {type(value).__name__} too long to show"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def shown_url(url: str) -> str:
-    """``url`` as an error message quotes it: every password masked, at most :data:`SHOWN_INPUT` long.
-
-    The user info is taken to end at the last ``@`` before the query, or at the last ``@`` of all
-    when there is none there (a password with a raw ``?`` or ``#``), so no part of a password
-    shows, even in a URL that does not parse. ``password=`` and ``ssl_password=`` in the query
-    are masked too.
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    at = rest.partition("?")[0].rfind("@")
-    if at < 0:
-        at = rest.rfind("@")
-    if at >= 0:
-        user, colon, _ = rest[:at].partition(":")
-        rest = user + (":***" if colon else "") + rest[at:]
-    body, question, query = rest.partition("?")
-    if question:
-        pairs = query.split("&")
-        for i, pair in enumerate(pairs):
-            key, equals, _ = pair.partition("=")
-            if equals and unquote(key) in _SECRET_OPTIONS:
-                pairs[i] = f"{key}=***"
-        rest = f"{body}?{'&'.join(pairs)}"
-    return shown(f"{scheme}{sep}{rest}")
 
 
 def check_namespace(namespace: object) -> str:

@@ -78,7 +78,6 @@ from .trail import (
     SQL_SET_ANCHOR,
     append,
     audit_select,
-    seal,
 )
 
 __all__ = ["SQLiteBackend", "audit_select", "open_sqlite"]
@@ -477,7 +476,7 @@ class SQLiteBackend(Backend):
             # the chain trigger refuses it unless that is still the store's head (another
             # connection appended in between, or the head went back). A keyed chain also
             # stores the head's seal, so it takes the transaction below.
-            rows, records = seal(events, chain, *hint)
+            rows, records = chain.seal_rows(events, *hint)
             try:
                 conn.db.execute(SQL_APPEND, rows[0])
             except sqlite3.IntegrityError:

@@ -34,7 +34,6 @@ __all__ = [
     "SQL_SET_ANCHOR",
     "append",
     "audit_select",
-    "seal",
 ]
 
 AUDIT_COLUMNS: Final = "seq, agent_id, event_type, timestamp, details, prev_hash, hash"
@@ -58,9 +57,6 @@ SQL_LAST_BEFORE: Final = "SELECT seq, hash FROM iron_audit WHERE seq < ? ORDER B
 SQL_PRUNE: Final = "DELETE FROM iron_audit WHERE seq <= ?"
 
 ROWS_PER_READ: Final = 256  # audit rows per read while iterating the trail
-
-#: One record as inserted: (seq, agent_id, event_type, timestamp, details, prev_hash, hash).
-_AuditInsert = tuple[int, str, str, int, str, str, str]
 
 
 def audit_select(query: AuditQuery) -> tuple[str, list[object]]:
@@ -102,22 +98,6 @@ def audit_select(query: AuditQuery) -> tuple[str, list[object]]:
     return sql, params
 
 
-def seal(
-    events: Sequence[AuditEvent], chain: AuditChain, seq: int, prev: str
-) -> tuple[list[_AuditInsert], list[AuditRecord]]:
-    """The rows and records of ``events`` chained after the record ``(seq, prev)``."""
-    rows: list[_AuditInsert] = []
-    records: list[AuditRecord] = []
-    for event in events:
-        seq += 1
-        agent, kind, at, details = event.agent_id._value, event.event_type, event.timestamp, event.details
-        digest = chain.seal(prev, seq, agent, kind, at, details)
-        rows.append((seq, agent, kind, at, details, prev, digest))
-        records.append(AuditRecord(seq, event, digest, prev))
-        prev = digest
-    return rows, records
-
-
 def append(conn: Connection, batch: Sequence[AuditEvent], chain: AuditChain, now: float) -> list[AuditRecord]:
     """Append ``batch`` in the transaction ``conn`` holds; the records of ``batch``.
 
@@ -132,7 +112,7 @@ def append(conn: Connection, batch: Sequence[AuditEvent], chain: AuditChain, now
     db = conn.db
     head: tuple[int, str] = db.execute(SQL_HEAD).fetchone()
     rewound = conn.watch.check(head, now)
-    rows, records = seal([*rewound, *batch], chain, *head)
+    rows, records = chain.seal_rows([*rewound, *batch], *head)
     db.executemany(SQL_APPEND, rows)
     head = (rows[-1][0], rows[-1][6])
     head_seal = chain.seal_mark("head", *head)
