@@ -32,11 +32,12 @@ import functools
 import inspect
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Mapping
 from decimal import Decimal
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Concatenate, Final, Literal, ParamSpec, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar
 
+from ._aio_support import drain_in_thread, run_to_end
 from .backends import Backend
 from .backends.async_base import AsyncBackend, ThreadedAsyncBackend, open_async_backend
 from .backends.memory import MemoryBackend
@@ -46,8 +47,6 @@ from .core import (
     DEFAULT_TTL,
     PAGE_SIZE,
     VERIFY_BATCH,
-    AuditFeed,
-    AuditPages,
     ManagerCore,
     StoreCall,
     VerifyRows,
@@ -60,6 +59,7 @@ from .core import (
     new_reservation_id,
     warn_unsettled,
 )
+from .cursors import AuditFeed, AuditPages
 from .errors import ReservationError, StateTypeError
 from .export import check_export_format, export_writer
 from .ids import AgentId, coerce, key_of
@@ -84,9 +84,6 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 _T = TypeVar("_T")
 
-#: Records handed at a time from the event loop to the thread that verifies or exports them.
-HANDOFF_BATCH: Final = 5000
-
 
 def _completes(
     method: Callable[Concatenate[AsyncStateManager, _P], Coroutine[Any, Any, _R]],
@@ -101,87 +98,6 @@ def _completes(
         return await self._complete(operation)
 
     return run
-
-
-async def _drain_in_thread(source: AsyncIterator[_T], consume: Callable[[Iterable[_T]], _R]) -> _R:
-    """``consume(items)`` in a worker thread, over items read from ``source`` on the event loop.
-
-    For work that is slow without being I/O on the store: hashing a whole chain, writing an
-    export file. The loop reads the store (as only it may), a batch at a time; the thread does
-    the rest; the loop keeps serving other tasks. Cancelling stops the thread at its next batch.
-    """
-    import asyncio
-    import concurrent.futures
-
-    loop = asyncio.get_running_loop()
-    stop = threading.Event()
-
-    async def next_batch() -> list[_T]:
-        batch: list[_T] = []
-        if stop.is_set():
-            return batch
-        with contextlib.suppress(StopAsyncIteration):
-            while len(batch) < HANDOFF_BATCH:
-                batch.append(await source.__anext__())
-        return batch
-
-    def fetch() -> list[_T]:
-        future = asyncio.run_coroutine_threadsafe(next_batch(), loop)
-        while True:
-            try:
-                return future.result(timeout=1.0)
-            except concurrent.futures.TimeoutError:  # the loop may have gone: then stop
-                if loop.is_closed():
-                    raise _Stopped from None
-
-    def items() -> Iterator[_T]:
-        while not stop.is_set():
-            batch = fetch()
-            if not batch:
-                return
-            yield from batch
-        raise _Stopped
-
-    work = loop.run_in_executor(None, consume, items())
-    try:
-        return await asyncio.shield(work)
-    except asyncio.CancelledError:
-        stop.set()
-        await asyncio.wait([work])  # never leave the thread reading a closed source
-        if not work.cancelled():
-            work.exception()  # _Stopped, most likely: retrieved, so never logged
-        raise
-    finally:
-        aclose = getattr(source, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-async def _run_to_end(operation: Coroutine[Any, Any, _R], outcome: asyncio.Future[_R]) -> object:
-    """Run ``operation`` and hand its result or error to ``outcome`` while someone awaits it.
-
-    Once nobody does (the caller was cancelled), the task itself ends as the operation did, for
-    :meth:`AsyncStateManager._orphaned` to deal with.
-    """
-    import asyncio
-
-    try:
-        result = await operation
-    except BaseException as exc:
-        if outcome.done():
-            raise
-        if isinstance(exc, asyncio.CancelledError):  # the task itself (the loop is shutting down)
-            outcome.cancel()
-            raise
-        outcome.set_exception(exc)
-        return None
-    if not outcome.done():
-        outcome.set_result(result)
-    return result
-
-
-class _Stopped(Exception):
-    """Ends the worker side of :func:`_drain_in_thread` when its caller was cancelled."""
 
 
 class AsyncStateManager(ManagerCore):
@@ -394,12 +310,7 @@ class AsyncStateManager(ManagerCore):
         offset: int = 0,
         limit: int = 50,
     ) -> list[AgentState]:
-        """One page of agents, filtered by ``status`` and ``labels`` and sorted by ``order_by``
-        (``agent_id``, ``status``, ``budget_spent`` or ``pii_detections``; ties by id).
-
-        For tables that page through a large fleet; stores answer from their indexes where
-        they keep them. ``limit`` is at most 1,000.
-        """
+        """One sorted page of agents; see :meth:`iron_runtime_state.StateManager.page_agent_states`."""
         page = self._page_request(status, labels, order_by, descending, offset, limit)
         return [self._view(state) for state in await self._backend.call("page_agents", page)]
 
@@ -614,7 +525,7 @@ class AsyncStateManager(ManagerCore):
         nor the file blocks the loop. Returns the record count.
         """
         write = export_writer(file, check_export_format(format))
-        return await _drain_in_thread(self.iter_audit_log(**filters), write)
+        return await drain_in_thread(self.iter_audit_log(**filters), write)
 
     async def prune_audit_log(self, *, before: int) -> int:
         """Remove the oldest records with a timestamp before ``before``; the rest still verifies."""
@@ -677,7 +588,7 @@ class AsyncStateManager(ManagerCore):
                 step = steps.send(reply)
                 if isinstance(step, VerifyRows):
                     rows = self._backend.stream("iter_audit_rows", step.after_seq, VERIFY_BATCH)
-                    reply = await _drain_in_thread(rows, step.verifier.feed)
+                    reply = await drain_in_thread(rows, step.verifier.feed)
                 else:
                     reply = await self._backend.call(step.name, *step.args)
         except StopIteration as done:
@@ -700,7 +611,7 @@ class AsyncStateManager(ManagerCore):
 
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future[_R] = loop.create_future()
-        task = loop.create_task(_run_to_end(operation, outcome))
+        task = loop.create_task(run_to_end(operation, outcome))
         try:
             return await outcome
         except asyncio.CancelledError:

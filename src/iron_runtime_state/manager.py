@@ -22,8 +22,6 @@ from .core import (
     DEFAULT_TTL,
     PAGE_SIZE,
     VERIFY_BATCH,
-    AuditFeed,
-    AuditPages,
     ManagerCore,
     StoreCall,
     VerifyRows,
@@ -34,6 +32,7 @@ from .core import (
     new_reservation_id,
     warn_unsettled,
 )
+from .cursors import AuditFeed, AuditPages
 from .errors import ReservationError, StateTypeError
 from .export import check_export_format, export_writer
 from .ids import AgentId, coerce, key_of

@@ -18,6 +18,7 @@ from typing import Any, Final
 from .errors import StateTypeError, ValidationError
 from .ids import AgentId
 from .money import exact, from_micros, to_decimal, to_micros
+from .names import check_labels, check_scopes
 from .periods import check_period, check_tz
 
 __all__ = [
@@ -47,13 +48,6 @@ MAX_AMOUNT: Final = 1e9
 #: The longest a budget hold may last: one day (seconds). A hold that outlives its call is
 #: released when it expires, so a bound keeps a crashed caller from holding budget for ever.
 MAX_TTL: Final = 86_400.0
-#: Labels an agent may carry, and their shape.
-MAX_LABELS: Final = 16
-LABEL_KEY_RE: Final = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
-MAX_LABEL_VALUE: Final = 128
-#: Budget scopes an agent may draw on, and the shape of a scope's name.
-MAX_SCOPES: Final = 8
-SCOPE_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,127}")
 
 
 class AgentStatus(enum.Enum):
@@ -102,58 +96,6 @@ def check_amount(value: object, what: str, *, allow_zero: bool = True, maximum: 
     if maximum is not None and amount > maximum:
         raise ValidationError(f"{what} must be at most {maximum:g}, got {amount!r}")
     return amount
-
-
-def check_labels(value: object) -> dict[str, str]:
-    """``value`` as a new dict of labels, if it is a small str -> str mapping of valid keys."""
-    if not isinstance(value, Mapping):
-        raise StateTypeError(f"AgentState.labels must be a mapping of str to str, got {type(value).__name__}")
-    if len(value) > MAX_LABELS:
-        raise ValidationError(
-            f"AgentState.labels holds {len(value)} entries; at most {MAX_LABELS} are allowed"
-        )
-    labels: dict[str, str] = {}
-    for key, label in value.items():
-        if not isinstance(key, str) or LABEL_KEY_RE.fullmatch(key) is None:
-            raise ValidationError(
-                f"label key {str(key)[:40]!r} is invalid: use 1 to 32 of a-z 0-9 _ . -, "
-                "starting with a letter (e.g. 'team')"
-            )
-        if not isinstance(label, str):
-            raise StateTypeError(f"label {key!r} must be a str, got {type(label).__name__}")
-        if len(label) > MAX_LABEL_VALUE:
-            raise ValidationError(
-                f"label {key!r} is {len(label)} characters long; the limit is {MAX_LABEL_VALUE}"
-            )
-        labels[key] = label
-    return labels
-
-
-def check_scope(value: object, what: str = "budget scope") -> str:
-    """``value`` if it is a valid budget scope name (``team:support``, ``org:acme``)."""
-    if not isinstance(value, str):
-        raise StateTypeError(f"{what} must be a str, got {type(value).__name__}")
-    if SCOPE_RE.fullmatch(value) is None:
-        raise ValidationError(
-            f"{what} {value[:64]!r} is invalid: use 1 to 128 of a-z 0-9 _ . : -, starting with a "
-            "letter or digit (e.g. 'team:support')"
-        )
-    return value
-
-
-def check_scopes(value: object) -> tuple[str, ...]:
-    """``value`` as a tuple of distinct scope names (a list or tuple of them)."""
-    if isinstance(value, str) or not isinstance(value, (tuple, list)):
-        raise StateTypeError(
-            "AgentState.budget_scopes must be a tuple of scope names, e.g. ('org:acme', 'team:support'), "
-            f"got {type(value).__name__}"
-        )
-    scopes = tuple(check_scope(scope, "a budget scope in AgentState.budget_scopes") for scope in value)
-    if len(scopes) > MAX_SCOPES:
-        raise ValidationError(f"an agent may draw on at most {MAX_SCOPES} budget scopes, got {len(scopes)}")
-    if len(set(scopes)) != len(scopes):
-        raise ValidationError(f"AgentState.budget_scopes names a scope twice: {list(scopes)}")
-    return scopes
 
 
 def check_count(value: object, what: str, *, minimum: int = 0) -> int:

@@ -36,8 +36,9 @@ from ..core import MAX_PAGE
 from ..errors import StateError
 from ..ids import AgentId
 from ..metrics import FleetReading, fleet_families
-from ..models import AgentStatus, AuditRecord, check_labels
+from ..models import AgentStatus, AuditRecord
 from ..money import from_micros
+from ..names import check_labels
 from .data import agent_json, status_json, summary_json
 from .html import Html, el
 from .hub import Hub

@@ -20,9 +20,10 @@ from ...ids import AgentId
 from ...models import MAX_COUNT, AgentState, AgentStatus, AuditEvent, AuditRecord, FleetStats, check_count
 from ...money import from_micros
 from ..base import AgentPage, Change, UpdateFn
+from ..sql_rows import stored_id
 from .requests import AGENT_COLUMNS, BEGIN, COMMIT, Emit, Op, Sql, agent_params, restartable, state_of
 from .schema import STATUS_CODE, STATUSES, render
-from .trail import TrailOps, stored_id
+from .trail import TrailOps
 
 __all__ = ["AgentOps"]
 

@@ -23,11 +23,10 @@ from collections.abc import Sequence
 from typing import Final
 
 from ...audit_chain import AuditChain, AuditRow
-from ...errors import SchemaError
-from ...ids import AgentId, try_parse
 from ...models import AuditEvent, AuditRecord
 from ..base import AuditMarks, AuditQuery
 from ..head_watch import HeadWatch
+from ..sql_rows import audit_records
 from .requests import BEGIN, COMMIT, Emit, Listen, Op, Sql, restartable
 from .schema import render
 
@@ -84,17 +83,6 @@ def audit_channel(quoted_schema: str) -> str:
     if len(channel) > 63:
         channel = "iron_audit_" + hashlib.sha256(schema.encode()).hexdigest()[:32]
     return channel
-
-
-def stored_id(text: str) -> AgentId:
-    """The id of a row read by scanning (a row edited by hand may hold anything)."""
-    agent_id = try_parse(text)
-    if agent_id is None:
-        raise SchemaError(
-            f"the store holds an invalid agent id {text[:64]!r}: it was edited outside "
-            "iron-runtime-state; remove that row or restore the schema from a backup"
-        )
-    return agent_id
 
 
 def audit_select(schema: str, query: AuditQuery) -> tuple[str, list[object]]:
@@ -203,15 +191,7 @@ class TrailOps:
             return []
         sql, params = audit_select(self.quoted_schema, query)
         rows = yield Sql(sql, params)
-        ids: dict[str, AgentId] = {}
-        out: list[AuditRecord] = []
-        for seq, agent, event_type, timestamp, details, prev_hash, digest in rows:
-            agent_id = ids.get(agent)
-            if agent_id is None:
-                agent_id = ids[agent] = stored_id(agent)
-            event = AuditEvent._trusted(agent_id, event_type, timestamp, details)
-            out.append(AuditRecord(seq, event, digest, prev_hash))
-        return out
+        return audit_records(rows)
 
     def iter_audit_rows(self, after_seq: int, batch_size: int) -> Op[None]:
         size = min(batch_size, _ROWS_PER_READ)

@@ -16,8 +16,7 @@ import functools
 import json
 from typing import Final
 
-from ...errors import SchemaError
-from ...ids import AgentId, try_parse
+from ...ids import AgentId
 from ...models import AgentState
 from ...money import from_micros, to_micros
 from ..base import BudgetRow
@@ -39,7 +38,6 @@ __all__ = [
     "scopes_of",
     "scopes_text",
     "state_of",
-    "stored_id",
 ]
 
 #: An agent's stored columns, in the order of :data:`.connection.Row`.
@@ -99,7 +97,7 @@ def _label_items(text: str) -> tuple[tuple[str, str], ...]:
 def scopes_text(scopes: tuple[str, ...]) -> str | None:
     """The stored form of a list of scope names (``None``: none).
 
-    Scope names are ``[a-z0-9_.:-]`` (``models.check_scope``): nothing in them needs escaping.
+    Scope names are ``[a-z0-9_.:-]`` (``names.check_scope``): nothing in them needs escaping.
     """
     return '["' + '","'.join(scopes) + '"]' if scopes else None
 
@@ -145,17 +143,6 @@ def row_of(state: AgentState) -> Row:
         state.budget_tz,
         state.period_start,
     )
-
-
-def stored_id(text: str) -> AgentId:
-    """The id of a row read by scanning (a row edited by hand may hold anything)."""
-    agent_id = try_parse(text)
-    if agent_id is None:
-        raise SchemaError(
-            f"the store holds an invalid agent id {text[:64]!r}: it was edited outside "
-            "iron-runtime-state; remove that row or restore the file from a backup"
-        )
-    return agent_id
 
 
 def budget_row(found: tuple[str, int | None, str | None, str, float | None, int, int]) -> BudgetRow:

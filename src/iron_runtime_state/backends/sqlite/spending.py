@@ -33,8 +33,9 @@ from ...audit_chain import AuditChain
 from ...budgets import check_total, current_start, passes, rolled_start
 from ...errors import AgentNotFound, AgentNotRunning, BudgetNotFound, ReservationError
 from ...ids import AgentId
-from ...models import MAX_SCOPES, AuditEvent, Reservation
+from ...models import AuditEvent, Reservation
 from ...money import MAX_MICROS, from_micros
+from ...names import MAX_SCOPES
 from ..base import BudgetChange, BudgetRow, Change, CommitResult, SpendResult, UpdateFn
 from .connection import Connection, Row
 from .rows import (

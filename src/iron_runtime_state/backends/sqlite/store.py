@@ -48,6 +48,7 @@ from ..base import (
     SpendResult,
     UpdateFn,
 )
+from ..sql_rows import audit_records, stored_id
 from . import paging, spending
 from .connection import (
     DEFAULT_BUSY_TIMEOUT,
@@ -62,7 +63,7 @@ from .connection import (
     parse_sqlite_url,
     url_of,
 )
-from .rows import AGENT_COLUMNS, CLOCK, HELD, LAPSED, OF_A, row_of, state_of, stored_id
+from .rows import AGENT_COLUMNS, CLOCK, HELD, LAPSED, OF_A, row_of, state_of
 from .schema import RUNNING, STATUS_CODE, STATUSES
 from .trail import (
     ROWS_PER_READ,
@@ -492,15 +493,7 @@ class SQLiteBackend(Backend):
             return []
         sql, params = audit_select(query)
         rows = self._connections.get().db.execute(sql, params).fetchall()
-        ids: dict[str, AgentId] = {}
-        out: list[AuditRecord] = []
-        for seq, agent, event_type, timestamp, details, prev_hash, digest in rows:
-            agent_id = ids.get(agent)
-            if agent_id is None:
-                agent_id = ids[agent] = stored_id(agent)
-            event = AuditEvent._trusted(agent_id, event_type, timestamp, details)
-            out.append(AuditRecord(seq, event, digest, prev_hash))
-        return out
+        return audit_records(rows)
 
     def iter_audit_rows(self, after_seq: int, batch_size: int) -> Iterator[AuditRow]:
         # Verifying a trail goes through here once per record: the batches are flattened in C,
