@@ -14,7 +14,7 @@ in-memory store, a SQLite file or Redis, chosen by URL::
 
 from __future__ import annotations
 
-from .aio import AsyncBudgetHold, AsyncStateManager
+from .aio import AsyncStateManager
 from .audit_chain import GENESIS_HASH
 from .errors import (
     AgentNotFound,
@@ -27,14 +27,17 @@ from .errors import (
     IdError,
     IdErrorCode,
     MissingDependency,
+    PricingError,
     ReservationError,
     SchemaError,
     StateError,
     StateTypeError,
     ValidationError,
 )
+from .holds import AsyncBudgetHold, BudgetHold
 from .ids import AgentId
-from .manager import BudgetHold, StateManager
+from .ledger import SpendRow
+from .manager import StateManager
 from .models import (
     AgentState,
     AgentStatus,
@@ -46,8 +49,9 @@ from .models import (
     FleetStats,
     Reservation,
 )
+from .pricing import Price, PriceBook, Usage
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 __all__ = [
     "GENESIS_HASH",
@@ -73,12 +77,17 @@ __all__ = [
     "IdError",
     "IdErrorCode",
     "MissingDependency",
+    "Price",
+    "PriceBook",
+    "PricingError",
     "Reservation",
     "ReservationError",
     "SchemaError",
+    "SpendRow",
     "StateError",
     "StateManager",
     "StateTypeError",
+    "Usage",
     "ValidationError",
     "__version__",
 ]

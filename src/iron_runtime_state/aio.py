@@ -31,13 +31,12 @@ import contextlib
 import functools
 import inspect
 import os
-import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Mapping, Sequence
 from decimal import Decimal
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar
 
-from ._aio_support import drain_in_thread, run_to_end
+from ._aio_support import Completing, drain_in_thread
 from .backends import Backend
 from .backends.async_base import AsyncBackend, ThreadedAsyncBackend, open_async_backend
 from .backends.memory import MemoryBackend
@@ -53,16 +52,15 @@ from .core import (
     audit_key_bytes,
     available,
     check_timestamp,
-    check_unsettled,
-    log_events,
-    logger,
     new_reservation_id,
-    warn_unsettled,
 )
 from .cursors import AuditFeed, AuditPages
-from .errors import ReservationError, StateTypeError
+from .errors import StateTypeError
 from .export import check_export_format, export_writer
+from .holds import AsyncBudgetHold
 from .ids import AgentId, coerce, key_of
+from .ledger import SpendRow
+from .metering import EventHook, metering_options
 from .models import (
     AgentState,
     AgentStatus,
@@ -74,9 +72,10 @@ from .models import (
     FleetStats,
     Reservation,
 )
+from .pricing import Price, PriceBook, Usage
 
 if TYPE_CHECKING:
-    import asyncio
+    pass
 
 __all__ = ["AsyncBudgetHold", "AsyncStateManager"]
 
@@ -100,7 +99,7 @@ def _completes(
     return run
 
 
-class AsyncStateManager(ManagerCore):
+class AsyncStateManager(Completing, ManagerCore):
     """Live state of a fleet of agents, over any store, for asyncio programs.
 
     The asyncio twin of :class:`~iron_runtime_state.StateManager`: the same constructors and
@@ -116,11 +115,15 @@ class AsyncStateManager(ManagerCore):
         *,
         audit_key: bytes | str | None = None,
         clock: Callable[[], float] | None = None,
+        prices: PriceBook | Mapping[str, Price | Mapping[str, Any]] | None = None,
+        default_price: Price | Mapping[str, Any] | None = None,
+        on_event: EventHook | None = None,
     ) -> None:
         """Use ``backend`` (in-memory when ``None``); a sync ``Backend`` is served through
         :class:`~iron_runtime_state.backends.async_base.ThreadedAsyncBackend`. ``audit_key``
-        makes the chain HMAC-keyed; ``clock`` is as for ``StateManager``."""
-        super().__init__(audit_key, clock)
+        makes the chain HMAC-keyed; ``clock``, ``prices``, ``default_price`` and ``on_event``
+        are as for ``StateManager`` (``on_event`` is called on the event loop's thread)."""
+        super().__init__(audit_key, clock, prices, default_price, on_event)
         if backend is None:
             backend = MemoryBackend()
         if isinstance(backend, Backend):
@@ -130,8 +133,7 @@ class AsyncStateManager(ManagerCore):
                 f"backend must be an AsyncBackend or a Backend, got {type(backend).__name__}"
             )
         self._backend: AsyncBackend = backend
-        self._background: set[asyncio.Task[Any]] = set()
-        self._background_lock = threading.Lock()
+        self._init_background()
 
     # -- constructors --------------------------------------------------------------------------
 
@@ -153,7 +155,9 @@ class AsyncStateManager(ManagerCore):
         :data:`~iron_runtime_state.backends.async_base.DEFAULT_THREADS`).
         """
         key = audit_key_bytes(audit_key)  # a bad key fails before anything is opened
-        return cls(open_async_backend(url, max_threads=max_threads, **options), audit_key=key, clock=clock)
+        mine, options = metering_options(options)
+        store = open_async_backend(url, max_threads=max_threads, **options)
+        return cls(store, audit_key=key, clock=clock, **mine)
 
     @classmethod
     def with_sqlite(
@@ -172,8 +176,9 @@ class AsyncStateManager(ManagerCore):
         from .backends.sqlite import SQLiteBackend
 
         key = audit_key_bytes(audit_key)
+        mine, options = metering_options(options)
         store = ThreadedAsyncBackend(SQLiteBackend(path, **options), max_threads=max_threads)
-        return cls(store, audit_key=key, clock=clock)
+        return cls(store, audit_key=key, clock=clock, **mine)
 
     @classmethod
     def with_redis(
@@ -193,7 +198,8 @@ class AsyncStateManager(ManagerCore):
         from .backends.redis import open_redis_async
 
         key = audit_key_bytes(audit_key)
-        return cls(open_redis_async(url, namespace=namespace, **options), audit_key=key, clock=clock)
+        mine, options = metering_options(options)
+        return cls(open_redis_async(url, namespace=namespace, **options), audit_key=key, clock=clock, **mine)
 
     @classmethod
     def with_postgres(
@@ -210,7 +216,8 @@ class AsyncStateManager(ManagerCore):
         from .backends.postgres import open_async_postgres
 
         key = audit_key_bytes(audit_key)
-        return cls(open_async_postgres(url, schema=schema, **options), audit_key=key, clock=clock)
+        mine, options = metering_options(options)
+        return cls(open_async_postgres(url, schema=schema, **options), audit_key=key, clock=clock, **mine)
 
     @classmethod
     def from_env(cls, **options: Any) -> AsyncStateManager:
@@ -337,14 +344,40 @@ class AsyncStateManager(ManagerCore):
         return await self._backend.call("audit_count")  # type: ignore[no-any-return]
 
     @_completes
-    async def record_spend(self, agent_id: str | AgentId, amount: float | int | Decimal | str) -> AgentState:
+    async def record_spend(
+        self,
+        agent_id: str | AgentId,
+        amount: float | int | Decimal | str,
+        *,
+        tags: Mapping[str, str] | None = None,
+    ) -> AgentState:
         """Atomically add ``amount`` (> 0) to the agent's spend and to each of its budget scopes.
 
         See :meth:`iron_runtime_state.StateManager.record_spend`.
         """
         request = self._spend_request(agent_id, amount)
-        result = await self._backend.call("record_spend", *request, self._chain)
+        note = self._note(None, tags)
+        result = await self._backend.call("record_spend", *request, self._chain, note)
         return self._spent(request, result)
+
+    @_completes
+    async def record_usage(
+        self,
+        agent_id: str | AgentId,
+        *,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        cached_input_tokens: int = 0,
+        tags: Mapping[str, str] | None = None,
+    ) -> AgentState:
+        """Price a model call that already happened and record it as a spend; see
+        :meth:`iron_runtime_state.StateManager.record_usage`."""
+        aid, micros, now, note = self._usage_request(
+            agent_id, model, input_tokens, output_tokens, cached_input_tokens, tags
+        )
+        result = await self._backend.call("record_spend", aid, micros, now, self._chain, note)
+        return self._spent((aid, micros, now), result)
 
     @_completes
     async def record_pii_detection(
@@ -380,14 +413,21 @@ class AsyncStateManager(ManagerCore):
 
     @_completes
     async def commit_reservation(
-        self, reservation: Reservation, actual: float | int | Decimal | str
+        self,
+        reservation: Reservation,
+        actual: float | int | Decimal | str | None = None,
+        *,
+        usage: Usage | Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> AgentState:
-        """Record what the call really cost and free the hold, atomically.
+        """Record what the call really cost (an amount, or ``usage`` the manager prices) and free
+        the hold, atomically.
 
         See :meth:`iron_runtime_state.StateManager.commit_reservation`.
         """
-        request = self._commit_request(reservation, actual)
-        return self._changed(await self._backend.call("commit", *request, self._chain))
+        held, now = self._release_request(reservation)
+        micros, note = self._settle_request(actual, usage, None, tags)
+        return self._changed(await self._backend.call("commit", held, micros, now, self._chain, note))
 
     async def release_reservation(self, reservation: Reservation) -> None:
         """Free the hold without spending; ``ReservationError`` if it is not open."""
@@ -413,10 +453,12 @@ class AsyncStateManager(ManagerCore):
         limit: float | int | Decimal | str | None,
         period: str | None = None,
         tz: str = "UTC",
+        thresholds: Sequence[float] | None = None,
     ) -> BudgetState:
         """Create or change a budget scope; see :meth:`iron_runtime_state.StateManager.set_budget`."""
-        request = self._budget_request(scope, limit, period, tz)
-        return self._budget_set(await self._backend.call("set_budget", *request, self._chain), request[-1])
+        request, alerts = self._budget_request(scope, limit, period, tz, thresholds)
+        change = await self._backend.call("set_budget", *request, self._chain, alerts)
+        return self._budget_set(change, request[-1])
 
     async def get_budget(self, scope: str) -> BudgetState | None:
         """The scope's limit, period, current period's start, spend, holds and what is available."""
@@ -451,6 +493,52 @@ class AsyncStateManager(ManagerCore):
         hold = AsyncBudgetHold(self, await self.reserve_budget(agent_id, estimate, ttl=ttl))
         async with hold:
             yield hold
+
+    # -- metering model calls ----------------------------------------------------------------------
+
+    async def reserve_for_call(
+        self,
+        agent_id: str | AgentId,
+        *,
+        model: str,
+        input_tokens: int,
+        max_output_tokens: int,
+        ttl: float = DEFAULT_TTL,
+        tags: Mapping[str, str] | None = None,
+    ) -> AsyncBudgetHold:
+        """Hold the worst case of a model call before it is made; ``BudgetExceeded`` when it would
+        pass a limit. Use the hold as ``async with`` and settle it with ``commit_usage``; see
+        :meth:`iron_runtime_state.StateManager.reserve_for_call`."""
+        reservation = await self._reserve_call(agent_id, model, input_tokens, max_output_tokens, ttl)
+        return AsyncBudgetHold(self, reservation, model=model, tags=tags)
+
+    @_completes
+    async def _reserve_call(
+        self, agent_id: str | AgentId, model: str, input_tokens: int, max_output_tokens: int, ttl: float
+    ) -> Reservation:
+        request = self._call_request(agent_id, model, input_tokens, max_output_tokens)
+        aid, value, now = request
+        result = await self._backend.call(
+            "reserve", aid, value, self._ttl(ttl), now, new_reservation_id(), self._chain
+        )
+        return self._reserved(request, result)
+
+    async def spend_report(
+        self,
+        *,
+        since: object = None,
+        until: object = None,
+        group_by: Sequence[str] | str = ("day",),
+        tz: str = "UTC",
+        agent_id: str | AgentId | None = None,
+        scope: str | None = None,
+        model: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> list[SpendRow]:
+        """Totals of the spend ledger per group; see :meth:`iron_runtime_state.StateManager.spend_report`."""
+        request = self._report_request(since, until, group_by, tz, agent_id, scope, model, labels, tags)
+        return self._report(await self._backend.call("spend_totals", request[0]), request)
 
     # -- the audit trail's integrity, export and retention -----------------------------------------
 
@@ -577,7 +665,7 @@ class AsyncStateManager(ManagerCore):
         if not events:
             return []
         records: list[AuditRecord] = await self._backend.call("append_audit", events, self._chain)
-        log_events(records)
+        self._emit(records)
         return records
 
     async def _drive(self, steps: Generator[StoreCall | VerifyRows, Any, _T]) -> _T:
@@ -600,83 +688,3 @@ class AsyncStateManager(ManagerCore):
             for record in page:
                 yield record
             pages.advance(page)
-
-    async def _complete(self, operation: Coroutine[Any, Any, _R]) -> _R:
-        """Await ``operation`` in a task of its own that a cancelled caller leaves running.
-
-        The task hands its outcome straight to the future the caller awaits: what
-        ``asyncio.shield`` does, less a future and a turn of the loop, on every spend.
-        """
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        outcome: asyncio.Future[_R] = loop.create_future()
-        task = loop.create_task(run_to_end(operation, outcome))
-        try:
-            return await outcome
-        except asyncio.CancelledError:
-            if outcome.done() and not outcome.cancelled():
-                outcome.exception()  # finished as the caller was cancelled: nobody reads it
-            if task.done():
-                self._orphaned(task)
-            else:
-                self._leave_running(task)
-            raise
-
-    def _leave_running(self, task: asyncio.Task[Any]) -> None:
-        with self._background_lock:
-            self._background.add(task)
-        task.add_done_callback(self._orphaned)
-
-    def _orphaned(self, task: asyncio.Task[Any]) -> None:
-        """A call whose caller was cancelled has ended: nobody will read what it returned."""
-        import asyncio
-
-        with self._background_lock:
-            self._background.discard(task)
-        if task.cancelled():
-            return
-        error = task.exception()
-        if error is not None:
-            logger.debug("a call whose caller was cancelled ended with %r", error)
-        elif isinstance(hold := task.result(), Reservation):
-            self._leave_running(asyncio.ensure_future(self.release_reservation(hold)))
-
-
-class AsyncBudgetHold:
-    """An open reservation used as an async context manager (see :meth:`AsyncStateManager.budget`)."""
-
-    def __init__(self, manager: AsyncStateManager, reservation: Reservation) -> None:
-        """A hold on ``reservation``, settled through ``manager``."""
-        self.manager = manager
-        self.reservation = reservation
-        self.settled = False
-
-    async def commit(self, actual: float | int | Decimal | str) -> AgentState:
-        """Record what was really spent and free the hold."""
-        check_unsettled(self.reservation, self.settled)
-        state = await self.manager.commit_reservation(self.reservation, actual)
-        self.settled = True
-        return state
-
-    async def release(self) -> None:
-        """Free the hold without spending."""
-        check_unsettled(self.reservation, self.settled)
-        await self.manager.release_reservation(self.reservation)
-        self.settled = True
-
-    async def __aenter__(self) -> AsyncBudgetHold:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.settled:
-            return
-        if exc_type is None:
-            warn_unsettled(self.reservation)
-        with contextlib.suppress(ReservationError):  # it expired meanwhile: nothing is held
-            await self.release()

@@ -16,15 +16,20 @@ from __future__ import annotations
 from datetime import datetime
 from functools import lru_cache
 
+from . import events
 from .errors import ValidationError
-from .models import AgentState, BudgetState
+from .ids import AgentId
+from .models import AgentState, AuditEvent, BudgetState
 from .money import MAX_MICROS, float_micros, from_micros
 from .periods import bounds, zone
+from .thresholds import DEFAULT_THRESHOLDS, crossed
 
 __all__ = [
     "MAX_MICROS",
+    "alerts",
     "budget_view",
     "check_total",
+    "crossed",
     "current_start",
     "micros_of_state",
     "passes",
@@ -100,6 +105,7 @@ def budget_view(
     spent: int,
     held: int,
     now: float,
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
 ) -> BudgetState:
     """A stored budget scope as read at ``now`` (amounts in micro-units)."""
     start = rolled_start(period, tz, period_start, now)
@@ -113,6 +119,7 @@ def budget_view(
         period_start=None if period_start is None else datetime.fromtimestamp(period_start, zone(tz)),
         spent=from_micros(spent),
         held=from_micros(held),
+        thresholds=thresholds,
     )
 
 
@@ -120,3 +127,28 @@ def micros_of_state(state: AgentState) -> tuple[int, int | None]:
     """A state's ``budget_spent`` and ``budget_limit`` in micro-units, as a store keeps them."""
     limit = state.budget_limit
     return float_micros(state.budget_spent), None if limit is None else float_micros(limit)
+
+
+def alerts(
+    agent_id: AgentId,
+    now: float,
+    thresholds: tuple[float, ...],
+    alerted: float,
+    limit: int | None,
+    spent: int,
+    period_start: float | None,
+    scope: str | None = None,
+) -> tuple[list[AuditEvent], float]:
+    """The ``budget_threshold`` events a charge that left a budget at ``spent`` writes, and the
+    budget's new alerted level (:mod:`.thresholds`; the stores written in Python call this)."""
+    reached = crossed(thresholds, alerted, limit, spent)
+    if not reached:
+        return [], alerted
+    assert limit is not None  # crossed() finds nothing without a limit
+    found = [
+        events.budget_threshold(
+            agent_id, now, t, limit=limit, spent=spent, period_start=period_start, scope=scope
+        )
+        for t in reached
+    ]
+    return found, reached[-1]

@@ -23,7 +23,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from random import getrandbits
 from typing import Any, Final, NamedTuple, overload
 
@@ -45,6 +45,7 @@ from .budgets import budget_view, current_start, state_view
 from .cursors import AuditFeed, AuditPages
 from .errors import BudgetExceeded, ReservationError, StateTypeError, ValidationError
 from .ids import AgentId, coerce, try_parse
+from .metering import EventHook, MeteringCore
 from .models import (
     MAX_TIMESTAMP,
     MAX_TTL,
@@ -52,7 +53,6 @@ from .models import (
     AgentStatus,
     AuditCheckpoint,
     AuditEvent,
-    AuditRecord,
     AuditVerification,
     BudgetState,
     Reservation,
@@ -64,6 +64,8 @@ from .models import (
 from .money import MAX_MICROS, from_micros, to_micros
 from .names import check_labels, check_scope
 from .periods import check_period, check_tz
+from .pricing import Price, PriceBook
+from .thresholds import DEFAULT_THRESHOLDS, check_thresholds
 
 __all__ = ["BATCH_SIZE", "ManagerCore", "StoreCall"]
 
@@ -137,21 +139,6 @@ def audit_key_bytes(key: bytes | str | None) -> bytes | None:
     return bytes(key)
 
 
-def log_events(records: Sequence[AuditRecord]) -> None:
-    """Log appended records at DEBUG on ``iron_runtime_state.audit``, as the seed does."""
-    if audit_logger.isEnabledFor(logging.DEBUG):
-        for record in records:
-            event = record.event
-            audit_logger.debug(
-                "audit seq=%d agent=%s type=%s timestamp=%d details=%s",
-                record.seq,
-                event.agent_id,
-                event.event_type,
-                event.timestamp,
-                event.details[:200],
-            )
-
-
 def check_reservation(reservation: object) -> Reservation:
     """``reservation`` if it is a :class:`Reservation` whose fields a store can take.
 
@@ -222,7 +209,7 @@ def warn_unsettled(reservation: Reservation) -> None:
     )
 
 
-class ManagerCore:
+class ManagerCore(MeteringCore):
     """The rules of every manager operation, with no I/O; both managers derive from it.
 
     Methods named ``_<operation>_request`` check a call's arguments and return what the store
@@ -233,7 +220,15 @@ class ManagerCore:
     _chain: AuditChain
     _clock: Clock
 
-    def __init__(self, audit_key: bytes | str | None, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        audit_key: bytes | str | None,
+        clock: Clock | None = None,
+        prices: PriceBook | Mapping[str, Price | Mapping[str, Any]] | None = None,
+        default_price: Price | Mapping[str, Any] | None = None,
+        on_event: EventHook | None = None,
+    ) -> None:
+        self._init_metering(prices, default_price, on_event)
         if clock is not None and not callable(clock):
             raise StateTypeError(
                 f"clock must be a callable returning Unix seconds, got {type(clock).__name__}"
@@ -402,7 +397,7 @@ class ManagerCore:
     def _spent(self, request: SpendRequest, result: SpendResult) -> AgentState:
         """The outcome of ``record_spend``: the new state, or :class:`BudgetExceeded`."""
         if result.records:
-            log_events(result.records)
+            self._emit(result.records)
         if result.exceeded:
             raise self._refusal(request, result)
         return result.state
@@ -411,24 +406,18 @@ class ManagerCore:
         """The outcome of ``reserve_budget``: the hold, or :class:`BudgetExceeded`."""
         if isinstance(result, SpendResult):
             if result.records:
-                log_events(result.records)
+                self._emit(result.records)
             raise self._refusal(request, result)
         return result
-
-    def _commit_request(self, reservation: object, actual: object) -> tuple[Reservation, int, float]:
-        """The hold, what it really cost (micro-units, at most a billion units) and the time."""
-        held = check_reservation(reservation)
-        return held, to_micros(actual, "actual", maximum=MAX_MICROS), self._clock()
 
     def _release_request(self, reservation: object) -> tuple[Reservation, float]:
         """The hold to drop and the time."""
         return check_reservation(reservation), self._clock()
 
-    @staticmethod
-    def _changed(result: CommitResult | Change) -> AgentState:
+    def _changed(self, result: CommitResult | Change) -> AgentState:
         """The outcome of a change whose events the store appended with it: the new state."""
         if result.records:
-            log_events(result.records)
+            self._emit(result.records)
         return result.state
 
     def _pii_request(
@@ -451,12 +440,14 @@ class ManagerCore:
     # -- budget scopes -----------------------------------------------------------------------------
 
     def _budget_request(
-        self, scope: object, limit: object, period: object, tz: object
-    ) -> tuple[str, int | None, str | None, str, float]:
-        """The scope, its limit in micro-units (``None``: no limit), period, time zone and the time."""
+        self, scope: object, limit: object, period: object, tz: object, thresholds: object
+    ) -> tuple[tuple[str, int | None, str | None, str, float], tuple[float, ...]]:
+        """The scope, its limit in micro-units (``None``: no limit), period, time zone and the
+        time; and its thresholds."""
         name = check_scope(scope)
         micros = None if limit is None else to_micros(limit, "limit", maximum=MAX_MICROS)
-        return name, micros, check_period(period), check_tz(tz), self._clock()
+        alerts = DEFAULT_THRESHOLDS if thresholds is None else check_thresholds(thresholds)
+        return (name, micros, check_period(period), check_tz(tz), self._clock()), alerts
 
     def _scope_request(self, scope: object) -> tuple[str, float]:
         """A scope's name, checked, and the time."""
@@ -466,21 +457,28 @@ class ManagerCore:
     def _budget(row: BudgetRow, now: float) -> BudgetState:
         """A stored scope as read at ``now``."""
         return budget_view(
-            row.scope, row.limit, row.period, row.tz, row.period_start, row.spent, row.held, now
+            row.scope,
+            row.limit,
+            row.period,
+            row.tz,
+            row.period_start,
+            row.spent,
+            row.held,
+            now,
+            row.thresholds,
         )
 
     def _budget_set(self, change: BudgetChange, now: float) -> BudgetState:
         """The outcome of ``set_budget``: the scope as it now reads."""
         if change.records:
-            log_events(change.records)
+            self._emit(change.records)
         assert change.budget is not None  # set_budget always leaves the scope
         return self._budget(change.budget, now)
 
-    @staticmethod
-    def _budget_removed(change: BudgetChange) -> bool:
+    def _budget_removed(self, change: BudgetChange) -> bool:
         """The outcome of ``remove_budget``: whether there was a scope to remove."""
         if change.records:
-            log_events(change.records)
+            self._emit(change.records)
         return change.budget is not None
 
     # -- the audit trail --------------------------------------------------------------------------

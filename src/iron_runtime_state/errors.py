@@ -36,6 +36,7 @@ __all__ = [
     "IdError",
     "IdErrorCode",
     "MissingDependency",
+    "PricingError",
     "ReservationError",
     "SchemaError",
     "StateError",
@@ -168,6 +169,22 @@ class BudgetNotFound(StateError, KeyError):
             f"set_budget({self.scope!r}, limit=...) (limit=None tracks spend without a limit), "
             "or remove it from the agent's budget_scopes"
         )
+
+
+class PricingError(StateError, LookupError):
+    """A model call could not be priced: no price is known for ``model``.
+
+    The message names the model and how to give it a price (a ``prices=`` table on the manager,
+    a ``default_price=``, or the ``[prices]`` extra for the genai-prices catalogue).
+    """
+
+    def __init__(self, model: str, detail: str = "") -> None:
+        super().__init__(
+            f"no price is known for model {model!r}{detail}; add it to the manager's price table "
+            f"(prices={{{model!r}: {{'input': 2.50, 'output': 10.00}}}}, USD per million tokens), "
+            "set default_price=..., or install iron-runtime-state[prices] for the genai-prices catalogue"
+        )
+        self.model = model
 
 
 class ReservationError(StateError):

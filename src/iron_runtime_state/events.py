@@ -8,11 +8,16 @@ exactly what the manager would have.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from .ids import AgentId
 from .models import AgentStatus, AuditEvent
 from .money import from_micros
+from .thresholds import DEFAULT_THRESHOLDS
+
+if TYPE_CHECKING:
+    from .ledger import SpendNote
 
 __all__ = [
     "REWOUND_AGENT",
@@ -22,10 +27,12 @@ __all__ = [
     "budget_removed",
     "budget_reset",
     "budget_set",
+    "budget_threshold",
     "event_json",
     "hold_expired",
     "overspent",
     "pii_detected",
+    "spend",
     "status_changed",
 ]
 
@@ -110,10 +117,21 @@ def budget_reset(
     return AuditEvent._trusted(agent_id or SYSTEM_AGENT, "budget_reset", int(now), details)
 
 
-def budget_set(scope: str, limit: int | None, period: str | None, tz: str, now: float) -> AuditEvent:
-    """A budget scope was created or changed by ``set_budget``."""
+def budget_set(
+    scope: str,
+    limit: int | None,
+    period: str | None,
+    tz: str,
+    now: float,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+) -> AuditEvent:
+    """A budget scope was created or changed by ``set_budget`` (``thresholds`` are named when
+    they are not the default)."""
+    extra: dict[str, object] = {}
+    if tuple(thresholds) != DEFAULT_THRESHOLDS:
+        extra["thresholds"] = list(thresholds)
     details = event_json(
-        scope=scope, limit=None if limit is None else from_micros(limit), period=period, tz=tz
+        scope=scope, limit=None if limit is None else from_micros(limit), period=period, tz=tz, **extra
     )
     return AuditEvent._trusted(SYSTEM_AGENT, "budget_set", int(now), details)
 
@@ -137,6 +155,57 @@ def hold_expired(
         scopes=list(scopes),
     )
     return AuditEvent._trusted(agent_id, "hold_expired", int(now), details)
+
+
+def spend(
+    agent_id: AgentId,
+    now: float,
+    amount: int,
+    scopes: Sequence[str],
+    labels: Mapping[str, str],
+    reservation_id: str | None,
+    note: SpendNote | None,
+) -> AuditEvent:
+    """A settled spend: the ledger's record (``record_spend``, or a commit of ``reservation_id``).
+
+    ``amount`` micro-units were charged to the agent and to ``scopes`` (the scopes that exist
+    and were charged); ``labels`` are the agent's at the time, so reports group by them after
+    the agent is gone. ``note`` adds the model call and tags (see :class:`..ledger.SpendNote`).
+    Empty fields are left out: a plain spend's record is small.
+    """
+    fields: dict[str, object] = {"amount": from_micros(amount)}
+    if scopes:
+        fields["scopes"] = list(scopes)
+    if labels:
+        fields["labels"] = dict(labels)
+    if reservation_id is not None:
+        fields["reservation"] = reservation_id
+    if note is not None:
+        fields.update(note.fields())
+    return AuditEvent._trusted(agent_id, "spend", int(now), event_json(**fields))
+
+
+def budget_threshold(
+    agent_id: AgentId,
+    now: float,
+    threshold: float,
+    *,
+    limit: int,
+    spent: int,
+    period_start: float | None,
+    scope: str | None = None,
+) -> AuditEvent:
+    """A spend of ``agent_id`` took a budget (its own, or ``scope``) to ``threshold`` of its limit
+    (``spent``: the total after it, micro-units) for the first time in the period that started
+    at ``period_start`` (``None`` without a period). See :mod:`.thresholds`."""
+    details = event_json(
+        threshold=threshold,
+        limit=from_micros(limit),
+        spent=from_micros(spent),
+        period_start=None if period_start is None else int(period_start),
+        **_budget_fields(scope),
+    )
+    return AuditEvent._trusted(agent_id, "budget_threshold", int(now), details)
 
 
 def pii_detected(agent_id: AgentId, count: int, details: str, now: float) -> AuditEvent:

@@ -7,9 +7,8 @@ checks, the audit events an operation writes and what it returns are decided onc
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from types import TracebackType
 from typing import IO, Any, Literal, TypeVar
@@ -27,15 +26,15 @@ from .core import (
     VerifyRows,
     available,
     check_timestamp,
-    check_unsettled,
-    log_events,
     new_reservation_id,
-    warn_unsettled,
 )
 from .cursors import AuditFeed, AuditPages
-from .errors import ReservationError, StateTypeError
+from .errors import StateTypeError
 from .export import check_export_format, export_writer
+from .holds import BudgetHold
 from .ids import AgentId, coerce, key_of
+from .ledger import SpendRow
+from .metering import EventHook, metering_options
 from .models import (
     AgentState,
     AgentStatus,
@@ -47,6 +46,7 @@ from .models import (
     FleetStats,
     Reservation,
 )
+from .pricing import Price, PriceBook, Usage
 
 __all__ = ["BudgetHold", "StateManager"]
 
@@ -67,15 +67,24 @@ class StateManager(ManagerCore):
         *,
         audit_key: bytes | str | None = None,
         clock: Callable[[], float] | None = None,
+        prices: PriceBook | Mapping[str, Price | Mapping[str, Any]] | None = None,
+        default_price: Price | Mapping[str, Any] | None = None,
+        on_event: EventHook | None = None,
     ):
         """Use ``backend`` (in-memory when ``None``); ``audit_key`` makes the chain HMAC-keyed.
 
         ``clock`` (Unix seconds, ``time.time`` by default) is the time budget periods and audit
-        events are read with: tests pass one to cross a period boundary.
+        events are read with: tests pass one to cross a period boundary. ``prices`` maps model
+        names to prices per million tokens (``{"my-model": {"input": 0.5, "output": 1.5}}``),
+        over the genai-prices catalogue when the ``prices`` extra is installed;
+        ``default_price`` prices any other model (see :mod:`iron_runtime_state.pricing`).
+        ``on_event`` is called with every audit record this manager's operations append
+        (``spend``, ``budget_threshold``, ...), in the calling thread, after the change is
+        stored: keep it quick; an exception it raises is logged, not raised.
         """
         if backend is not None and not isinstance(backend, Backend):
             raise StateTypeError(f"backend must be a Backend, got {type(backend).__name__}")
-        super().__init__(audit_key, clock)
+        super().__init__(audit_key, clock, prices, default_price, on_event)
         self._backend: Backend = backend if backend is not None else MemoryBackend()
 
     # -- constructors --------------------------------------------------------------------------
@@ -94,7 +103,8 @@ class StateManager(ManagerCore):
 
         ``options`` go to the backend (see the README for each backend's options).
         """
-        return cls(open_backend(url, **options), audit_key=audit_key, clock=clock)
+        mine, options = metering_options(options)
+        return cls(open_backend(url, **options), audit_key=audit_key, clock=clock, **mine)
 
     @classmethod
     def with_sqlite(
@@ -111,7 +121,8 @@ class StateManager(ManagerCore):
         """
         from .backends.sqlite import SQLiteBackend
 
-        return cls(SQLiteBackend(path, **options), audit_key=audit_key, clock=clock)
+        mine, options = metering_options(options)
+        return cls(SQLiteBackend(path, **options), audit_key=audit_key, clock=clock, **mine)
 
     @classmethod
     def with_redis(
@@ -129,7 +140,8 @@ class StateManager(ManagerCore):
         """
         from .backends.redis import open_redis
 
-        return cls(open_redis(url, namespace=namespace, **options), audit_key=audit_key, clock=clock)
+        mine, options = metering_options(options)
+        return cls(open_redis(url, namespace=namespace, **options), audit_key=audit_key, clock=clock, **mine)
 
     @classmethod
     def with_postgres(
@@ -147,7 +159,8 @@ class StateManager(ManagerCore):
         """
         from .backends.postgres import open_postgres
 
-        return cls(open_postgres(url, schema=schema, **options), audit_key=audit_key, clock=clock)
+        mine, options = metering_options(options)
+        return cls(open_postgres(url, schema=schema, **options), audit_key=audit_key, clock=clock, **mine)
 
     @classmethod
     def from_env(cls, **options: Any) -> StateManager:
@@ -278,7 +291,13 @@ class StateManager(ManagerCore):
         """How many records the audit trail holds."""
         return self._backend.audit_count()
 
-    def record_spend(self, agent_id: str | AgentId, amount: float | int | Decimal | str) -> AgentState:
+    def record_spend(
+        self,
+        agent_id: str | AgentId,
+        amount: float | int | Decimal | str,
+        *,
+        tags: Mapping[str, str] | None = None,
+    ) -> AgentState:
         """Atomically add ``amount`` (> 0) to the agent's spend and to each of its budget scopes.
 
         All or nothing: if ``spent + open holds + amount`` would pass the limit of the agent or of
@@ -286,10 +305,33 @@ class StateManager(ManagerCore):
         written and :class:`BudgetExceeded` (naming the ``scope``) is raised. A budget whose
         period ended starts its new one first (``budget_reset``). Raises ``AgentNotRunning`` for
         an agent that is stopped or failed, ``BudgetNotFound`` for a scope that does not exist.
-        Amounts are kept to the micro-unit (0.000001).
+        Amounts are kept to the micro-unit (0.000001). The spend is written to the ledger as a
+        ``spend`` audit record (with ``tags``) in the same atomic step, and a threshold it
+        crosses writes ``budget_threshold``.
         """
         request = self._spend_request(agent_id, amount)
-        return self._spent(request, self._backend.record_spend(*request, self._chain))
+        note = self._note(None, tags)
+        return self._spent(request, self._backend.record_spend(*request, self._chain, note))
+
+    def record_usage(
+        self,
+        agent_id: str | AgentId,
+        *,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        cached_input_tokens: int = 0,
+        tags: Mapping[str, str] | None = None,
+    ) -> AgentState:
+        """Price a model call that already happened (:meth:`cost`) and record it as a spend, with
+        the model and token counts in its ledger record. Refused like :meth:`record_spend`
+        (:class:`BudgetExceeded`) when it would pass a limit; :class:`PricingError` for a model
+        without a price."""
+        aid, micros, now, note = self._usage_request(
+            agent_id, model, input_tokens, output_tokens, cached_input_tokens, tags
+        )
+        request = (aid, micros, now)
+        return self._spent(request, self._backend.record_spend(aid, micros, now, self._chain, note))
 
     def record_pii_detection(
         self, agent_id: str | AgentId, count: int = 1, *, details: str = ""
@@ -321,16 +363,27 @@ class StateManager(ManagerCore):
         result = self._backend.reserve(aid, value, self._ttl(ttl), now, new_reservation_id(), self._chain)
         return self._reserved(request, result)
 
-    def commit_reservation(self, reservation: Reservation, actual: float | int | Decimal | str) -> AgentState:
+    def commit_reservation(
+        self,
+        reservation: Reservation,
+        actual: float | int | Decimal | str | None = None,
+        *,
+        usage: Usage | Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> AgentState:
         """Record what the call really cost (on the agent and the hold's scopes) and free the hold,
         atomically.
 
-        The spend is recorded even if it passes the limit (it was spent); then a
-        ``budget_exceeded`` event is written. Committing a hold that is not open raises
-        :class:`ReservationError` and charges nothing.
+        Give the amount, or the call's ``usage`` (a :class:`~iron_runtime_state.pricing.Usage`
+        or a mapping with ``model``, ``input_tokens``, ``output_tokens`` and optionally
+        ``cached_input_tokens``), which the manager prices. The spend is recorded even if it
+        passes the limit (it was spent); then a ``budget_exceeded`` event is written. The
+        ledger's ``spend`` record carries the usage and ``tags``. Committing a hold that is not
+        open raises :class:`ReservationError` and charges nothing.
         """
-        request = self._commit_request(reservation, actual)
-        return self._changed(self._backend.commit(*request, self._chain))
+        held, now = self._release_request(reservation)
+        micros, note = self._settle_request(actual, usage, None, tags)
+        return self._changed(self._backend.commit(held, micros, now, self._chain, note))
 
     def release_reservation(self, reservation: Reservation) -> None:
         """Free the hold without spending; :class:`ReservationError` if it is not open."""
@@ -354,16 +407,20 @@ class StateManager(ManagerCore):
         limit: float | int | Decimal | str | None,
         period: str | None = None,
         tz: str = "UTC",
+        thresholds: Sequence[float] | None = None,
     ) -> BudgetState:
         """Create or change the budget scope ``scope`` (``"team:support"``, ``"org:acme"``).
 
         Agents draw on it by listing it in ``AgentState.budget_scopes``. ``limit=None`` tracks
         spend without a limit. With a ``period`` (``"day"``, ``"week"`` or ``"month"``, calendar
         aligned in ``tz``; weeks start on Monday) its spend starts from zero at each boundary.
-        A changed scope keeps its spend and holds. Writes a ``budget_set`` event.
+        A changed scope keeps its spend and holds. ``thresholds`` are the shares of the limit
+        whose first crossing in a period writes a ``budget_threshold`` event (default
+        ``(0.5, 0.8, 1.0)``; ``()`` for none). Writes a ``budget_set`` event.
         """
-        request = self._budget_request(scope, limit, period, tz)
-        return self._budget_set(self._backend.set_budget(*request, self._chain), request[-1])
+        request, alerts = self._budget_request(scope, limit, period, tz, thresholds)
+        change = self._backend.set_budget(*request, self._chain, alerts)
+        return self._budget_set(change, request[-1])
 
     def get_budget(self, scope: str) -> BudgetState | None:
         """The scope's limit, period, current period's start, spend, holds and what is available."""
@@ -397,6 +454,58 @@ class StateManager(ManagerCore):
         The hold is released if the block raises, or ends without ``commit``.
         """
         return BudgetHold(self, self.reserve_budget(agent_id, estimate, ttl=ttl))
+
+    # -- metering model calls ----------------------------------------------------------------------
+
+    def reserve_for_call(
+        self,
+        agent_id: str | AgentId,
+        *,
+        model: str,
+        input_tokens: int,
+        max_output_tokens: int,
+        ttl: float = DEFAULT_TTL,
+        tags: Mapping[str, str] | None = None,
+    ) -> BudgetHold:
+        """Hold the worst case of a model call before it is made: ``input_tokens`` and
+        ``max_output_tokens`` at ``model``'s price. Raises :class:`BudgetExceeded` (nothing is
+        held) when it would pass a limit, so the call is never sent::
+
+            with manager.reserve_for_call(agent, model="gpt-4o", input_tokens=900,
+                                          max_output_tokens=500) as hold:
+                reply = call_the_model()
+                hold.commit_usage(input_tokens=..., output_tokens=...)
+
+        The hold is released if the block raises or ends without a commit.
+        """
+        request = self._call_request(agent_id, model, input_tokens, max_output_tokens)
+        aid, value, now = request
+        result = self._backend.reserve(aid, value, self._ttl(ttl), now, new_reservation_id(), self._chain)
+        return BudgetHold(self, self._reserved(request, result), model=model, tags=tags)
+
+    def spend_report(
+        self,
+        *,
+        since: object = None,
+        until: object = None,
+        group_by: Sequence[str] | str = ("day",),
+        tz: str = "UTC",
+        agent_id: str | AgentId | None = None,
+        scope: str | None = None,
+        model: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> list[SpendRow]:
+        """Totals of the spend ledger (amount, calls, tokens) per group, sorted by group.
+
+        ``group_by`` holds up to one time key (``"hour"``, ``"day"``, ``"week"``, ``"month"``,
+        in ``tz``) and any of ``"agent"``, ``"scope"`` (a spend counts under each scope it
+        charged), ``"model"``, ``"label:<key>"`` (the agent's label when it spent) and
+        ``"tag:<key>"``. ``since`` (inclusive) and ``until`` (exclusive) are datetimes, dates
+        (midnight in ``tz``), ISO 8601 texts or Unix seconds. The other arguments filter.
+        """
+        request = self._report_request(since, until, group_by, tz, agent_id, scope, model, labels, tags)
+        return self._report(self._backend.spend_totals(request[0]), request)
 
     # -- the audit trail's integrity, export and retention -----------------------------------------
 
@@ -535,7 +644,7 @@ class StateManager(ManagerCore):
         if not events:
             return []
         records = self._backend.append_audit(events, self._chain)
-        log_events(records)
+        self._emit(records)
         return records
 
     def _drive(self, steps: Generator[StoreCall | VerifyRows, Any, _T]) -> _T:
@@ -556,42 +665,3 @@ class StateManager(ManagerCore):
             page = self._backend.query_audit(next_query)
             yield from page
             pages.advance(page)
-
-
-class BudgetHold:
-    """An open reservation used as a context manager (see :meth:`StateManager.budget`)."""
-
-    def __init__(self, manager: StateManager, reservation: Reservation) -> None:
-        """A hold on ``reservation``, settled through ``manager``."""
-        self.manager = manager
-        self.reservation = reservation
-        self.settled = False
-
-    def commit(self, actual: float | int | Decimal | str) -> AgentState:
-        """Record what was really spent and free the hold."""
-        check_unsettled(self.reservation, self.settled)
-        state = self.manager.commit_reservation(self.reservation, actual)
-        self.settled = True
-        return state
-
-    def release(self) -> None:
-        """Free the hold without spending."""
-        check_unsettled(self.reservation, self.settled)
-        self.manager.release_reservation(self.reservation)
-        self.settled = True
-
-    def __enter__(self) -> BudgetHold:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.settled:
-            return
-        if exc_type is None:
-            warn_unsettled(self.reservation)
-        with contextlib.suppress(ReservationError):  # it expired meanwhile: nothing is held
-            self.release()

@@ -20,6 +20,7 @@ from .ids import AgentId
 from .money import exact, from_micros, to_decimal, to_micros
 from .names import check_labels, check_scopes
 from .periods import check_period, check_tz
+from .thresholds import DEFAULT_THRESHOLDS, check_thresholds
 
 __all__ = [
     "AgentState",
@@ -126,7 +127,9 @@ class AgentState:
     ``budget_period`` (``"day"``, ``"week"``, ``"month"``, in ``budget_tz``) ``budget_spent`` is
     the spend of the period that started at ``period_start``, and starts from zero at the first
     operation after the period ends. ``period_start`` is set by the store (Unix seconds; ``None``
-    without a period): a value given to a save is replaced.
+    without a period): a value given to a save is replaced. ``budget_thresholds`` are the shares
+    of ``budget_limit`` whose first crossing in a period writes a ``budget_threshold`` event
+    (default 50%, 80%, 100%; ``()`` for none; see :mod:`iron_runtime_state.thresholds`).
     """
 
     agent_id: AgentId
@@ -139,6 +142,7 @@ class AgentState:
     budget_period: str | None = None
     budget_tz: str = "UTC"
     period_start: float | None = None
+    budget_thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
 
     def __post_init__(self) -> None:
         self.validate()
@@ -161,6 +165,7 @@ class AgentState:
             and self.budget_scopes == ()
             and self.budget_period is None
             and self.budget_tz == "UTC"
+            and self.budget_thresholds is DEFAULT_THRESHOLDS
         ):
             self.period_start = None
             return
@@ -184,6 +189,10 @@ class AgentState:
         self.budget_scopes = check_scopes(self.budget_scopes)
         self.budget_period = check_period(self.budget_period)
         self.budget_tz = check_tz(self.budget_tz)
+        if self.budget_thresholds is not DEFAULT_THRESHOLDS:
+            self.budget_thresholds = check_thresholds(self.budget_thresholds, "AgentState.budget_thresholds")
+            if self.budget_thresholds == DEFAULT_THRESHOLDS:
+                self.budget_thresholds = DEFAULT_THRESHOLDS
         start = self.period_start
         if self.budget_period is None:
             self.period_start = None
@@ -203,6 +212,7 @@ class AgentState:
         budget_period: str | None = None,
         budget_tz: str = "UTC",
         period_start: float | None = None,
+        budget_thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
     ) -> AgentState:
         """Build from values read back from a store (which holds only valid ones)."""
         new: AgentState = _new_object(cls)
@@ -216,6 +226,7 @@ class AgentState:
         new.budget_period = budget_period
         new.budget_tz = budget_tz
         new.period_start = period_start
+        new.budget_thresholds = budget_thresholds
         return new
 
     def checked_copy(self) -> AgentState:
@@ -243,6 +254,7 @@ class AgentState:
             self.budget_period,
             self.budget_tz,
             self.period_start,
+            self.budget_thresholds,
         )
 
     @property
@@ -270,6 +282,7 @@ class AgentState:
             "budget_period": self.budget_period,
             "budget_tz": self.budget_tz,
             "period_start": self.period_start,
+            "budget_thresholds": list(self.budget_thresholds),
         }
 
     @classmethod
@@ -297,11 +310,17 @@ class AgentState:
             pii_detections=data.get("pii_detections", 0),
             budget_limit=data.get("budget_limit"),
             labels=data.get("labels", {}),
-            budget_scopes=tuple(scopes) if isinstance(scopes, list) else scopes,
+            budget_scopes=_tuple(scopes),
             budget_period=data.get("budget_period"),
             budget_tz=data.get("budget_tz", "UTC"),
             period_start=data.get("period_start"),
+            budget_thresholds=_tuple(data.get("budget_thresholds", DEFAULT_THRESHOLDS)),
         )
+
+
+def _tuple(value: Any) -> Any:
+    """A JSON list as a tuple; anything else as it is, for validate() to name."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 _STATE_KEYS: Final = (
@@ -315,6 +334,7 @@ _STATE_KEYS: Final = (
     "budget_period",
     "budget_tz",
     "period_start",
+    "budget_thresholds",
 )
 
 
@@ -497,6 +517,8 @@ class BudgetState:
     period_start: datetime | None
     spent: float
     held: float
+    #: Shares of ``limit`` whose first crossing in a period writes ``budget_threshold``.
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
 
     @property
     def available(self) -> float:
@@ -528,6 +550,7 @@ class BudgetState:
             "spent": self.spent,
             "held": self.held,
             "available": None if self.limit is None else self.available,
+            "thresholds": list(self.thresholds),
         }
 
 

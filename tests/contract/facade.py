@@ -87,7 +87,9 @@ class SyncFacade:
 
     def _sync(self, result: Any) -> Any:
         if asyncio.iscoroutine(result):
-            return self._runner.run(result)
+            result = self._runner.run(result)
+            # An awaited hold (reserve_for_call) is used as ``with``, as StateManager's is.
+            return _SyncContext(result, self._runner) if hasattr(result, "__aenter__") else result
         if hasattr(result, "__anext__"):
             return self._iterate(result)
         if hasattr(result, "__aenter__"):
@@ -132,6 +134,10 @@ class _SyncContext:
 
     def __enter__(self) -> SyncFacade:
         return SyncFacade(self._runner.run(self._context.__aenter__()), self._runner)
+
+    def __getattr__(self, name: str) -> Any:
+        # A hold used without ``with`` (``hold.commit_usage(...)``): its methods, synchronous.
+        return getattr(SyncFacade(self._context, self._runner), name)
 
     def __exit__(
         self,

@@ -126,6 +126,7 @@ def test_budget_state_reads(manager: StateManager) -> None:
         "spent": 2.0,
         "held": 4.0,
         "available": 2.0,
+        "thresholds": [0.5, 0.8, 1.0],
     }
 
 

@@ -176,7 +176,8 @@ def test_a_refusal_past_a_boundary_keeps_the_reset(store: StoreHandle) -> None:
     assert (info.value.spent, info.value.scope) == (0.0, None)
     got = state_of(manager, agent)
     assert (got.budget_spent, got.period_start) == (0.0, BOUNDARY)
-    assert [r.event.event_type for r in manager.audit_log(agent_id=agent)] == [
+    kinds = [r.event.event_type for r in manager.audit_log(agent_id=agent)]
+    assert [kind for kind in kinds if kind in ("budget_reset", "budget_exceeded")] == [
         "budget_reset",
         "budget_exceeded",
     ]

@@ -24,7 +24,9 @@ from typing import Any, ClassVar, Final, TypeVar
 from ..audit_chain import AuditChain, AuditRow
 from ..errors import BackendError, StateError
 from ..ids import AgentId
+from ..ledger import LedgerEntry, SpendNote, SpendQuery, SpendTotal, aggregate, entry_of
 from ..models import AgentState, AgentStatus, AuditEvent, AuditRecord, FleetStats, Reservation
+from ..thresholds import DEFAULT_THRESHOLDS
 
 __all__ = [
     "AGENT_ORDERS",
@@ -116,6 +118,7 @@ class BudgetRow:
     period_start: float | None
     spent: int
     held: int
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
 
 
 @dataclass(slots=True)  # not frozen: built on every spend, and frozen init is slow
@@ -125,8 +128,9 @@ class SpendResult:
     state: AgentState
     exceeded: bool = False  # True: nothing was charged, a limit would have been passed
     reserved: int = 0  # the agent's open holds at the time of the check (micro-units)
-    #: The audit records appended in the same atomic step (``budget_reset`` of a period that
-    #: ended, the ``budget_exceeded`` of a refusal).
+    #: The audit records appended in the same atomic step (``hold_expired``, ``budget_reset`` of a
+    #: period that ended; then the ``spend`` record and any ``budget_threshold``, or the
+    #: ``budget_exceeded`` of a refusal).
     records: Sequence[AuditRecord] = ()
     #: The budget scope that refused (``None``: the agent's own limit, or no refusal).
     budget: BudgetRow | None = None
@@ -138,7 +142,8 @@ class CommitResult:
 
     state: AgentState
     exceeded: bool  # the recorded spend took the agent or one of its scopes past its limit
-    #: The audit records appended in the same atomic step (``budget_reset``, ``budget_exceeded``).
+    #: The audit records appended in the same atomic step (``hold_expired``, ``budget_reset``,
+    #: ``spend``, ``budget_exceeded``, ``budget_threshold``, in that order).
     records: Sequence[AuditRecord] = ()
 
 
@@ -320,7 +325,9 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def record_spend(self, agent_id: AgentId, amount: int, now: float, chain: AuditChain) -> SpendResult:
+    def record_spend(
+        self, agent_id: AgentId, amount: int, now: float, chain: AuditChain, note: SpendNote | None = None
+    ) -> SpendResult:
         """Atomically charge ``amount`` micro-units to the agent and to each of its budget scopes.
 
         All or nothing. First the agent's holds that expired unsettled are dropped (on its
@@ -332,9 +339,14 @@ class Backend(abc.ABC):
         (:func:`..budgets.passes`), the agent's first, then its scopes in the order it lists
         them. A refusal charges nothing, is ``exceeded=True`` with ``budget`` naming the scope
         that refused (``None``: the agent's limit), and appends ``events.budget_exceeded`` in
-        the same atomic step. Raises ``AgentNotFound``, ``AgentNotRunning``, ``BudgetNotFound``
-        (a scope the agent lists does not exist; nothing changes) or ``ValidationError`` (a
-        total would pass :data:`..money.MAX_MICROS`; nothing changes).
+        the same atomic step. A charge appends, in the same atomic step, the ledger's record
+        (:func:`..events.spend`: the amount, the scopes charged, the agent's labels, ``note``),
+        then one :func:`..events.budget_threshold` per threshold the charge reached
+        (:func:`..thresholds.crossed`: the agent's ``budget_thresholds`` against its limit, then
+        each scope's, in the order the agent lists them), raising each budget's ``alerted``
+        level. Raises ``AgentNotFound``, ``AgentNotRunning``, ``BudgetNotFound`` (a scope the
+        agent lists does not exist; nothing changes) or ``ValidationError`` (a total would pass
+        :data:`..money.MAX_MICROS`; nothing changes).
         """
 
     @abc.abstractmethod
@@ -367,15 +379,25 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def commit(self, reservation: Reservation, actual: int, now: float, chain: AuditChain) -> CommitResult:
+    def commit(
+        self,
+        reservation: Reservation,
+        actual: int,
+        now: float,
+        chain: AuditChain,
+        note: SpendNote | None = None,
+    ) -> CommitResult:
         """Charge ``actual`` micro-units to the agent and the scopes the hold touched, and drop the
         hold everywhere, atomically.
 
-        Expired holds go first (as in :meth:`record_spend`), then periods roll. A charge that
-        takes a budget past its limit stands, and
-        ``events.overspent`` is appended for each such budget in the same atomic step. A scope
-        removed since the hold was made is skipped. Raises ``ReservationError`` if the hold is
-        not open (settled, expired or never made).
+        Expired holds go first (as in :meth:`record_spend`), then periods roll. The ledger's
+        ``events.spend`` record (with the reservation's id and ``note``) is appended. A charge
+        that takes a budget past its limit stands, and ``events.overspent`` is appended for each
+        such budget, then ``events.budget_threshold`` for each threshold reached (as in
+        :meth:`record_spend`), all in the same atomic step. A scope removed since the hold was
+        made is skipped (and not named in the ``spend`` record). An ``actual`` of 0 charges
+        nothing but still writes its ``spend`` record. Raises ``ReservationError`` if the hold
+        is not open (settled, expired or never made).
         """
 
     @abc.abstractmethod
@@ -392,13 +414,22 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def set_budget(
-        self, scope: str, limit: int | None, period: str | None, tz: str, now: float, chain: AuditChain
+        self,
+        scope: str,
+        limit: int | None,
+        period: str | None,
+        tz: str,
+        now: float,
+        chain: AuditChain,
+        thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
     ) -> BudgetChange:
-        """Create the scope, or change its limit, period and time zone, appending ``events.budget_set``.
+        """Create the scope, or change its limit, period, time zone and thresholds, appending
+        ``events.budget_set``.
 
-        A new scope starts with nothing spent in the period that contains ``now``. A changed
-        scope keeps its spend and holds; if its period or time zone changed, its spend counts
-        in the period that contains ``now`` (:func:`..budgets.current_start`).
+        A new scope starts with nothing spent in the period that contains ``now``, and nothing
+        alerted. A changed scope keeps its spend, holds and alerted level; if its period or time
+        zone changed, its spend counts in the period that contains ``now``
+        (:func:`..budgets.current_start`) and its alerted level starts again from 0.
         """
 
     @abc.abstractmethod
@@ -481,6 +512,32 @@ class Backend(abc.ABC):
 
         Returns the removed ids.
         """
+
+    def spend_totals(self, query: SpendQuery) -> list[SpendTotal]:
+        """The ledger's totals for ``query``: ``spend`` records grouped and summed (any order).
+
+        This default reads every ``spend`` record in the span through :meth:`query_audit`; the
+        SQL stores answer from the ledger index they write with each record instead.
+        """
+        return aggregate(self._ledger_entries(query), query)
+
+    def _ledger_entries(self, query: SpendQuery) -> Iterator[LedgerEntry]:
+        after = 0
+        while True:
+            page = self.query_audit(
+                AuditQuery(
+                    event_type="spend",
+                    since=query.since,
+                    until=None if query.until is None else query.until - 1,
+                    after_seq=after,
+                    limit=10_000,
+                )
+            )
+            for record in page:
+                yield entry_of(record)
+            if len(page) < 10_000:
+                return
+            after = page[-1].seq
 
     def migrate(self) -> str:
         """Convert data an older version stored to this version's layout; a report of what was done.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ...thresholds import DEFAULT_THRESHOLDS
 from ..base import BudgetRow
 
 __all__ = ["Extra", "Holds", "Scope"]
@@ -67,7 +68,8 @@ class Holds:
 
 @dataclass(slots=True)
 class Scope:
-    """A budget scope: its limit, period and spend, and the holds on it."""
+    """A budget scope: its limit, period and spend, the holds on it, its thresholds and the
+    highest of them alerted in the current period."""
 
     limit: int | None
     period: str | None
@@ -75,11 +77,20 @@ class Scope:
     period_start: float | None
     spent: int = 0
     holds: Holds = field(default_factory=Holds)
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    alerted: float = 0.0
 
     def row(self, name: str, now: float) -> BudgetRow:
         """The scope as the store contract returns it (``held``: unexpired holds at ``now``)."""
         return BudgetRow(
-            name, self.limit, self.period, self.tz, self.period_start, self.spent, self.holds.open_total(now)
+            name,
+            self.limit,
+            self.period,
+            self.tz,
+            self.period_start,
+            self.spent,
+            self.holds.open_total(now),
+            self.thresholds,
         )
 
 
@@ -92,3 +103,4 @@ class Extra:
     period: str | None
     tz: str
     period_start: float | None
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS

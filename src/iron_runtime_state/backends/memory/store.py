@@ -26,9 +26,10 @@ from typing import Final
 
 from ... import events
 from ...audit_chain import AuditChain, AuditRow
-from ...budgets import check_total, current_start, micros_of_state, passes, rolled_start
-from ...errors import AgentNotFound, AgentNotRunning, BudgetNotFound, ConfigurationError, ReservationError
+from ...budgets import current_start, micros_of_state, passes
+from ...errors import AgentNotFound, AgentNotRunning, ConfigurationError
 from ...ids import AgentId
+from ...ledger import SpendNote
 from ...models import (
     AgentState,
     AgentStatus,
@@ -39,6 +40,7 @@ from ...models import (
     check_count,
 )
 from ...money import from_micros
+from ...thresholds import DEFAULT_THRESHOLDS
 from ..base import (
     AuditMarks,
     AuditQuery,
@@ -51,6 +53,7 @@ from ..base import (
     UpdateFn,
 )
 from .budgets import Extra, Holds, Scope
+from .charges import NO_LIMIT, Charges
 from .trail import Trail
 
 __all__ = ["MemoryBackend", "open_memory"]
@@ -60,10 +63,10 @@ __all__ = ["MemoryBackend", "open_memory"]
 _STATUSES: Final = (AgentStatus.RUNNING, AgentStatus.STOPPED, AgentStatus.FAILED)
 _RUNNING: Final = _STATUSES.index(AgentStatus.RUNNING)
 _FREE: Final = len(_STATUSES)
-_NO_LIMIT: Final = -1  # the limit column's value for ``budget_limit=None``
+_NO_LIMIT: Final = NO_LIMIT
 
 
-class MemoryBackend(Backend):
+class MemoryBackend(Charges, Backend):
     """A thread-safe store in this process's memory; nothing survives the process."""
 
     schemes = ("memory",)
@@ -87,6 +90,7 @@ class MemoryBackend(Backend):
         self._extra: dict[str, Extra] = {}  # only agents with labels, scopes or a period
         self._labelled: dict[tuple[str, str], set[str]] = {}  # (key, value) -> agents with it
         self._holds: dict[str, Holds] = {}  # only agents that have open holds
+        self._alerted: dict[str, float] = {}  # only agents with a threshold alerted this period
         self._scopes: dict[str, Scope] = {}  # budget scopes by name
         # Woken by every append, for watch(): waits on the store's one lock.
         self._appended = threading.Condition(self._lock)
@@ -151,6 +155,7 @@ class MemoryBackend(Backend):
             for reservation_id, (_, _, scopes) in holds.amounts.items():
                 self._drop_scope_holds(reservation_id, scopes)
         self._set_extra(key, None)
+        self._alerted.pop(key, None)
         self._write(slot, 0.0, code=_FREE, spent=0, pii=0, limit=_NO_LIMIT)
         self._keys[slot] = ""
         self._free.append(slot)
@@ -190,6 +195,7 @@ class MemoryBackend(Backend):
             extra.period,
             extra.tz,
             extra.period_start,
+            extra.thresholds,
         )
 
     def _slot(self, key: str, action: str = "") -> int:
@@ -234,12 +240,18 @@ class MemoryBackend(Backend):
             and not state.budget_scopes
             and state.budget_period is None
             and state.budget_tz == "UTC"
+            and state.budget_thresholds is DEFAULT_THRESHOLDS
         )
         extra = None
         if not plain:
             labels = dict(state.labels)
             extra = Extra(
-                labels, state.budget_scopes, state.budget_period, state.budget_tz, state.period_start
+                labels,
+                state.budget_scopes,
+                state.budget_period,
+                state.budget_tz,
+                state.period_start,
+                state.budget_thresholds,
             )
         with self._lock:
             slot = self._slots.get(key)
@@ -320,117 +332,11 @@ class MemoryBackend(Backend):
                 self._drop(key)
         return doomed
 
-    # -- budgets: periods, checks and charges (every caller holds the lock) -------------------
-
-    def _scopes_of(self, agent_id: AgentId, names: Iterable[str]) -> list[tuple[str, Scope]]:
-        """The agent's scopes; ``BudgetNotFound`` for one that does not exist."""
-        found = []
-        for name in names:
-            scope = self._scopes.get(name)
-            if scope is None:
-                raise BudgetNotFound(name, agent_id.as_str())
-            found.append((name, scope))
-        return found
-
-    def _roll_agent(self, agent_id: AgentId, slot: int, extra: Extra | None, now: float) -> list[AuditEvent]:
-        """Start the agent's new period if its own has ended; the ``budget_reset`` it implies."""
-        if extra is None:
-            return []
-        start = rolled_start(extra.period, extra.tz, extra.period_start, now)
-        if start is None or extra.period is None:
-            return []
-        event = events.budget_reset(
-            agent_id, None, extra.period, extra.tz, extra.period_start or start, self._spent[slot], now
-        )
-        self._write(slot, now, spent=0)
-        extra.period_start = start
-        return [event]
-
-    @staticmethod
-    def _roll_scopes(scopes: Sequence[tuple[str, Scope]], now: float) -> list[AuditEvent]:
-        """Start the new period of each scope whose period has ended; their ``budget_reset`` events."""
-        resets = []
-        for name, scope in scopes:
-            start = rolled_start(scope.period, scope.tz, scope.period_start, now)
-            if start is not None and scope.period is not None:
-                resets.append(
-                    events.budget_reset(
-                        None, name, scope.period, scope.tz, scope.period_start or start, scope.spent, now
-                    )
-                )
-                scope.spent = 0
-                scope.period_start = start
-        return resets
-
-    def _charge_check(self, slot: int, scopes: Sequence[tuple[str, Scope]], amount: int) -> None:
-        """``ValidationError`` (before anything changes) if a charge would take a total past the maximum.
-
-        Checked on the spends before any period ends: a total that a reset would bring down is
-        refused here too, which only matters within a micro-unit of a billion units.
-        """
-        check_total(self._spent[slot] + amount, "the agent's budget_spent")
-        for name, scope in scopes:
-            check_total(scope.spent + amount, f"the spend of budget scope {name!r}")
-
-    def _refusal(
-        self,
-        agent_id: AgentId,
-        slot: int,
-        scopes: Sequence[tuple[str, Scope]],
-        amount: int,
-        now: float,
-        action: str,
-    ) -> tuple[int, AuditEvent, BudgetRow | None] | None:
-        """Why the agent or one of its scopes cannot take ``amount`` more: the agent's holds,
-        the ``budget_exceeded`` event and the scope that refused; ``None`` when all can."""
-        holds = self._holds.get(agent_id.as_str())
-        held = 0 if holds is None else holds.total  # expired ones were dropped first
-        spent, limit = self._spent[slot], self._limit[slot]
-        if limit != _NO_LIMIT and passes(limit, spent + held + amount):
-            event = events.budget_exceeded(
-                agent_id, now, action, limit=limit, spent=spent, reserved=held, requested=amount
-            )
-            return held, event, None
-        for name, scope in scopes:
-            scope_held = scope.holds.open_total(now)
-            if passes(scope.limit, scope.spent + scope_held + amount):
-                assert scope.limit is not None  # passes() is False without a limit
-                event = events.budget_exceeded(
-                    agent_id,
-                    now,
-                    action,
-                    limit=scope.limit,
-                    spent=scope.spent,
-                    reserved=scope_held,
-                    requested=amount,
-                    scope=name,
-                )
-                return held, event, scope.row(name, now)
-        return None
-
-    def _prepare(
-        self, agent_id: AgentId, amount: int, now: float, action: str
-    ) -> tuple[int, list[tuple[str, Scope]], list[AuditEvent]]:
-        """The checks that come before a spend or a hold: the agent's slot and scopes, the total's
-        bound; then the holds that expired and the periods that ended go (their events)."""
-        key = agent_id.as_str()
-        slot = self._slot(key, action)
-        extra = self._extra.get(key)
-        if extra is None:  # no scopes and no period: nothing to roll
-            self._charge_check(slot, (), amount)
-            return slot, [], self._expire_holds(agent_id, now)
-        scopes = self._scopes_of(agent_id, extra.scopes)
-        self._charge_check(slot, scopes, amount)
-        implied = self._expire_holds(agent_id, now)
-        return (
-            slot,
-            scopes,
-            implied + self._roll_agent(agent_id, slot, extra, now) + self._roll_scopes(scopes, now),
-        )
-
     # -- atomic counters ----------------------------------------------------------------------
 
-    def record_spend(self, agent_id: AgentId, amount: int, now: float, chain: AuditChain) -> SpendResult:
+    def record_spend(
+        self, agent_id: AgentId, amount: int, now: float, chain: AuditChain, note: SpendNote | None = None
+    ) -> SpendResult:
         with self._lock:
             slot, scopes, resets = self._prepare(agent_id, amount, now, "record spend")
             refusal = self._refusal(agent_id, slot, scopes, amount, now, "spend")
@@ -439,10 +345,7 @@ class MemoryBackend(Backend):
                 sealed = self._trail.seal([*resets, event], chain, now)
                 state = self._state(agent_id, slot)
                 return SpendResult(state, True, held, self._trail.keep(sealed), budget)
-            records = self._trail.keep(self._trail.seal(resets, chain, now)) if resets else ()
-            self._write(slot, now, spent=self._spent[slot] + amount)
-            for _, scope in scopes:
-                scope.spent += amount
+            records = self._charge(agent_id, slot, scopes, amount, now, chain, resets, None, note)
             return SpendResult(self._state(agent_id, slot), False, 0, records)
 
     def record_pii(
@@ -465,56 +368,6 @@ class MemoryBackend(Backend):
             return Change(self._state(agent_id, slot), self._trail.keep(sealed))
 
     # -- reservations ----------------------------------------------------------------------
-
-    def _expire_holds(self, agent_id: AgentId, now: float) -> list[AuditEvent]:
-        """Drop the agent's holds whose time is up, on it and its scopes: a ``hold_expired`` each.
-
-        Only operations that change the agent call it, so a read never writes an event.
-        """
-        key = agent_id.as_str()
-        holds = self._holds.get(key)
-        if holds is None or now < holds.soonest:
-            return []
-        expired = holds.expire(now)
-        if not holds.amounts:
-            del self._holds[key]
-        found = []
-        for reservation_id, (amount, expires_at, scopes) in expired:
-            self._drop_scope_holds(reservation_id, scopes)
-            found.append(events.hold_expired(agent_id, reservation_id, amount, expires_at, scopes, now))
-        return found
-
-    def _open_hold(
-        self, reservation: Reservation, now: float, action: str
-    ) -> tuple[int, float, tuple[str, ...]]:
-        """The reservation's open hold; ``ReservationError`` unless it is open.
-
-        An expired hold stays until an operation that writes events drops it (``hold_expired``).
-        """
-        holds = self._holds.get(reservation.agent_id.as_str())
-        entry = None if holds is None else holds.amounts.get(reservation.reservation_id)
-        if entry is not None and entry[1] > now:
-            return entry
-        raise ReservationError(
-            f"cannot {action} reservation {reservation.reservation_id}: it is not open "
-            "(already committed or released, expired after its ttl, or its agent was "
-            "removed); if money was spent after the hold expired, record it with record_spend"
-        )
-
-    def _drop_hold(self, key: str, reservation_id: str) -> None:
-        """Drop a hold known to be there, on the agent and on its scopes."""
-        holds = self._holds[key]
-        entry = holds.take(reservation_id)
-        if not holds.amounts:
-            del self._holds[key]
-        if entry is not None:
-            self._drop_scope_holds(reservation_id, entry[2])
-
-    def _drop_scope_holds(self, reservation_id: str, scopes: Iterable[str]) -> None:
-        for name in scopes:
-            scope = self._scopes.get(name)
-            if scope is not None:
-                scope.holds.take(reservation_id)
 
     def reserve(
         self, agent_id: AgentId, amount: int, ttl: float, now: float, reservation_id: str, chain: AuditChain
@@ -540,7 +393,14 @@ class MemoryBackend(Backend):
                 scope.holds.add(reservation_id, amount, expires_at)
         return Reservation._trusted(reservation_id, agent_id, from_micros(amount), expires_at, names)
 
-    def commit(self, reservation: Reservation, actual: int, now: float, chain: AuditChain) -> CommitResult:
+    def commit(
+        self,
+        reservation: Reservation,
+        actual: int,
+        now: float,
+        chain: AuditChain,
+        note: SpendNote | None = None,
+    ) -> CommitResult:
         agent_id = reservation.agent_id
         key = agent_id.as_str()
         rid = reservation.reservation_id
@@ -574,12 +434,9 @@ class MemoryBackend(Backend):
                             scope=name,
                         )
                     )
-            sealed = self._trail.seal(resets + overs, chain, now)
+            records = self._charge(agent_id, slot, scopes, actual, now, chain, resets, rid, note, overs)
             self._drop_hold(key, rid)
-            self._write(slot, now, spent=spent)
-            for _, scope in scopes:
-                scope.spent += actual
-            return CommitResult(self._state(agent_id, slot), bool(overs), self._trail.keep(sealed))
+            return CommitResult(self._state(agent_id, slot), bool(overs), records)
 
     def release(self, reservation: Reservation, now: float) -> None:
         with self._lock:
@@ -595,17 +452,28 @@ class MemoryBackend(Backend):
     # -- budget scopes ------------------------------------------------------------------------
 
     def set_budget(
-        self, scope: str, limit: int | None, period: str | None, tz: str, now: float, chain: AuditChain
+        self,
+        scope: str,
+        limit: int | None,
+        period: str | None,
+        tz: str,
+        now: float,
+        chain: AuditChain,
+        thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
     ) -> BudgetChange:
         with self._lock:
-            sealed = self._trail.seal([events.budget_set(scope, limit, period, tz, now)], chain, now)
+            event = events.budget_set(scope, limit, period, tz, now, thresholds)
+            sealed = self._trail.seal([event], chain, now)
             found = self._scopes.get(scope)
             if found is None:
-                found = self._scopes[scope] = Scope(limit, period, tz, current_start(period, tz, now))
+                start = current_start(period, tz, now)
+                found = self._scopes[scope] = Scope(limit, period, tz, start, thresholds=thresholds)
             else:
                 if (found.period, found.tz) != (period, tz):
                     found.period_start = current_start(period, tz, now)
+                    found.alerted = 0.0
                 found.limit, found.period, found.tz = limit, period, tz
+                found.thresholds = thresholds
             return BudgetChange(found.row(scope, now), self._trail.keep(sealed))
 
     def get_budget(self, scope: str, now: float) -> BudgetRow | None:

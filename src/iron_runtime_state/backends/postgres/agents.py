@@ -29,26 +29,30 @@ __all__ = ["AgentOps"]
 
 _QUALIFIED: Final = ", ".join(f"a.{column}" for column in AGENT_COLUMNS.split(", "))
 _WRITTEN: Final = (
-    "status, spent, pii, budget_limit, labels, scopes, period, tz, period_start, period_end, changed_at"
+    "status, spent, pii, budget_limit, labels, scopes, period, tz, period_start, period_end, "
+    "thresholds, changed_at"
 )
 
 _STATEMENTS: Final = {
     "get": f"SELECT {AGENT_COLUMNS} FROM {{s}}.agents WHERE agent_id = %s",
     "get_many": f"SELECT agent_id, {AGENT_COLUMNS} FROM {{s}}.agents WHERE agent_id = ANY (%s)",
     "upsert": (
-        f"INSERT INTO {{s}}.agents (agent_id, {_WRITTEN}) VALUES ({', '.join(['%s'] * 12)}) "
+        f"INSERT INTO {{s}}.agents (agent_id, {_WRITTEN}) VALUES ({', '.join(['%s'] * 13)}) "
         "ON CONFLICT (agent_id) DO UPDATE SET "
         + ", ".join(f"{column} = excluded.{column}" for column in _WRITTEN.split(", "))
     ),
-    # Many agents in one statement: the columns as arrays (scopes as JSON arrays, since
-    # PostgreSQL's arrays of arrays must be rectangular).
+    # Many agents in one statement: the columns as arrays (scopes and thresholds as JSON arrays,
+    # since PostgreSQL's arrays of arrays must be rectangular; a NULL stays NULL).
     "upsert_many": (
         f"INSERT INTO {{s}}.agents (agent_id, {_WRITTEN}) "
         "SELECT id, status, spent, pii, budget_limit, labels, "
-        "ARRAY(SELECT jsonb_array_elements_text(scopes)), period, tz, period_start, period_end, %s "
+        "ARRAY(SELECT jsonb_array_elements_text(scopes)), period, tz, period_start, period_end, "
+        "CASE WHEN thresholds IS NOT NULL THEN "
+        "ARRAY(SELECT jsonb_array_elements_text(thresholds)::float8) END, %s "
         "FROM unnest(%s::text[], %s::smallint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::jsonb[], "
-        "%s::jsonb[], %s::text[], %s::text[], %s::float8[], %s::float8[]) "
-        "AS u(id, status, spent, pii, budget_limit, labels, scopes, period, tz, period_start, period_end) "
+        "%s::jsonb[], %s::text[], %s::text[], %s::float8[], %s::float8[], %s::jsonb[]) "
+        "AS u(id, status, spent, pii, budget_limit, labels, scopes, period, tz, period_start, period_end, "
+        "thresholds) "
         "ON CONFLICT (agent_id) DO UPDATE SET "
         + ", ".join(f"{column} = excluded.{column}" for column in _WRITTEN.split(", "))
     ),
@@ -57,7 +61,10 @@ _STATEMENTS: Final = {
         + ", ".join(f"{column} = %s" for column in _WRITTEN.split(", "))
         + " WHERE agent_id = %s"
     ),
-    "lock": f"SELECT {AGENT_COLUMNS} FROM {{s}}.agents WHERE agent_id = %s FOR UPDATE",
+    # The agent's state and its alerted level (see schema.py), locked.
+    "lock": f"SELECT {AGENT_COLUMNS}, alerted FROM {{s}}.agents WHERE agent_id = %s FOR UPDATE",
+    # An update whose agent's period rolled: the new period has alerted nothing yet.
+    "reset_alerted": "UPDATE {s}.agents SET alerted = 0 WHERE agent_id = %s",
     "remove": "DELETE FROM {s}.agents WHERE agent_id = %s",
     # The holds of removed agents, everywhere they count (run after the agents' rows are locked).
     "drop_holds": (
@@ -119,6 +126,7 @@ class AgentOps(TrailOps):
         rows = [agent_params(latest[key]) for key in keys]
         columns: list[list[Any]] = [keys, *map(list, zip(*rows, strict=True))]
         columns[6] = [json.dumps(scopes) for scopes in columns[6]]  # scopes, as JSON arrays
+        columns[11] = [None if found is None else json.dumps(found) for found in columns[11]]  # thresholds
         yield Sql(self.sql["upsert_many"], (now, *columns))
 
     def get(self, key: str) -> Op[AgentState | None]:
@@ -238,7 +246,7 @@ class AgentOps(TrailOps):
         rows = yield Sql(self.sql["lock"], (key,))
         if not rows:
             raise AgentNotFound(key)
-        current = state_of(agent_id, rows[0])
+        current = state_of(agent_id, rows[0][:-1])
         implied: list[AuditEvent] = []
         start = rolled_start(current.budget_period, current.budget_tz, current.period_start, now)
         if start is not None and current.budget_period is not None:
@@ -250,6 +258,7 @@ class AgentOps(TrailOps):
             )
             current.budget_spent = 0.0
             current.period_start = start
+            yield Sql(self.sql["reset_alerted"], (key,))
         new = fn(current)
         yield Sql(self.sql["replace"], (*agent_params(new), now, key))
         records, head = yield from self._append(implied, chain, now)

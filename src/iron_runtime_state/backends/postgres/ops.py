@@ -2,7 +2,8 @@
 
 :class:`PostgresOps` gathers them by concern: the audit trail (:mod:`.trail`), agent states
 (:mod:`.agents`), spends, holds and budget scopes (:mod:`.spending`); plus :meth:`~PostgresOps.prepare`,
-which creates or migrates the schema before a store object's first operation. The sync and asyncio
+which creates or migrates the schema before a store object's first operation; and the spend
+ledger's reports (:mod:`.ledger`). The sync and asyncio
 drivers run the same operations (:mod:`.requests` says what they yield), so each rule is written
 once for both.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 from typing import Final
 
 from ...errors import SchemaError
+from ...ledger import SpendQuery, SpendTotal
+from . import ledger
 from . import schema as layout
 from .requests import BEGIN, COMMIT, Op, Sql
 from .spending import BudgetOps
@@ -34,6 +37,10 @@ class PostgresOps(BudgetOps):
             f"iron-runtime-state (this one knows versions up to {len(layout.MIGRATIONS)}); it was left "
             "untouched: upgrade iron-runtime-state to use it"
         )
+
+    def spend_totals(self, query: SpendQuery) -> Op[list[SpendTotal]]:
+        """See ``Backend.spend_totals``: from the ledger's index, never the records (:mod:`.ledger`)."""
+        return (yield from ledger.spend_totals(self.quoted_schema, query))
 
     def migrate(self) -> Op[str]:
         """See ``Backend.migrate``: the schema is created or migrated on first use (before this

@@ -22,6 +22,7 @@ from ...ids import AgentId
 from ...models import AgentState
 from ...money import from_micros, to_micros
 from ...periods import bounds
+from ...thresholds import DEFAULT_THRESHOLDS
 from ..base import BudgetRow
 from .schema import STATUS_CODE, STATUSES
 
@@ -40,6 +41,8 @@ __all__ = [
     "period_end",
     "restartable",
     "state_of",
+    "stored_thresholds",
+    "thresholds_of",
 ]
 
 _T = TypeVar("_T")
@@ -115,12 +118,24 @@ def restartable(method: Callable[..., Op[_T]]) -> Callable[..., Op[_T]]:
 # -- agents ------------------------------------------------------------------------------------
 
 #: The columns an agent's state is read from, in :func:`state_of`'s order.
-AGENT_COLUMNS: Final = "status, spent, pii, budget_limit, labels, scopes, period, tz, period_start"
+AGENT_COLUMNS: Final = (
+    "status, spent, pii, budget_limit, labels, scopes, period, tz, period_start, thresholds"
+)
+
+
+def thresholds_of(stored: Sequence[float] | None) -> tuple[float, ...]:
+    """A budget's thresholds as stored (``NULL``: the default ones, the very same tuple)."""
+    return DEFAULT_THRESHOLDS if stored is None else tuple(stored)
+
+
+def stored_thresholds(thresholds: tuple[float, ...]) -> list[float] | None:
+    """How a ``thresholds`` column keeps a budget's thresholds (``None`` for the default)."""
+    return None if thresholds == DEFAULT_THRESHOLDS else list(thresholds)
 
 
 def state_of(agent_id: AgentId, row: Sequence[Any]) -> AgentState:
     """The state stored in ``row`` (the :data:`AGENT_COLUMNS`)."""
-    status, spent, pii, limit, labels, scopes, period, tz, start = row
+    status, spent, pii, limit, labels, scopes, period, tz, start, thresholds = row
     return AgentState._trusted(
         agent_id,
         STATUSES[status],
@@ -132,6 +147,7 @@ def state_of(agent_id: AgentId, row: Sequence[Any]) -> AgentState:
         period,
         tz,
         start,
+        thresholds_of(thresholds),
     )
 
 
@@ -144,7 +160,7 @@ def period_end(period: str | None, tz: str, start: float | None) -> float | None
 
 def agent_params(state: AgentState) -> tuple[Any, ...]:
     """The stored columns of a state: status, spent, pii, limit, labels, scopes, period, tz,
-    period_start, period_end (amounts in micro-units)."""
+    period_start, period_end, thresholds (amounts in micro-units)."""
     limit = state.budget_limit
     labels = state.labels
     return (
@@ -158,16 +174,17 @@ def agent_params(state: AgentState) -> tuple[Any, ...]:
         state.budget_tz,
         state.period_start,
         period_end(state.budget_period, state.budget_tz, state.period_start),
+        stored_thresholds(state.budget_thresholds),
     )
 
 
 # -- budget scopes -----------------------------------------------------------------------------
 
 #: The columns a scope is read from, in :func:`budget_row`'s order (its open holds come last).
-BUDGET_COLUMNS: Final = "scope, budget_limit, period, tz, period_start, spent"
+BUDGET_COLUMNS: Final = "scope, budget_limit, period, tz, period_start, spent, thresholds"
 
 
 def budget_row(row: Sequence[Any], held: int) -> BudgetRow:
     """A scope as stored (the :data:`BUDGET_COLUMNS`) with ``held`` micro-units of open holds."""
-    scope, limit, period, tz, start, spent = row
-    return BudgetRow(scope, limit, period, tz, start, spent, int(held))
+    scope, limit, period, tz, start, spent, thresholds = row
+    return BudgetRow(scope, limit, period, tz, start, spent, int(held), thresholds_of(thresholds))

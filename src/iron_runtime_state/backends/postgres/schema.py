@@ -215,6 +215,184 @@ BEGIN
 END
 $$"""
 
+# -- version 2 (0.7.0): budget thresholds, and the spend ledger's index -----------------------
+
+#: The thresholds of a budget whose ``thresholds`` column is NULL (``thresholds.DEFAULT_THRESHOLDS``,
+#: written out: a shipped migration never changes with the code; a test checks they agree).
+_DEFAULT_THRESHOLDS: Final = "'{0.5,0.8,1.0}'::float8[]"
+
+# Whether a charge that leaves a budget at p_spent reaches a threshold above p_alerted: the rule
+# of thresholds.crossed(), compared as doubles as Python does (amounts stay below 2**53, so the
+# casts are exact). Fast paths leave such a charge to the general path, which writes the events.
+_CROSSES: Final = f"""
+CREATE FUNCTION {{s}}.crosses(
+    p_thresholds double precision[], p_alerted double precision, p_limit bigint, p_spent bigint)
+RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(p_limit, 0) > 0 AND EXISTS (
+        SELECT FROM unnest(coalesce(p_thresholds, {_DEFAULT_THRESHOLDS})) t
+        WHERE t > p_alerted AND p_spent::float8 >= t * p_limit::float8)
+$$"""
+
+# The ledger's record of a charge the calling function made, sealed by the client after the head
+# it predicted (p_after, p_prev): the head moves, the record and its ledger row are inserted, and
+# the channel is told (as the append statement does, see trail.py). A head that moved meanwhile
+# is a serialization failure: the whole statement, charge included, rolls back.
+_LOG_SPEND: Final = """
+CREATE FUNCTION {s}.log_spend(
+    p_after bigint, p_prev text, p_hash text, p_seal text, p_channel text, p_agent text,
+    p_ts bigint, p_details text, p_amount bigint, p_scopes text[], p_labels jsonb, p_model text,
+    p_input bigint, p_output bigint, p_cached bigint, p_tags jsonb)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE {s}.audit_chain SET head_seq = p_after + 1, head_hash = p_hash, head_seal = p_seal
+    WHERE id = 0 AND head_seq = p_after AND head_hash = p_prev;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'the audit head moved' USING ERRCODE = 'serialization_failure';
+    END IF;
+    INSERT INTO {s}.audit (seq, agent_id, event_type, timestamp, details, prev_hash, hash)
+    VALUES (p_after + 1, p_agent, 'spend', p_ts, p_details, p_prev, p_hash);
+    INSERT INTO {s}.ledger (seq, ts, agent_id, amount, model, input_tokens, output_tokens,
+                            cached_input_tokens, scopes, labels, tags)
+    VALUES (p_after + 1, p_ts, p_agent, p_amount, p_model, p_input, p_output, p_cached, p_scopes,
+            nullif(p_labels, '{}'), p_tags);
+    PERFORM pg_notify(p_channel, (p_after + 1)::text);
+END
+$$"""
+
+# The parameters both fast paths take for the spend record (see spending.py).
+_RECORD_PARAMS: Final = """p_labels jsonb, p_scopes text[], p_after bigint, p_prev text, p_hash text,
+    p_seal text, p_ts bigint, p_details text, p_channel text, p_model text, p_input bigint,
+    p_output bigint, p_cached bigint, p_tags jsonb"""
+_LOG_ARGS: Final = """p_after, p_prev, p_hash, p_seal, p_channel, p_agent, p_ts, p_details, {amount},
+        p_scopes, p_labels, p_model, p_input, p_output, p_cached, p_tags"""
+# The head is still the one the record was sealed after: checked before anything changes, so a
+# prediction that missed costs no rollback (log_spend checks again under the head's lock).
+_HEAD_IS: Final = (
+    "EXISTS (SELECT FROM {s}.audit_chain WHERE id = 0 AND head_seq = p_after AND head_hash = p_prev)"
+)
+
+_SPEND_V2: Final = f"""
+CREATE FUNCTION {{s}}.spend(
+    p_agent text, p_amount bigint, p_now double precision, {_RECORD_PARAMS},
+    OUT r_status smallint, OUT r_spent bigint, OUT r_pii bigint, OUT r_limit bigint, OUT r_labels jsonb,
+    OUT r_scopes text[], OUT r_period text, OUT r_tz text, OUT r_period_start double precision,
+    OUT r_thresholds double precision[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    a record;
+    b record;
+    clock double precision;
+    held bigint;
+    lapsed bigint;
+    counted integer := 0;
+BEGIN
+    SELECT * INTO a FROM {{s}}.agents WHERE agent_id = p_agent FOR UPDATE;
+    IF NOT FOUND OR a.status <> {RUNNING} OR a.spent + p_amount > {_MAX} OR {_ENDED.format(r="a")}
+       OR a.labels <> p_labels OR a.scopes <> p_scopes
+       OR {{s}}.crosses(a.thresholds, a.alerted, a.budget_limit, a.spent + p_amount) THEN
+        RETURN;
+    END IF;
+    -- Read after the lock: holds committed by the writer we waited for are counted. One that
+    -- lapsed unsettled is for the general path to drop, with its event.
+    clock := extract(epoch FROM clock_timestamp());
+    SELECT coalesce(sum(h.amount) FILTER (WHERE h.expires_at > clock), 0),
+           count(*) FILTER (WHERE h.expires_at <= clock)
+    INTO held, lapsed FROM {{s}}.holds h WHERE h.agent_id = p_agent;
+    IF lapsed > 0 OR (a.budget_limit IS NOT NULL AND a.spent + held + p_amount > a.budget_limit) THEN
+        RETURN;
+    END IF;
+    IF cardinality(a.scopes) > 0 THEN
+        FOR b IN SELECT * FROM {{s}}.budgets WHERE scope = ANY (a.scopes) ORDER BY scope FOR UPDATE LOOP
+            counted := counted + 1;
+            IF b.spent + p_amount > {_MAX} OR {_ENDED.format(r="b")}
+               OR {{s}}.crosses(b.thresholds, b.alerted, b.budget_limit, b.spent + p_amount) THEN
+                RETURN;
+            END IF;
+            IF b.budget_limit IS NOT NULL THEN
+                SELECT coalesce(sum(h.amount), 0) INTO held FROM {{s}}.hold_scopes h
+                WHERE h.scope = b.scope AND h.expires_at > clock;
+                IF b.spent + held + p_amount > b.budget_limit THEN
+                    RETURN;
+                END IF;
+            END IF;
+        END LOOP;
+        IF counted < cardinality(a.scopes) THEN
+            RETURN;
+        END IF;
+    END IF;
+    IF NOT {_HEAD_IS} THEN
+        RETURN;
+    END IF;
+    IF cardinality(a.scopes) > 0 THEN
+        UPDATE {{s}}.budgets SET spent = spent + p_amount, changed_at = p_now WHERE scope = ANY (a.scopes);
+    END IF;
+    -- Then the agent, which takes a row of stats (by trigger), after every budget's lock; the
+    -- audit head last.
+    UPDATE {{s}}.agents SET spent = spent + p_amount, changed_at = p_now WHERE agent_id = p_agent
+    RETURNING status, spent, pii, budget_limit, labels, scopes, period, tz, period_start, thresholds
+    INTO r_status, r_spent, r_pii, r_limit, r_labels, r_scopes, r_period, r_tz, r_period_start,
+         r_thresholds;
+    PERFORM {{s}}.log_spend({_LOG_ARGS.format(amount="p_amount")});
+END
+$$"""
+
+_COMMIT_V2: Final = f"""
+CREATE FUNCTION {{s}}.commit_hold(
+    p_agent text, p_id text, p_actual bigint, p_now double precision, {_RECORD_PARAMS})
+RETURNS TABLE (r_status smallint, r_spent bigint, r_pii bigint, r_limit bigint, r_labels jsonb,
+               r_scopes text[], r_period text, r_tz text, r_period_start double precision,
+               r_thresholds double precision[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    a record;
+    b record;
+    h record;
+    clock double precision;
+    counted integer := 0;
+BEGIN
+    SELECT * INTO a FROM {{s}}.agents WHERE agent_id = p_agent FOR UPDATE;
+    IF NOT FOUND OR a.spent + p_actual > coalesce(a.budget_limit, {_MAX}) OR {_ENDED.format(r="a")}
+       OR a.labels <> p_labels
+       OR {{s}}.crosses(a.thresholds, a.alerted, a.budget_limit, a.spent + p_actual) THEN
+        RETURN;
+    END IF;
+    clock := extract(epoch FROM clock_timestamp());
+    SELECT * INTO h FROM {{s}}.holds
+    WHERE agent_id = p_agent AND reservation_id = p_id AND expires_at > clock;
+    IF NOT FOUND OR h.scopes <> p_scopes
+       OR EXISTS (SELECT FROM {{s}}.holds l WHERE l.agent_id = p_agent AND l.expires_at <= clock) THEN
+        RETURN;
+    END IF;
+    IF cardinality(h.scopes) > 0 THEN
+        FOR b IN SELECT * FROM {{s}}.budgets WHERE scope = ANY (h.scopes) ORDER BY scope FOR UPDATE LOOP
+            counted := counted + 1;
+            IF b.spent + p_actual > coalesce(b.budget_limit, {_MAX}) OR {_ENDED.format(r="b")}
+               OR {{s}}.crosses(b.thresholds, b.alerted, b.budget_limit, b.spent + p_actual) THEN
+                RETURN;
+            END IF;
+        END LOOP;
+        -- A scope removed since the hold was made: the general path leaves it out of the record.
+        IF counted < cardinality(h.scopes) THEN
+            RETURN;
+        END IF;
+    END IF;
+    IF NOT {_HEAD_IS} THEN
+        RETURN;
+    END IF;
+    IF cardinality(h.scopes) > 0 THEN
+        DELETE FROM {{s}}.hold_scopes s
+        WHERE s.scope = ANY (h.scopes) AND s.expires_at = h.expires_at AND s.reservation_id = p_id;
+        UPDATE {{s}}.budgets SET spent = spent + p_actual, changed_at = p_now WHERE scope = ANY (h.scopes);
+    END IF;
+    DELETE FROM {{s}}.holds WHERE agent_id = p_agent AND reservation_id = p_id;
+    UPDATE {{s}}.agents SET spent = spent + p_actual, changed_at = p_now WHERE agent_id = p_agent;
+    PERFORM {{s}}.log_spend({_LOG_ARGS.format(amount="p_actual")});
+    RETURN QUERY SELECT a.status, a.spent + p_actual, a.pii, a.budget_limit, a.labels, a.scopes,
+        a.period, a.tz, a.period_start, a.thresholds;
+END
+$$"""
+
+
 #: Schema migrations, in order: ``MIGRATIONS[i]`` takes a schema from version ``i`` to ``i + 1``.
 #: Append new entries; never edit one that has shipped. Each runs in the migrating transaction.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -365,6 +543,46 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             anchor_seal text
         )""",
         f"INSERT INTO {{s}}.audit_chain VALUES (0, 0, '{GENESIS_HASH}', NULL, 0, '{GENESIS_HASH}', NULL)",
+    ),
+    # 2 (0.7.0): budget thresholds and alerted levels; the spend ledger's index; the fast paths
+    # write the ledger's record (their old versions are replaced).
+    (
+        # thresholds NULL: the default ones. alerted: the highest threshold alerted in the
+        # current period (0: none). Constant defaults: PostgreSQL adds these columns without
+        # rewriting the tables.
+        "ALTER TABLE {s}.agents ADD COLUMN thresholds double precision[], "
+        "ADD COLUMN alerted double precision NOT NULL DEFAULT 0",
+        "ALTER TABLE {s}.budgets ADD COLUMN thresholds double precision[], "
+        "ADD COLUMN alerted double precision NOT NULL DEFAULT 0",
+        # One row per spend record (seq: the record's), written in the record's transaction and
+        # removed with it by prune_audit; reports read it instead of parsing records. ts: the
+        # record's timestamp; amount in micro-units; labels and tags NULL when empty.
+        """CREATE TABLE {s}.ledger (
+            seq                 bigint PRIMARY KEY,
+            ts                  bigint NOT NULL,
+            agent_id            text COLLATE "C" NOT NULL,
+            amount              bigint NOT NULL,
+            model               text COLLATE "C",
+            input_tokens        bigint NOT NULL,
+            output_tokens       bigint NOT NULL,
+            cached_input_tokens bigint NOT NULL,
+            scopes              text[] COLLATE "C" NOT NULL,
+            labels              jsonb,
+            tags                jsonb
+        )""",
+        # A report reads the span it asks for, never the whole ledger: by time, the sums come
+        # from the index alone (an index-only scan for a report by time); by agent or model, the
+        # range of that key within the span.
+        "CREATE INDEX ledger_by_time ON {s}.ledger (ts) "
+        "INCLUDE (amount, input_tokens, output_tokens, cached_input_tokens)",
+        "CREATE INDEX ledger_by_agent ON {s}.ledger (agent_id, ts)",
+        "CREATE INDEX ledger_by_model ON {s}.ledger (model, ts)",
+        _CROSSES,
+        _LOG_SPEND,
+        "DROP FUNCTION {s}.spend(text, bigint, double precision)",
+        _SPEND_V2,
+        "DROP FUNCTION {s}.commit_hold(text, text, bigint, double precision)",
+        _COMMIT_V2,
     ),
 )
 

@@ -4,8 +4,16 @@
 of the same job (``spend``, ``reserve``, ``commit_hold``: one round trip, see :mod:`.schema`).
 It locks the agent and then the scopes it draws on, in name order, reads their open holds after
 taking the locks, and either makes the whole change or makes none and returns no row: when a
-period has ended, a limit would be passed, a scope is missing, or the agent is missing or not
-running.
+period has ended, a limit would be passed, a threshold would be reached, a scope is missing, or
+the agent is missing or not running.
+
+A settled spend's ledger record (``events.spend``) is hashed here, so the fast path sends it
+along, sealed in advance: after the audit head this store object last saw or wrote, naming the
+labels and scopes the agent had at its last spend (:attr:`BudgetOps.known`). The function
+checks both predictions under its locks and, when they hold, moves the head and inserts the
+record and its ledger row in the same statement (``log_spend``); when either missed (another
+writer appended, the agent's labels changed) it changes nothing, and the general path runs.
+One process writing alone pays one round trip per spend, as before the ledger.
 
 **The general path** then runs the same operation in one transaction here, with the same locks
 in the same order, applying :mod:`...budgets`' rules in Python: periods that ended start anew
@@ -18,18 +26,23 @@ Holds expire by the database's clock; periods turn by the manager's (``now``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from psycopg import errors as pgerrors
+
 from ... import events
 from ...audit_chain import AuditChain
-from ...budgets import check_total, current_start, passes, rolled_start
+from ...budgets import alerts, check_total, current_start, passes, rolled_start
 from ...errors import AgentNotFound, AgentNotRunning, BudgetNotFound, ReservationError
 from ...ids import AgentId
-from ...models import AuditEvent, Reservation
+from ...ledger import SpendNote
+from ...models import AuditEvent, AuditRecord, Reservation
 from ...money import from_micros
+from ...thresholds import DEFAULT_THRESHOLDS
 from ..base import BudgetChange, BudgetRow, CommitResult, SpendResult
+from . import ledger
 from .agents import AgentOps
 from .requests import (
     AGENT_COLUMNS,
@@ -42,6 +55,8 @@ from .requests import (
     period_end,
     restartable,
     state_of,
+    stored_thresholds,
+    thresholds_of,
 )
 from .schema import RUNNING, STATUSES, render
 
@@ -56,12 +71,16 @@ _HELD: Final = (
     f"WHERE h.scope = b.scope AND h.expires_at > {CLOCK})"
 )
 
+# The fast paths' parameters for the spend record: see _RECORD_PARAMS in schema.py.
+_RECORD: Final = ", ".join(["%s"] * 14)
+
 _STATEMENTS: Final = {
-    "spend": "SELECT * FROM {s}.spend(%s, %s, %s)",
+    "spend": f"SELECT * FROM {{s}}.spend(%s, %s, %s, {_RECORD})",
     "reserve": "SELECT * FROM {s}.reserve(%s, %s, %s, %s, %s)",
-    "commit": "SELECT * FROM {s}.commit_hold(%s, %s, %s, %s)",
+    "commit": f"SELECT * FROM {{s}}.commit_hold(%s, %s, %s, %s, {_RECORD})",
     "lock_budgets": (
-        f"SELECT {BUDGET_COLUMNS} FROM {{s}}.budgets WHERE scope = ANY (%s) ORDER BY scope FOR UPDATE"
+        f"SELECT {BUDGET_COLUMNS}, alerted FROM {{s}}.budgets WHERE scope = ANY (%s) ORDER BY scope "
+        "FOR UPDATE"
     ),
     # The general path reads the database's clock once, after its first lock, and decides by
     # that one reading which holds are open and which lapsed: each is counted or dropped.
@@ -77,13 +96,14 @@ _STATEMENTS: Final = {
         "SELECT reservation_id, amount, expires_at, scopes FROM gone ORDER BY expires_at, reservation_id"
     ),
     "set_spent": (
-        "UPDATE {s}.agents SET spent = %s, period_start = %s, period_end = %s, changed_at = %s "
-        "WHERE agent_id = %s"
+        "UPDATE {s}.agents SET spent = %s, period_start = %s, period_end = %s, alerted = %s, "
+        "changed_at = %s WHERE agent_id = %s"
     ),
     "set_scope_spent": (
-        "UPDATE {s}.budgets SET spent = %s, period_start = %s, period_end = %s, changed_at = %s "
-        "WHERE scope = %s"
+        "UPDATE {s}.budgets SET spent = %s, period_start = %s, period_end = %s, alerted = %s, "
+        "changed_at = %s WHERE scope = %s"
     ),
+    "ledger": ledger.INSERT,
     "hold": (
         "INSERT INTO {s}.holds (agent_id, reservation_id, amount, expires_at, scopes) "
         "VALUES (%s, %s, %s, %s, %s)"
@@ -113,11 +133,13 @@ _STATEMENTS: Final = {
     "lock_budget": f"SELECT {BUDGET_COLUMNS} FROM {{s}}.budgets WHERE scope = %s FOR UPDATE",
     "new_budget": (
         "INSERT INTO {s}.budgets (scope, budget_limit, period, tz, period_start, period_end, spent, "
-        "changed_at) VALUES (%s, %s, %s, %s, %s, %s, 0, %s) ON CONFLICT (scope) DO NOTHING"
+        "thresholds, changed_at) VALUES (%s, %s, %s, %s, %s, %s, 0, %s, %s) ON CONFLICT (scope) DO NOTHING"
     ),
+    # alerted = %s: kept, or 0 when the period or time zone changed.
     "change_budget": (
         "UPDATE {s}.budgets SET budget_limit = %s, period = %s, tz = %s, period_start = %s, "
-        "period_end = %s, changed_at = %s WHERE scope = %s"
+        "period_end = %s, thresholds = %s, alerted = CASE WHEN %s THEN 0 ELSE alerted END, "
+        "changed_at = %s WHERE scope = %s"
     ),
     "remove_budget": f"DELETE FROM {{s}}.budgets WHERE scope = %s RETURNING {BUDGET_COLUMNS}",
     "drop_scope_holds": (
@@ -132,6 +154,12 @@ _NOT_OPEN: Final = (
 )
 
 
+#: The labels and scopes predicted for an agent the store object knows nothing of.
+_PLAIN: Final[tuple[Mapping[str, str], tuple[str, ...]]] = ({}, ())
+#: How many agents' labels and scopes a store object remembers (then it starts again).
+_KNOWN: Final = 10_000
+
+
 @dataclass(slots=True)
 class _Budget:
     """One budget a charge involves, as read under its lock: the agent's own (``scope=None``) or a scope."""
@@ -143,7 +171,10 @@ class _Budget:
     start: float | None
     spent: int
     held: int
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    alerted: float = 0.0
     rolled: bool = False
+    raised: bool = False  # alerted rose: a threshold was reached
 
     def what(self) -> str:
         return (
@@ -152,7 +183,9 @@ class _Budget:
 
     def row(self) -> BudgetRow:
         assert self.scope is not None
-        return BudgetRow(self.scope, self.limit, self.period, self.tz, self.start, self.spent, self.held)
+        return BudgetRow(
+            self.scope, self.limit, self.period, self.tz, self.start, self.spent, self.held, self.thresholds
+        )
 
 
 def _roll(agent_id: AgentId, budgets: Sequence[_Budget], now: float) -> list[AuditEvent]:
@@ -167,8 +200,40 @@ def _roll(agent_id: AgentId, budgets: Sequence[_Budget], now: float) -> list[Aud
         implied.append(
             events.budget_reset(owner, budget.scope, budget.period, budget.tz, closed, budget.spent, now)
         )
-        budget.spent, budget.start, budget.rolled = 0, start, True
+        budget.spent, budget.start, budget.alerted, budget.rolled = 0, start, 0.0, True
     return implied
+
+
+def _alerts(agent_id: AgentId, budgets: Sequence[_Budget], charge: int, now: float) -> list[AuditEvent]:
+    """The ``budget_threshold`` events of charging ``charge`` to ``budgets`` (the agent's first,
+    then its scopes in its order), raising the alerted level of each budget that reached one."""
+    found: list[AuditEvent] = []
+    for budget in budgets:
+        more, budget.alerted = alerts(
+            agent_id,
+            now,
+            budget.thresholds,
+            budget.alerted,
+            budget.limit,
+            budget.spent + charge,
+            budget.start,
+            budget.scope,
+        )
+        if more:
+            found += more
+            budget.raised = True
+    return found
+
+
+def _agent_budget(row: Sequence[Any], held: int) -> _Budget:
+    """The agent's own budget, from its locked row (the ``lock`` statement's columns)."""
+    return _Budget(None, row[3], row[6], row[7], row[8], row[1], held, thresholds_of(row[9]), row[10])
+
+
+def _scope_budget(row: Sequence[Any], held: int) -> _Budget:
+    """A scope's budget, from its locked row (``lock_budgets``: its columns, then ``alerted``)."""
+    scope, limit, period, tz, start, spent, thresholds, alerted = row
+    return _Budget(scope, limit, period, tz, start, spent, held, thresholds_of(thresholds), alerted)
 
 
 class BudgetOps(AgentOps):
@@ -177,16 +242,71 @@ class BudgetOps(AgentOps):
     def __init__(self, quoted_schema: str) -> None:
         super().__init__(quoted_schema)
         self.sql.update({name: render(text, quoted_schema) for name, text in _STATEMENTS.items()})
+        #: The labels and scopes of agents that have some, as their last charge on the general
+        #: path found them: what the fast path predicts an agent's spend record names. Only a
+        #: prediction (the function checks it), so a stale entry costs one general path.
+        self.known: dict[str, tuple[Mapping[str, str], tuple[str, ...]]] = {}
+
+    def _learn(self, key: str, labels: Mapping[str, str], scopes: tuple[str, ...]) -> None:
+        if labels or scopes:
+            if len(self.known) >= _KNOWN:
+                self.known.clear()
+            self.known[key] = (labels, scopes)
+        else:
+            self.known.pop(key, None)
+
+    # -- the fast path's ledger record ----------------------------------------------------------
+
+    def _fast(
+        self,
+        statement: str,
+        head: tuple[Any, ...],
+        event: AuditEvent,
+        labels: Mapping[str, str],
+        scopes: Sequence[str],
+        note: SpendNote | None,
+        chain: AuditChain,
+    ) -> Op[tuple[Sequence[Any], AuditRecord] | None]:
+        """Run a fast path's function (``head``: its first parameters) with the spend record
+        sealed after the head this store object knows; its row and the record, or ``None``
+        when the general path must run (nothing changed)."""
+        hint = self.watch.highest
+        if hint is None:  # nothing known of the head yet: the general path reads it
+            return None
+        rows, records = chain.seal_rows([event], *hint)
+        seq, _, _, ts, details, prev, digest = rows[0]
+        params = (
+            *head,
+            ledger.labels_json(labels),
+            list(scopes),
+            hint[0],
+            prev,
+            digest,
+            chain.seal_mark("head", seq, digest),
+            ts,
+            details,
+            self.channel,
+            *ledger.note_columns(note),
+        )
+        try:
+            found = yield Sql(statement, params)
+        except pgerrors.SerializationFailure:  # the head moved under the statement: rolled back
+            return None
+        if not found or found[0][0] is None:
+            return None
+        self.watch.wrote((seq, digest))
+        return found[0], records[0]
 
     # -- the general path ---------------------------------------------------------------------
 
     def _lock_budgets(
         self, key: str, row: Sequence[Any], scopes: Sequence[str], clock: float
     ) -> Op[list[_Budget]]:
-        """The agent's budget (its row is locked) and its scopes', locked in name order, with their
-        holds open at ``clock`` read after the locks; ``BudgetNotFound`` for a missing scope."""
+        """The agent's budget (its row is locked; ``row``: the ``lock`` statement's) and its
+        scopes', locked in name order, with their holds open at ``clock`` read after the locks;
+        ``BudgetNotFound`` for a missing scope."""
         held = (yield Sql(self.sql["agent_held"], (key, clock)))[0][0]
-        budgets = [_Budget(None, row[3], row[6], row[7], row[8], row[1], int(held))]
+        budgets = [_agent_budget(row, int(held))]
         if scopes:
             locked = {found[0]: found for found in (yield Sql(self.sql["lock_budgets"], (list(scopes),)))}
             for scope in scopes:
@@ -194,9 +314,7 @@ class BudgetOps(AgentOps):
                     raise BudgetNotFound(scope, key)
             found = yield Sql(self.sql["scopes_held"], (list(scopes), clock))
             holds = {scope: int(total) for scope, total in found}
-            for scope in scopes:
-                _, limit, period, tz, start, spent = locked[scope]
-                budgets.append(_Budget(scope, limit, period, tz, start, spent, holds.get(scope, 0)))
+            budgets += [_scope_budget(locked[scope], holds.get(scope, 0)) for scope in scopes]
         return budgets
 
     def _drop_lapsed(self, agent_id: AgentId, clock: float, now: float) -> Op[list[AuditEvent]]:
@@ -209,16 +327,43 @@ class BudgetOps(AgentOps):
         ]
 
     def _write(self, key: str, budgets: Sequence[_Budget], charge: int, now: float) -> Op[None]:
-        """Store the budgets that rolled or are charged ``charge`` micro-units (in the transaction)."""
+        """Store the budgets that rolled, reached a threshold or are charged ``charge`` micro-units
+        (in the transaction)."""
         for budget in budgets:
-            if not (budget.rolled or charge):
+            if not (budget.rolled or budget.raised or charge):
                 continue
             budget.spent += charge
             end = period_end(budget.period, budget.tz, budget.start)
-            if budget.scope is None:
-                yield Sql(self.sql["set_spent"], (budget.spent, budget.start, end, now, key))
-            else:
-                yield Sql(self.sql["set_scope_spent"], (budget.spent, budget.start, end, now, budget.scope))
+            name, target = ("set_spent", key) if budget.scope is None else ("set_scope_spent", budget.scope)
+            yield Sql(self.sql[name], (budget.spent, budget.start, end, budget.alerted, now, target))
+
+    def _settle(
+        self,
+        agent_id: AgentId,
+        budgets: Sequence[_Budget],
+        amount: int,
+        now: float,
+        chain: AuditChain,
+        implied: list[AuditEvent],
+        overs: list[AuditEvent],
+        labels: Mapping[str, str],
+        reservation_id: str | None,
+        note: SpendNote | None,
+    ) -> Op[list[AuditRecord]]:
+        """Charge ``amount`` to ``budgets`` and commit, appending ``implied``, the ledger's
+        ``spend`` record (with its ledger row in the same transaction), ``overs`` (a commit's
+        ``overspent`` events), then the ``budget_threshold`` events; the records."""
+        key = agent_id._value
+        scopes = [budget.scope for budget in budgets if budget.scope is not None]
+        record = events.spend(agent_id, now, amount, scopes, labels, reservation_id, note)
+        reached = _alerts(agent_id, budgets, amount, now)
+        yield from self._write(key, budgets, amount, now)
+        records, head = yield from self._append([*implied, record, *overs, *reached], chain, now)
+        written = records[len(implied)]
+        model, input_tokens, output_tokens, cached, tags = ledger.note_columns(note)
+        row = (written.seq, written.timestamp, key, amount, model, input_tokens, output_tokens, cached)
+        yield Sql(self.sql["ledger"], (*row, scopes, ledger.labels_json(labels) if labels else None, tags))
+        return (yield from self._commit(records, head))
 
     @restartable
     def _charge(
@@ -228,6 +373,7 @@ class BudgetOps(AgentOps):
         now: float,
         chain: AuditChain,
         hold: tuple[float, str] | None = None,
+        note: SpendNote | None = None,
     ) -> Op[SpendResult | Reservation]:
         """A spend (``hold`` is ``None``) or a hold (``(ttl, reservation_id)``) on the general path."""
         key = agent_id._value
@@ -249,9 +395,17 @@ class BudgetOps(AgentOps):
         # In order: holds that lapsed, periods that ended, then the refusal if any.
         implied = yield from self._drop_lapsed(agent_id, clock, now)
         implied += _roll(agent_id, budgets, now)
-        state = state_of(agent_id, row)
+        state = state_of(agent_id, row[:-1])
         agent = budgets[0]
         refusal = next((b for b in budgets if passes(b.limit, b.spent + b.held + amount)), None)
+        if refusal is None and hold is None:  # a spend: charged, with its record
+            self._learn(key, row[4] or {}, scopes)
+            records = yield from self._settle(
+                agent_id, budgets, amount, now, chain, implied, [], row[4] or {}, None, note
+            )
+            state.budget_spent = from_micros(agent.spent)
+            state.period_start = agent.start
+            return SpendResult(state, False, agent.held, records)
         if refusal is not None:
             action = "spend" if hold is None else "reserve"
             implied.append(
@@ -266,9 +420,7 @@ class BudgetOps(AgentOps):
                     scope=refusal.scope,
                 )
             )
-            yield from self._write(key, budgets, 0, now)
-        else:
-            yield from self._write(key, budgets, 0 if hold is not None else amount, now)
+        yield from self._write(key, budgets, 0, now)
         expires_at = 0.0
         if refusal is None and hold is not None:
             ttl, reservation_id = hold
@@ -287,11 +439,18 @@ class BudgetOps(AgentOps):
 
     # -- spends and holds ---------------------------------------------------------------------
 
-    def record_spend(self, agent_id: AgentId, amount: int, now: float, chain: AuditChain) -> Op[SpendResult]:
-        row = (yield Sql(self.sql["spend"], (agent_id._value, amount, now)))[0]
-        if row[0] is not None:  # a row of NULLs: the general path decides
-            return SpendResult(state_of(agent_id, row))
-        result = yield from self._charge(agent_id, amount, now, chain)
+    def record_spend(
+        self, agent_id: AgentId, amount: int, now: float, chain: AuditChain, note: SpendNote | None = None
+    ) -> Op[SpendResult]:
+        key = agent_id._value
+        labels, scopes = self.known.get(key, _PLAIN)
+        event = events.spend(agent_id, now, amount, scopes, labels, None, note)
+        found = yield from self._fast(
+            self.sql["spend"], (key, amount, now), event, labels, scopes, note, chain
+        )
+        if found is not None:
+            return SpendResult(state_of(agent_id, found[0]), records=(found[1],))
+        result = yield from self._charge(agent_id, amount, now, chain, None, note)
         assert isinstance(result, SpendResult)
         return result
 
@@ -307,18 +466,27 @@ class BudgetOps(AgentOps):
         return (yield from self._charge(agent_id, amount, now, chain, (ttl, reservation_id)))
 
     def commit(
-        self, reservation: Reservation, actual: int, now: float, chain: AuditChain
+        self,
+        reservation: Reservation,
+        actual: int,
+        now: float,
+        chain: AuditChain,
+        note: SpendNote | None = None,
     ) -> Op[CommitResult]:
         agent_id = reservation.agent_id
-        params = (agent_id._value, reservation.reservation_id, actual, now)
-        rows = yield Sql(self.sql["commit"], params)
-        if rows:
-            return CommitResult(state_of(agent_id, rows[0]), False)
-        return (yield from self._commit_hold(reservation, actual, now, chain))
+        key, rid, scopes = agent_id._value, reservation.reservation_id, reservation.scopes
+        labels = self.known.get(key, _PLAIN)[0]
+        event = events.spend(agent_id, now, actual, scopes, labels, rid, note)
+        found = yield from self._fast(
+            self.sql["commit"], (key, rid, actual, now), event, labels, scopes, note, chain
+        )
+        if found is not None:
+            return CommitResult(state_of(agent_id, found[0]), False, (found[1],))
+        return (yield from self._commit_hold(reservation, actual, now, chain, note))
 
     @restartable
     def _commit_hold(
-        self, reservation: Reservation, actual: int, now: float, chain: AuditChain
+        self, reservation: Reservation, actual: int, now: float, chain: AuditChain, note: SpendNote | None
     ) -> Op[CommitResult]:
         """``commit`` on the general path: periods roll, and overspends append their events."""
         agent_id = reservation.agent_id
@@ -335,18 +503,16 @@ class BudgetOps(AgentOps):
         locked = {}
         if hold_scopes:
             locked = {found[0]: found for found in (yield Sql(sql["lock_budgets"], (list(hold_scopes),)))}
-        budgets = [_Budget(None, row[3], row[6], row[7], row[8], row[1], 0)]
-        for scope in hold_scopes:
-            if scope in locked:
-                _, limit, period, tz, start, spent = locked[scope]
-                budgets.append(_Budget(scope, limit, period, tz, start, spent, 0))
+        budgets = [_agent_budget(row, 0)]
+        budgets += [_scope_budget(locked[scope], 0) for scope in hold_scopes if scope in locked]
         for budget in budgets:
             check_total(budget.spent + actual, budget.what())
         implied = yield from self._drop_lapsed(agent_id, clock, now)
         implied += _roll(agent_id, budgets, now)
         over = [budget for budget in budgets if passes(budget.limit, budget.spent + actual)]
+        overs: list[AuditEvent] = []
         for budget in over:
-            implied.append(
+            overs.append(
                 events.overspent(
                     agent_id,
                     now,
@@ -359,10 +525,11 @@ class BudgetOps(AgentOps):
                 )
             )
         yield Sql(sql["take_hold"], (key, rid))
-        yield from self._write(key, budgets, actual, now)
-        records, head = yield from self._append(implied, chain, now)
-        records = yield from self._commit(records, head)
-        state = state_of(agent_id, row)
+        self._learn(key, row[4] or {}, tuple(row[5] or ()))
+        records = yield from self._settle(
+            agent_id, budgets, actual, now, chain, implied, overs, row[4] or {}, rid, note
+        )
+        state = state_of(agent_id, row[:-1])
         state.budget_spent = from_micros(budgets[0].spent)
         state.period_start = budgets[0].start
         return CommitResult(state, bool(over), records)
@@ -383,30 +550,39 @@ class BudgetOps(AgentOps):
 
     @restartable
     def set_budget(
-        self, scope: str, limit: int | None, period: str | None, tz: str, now: float, chain: AuditChain
+        self,
+        scope: str,
+        limit: int | None,
+        period: str | None,
+        tz: str,
+        now: float,
+        chain: AuditChain,
+        thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
     ) -> Op[BudgetChange]:
         sql = self.sql
+        stored = stored_thresholds(thresholds)
         yield BEGIN
         found = yield Sql(sql["lock_budget"], (scope,))
         if not found:
             start = current_start(period, tz, now)
             end = period_end(period, tz, start)
-            if (yield Sql(sql["new_budget"], (scope, limit, period, tz, start, end, now))):
+            if (yield Sql(sql["new_budget"], (scope, limit, period, tz, start, end, stored, now))):
                 spent = 0
             else:  # created by another writer meantime: change it instead
                 found = yield Sql(sql["lock_budget"], (scope,))
         if found:
-            _, _, old_period, old_tz, start, spent = found[0]
-            if (old_period, old_tz) != (period, tz):
+            _, _, old_period, old_tz, start, spent, _ = found[0]
+            moved = (old_period, old_tz) != (period, tz)
+            if moved:
                 start = current_start(period, tz, now)  # the spend counts in the period of now
             end = period_end(period, tz, start)
-            yield Sql(sql["change_budget"], (limit, period, tz, start, end, now, scope))
+            yield Sql(sql["change_budget"], (limit, period, tz, start, end, stored, moved, now, scope))
         held = (yield Sql(sql["budget"], (scope,)))[0][-1]
-        records, head = yield from self._append(
-            [events.budget_set(scope, limit, period, tz, now)], chain, now
-        )
+        event = events.budget_set(scope, limit, period, tz, now, thresholds)
+        records, head = yield from self._append([event], chain, now)
         records = yield from self._commit(records, head)
-        return BudgetChange(BudgetRow(scope, limit, period, tz, start, spent, int(held)), records)
+        row = BudgetRow(scope, limit, period, tz, start, spent, int(held), thresholds_of(stored))
+        return BudgetChange(row, records)
 
     def get_budget(self, scope: str, now: float) -> Op[BudgetRow | None]:
         rows = yield Sql(self.sql["budget"], (scope,))

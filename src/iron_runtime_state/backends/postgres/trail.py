@@ -61,6 +61,8 @@ _STATEMENTS: Final = {
     "last": "SELECT seq, hash FROM {s}.audit ORDER BY seq DESC LIMIT 1",
     "last_before": "SELECT seq, hash FROM {s}.audit WHERE seq < %s ORDER BY seq DESC LIMIT 1",
     "prune": "DELETE FROM {s}.audit WHERE seq <= %s",
+    # The spend ledger's rows of the pruned records (see ledger.py), in the same transaction.
+    "prune_ledger": "DELETE FROM {s}.ledger WHERE seq <= %s",
     "set_anchor": (
         "UPDATE {s}.audit_chain SET anchor_seq = %s, anchor_hash = %s, anchor_seal = %s WHERE id = 0"
     ),
@@ -237,6 +239,7 @@ class TrailOps:
             return 0
         seq, digest = last[0]
         removed: int = yield Sql(sql["prune"], (seq,))
+        yield Sql(sql["prune_ledger"], (seq,))
         yield Sql(sql["set_anchor"], (seq, digest, chain.seal_mark("anchor", seq, digest)))
         yield COMMIT
         return removed

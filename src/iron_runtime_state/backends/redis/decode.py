@@ -26,8 +26,10 @@ from ...errors import (
     StateError,
 )
 from ...ids import AgentId
+from ...ledger import SpendNote
 from ...models import AgentState, AgentStatus, AuditEvent, AuditRecord, FleetStats, Reservation, check_count
 from ...money import from_micros, to_micros
+from ...thresholds import parse_thresholds
 from ..base import AuditMarks, BudgetRow
 
 __all__ = [
@@ -92,10 +94,11 @@ def float_micros(value: bytes | str) -> int:
 
 
 def decode_state(agent_id: AgentId, reply: Sequence[Any], at: int = 0) -> AgentState | None:
-    """The state in ``reply[at:at + 9]`` (the first nine :data:`~.scripts.AGENT_FIELDS`), or in a
-    read of an agent 0.4/0.5 stored, its float spend and limit at ``at + 9`` and ``at + 10``.
+    """The state in ``reply[at:at + 10]`` (the first ten :data:`~.scripts.AGENT_FIELDS`), or in a
+    read of an agent 0.4/0.5 stored, its float spend and limit at ``at + 10`` and ``at + 11``.
 
-    ``None`` when the status is missing (no such agent). A missing limit is no limit.
+    ``None`` when the status is missing (no such agent). A missing limit is no limit, missing
+    thresholds the default ones (an agent 0.6 or older stored).
     """
     status = reply[at]
     if status is None:
@@ -103,8 +106,8 @@ def decode_state(agent_id: AgentId, reply: Sequence[Any], at: int = 0) -> AgentS
     try:
         spent, limit = reply[at + 1], reply[at + 3]
         if spent is None:  # 0.4/0.5: float fields
-            spent, limit = float_micros(reply[at + 9]), reply[at + 10] and float_micros(reply[at + 10])
-        labels, scopes, period, tz, start = reply[at + 4 : at + 9]
+            spent, limit = float_micros(reply[at + 10]), reply[at + 11] and float_micros(reply[at + 11])
+        labels, scopes, period, tz, start, thresholds = reply[at + 4 : at + 10]
         return AgentState._trusted(
             agent_id,
             _STATUS[status],
@@ -116,17 +119,18 @@ def decode_state(agent_id: AgentId, reply: Sequence[Any], at: int = 0) -> AgentS
             None if period is None else period.decode(),
             "UTC" if tz is None else tz.decode(),
             None if start is None else float(start),
+            parse_thresholds(thresholds),
         )
     except (KeyError, TypeError, ValueError, IndexError):
         raise SchemaError(
-            f"agent {agent_id} has unreadable fields in Redis: {list(reply[at : at + 11])!r:.200}"
+            f"agent {agent_id} has unreadable fields in Redis: {list(reply[at : at + 12])!r:.200}"
         ) from None
 
 
 def decode_row(row: Sequence[Any]) -> BudgetRow:
     """A budget scope as replies carry it (``budget_row`` in ``lua/_prelude.lua``)."""
     try:
-        name, limit, period, tz, start, spent, held = row
+        name, limit, period, tz, start, spent, held, thresholds = row
         return BudgetRow(
             name.decode(),
             None if limit is None else int(limit),
@@ -135,6 +139,7 @@ def decode_row(row: Sequence[Any]) -> BudgetRow:
             float(start) if start else None,
             int(spent),
             int(held),
+            parse_thresholds(thresholds),
         )
     except (TypeError, ValueError, AttributeError):
         raise SchemaError(f"a budget scope in Redis has unreadable fields: {row!r:.200}") from None
@@ -205,7 +210,7 @@ def decode_status(
     """What ``set_status.lua`` did: the new state, and the ``status_changed`` event it queued."""
     if reply[0] != 1:
         raise refused_change(reply, agent_id, namespace, "set status")
-    return _state(agent_id, reply, 2), queued(reply, 11)
+    return _state(agent_id, reply, 2), queued(reply, 12)
 
 
 def decode_pii(
@@ -222,7 +227,7 @@ def decode_pii(
         check_count(int(reply[1]) + count, "the fleet's pii_detections")
     if code != 1:
         raise refused_change(reply, agent_id, namespace, "record PII detections")
-    events = queued(reply, 10)
+    events = queued(reply, 11)
     assert events is not None  # every PII change has its event
     return _state(agent_id, reply, 1), events
 
@@ -235,6 +240,9 @@ def outbox_event(fields: Sequence[bytes]) -> AuditEvent:
     outbox (float amounts, no scope) reads too.
     """
     entry = dict(zip(fields[::2], fields[1::2], strict=True))
+    kind = entry.get(b"kind")
+    if kind == b"charge" or kind == b"threshold":
+        return _ledger_event(kind, entry, fields)
     # An entry of this version always has a scope field (b"" for an agent's own budget); 0.5's had
     # none, and float amounts.
     micros = int if b"scope" in entry else float_micros
@@ -246,7 +254,12 @@ def outbox_event(fields: Sequence[bytes]) -> AuditEvent:
             limit = entry[b"limit"]
             period = _text(entry[b"period"]) or None
             return events.budget_set(
-                _text(entry[b"scope"]), micros(limit) if limit else None, period, _text(entry[b"tz"]), now
+                _text(entry[b"scope"]),
+                micros(limit) if limit else None,
+                period,
+                _text(entry[b"tz"]),
+                now,
+                parse_thresholds(entry.get(b"thresholds")),
             )
         if kind == b"removed":
             return events.budget_removed(_text(entry[b"scope"]), micros(entry[b"spent"]), now)
@@ -303,10 +316,60 @@ def outbox_event(fields: Sequence[bytes]) -> AuditEvent:
             )
     except (KeyError, ValueError, AssertionError):
         pass
-    raise SchemaError(
+    raise _unreadable(fields)
+
+
+def _unreadable(fields: Sequence[bytes]) -> SchemaError:
+    return SchemaError(
         f"an audit outbox entry holds unreadable fields: {fields!r:.200}; remove it from the "
         "namespace's outbox (XDEL) to let the others through"
     )
+
+
+def _note(text: bytes) -> SpendNote | None:
+    """A spend's note from its JSON (``SpendNote.fields()``; ``b""``: none)."""
+    if not text:
+        return None
+    d: dict[str, Any] = json.loads(text)
+    return SpendNote(
+        d.get("model"),
+        d.get("input_tokens", 0),
+        d.get("output_tokens", 0),
+        d.get("cached_input_tokens", 0),
+        d.get("tags", {}),
+    )
+
+
+def _ledger_event(kind: bytes, entry: Mapping[bytes, bytes], fields: Sequence[bytes]) -> AuditEvent:
+    """A ``spend`` record (``charge`` entry) or a ``budget_threshold`` event (``threshold``),
+    as ``spend_record`` and ``alert`` in ``lua/_prelude.lua`` queue them (micro-units, raw text)."""
+    try:
+        agent_id = decode_agent_id(entry[b"agent"])
+        now = float(entry[b"at"])
+        if kind == b"charge":
+            scopes, labels = entry[b"scopes"], entry[b"labels"]
+            rid = _text(entry[b"reservation"])
+            return events.spend(
+                agent_id,
+                now,
+                int(entry[b"amount"]),
+                scopes.decode().split(",") if scopes else (),
+                json.loads(labels) if labels else {},
+                rid or None,
+                _note(entry[b"note"]),
+            )
+        start = entry[b"start"]
+        return events.budget_threshold(
+            agent_id,
+            now,
+            float(entry[b"threshold"]),
+            limit=int(entry[b"limit"]),
+            spent=int(entry[b"spent"]),
+            period_start=float(start) if start else None,
+            scope=_text(entry[b"scope"]) or None,
+        )
+    except (KeyError, ValueError):
+        raise _unreadable(fields) from None
 
 
 def decode_audit_row(entry_id: bytes, fields: Mapping[bytes, bytes] | Sequence[bytes]) -> AuditRow:

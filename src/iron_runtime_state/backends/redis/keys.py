@@ -6,12 +6,15 @@ Plain computation: a driver only sends what this module builds and hands the rep
     ns:meta                            hash    layout version and slot-group count
     ns:{ns:g<G>}:agent:<agent_id>      hash    status, spent_micros, pii_detections, changed_at;
                                                limit_micros, labels (JSON), scopes (comma-
-                                               separated), period, tz, period_start, period_end
-                                               when not the default (money in micro-units)
+                                               separated), period, tz, period_start, period_end,
+                                               thresholds ("0.5,0.9"; "" none) when not the
+                                               default, alerted (highest threshold alerted in
+                                               the period) when any (money in micro-units)
     ns:{ns:g<G>}:holds:<agent_id>      zset    open reservations "<reservation_id>:<micro-units>
                                                [:<scopes>]", scored by expiry (server clock)
     ns:{ns:g<G>}:pending:<agent_id>    zset    (cluster) spends whose scopes are being charged,
-                                               "<op id>:<micro-units>" scored by expiry
+                                               "<op id>:<micro-units>:<now>\n<scopes>\n<note>"
+                                               scored by expiry
     ns:{ns:g<G>}:committed:<res id>    string  (cluster) the amount a commit charged, until its
                                                scopes are charged too (see spend.py)
     ns:{ns:g<G>}:stats                 hash    the group's running/stopped/failed counts,
@@ -40,7 +43,8 @@ Plain computation: a driver only sends what this module builds and hands the rep
     ns:{ns:audit}:time_lows            zset    blocks of seqs by the lowest timestamp from them on
     ns:{ns:audit}:op:<op id>           string  the reply of one prune, as the groups' op keys
     ns:{ns:budgets}:scope:<name>       hash    a budget scope: spent_micros, tz; limit_micros,
-                                               period, period_start, period_end when set
+                                               period, period_start, period_end, thresholds,
+                                               alerted when set (as an agent's)
     ns:{ns:budgets}:holds:<name>       zset    its holds "<reservation_id>:<micro-units>:
                                                <agent_id>:<scopes>", scored by expiry
     ns:{ns:budgets}:names              zset    every scope's name (score 0)
@@ -71,7 +75,8 @@ from ...ids import AgentId
 from ...models import AgentState, AgentStatus, AuditEvent
 from ...money import to_micros
 from ...periods import bounds
-from .scripts import AGENT_FIELDS, OUTBOX_BATCH, ScriptCall, load_scripts
+from ...thresholds import thresholds_text
+from .scripts import ABSENT, AGENT_FIELDS, OUTBOX_BATCH, ScriptCall, load_scripts
 from .url import RedisConfig, check_namespace
 
 __all__ = [
@@ -104,7 +109,7 @@ CLUSTER_SLOTS: Final = 16384
 OP_TTL_MARGIN: Final = 2.0
 #: The fields of an agent's hash a read asks for, in the order the decoders read them: its state
 #: (as the scripts reply it), then 0.4/0.5's float spend and limit (present until migrated).
-READ_FIELDS: Final = (*AGENT_FIELDS[:9], "budget_spent", "budget_limit")
+READ_FIELDS: Final = (*AGENT_FIELDS[:10], "budget_spent", "budget_limit")
 #: The fields of a group's statistics hash (``budget_spent``: 0.4/0.5's float total).
 STATS_FIELDS: Final = ("running", "stopped", "failed", "spent_micros", "pii_detections", "budget_spent")
 #: The group of an agent is the low bits of its UUID, read from its last hex digits: eight of
@@ -203,8 +208,8 @@ class Origin(NamedTuple):
     own: Sequence[bytes]
 
 
-def _text(value: str | None) -> str:
-    return "" if value is None else value
+def _text(value: str | None, absent: str = "") -> str:
+    return absent if value is None else value
 
 
 def _labels_text(labels: Mapping[str, str]) -> str:
@@ -373,8 +378,9 @@ class RedisLayout:
 
     # -- agent states --
 
-    def save(self, state: AgentState, now: float) -> ScriptCall:
-        """Insert or replace a state (money as micro-units; ``period_end`` computed here)."""
+    def save(self, state: AgentState, now: float, rolled: bool = False) -> ScriptCall:
+        """Insert or replace a state (money as micro-units; ``period_end`` computed here);
+        ``rolled``: the caller rolled the agent's period (its alerted level starts again)."""
         a = state.agent_id.as_str()
         g = self.keys_of(state.agent_id)
         limit = state.budget_limit
@@ -398,20 +404,27 @@ class RedisLayout:
                 "" if period is None or start is None else repr(start),
                 end,
                 g.label,
+                _text(thresholds_text(state.budget_thresholds), ABSENT),
+                "1" if rolled else "",
             ),
         )
 
     def update(
-        self, read: Sequence[Any], new: AgentState, now: float, event: Sequence[str] = ()
+        self,
+        read: Sequence[Any],
+        new: AgentState,
+        now: float,
+        event: Sequence[str] = (),
+        rolled: bool = False,
     ) -> ScriptCall:
         """Store ``new`` if the agent still holds the fields ``read`` (from :meth:`get_command`),
-        queueing the outbox entry ``event`` (flat fields) with it.
+        queueing the outbox entry ``event`` (flat fields) with it (``rolled``: see :meth:`save`).
 
         The reply is ``[1]`` (then the events queued) when stored, ``[0]`` when the agent changed
         meanwhile, ``[-1]`` when it is gone.
         """
-        call = self.save(new, now)
-        expected = [b"" if value is None else value for value in read[:9]]
+        call = self.save(new, now, rolled)
+        expected = [ABSENT if value is None else value for value in read[:10]]
         return call._replace(args=(*call.args, *expected, *event))
 
     def remove(self, agent_id: AgentId, prefix: str) -> ScriptCall:

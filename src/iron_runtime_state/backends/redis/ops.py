@@ -252,7 +252,8 @@ class RedisOps(SpendOps, ScopeOps, TrailOps):
 
     def update(self, agent_id: AgentId, fn: UpdateFn, now: float, chain: AuditChain) -> Op[Change]:
         """See ``Backend.update``: read, roll the agent's period if it ended (its ``budget_reset``
-        queued with the write), apply ``fn``, store if unchanged meanwhile, else again."""
+        queued with the write, its alerted level cleared), apply ``fn``, store if unchanged
+        meanwhile, else again."""
         yield from self._writable()
         if not self._swept:
             yield from self._first_use(chain)
@@ -281,7 +282,8 @@ class RedisOps(SpendOps, ScopeOps, TrailOps):
                              "timestamp", str(reset.timestamp), "details", reset.details]  # fmt: skip
                 current.budget_spent, current.period_start = 0.0, rolled
             new = fn(current)
-            reply = yield script(lay.update(fields, new, now, event), False, "update an agent")
+            call = lay.update(fields, new, now, event, rolled=period is not None and rolled is not None)
+            reply = yield script(call, False, "update an agent")
             if reply[0] == 1:
                 return Change(new.copy(), (yield from self._events(group, queued_tail(reply, 1), chain)))
             if reply[0] == -1:

@@ -15,13 +15,18 @@ from typing import TYPE_CHECKING, Any
 from ...audit_chain import AuditChain
 from ...models import AuditRecord
 from ...periods import bounds
+from ...thresholds import DEFAULT_THRESHOLDS, thresholds_text
 from ..base import BudgetChange, BudgetRow
 from .decode import Queued, decode_row, queued
 from .keys import RedisLayout
 from .requests import Call, Op, op_id
-from .scripts import ScriptCall, load_scripts
+from .scripts import ABSENT, ScriptCall, load_scripts
 
 __all__ = ["ScopeOps"]
+
+
+def _or_absent(text: str | None) -> str:
+    return ABSENT if text is None else text
 
 
 class ScopeOps:
@@ -44,7 +49,14 @@ class ScopeOps:
         return ScriptCall(load_scripts()[name], b.slot, keys, args)
 
     def set_budget(
-        self, scope: str, limit: int | None, period: str | None, tz: str, now: float, chain: AuditChain
+        self,
+        scope: str,
+        limit: int | None,
+        period: str | None,
+        tz: str,
+        now: float,
+        chain: AuditChain,
+        thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
     ) -> Op[BudgetChange]:
         """See ``Backend.set_budget``."""
         yield from self._writable()
@@ -59,6 +71,7 @@ class ScopeOps:
             end,
             repr(now),
             self.layout.op_ttl,
+            _or_absent(thresholds_text(thresholds)),
         )
         reply = yield from self._change(
             self._budget_call("budget_set", scope, args, op), "set a budget", chain

@@ -3,8 +3,8 @@
 Redis scripts cannot import one another, so each script is sent as the definitions of
 ``lua/_prelude.lua`` that it uses (directly or through each other) followed by its own file;
 the prelude's placeholders take the Python constants they stand for (:data:`GENESIS_HASH`,
-:data:`LANDED_KEEP`, :data:`TIME_BLOCK`, :data:`~...money.MAX_MICROS`, :data:`AGENT_FIELDS`), so the
-two languages agree by construction.
+:data:`LANDED_KEEP`, :data:`TIME_BLOCK`, :data:`~...money.MAX_MICROS`, :data:`AGENT_FIELDS`,
+:data:`~...thresholds.DEFAULT_THRESHOLDS`), so the two languages agree by construction.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from typing import Any, Final, NamedTuple
 from ...audit_chain import GENESIS_HASH
 from ...errors import SchemaError
 from ...money import MAX_MICROS
+from ...thresholds import DEFAULT_THRESHOLDS
 
 __all__ = [
+    "ABSENT",
     "AGENT_FIELDS",
     "LANDED_KEEP",
     "OUTBOX_BATCH",
@@ -41,9 +43,15 @@ LANDED_KEEP: Final = 10_000
 #: many records outside its time range at each end (see ``index_time`` in ``lua/_prelude.lua``).
 TIME_BLOCK: Final = 100
 
+#: What the client sends for an optional field that takes its default (the field is then absent),
+#: where ``""`` is a value of its own (thresholds: ``""`` is none). ``ABSENT`` in the prelude.
+ABSENT: Final = "\x00"
+
 #: The fields of an agent's hash that the scripts read, in order: the state (status to
-#: period_start, as replies carry it: see ``state_reply`` in ``lua/_prelude.lua``) and where its
-#: period ends. An agent 0.4/0.5 stored lacks ``spent_micros`` until migrated.
+#: thresholds, as replies carry it: see ``state_reply`` in ``lua/_prelude.lua``), where its
+#: period ends, and the highest threshold alerted in that period (absent: none). An agent
+#: 0.4/0.5 stored lacks ``spent_micros`` until migrated; one 0.6 stored lacks ``thresholds``
+#: (the default) and ``alerted``.
 AGENT_FIELDS: Final = (
     "status",
     "spent_micros",
@@ -54,7 +62,9 @@ AGENT_FIELDS: Final = (
     "period",
     "tz",
     "period_start",
+    "thresholds",
     "period_end",
+    "alerted",
 )
 
 SCRIPT_NAMES: Final = (
@@ -141,6 +151,7 @@ def load_scripts() -> dict[str, Script]:
         ("__GENESIS_HASH__", GENESIS_HASH),
         ("__LANDED_KEEP__", str(LANDED_KEEP)),
         ("__TIME_BLOCK__", str(TIME_BLOCK)),
+        ("__DEFAULT_THRESHOLDS__", "{" + ", ".join(f"'{t!r}'" for t in DEFAULT_THRESHOLDS) + "}"),
     ):
         if placeholder not in prelude:  # pragma: no cover - a broken package
             raise SchemaError(f"backends/redis/lua/_prelude.lua lacks {placeholder}")

@@ -25,9 +25,12 @@ budget pass its limit, never holds budget past the hold's ttl, and leaves totals
 
 - ``record_spend``: (A1) the agent's script checks the agent (first, as the rules want) and puts
   a *pending hold* of the amount on it, scored by a short expiry (the call's ``timeout`` + 2 s),
-  and replies with the agent's scopes; (S) ``scope_spend.lua`` checks and charges every scope at
-  once and keeps its reply under its op key in the budgets slot; (A2) ``settle_pending.lua``
-  turns the pending hold into a charge (or drops it after a refusal). A pending hold counts as
+  whose member carries what the ledger's record needs (time, scopes, note), and replies with the
+  agent's scopes; (S) ``scope_spend.lua`` checks and charges every scope at once, queues the
+  scopes' ``budget_threshold`` events in the budgets outbox, and keeps its reply under its op key
+  in the budgets slot; (A2) ``settle_pending.lua`` turns the pending hold into a charge, with the
+  ``spend`` record and the agent's thresholds in the group's outbox (or drops it after a
+  refusal). A pending hold counts as
   held until settled. One found expired by a later call is *resolved*: ``resolve_ops.lua`` reads
   the scope step's reply, or, if that step never ran, stores a ``LATE`` reply in its place so
   that it can never run after all; the agent is then charged or not to match. A scope step that
@@ -35,12 +38,22 @@ budget pass its limit, never holds budget past the hold's ttl, and leaves totals
 - ``reserve``: (A1) the agent's script holds on the agent (a hold that simply expires if the
   process dies), (S) ``scope_spend.lua`` holds on every scope, scored by the agent hold's expiry;
   a scope that refuses has the agent's hold released (a third step).
-- ``commit``: (A1) the agent's script takes its hold and charges the agent, and records the
+- ``commit``: (A1) the agent's script takes its hold and charges the agent, queues the ``spend``
+  record (naming the hold's scopes), the agent's ``overspent`` and thresholds, and records the
   amount under ``committed:<reservation id>`` in the agent's slot; (S) ``scope_settle.lua``
-  takes the scope holds and charges them. A scope hold that expires before it is settled is
+  takes the scope holds and charges them, with the scopes' ``overspent`` and thresholds. A scope
+  hold that expires before it is settled is
   resolved the same way: ``resolve_holds.lua`` asks the agent's slot whether it was committed
   (charge the scopes), is still open there (keep it), or neither (drop it); until then it counts
   as held. ``release`` is the same without a charge.
+
+The ledger. Each step queues its events in an outbox of its own slot in the same script as its
+change (see :mod:`.trail`): the ``spend`` record with the agent's charge, a scope's thresholds
+with the scope's. An outbox entry is appended to the trail exactly once, by this call's drain or,
+if the process dies first, by the next drain of that outbox (any later change of the group, or
+the first write of any store object), so a process killed between two steps never loses nor
+duplicates a record: the records of a spend still being settled are in the trail once it is.
+On a cluster the trail therefore shows a spend's scope thresholds before its ``spend`` record.
 
 Markers (a scope step's reply, a ``committed`` amount) are deleted once settled, a batch of
 :data:`GARBAGE_BATCH` at a time, and otherwise expire after :data:`MARKER_TTL_MS`: a hold left
@@ -53,12 +66,14 @@ call that finds them.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from ...audit_chain import AuditChain
 from ...errors import AgentNotFound, BackendError
 from ...ids import AgentId
+from ...ledger import SpendNote
 from ...models import AgentState, AuditRecord, Reservation
 from ...money import from_micros, to_micros
 from ...periods import bounds
@@ -80,7 +95,15 @@ from .keys import GroupKeys, RedisLayout, Routed
 from .requests import Batch, Call, Op, once, op_id
 from .scripts import ScriptCall, load_scripts
 
-__all__ = ["GARBAGE_BATCH", "MARKER_TTL_MS", "SpendOps", "agent_member", "record_spend_call", "scope_member"]
+__all__ = [
+    "GARBAGE_BATCH",
+    "MARKER_TTL_MS",
+    "SpendOps",
+    "agent_member",
+    "note_text",
+    "record_spend_call",
+    "scope_member",
+]
 
 #: How long a marker of a cluster step is kept when nobody settles it (milliseconds): 30 days.
 MARKER_TTL_MS: Final = 30 * 86_400 * 1000
@@ -104,6 +127,15 @@ def _asked(reply: Sequence[Any], now: float, rolls: dict[str, tuple[str, str, st
         rolls[name] = (name, start, repr(first), repr(end))
 
 
+def note_text(note: SpendNote | None) -> str:
+    """A spend's note as the scripts carry it into the ``spend`` record: the JSON of
+    ``note.fields()`` ('' for none; decoded by ``decode.outbox_event``)."""
+    if note is None:
+        return ""
+    fields = note.fields()
+    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False) if fields else ""
+
+
 def record_spend_call(
     layout: RedisLayout,
     agent_id: AgentId,
@@ -113,14 +145,15 @@ def record_spend_call(
     prefix: str,
     rolls: Sequence[str] = (),
     g: GroupKeys | None = None,
+    note: str = "",
 ) -> ScriptCall:
     """The agent's ``record_spend.lua`` call (``prefix``: the budgets prefix, '' on a cluster;
-    ``g``: the agent's group keys, when the caller has them)."""
+    ``g``: the agent's group keys, when the caller has them; ``note``: see :func:`note_text`)."""
     a = agent_id.as_str()
     if g is None:
         g = layout.keys_of(agent_id)
     keys = (g.agent + a, g.stats, g.holds + a, g.pending + a, g.outbox, g.op + op)
-    args: tuple[str | int, ...] = (str(amount), repr(now), a, layout.op_ttl, prefix, layout.pending_ttl, op)
+    args = (str(amount), repr(now), a, layout.op_ttl, prefix, layout.pending_ttl, op, note)
     return ScriptCall(_SCRIPTS["record_spend"], g.slot, keys, (*args, *rolls) if rolls else args)
 
 
@@ -203,28 +236,26 @@ class SpendOps:
 
     # -- record_spend --
 
-    def record_spend(self, agent_id: AgentId, amount: int, now: float, chain: AuditChain) -> Op[SpendResult]:
+    def record_spend(
+        self, agent_id: AgentId, amount: int, now: float, chain: AuditChain, note: SpendNote | None = None
+    ) -> Op[SpendResult]:
         """See ``Backend.record_spend``."""
         if not self._swept:
             yield from self._first_use(chain)
         lay, a = self.layout, agent_id.as_str()
         group = lay.group_of(a)
         g = lay.group_keys[group]
-        op = op_id()
-        call = record_spend_call(lay, agent_id, amount, now, op, self._prefix, (), g)
+        op, text = op_id(), note_text(note)
+        call = record_spend_call(lay, agent_id, amount, now, op, self._prefix, (), g, text)
         reply = yield Call(call.slot, call.command(), True, "record spend", changes=True)
         code = reply[0]
-        if code == 1 and len(reply) == 11:  # the common case: charged, no period rolled
-            state = decode_state(agent_id, reply, 1)
-            assert state is not None
-            return SpendResult(state, reserved=int(reply[10]))
         if code in (ROLL, RESOLVE):
 
             def build(rolls: tuple[str, ...]) -> ScriptCall:
-                return record_spend_call(lay, agent_id, amount, now, op, self._prefix, rolls, g)
+                return record_spend_call(lay, agent_id, amount, now, op, self._prefix, rolls, g, text)
 
             def resolve(expired: Sequence[bytes]) -> Op[None]:
-                yield from self._resolve_pending(g, a, expired, now)
+                yield from self._resolve_pending(g, a, expired, now, chain)
 
             reply = yield from self._rolling(build, now, "record spend", chain, resolve, reply)
             code = reply[0]
@@ -232,18 +263,19 @@ class SpendOps:
             raise refused_change(reply, agent_id, lay.namespace, "record spend")
         state = decode_state(agent_id, reply, 1)
         assert state is not None
-        held = int(reply[10])
+        held = int(reply[11])
         if code == 1:
             return SpendResult(
-                state, reserved=held, records=(yield from self._events(group, queued(reply, 11), chain))
+                state, reserved=held, records=(yield from self._events(group, queued(reply, 12), chain))
             )
         if code == 0:
-            budget = None if reply[11] is None else decode_row(reply[11])
-            records = yield from self._events(group, queued(reply, 12), chain)
+            budget = None if reply[12] is None else decode_row(reply[12])
+            records = yield from self._events(group, queued(reply, 13), chain)
             return SpendResult(state, True, held, records, budget)
-        records = yield from self._events(group, queued(reply, 12), chain)
+        records = yield from self._events(group, queued(reply, 14), chain)
+        pending = (reply[12], reply[13])
         return (
-            yield from self._spend_scopes(agent_id, state, amount, now, op, reply[11], held, records, chain)
+            yield from self._spend_scopes(agent_id, state, amount, now, op, pending, held, records, chain)
         )
 
     def _spend_scopes(
@@ -253,14 +285,16 @@ class SpendOps:
         amount: int,
         now: float,
         op: str,
-        fence: bytes,
+        pending: tuple[bytes, bytes],
         held: int,
         records: list[AuditRecord],
         chain: AuditChain,
     ) -> Op[SpendResult]:
-        """The scopes' step and the agent's settling step of a spend on a cluster."""
+        """The scopes' step and the agent's settling step of a spend on a cluster (``pending``:
+        the pending hold's expiry, the fence of the scopes' step, and its member)."""
         lay, a = self.layout, agent_id.as_str()
         g = lay.keys_of(agent_id)
+        fence, member = pending
         head = ("spend", str(amount), repr(now), a, MARKER_TTL_MS, lay.budgets.prefix, fence.decode(), "", "")
         scopes = ",".join(state.budget_scopes)
 
@@ -272,7 +306,11 @@ class SpendOps:
 
         reply = yield from self._rolling(build, now, "charge budget scopes", chain, resolve)
         code = reply[0]
-        settled = yield from self._settle_pending(g, a, [(f"{op}:{amount}".encode(), code == 1)], now)
+        if code in (0, 1):
+            # The scopes' events first: they were queued first (their step ran first).
+            records += yield from self._events(lay.budgets_group, queued(reply, 1 if code == 1 else 2), chain)
+        settled, more = yield from self._settle_pending(g, a, [(member, code == 1)], now, chain)
+        records += more
         yield from self._discard(lay.budgets.slot, lay.budgets.op + op)
         if code == LATE:
             raise BackendError(
@@ -281,26 +319,27 @@ class SpendOps:
             )
         if code not in (0, 1):
             raise refused_change(reply, agent_id, lay.namespace, "record spend")
-        records += yield from self._events(lay.budgets_group, queued(reply, 1 if code == 1 else 2), chain)
         if code == 1:
             return SpendResult(settled, reserved=held, records=records)
         return SpendResult(settled, True, held, records, decode_row(reply[1]))
 
     def _settle_pending(
-        self, g: GroupKeys, a: str, holds: Sequence[tuple[bytes, bool]], now: float
-    ) -> Op[AgentState]:
-        """Charge the agent the pending holds whose scopes were charged, drop the others."""
+        self, g: GroupKeys, a: str, holds: Sequence[tuple[bytes, bool]], now: float, chain: AuditChain
+    ) -> Op[tuple[AgentState, list[AuditRecord]]]:
+        """Charge the agent the pending holds whose scopes were charged (with their ``spend``
+        records and the agent's thresholds), drop the others; the state and the records."""
         pairs = [value for member, charged in holds for value in (member, "1" if charged else "0")]
-        call = ScriptCall(
-            _SCRIPTS["settle_pending"], g.slot, (g.agent + a, g.stats, g.pending + a), (repr(now), *pairs)
-        )
+        keys = (g.agent + a, g.stats, g.pending + a, g.outbox)
+        call = ScriptCall(_SCRIPTS["settle_pending"], g.slot, keys, (repr(now), a, *pairs))
         reply = yield once(call, "settle a pending spend")
         state = decode_state(AgentId._trusted(a), reply, 1) if reply[0] == 1 else None
         if state is None:
             raise AgentNotFound(a)
-        return state
+        return state, (yield from self._events(self.layout.group_of(a), queued(reply, 11), chain))
 
-    def _resolve_pending(self, g: GroupKeys, a: str, expired: Sequence[bytes], now: float) -> Op[None]:
+    def _resolve_pending(
+        self, g: GroupKeys, a: str, expired: Sequence[bytes], now: float, chain: AuditChain
+    ) -> Op[None]:
         """Settle an agent's expired pending holds: ask the budgets slot whether each spend's
         scopes were charged (a step that never ran is fenced off there), then settle them."""
         b = self.layout.budgets
@@ -309,7 +348,7 @@ class SpendOps:
         verdicts = yield once(call, "resolve pending spends")
         with contextlib.suppress(AgentNotFound):  # removed meanwhile: its holds went with it
             yield from self._settle_pending(
-                g, a, [(m, v == 1) for m, v in zip(expired, verdicts, strict=True)], now
+                g, a, [(m, v == 1) for m, v in zip(expired, verdicts, strict=True)], now, chain
             )
         for o in ops:
             yield from self._discard(b.slot, b.op + o)
@@ -381,7 +420,7 @@ class SpendOps:
             return ScriptCall(_SCRIPTS["reserve"], g.slot, keys, (*head, *rolls))
 
         def resolve(expired: Sequence[bytes]) -> Op[None]:
-            yield from self._resolve_pending(g, a, expired, now)
+            yield from self._resolve_pending(g, a, expired, now, chain)
 
         reply = yield from self._rolling(build, now, "reserve budget", chain, resolve)
         code = reply[0]
@@ -394,18 +433,18 @@ class SpendOps:
         if code == 0:
             state = decode_state(agent_id, reply, 1)
             assert state is not None
-            budget = None if reply[11] is None else decode_row(reply[11])
-            records = yield from self._events(group, queued(reply, 12), chain)
-            return SpendResult(state, True, int(reply[10]), records, budget)
+            budget = None if reply[12] is None else decode_row(reply[12])
+            records = yield from self._events(group, queued(reply, 13), chain)
+            return SpendResult(state, True, int(reply[11]), records, budget)
         if code != 2:
             raise refused_change(reply, agent_id, lay.namespace, "reserve budget")
-        yield from self._events(group, queued(reply, 12), chain)
+        yield from self._events(group, queued(reply, 13), chain)
         state = decode_state(agent_id, reply, 2)
         assert state is not None
         held = Reservation._trusted(
             reservation_id, agent_id, from_micros(amount), float(reply[1]), state.budget_scopes
         )
-        return (yield from self._hold_scopes(held, state, int(reply[11]), now, chain))
+        return (yield from self._hold_scopes(held, state, int(reply[12]), now, chain))
 
     def _hold_scopes(
         self, reservation: Reservation, state: AgentState, held: int, now: float, chain: AuditChain
@@ -459,7 +498,12 @@ class SpendOps:
         return bool((yield once(call, "release a reservation")) == 1)
 
     def commit(
-        self, reservation: Reservation, actual: int, now: float, chain: AuditChain
+        self,
+        reservation: Reservation,
+        actual: int,
+        now: float,
+        chain: AuditChain,
+        note: SpendNote | None = None,
     ) -> Op[CommitResult]:
         """See ``Backend.commit``."""
         lay = self.layout
@@ -480,6 +524,7 @@ class SpendOps:
             self._prefix,
             MARKER_TTL_MS,
             scopes,
+            note_text(note),
         )
 
         def build(rolls: tuple[str, ...]) -> ScriptCall:
@@ -494,7 +539,7 @@ class SpendOps:
             raise refused_change(reply, agent_id, lay.namespace, "commit a reservation")
         state = decode_state(agent_id, reply, 1)
         assert state is not None
-        records = yield from self._events(group, queued(reply, 10), chain)
+        records = yield from self._events(group, queued(reply, 11), chain)
         exceeded = code == 1
         if self._cluster and reservation.scopes:
             over, more = yield from self._settle_scopes(
@@ -523,7 +568,7 @@ class SpendOps:
         state = decode_state(agent_id, reply, 1) if reply[0] == 1 else None
         if state is None:
             raise AgentNotFound(a)
-        return state, int(reply[10])
+        return state, int(reply[11])
 
 
 def legacy_held(members: Sequence[bytes]) -> int:

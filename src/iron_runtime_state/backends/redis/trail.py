@@ -52,6 +52,7 @@ from typing import Any, NamedTuple
 
 from ...audit_chain import AuditChain, AuditRow
 from ...errors import BackendError
+from ...ledger import SpendQuery, SpendTotal, aggregate, entry_of
 from ...models import AuditEvent, AuditRecord
 from ..base import AuditMarks, AuditQuery
 from ..head_watch import HeadWatch
@@ -69,7 +70,10 @@ from .keys import Origin, RedisLayout
 from .requests import Block, Call, Emit, Gather, Op, contended, once, op_id, script
 from .scripts import OUTBOX_BATCH, ScriptCall
 
-__all__ = ["TrailOps"]
+__all__ = ["LEDGER_PAGE", "TrailOps"]
+
+#: ``spend`` records read per page by :meth:`TrailOps.spend_totals`.
+LEDGER_PAGE = 10_000
 
 
 class _Appended(NamedTuple):
@@ -361,6 +365,28 @@ class TrailOps:
                 break
             after = int(reply[0])
         return [row_to_record(row) for row in rows]
+
+    def spend_totals(self, query: SpendQuery) -> Op[list[SpendTotal]]:
+        """See ``Backend.spend_totals``: the ``spend`` records of the span, found through the
+        trail's index by event type and its time index (no other record is read), summed a page
+        at a time."""
+        totals: dict[tuple[str | int | None, ...], SpendTotal] = {}
+        until = None if query.until is None else query.until - 1  # the audit query's is inclusive
+        after = 0
+        while True:
+            wanted = AuditQuery(
+                event_type="spend", since=query.since, until=until, after_seq=after, limit=LEDGER_PAGE
+            )
+            page = yield from self.query_audit(wanted)
+            for total in aggregate(map(entry_of, page), query):
+                into = totals.get(total.key)
+                if into is None:
+                    totals[total.key] = total
+                else:
+                    into.add(total)
+            if len(page) < LEDGER_PAGE:
+                return list(totals.values())
+            after = page[-1].seq
 
     def iter_audit_rows(self, after_seq: int, batch_size: int) -> Op[None]:
         """See ``Backend.iter_audit_rows`` (an iterator: the rows come as :class:`Emit`).

@@ -1,8 +1,8 @@
 """The SQLite store: ``sqlite:///relative.db`` and ``sqlite:////absolute.db``.
 
 One file holds the agent states (with their labels, indexed), the budget scopes, the open
-budget holds, the fleet aggregates and the hash-chained audit trail. Every process and thread
-that opens the same file shares them.
+budget holds, the fleet aggregates, the hash-chained audit trail and the spend ledger's index.
+Every process and thread that opens the same file shares them.
 docs/sqlite.md has the user-facing version; the modules, each with the reasons for its design:
 
 - :mod:`.schema`: the tables and triggers, the ordered :data:`MIGRATIONS` and the check that a
@@ -14,7 +14,9 @@ docs/sqlite.md has the user-facing version; the modules, each with the reasons f
   scope lists as JSON) and read back, and the SQL fragments the others share.
 - :mod:`.store`: :class:`SQLiteBackend`, its operations, the one-statement spend and hold, and
   the wait for new audit records.
-- :mod:`.spending`: spends, holds, periods and budget scopes, each one transaction.
+- :mod:`.spending`: spends, holds, periods, budget scopes and thresholds, each one transaction.
+- :mod:`.ledger`: the spend ledger's index table, written with each ``spend`` record, and the
+  reports (``spend_totals``) read from it with one ``GROUP BY``.
 - :mod:`.paging`: a page of agents for the dashboard, filtered and sorted from the indexes.
 - :mod:`.trail`: the audit trail's statements and the append to its hash chain.
 """

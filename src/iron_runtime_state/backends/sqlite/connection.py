@@ -56,8 +56,8 @@ __all__ = [
 
 #: An agent's row as stored and as the read cache keeps it (amounts in micro-units): status
 #: code, spent, pii detections, limit, labels (JSON), budget scopes (JSON), period, time zone,
-#: period start (see schema.py, version 4).
-Row = tuple[int, int, int, int | None, str | None, str | None, str | None, str, float | None]
+#: period start, thresholds (text; see schema.py, versions 4 and 5).
+Row = tuple[int, int, int, int | None, str | None, str | None, str | None, str, float | None, str | None]
 
 # -- options -----------------------------------------------------------------------------------
 

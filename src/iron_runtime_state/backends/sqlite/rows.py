@@ -1,10 +1,11 @@
-"""How an agent and a budget scope are stored in a row, and read back (schema version 4).
+"""How an agent and a budget scope are stored in a row, and read back (schema version 5).
 
 Amounts are whole micro-units (:mod:`...money`). An agent's labels are a JSON object with
 sorted keys, so two equal label sets are equal texts (the label index's trigger compares them);
 its budget scopes a JSON array in the agent's order; ``NULL`` for none of either, the case of
 most agents, which then cost nothing to read. Labels and scope lists repeat across a fleet
-(every agent of a team has the team's), so their parsed forms are cached by text.
+(every agent of a team has the team's), so their parsed forms are cached by text. Thresholds
+are the text of :func:`...thresholds.thresholds_text` (``NULL``: the default, as for most).
 
 The fragments of SQL that several modules build their statements from live here too: the
 agent's columns, the database's clock, and an agent's open holds.
@@ -19,6 +20,7 @@ from typing import Final
 from ...ids import AgentId
 from ...models import AgentState
 from ...money import from_micros, to_micros
+from ...thresholds import DEFAULT_THRESHOLDS, parse_thresholds, thresholds_text
 from ..base import BudgetRow
 from .connection import Row
 from .schema import STATUS_CODE, STATUSES
@@ -31,23 +33,28 @@ __all__ = [
     "LAPSED",
     "OF_A",
     "SCOPE_HELD",
+    "SCOPE_READ",
+    "ScopeRow",
     "budget_row",
     "label_pattern",
+    "labels_of",
     "labels_text",
     "row_of",
     "scopes_of",
     "scopes_text",
     "state_of",
+    "thresholds_of",
 ]
 
 #: An agent's stored columns, in the order of :data:`.connection.Row`.
 AGENT_COLUMNS: Final = (
     "status, budget_spent, pii_detections, budget_limit, labels, budget_scopes, budget_period, "
-    "budget_tz, period_start"
+    "budget_tz, period_start, budget_thresholds"
 )
 #: An agent's id and stored columns, of the table aliased ``a`` (for joins).
 OF_A: Final = "a.agent_id, " + ", ".join(f"a.{name.strip()}" for name in AGENT_COLUMNS.split(","))
-#: A budget scope's columns, in the order of :class:`..base.BudgetRow` (held comes apart).
+#: A budget scope's columns, in the order of :class:`..base.BudgetRow` (held and the
+#: thresholds come apart: see :data:`SCOPE_READ`).
 BUDGET_COLUMNS: Final = "scope, budget_limit, period, tz, period_start, spent"
 
 # Holds expire by one clock, the database's: SQLite's own time (Unix seconds), read where the
@@ -94,6 +101,17 @@ def _label_items(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(json.loads(text).items())
 
 
+def labels_of(text: str | None) -> dict[str, str]:
+    """The labels stored as ``text``."""
+    return {} if text is None else dict(_label_items(text))
+
+
+@functools.lru_cache(maxsize=256)
+def thresholds_of(text: str | None) -> tuple[float, ...]:
+    """The thresholds stored as ``text`` (a handful of distinct texts across a fleet)."""
+    return DEFAULT_THRESHOLDS if text is None else parse_thresholds(text)
+
+
 def scopes_text(scopes: tuple[str, ...]) -> str | None:
     """The stored form of a list of scope names (``None``: none).
 
@@ -114,7 +132,7 @@ def scopes_of(text: str | None) -> tuple[str, ...]:
 
 def state_of(agent_id: AgentId, row: Row) -> AgentState:
     """The state a stored row holds."""
-    status, spent, pii, limit, labels, scopes, period, tz, start = row
+    status, spent, pii, limit, labels, scopes, period, tz, start, thresholds = row
     return AgentState._trusted(
         agent_id,
         STATUSES[status],
@@ -126,6 +144,7 @@ def state_of(agent_id: AgentId, row: Row) -> AgentState:
         period,
         tz,
         start,
+        DEFAULT_THRESHOLDS if thresholds is None else thresholds_of(thresholds),
     )
 
 
@@ -142,9 +161,18 @@ def row_of(state: AgentState) -> Row:
         state.budget_period,
         state.budget_tz,
         state.period_start,
+        thresholds_text(state.budget_thresholds),
     )
 
 
-def budget_row(found: tuple[str, int | None, str | None, str, float | None, int, int]) -> BudgetRow:
-    """A scope from a row of :data:`BUDGET_COLUMNS` followed by its held total."""
-    return BudgetRow(*found)
+#: A scope as :func:`budget_row` reads it, of iron_budgets aliased ``b``: its columns, its held
+#: total, its thresholds' text and its alerted level.
+SCOPE_READ: Final = f"{BUDGET_COLUMNS}, {SCOPE_HELD}, b.thresholds, b.alerted"
+
+#: A row of :data:`SCOPE_READ`.
+ScopeRow = tuple[str, int | None, str | None, str, float | None, int, int, str | None, float]
+
+
+def budget_row(found: ScopeRow) -> BudgetRow:
+    """A scope from a row of :data:`SCOPE_READ` (its alerted level is the store's own)."""
+    return BudgetRow(*found[:7], thresholds_of(found[7]))

@@ -298,6 +298,41 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
               AND agent_id = OLD.agent_id AND reservation_id = OLD.reservation_id;
         END""",
     ),
+    # 5 (0.7): the spend ledger and budget thresholds. Each budget keeps its thresholds (the
+    # text of thresholds.thresholds_text; NULL: the default 50%, 80%, 100%; '': none) and the
+    # highest of them alerted in its current period (0: none). Existing agents and scopes get
+    # the default thresholds with nothing alerted. ALTER TABLE ... ADD COLUMN rewrites no row.
+    (
+        "ALTER TABLE iron_agents ADD COLUMN budget_thresholds TEXT",
+        "ALTER TABLE iron_agents ADD COLUMN alerted REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE iron_budgets ADD COLUMN thresholds TEXT",
+        "ALTER TABLE iron_budgets ADD COLUMN alerted REAL NOT NULL DEFAULT 0",
+        # The ledger's index: one row per ``spend`` audit record (seq: the record's, ts: its
+        # timestamp), written in the same transaction, holding what reports group and sum.
+        # Keyed by time, so a report over a span reads exactly the span's rows, in time order,
+        # from the table itself (no lookup), and a prune deletes a range of the key. amount in
+        # micro-units; scopes (the scopes charged), labels (the agent's, sorted keys) and tags
+        # as JSON text, NULL for none, as rows.py writes them. Spends recorded before this
+        # version have no record, so no row: the ledger starts with version 5.
+        """CREATE TABLE iron_ledger (
+            ts                  INTEGER NOT NULL,
+            seq                 INTEGER NOT NULL,
+            agent_id            TEXT    NOT NULL,
+            amount              INTEGER NOT NULL,
+            model               TEXT,
+            input_tokens        INTEGER NOT NULL,
+            output_tokens       INTEGER NOT NULL,
+            cached_input_tokens INTEGER NOT NULL,
+            scopes              TEXT,
+            labels              TEXT,
+            tags                TEXT,
+            PRIMARY KEY (ts, seq)
+        ) WITHOUT ROWID""",
+        # A report for one agent or one model reads that key's span. Partial: a spend without
+        # a model (a plain record_spend) touches no entry of the model index.
+        "CREATE INDEX iron_ledger_by_agent ON iron_ledger (agent_id, ts)",
+        "CREATE INDEX iron_ledger_by_model ON iron_ledger (model, ts) WHERE model IS NOT NULL",
+    ),
 )
 
 #: The schema version this code writes: the number of migrations.
@@ -328,6 +363,9 @@ _REQUIRED: Final = frozenset(
         "iron_agents_unlabelled",
         "iron_holds_made",
         "iron_holds_dropped",
+        "iron_ledger",
+        "iron_ledger_by_agent",
+        "iron_ledger_by_model",
     }
 )
 

@@ -7,12 +7,13 @@
 - **Aggregates.** ``iron_stats`` is kept by triggers on ``iron_agents``, in the same
   transaction as each change, in integers (micro-units for money), so :meth:`SQLiteBackend.stats`
   reads one exact row.
-- **Budgets.** The spends, holds, periods and budget scopes are :mod:`.spending`. A spend on
-  an agent without budget scopes or period that passes is one ``UPDATE`` in autocommit here
-  (:data:`_SQL_SPEND`), whose condition is the limit rule of :func:`...budgets.passes` in SQL on
-  the same integers; only when it changes nothing (a missing or stopped agent, an agent with
-  scopes or a period, a refusal with its event to append) does the spend take the transaction.
-  A hold on such an agent is likewise one ``INSERT ... SELECT`` (:data:`_SQL_HOLD`).
+- **Budgets.** The spends, holds, periods and budget scopes are :mod:`.spending`; the spend
+  ledger's index and reports :mod:`.ledger`. A hold on an agent without budget scopes or
+  period that passes is one ``INSERT ... SELECT`` in autocommit here (:data:`_SQL_HOLD`),
+  whose condition is the limit rule of :func:`...budgets.passes` in SQL on the same integers;
+  only when it inserts nothing (a missing or stopped agent, an agent with scopes or a period, a
+  refusal with its event to append) does the hold take a transaction. A spend always takes
+  one: it appends its ``spend`` record.
 - **Labels.** ``iron_labels`` indexes every agent's labels by (key, value), kept by triggers,
   so ``iter_states(labels=...)`` reads the matching agents only.
 - **The dashboard.** ``page_agents`` is :mod:`.paging`; ``wait_audit`` polls
@@ -34,8 +35,10 @@ from ... import events
 from ...audit_chain import AuditChain, AuditRow
 from ...errors import AgentNotFound, StateError, StateTypeError
 from ...ids import AgentId
+from ...ledger import SpendNote, SpendQuery, SpendTotal
 from ...models import AgentState, AgentStatus, AuditEvent, AuditRecord, FleetStats, Reservation, check_count
 from ...money import MAX_MICROS, from_micros
+from ...thresholds import DEFAULT_THRESHOLDS
 from ..base import (
     AgentPage,
     AuditMarks,
@@ -49,7 +52,7 @@ from ..base import (
     UpdateFn,
 )
 from ..sql_rows import audit_records, stored_id
-from . import paging, spending
+from . import ledger, paging, spending
 from .connection import (
     DEFAULT_BUSY_TIMEOUT,
     DEFAULT_PAGE_CACHE_MIB,
@@ -89,14 +92,16 @@ _SQL_GET: Final = spending.SQL_GET
 _SQL_GET_IN: Final = f"SELECT agent_id, {AGENT_COLUMNS} FROM iron_agents WHERE agent_id IN ({{}})"
 _SQL_UPSERT: Final = (
     "INSERT INTO iron_agents (agent_id, status, budget_spent, pii_detections, budget_limit, labels, "
-    "budget_scopes, budget_period, budget_tz, period_start, changed_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (agent_id) DO UPDATE SET "
+    "budget_scopes, budget_period, budget_tz, period_start, budget_thresholds, changed_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (agent_id) DO UPDATE SET "
     "status = excluded.status, budget_spent = excluded.budget_spent, "
     "pii_detections = excluded.pii_detections, budget_limit = excluded.budget_limit, "
     "labels = excluded.labels, budget_scopes = excluded.budget_scopes, "
     "budget_period = excluded.budget_period, budget_tz = excluded.budget_tz, "
-    "period_start = excluded.period_start, changed_at = excluded.changed_at"
+    "period_start = excluded.period_start, budget_thresholds = excluded.budget_thresholds, "
+    "changed_at = excluded.changed_at"
 )
+# (An existing agent's alerted level is not a column of the state: a save keeps it.)
 _SQL_SET_COUNTS: Final = (
     "UPDATE iron_agents SET status = ?, pii_detections = ?, changed_at = ? WHERE agent_id = ?"
 )
@@ -117,22 +122,13 @@ _SQL_STATS: Final = "SELECT running, stopped, failed, budget_spent, pii_detectio
 _SQL_PURGEABLE: Final = "SELECT agent_id FROM iron_agents WHERE ({}) AND changed_at < ?"
 _SQL_PURGE: Final = "DELETE FROM iron_agents WHERE ({}) AND changed_at < ?"
 
-# A spend that passes, as one statement, on an agent without scopes or period (the others need
-# their scopes and periods, in spending.py): the agent runs, has no lapsed hold (which the
-# transaction drops with its hold_expired event), spent + open holds + amount (?2) passes no
-# limit (budgets.passes), and the new spent stays a total the store counts (budgets.check_total).
-# It returns the new row and the holds; no row when any of that fails, which record_spend then
-# sorts out under the write lock.
-_SQL_SPEND: Final = (
-    "UPDATE iron_agents SET budget_spent = budget_spent + ?2, changed_at = ?3 "
-    f"WHERE agent_id = ?1 AND status = {RUNNING} AND budget_scopes IS NULL AND budget_period IS NULL "
-    f"AND budget_spent + ?2 <= {MAX_MICROS} "
-    f"AND (budget_limit IS NULL OR budget_spent + {HELD} + ?2 <= budget_limit) AND NOT {LAPSED} "
-    f"RETURNING {AGENT_COLUMNS}, {HELD}"
-)
-# A hold that passes, as one statement, on the same agents: the hold is made only if the checks
-# of _SQL_SPEND pass. It returns the hold's expiry, by the database's clock (rows.CLOCK), like
-# the transaction's; no row sends the reservation to the transaction.
+# A hold that passes, as one statement, on an agent without scopes or period (the others need
+# their scopes and periods, in spending.py): the hold is made only if the agent runs, has no
+# lapsed hold (which the transaction drops with its hold_expired event), spent + open holds +
+# amount (?3) passes no limit (budgets.passes), and the spend stays a total the store counts
+# (budgets.check_total): the checks of spending._SQL_SPEND. It returns the hold's expiry, by the
+# database's clock (rows.CLOCK), like the transaction's; no row sends the reservation to the
+# transaction.
 _SQL_HOLD: Final = (
     "INSERT INTO iron_holds (agent_id, reservation_id, amount, expires_at) "
     f"SELECT ?1, ?2, ?3, {CLOCK} + ?4 FROM iron_agents "
@@ -141,7 +137,8 @@ _SQL_HOLD: Final = (
     f"AND (budget_limit IS NULL OR budget_spent + {HELD} + ?3 <= budget_limit) AND NOT {LAPSED} "
     "RETURNING expires_at"
 )
-# RETURNING came with SQLite 3.35; an older library takes the transaction for every spend.
+# RETURNING came with SQLite 3.35; with an older library every spend and hold takes the
+# transaction (and reads the agent first).
 _SPEND_IN_ONE_STATEMENT: Final = sqlite3.sqlite_version_info >= (3, 35, 0)
 
 _IN_CHUNK: Final = 500  # ids per "IN (...)" read
@@ -171,7 +168,8 @@ def _label_page(status: AgentStatus | None, others: int) -> str:
 
 
 def _maybe_plain(conn: Connection, key: str) -> bool:
-    """Whether a spend or hold should first try its one statement (``_SQL_SPEND``, ``_SQL_HOLD``).
+    """Whether a spend or hold should first try its one statement (``spending._SQL_SPEND``,
+    ``_SQL_HOLD``).
 
     A hint, never trusted for the rules: an agent this connection last saw with scopes or a
     period goes straight to the transaction, without first trying the one statement (which
@@ -390,19 +388,12 @@ class SQLiteBackend(Backend):
 
     # -- atomic counters ----------------------------------------------------------------------
 
-    def record_spend(self, agent_id: AgentId, amount: int, now: float, chain: AuditChain) -> SpendResult:
+    def record_spend(
+        self, agent_id: AgentId, amount: int, now: float, chain: AuditChain, note: SpendNote | None = None
+    ) -> SpendResult:
         conn = self._connections.get()
-        key = agent_id._value
-        plain = _maybe_plain(conn, key)
-        conn.forget(key)
-        if plain:
-            # fetchall: the statement must run to its end to commit (autocommit).
-            for found in conn.db.execute(_SQL_SPEND, (key, amount, now)).fetchall():
-                row: Row = found[:9]
-                conn.remember(key, row)
-                return SpendResult(state_of(agent_id, row), False, found[9])
-        # Missing, not running, with scopes, a period or lapsed holds, or refused: a transaction.
-        return spending.record_spend(conn, agent_id, amount, now, chain)
+        plain = _maybe_plain(conn, agent_id._value)
+        return spending.record_spend(conn, agent_id, amount, now, chain, note, plain)
 
     def record_pii(
         self, agent_id: AgentId, count: int, now: float, event: AuditEvent, chain: AuditChain
@@ -436,8 +427,15 @@ class SQLiteBackend(Backend):
         # Missing, not running, with scopes, a period or lapsed holds, or refused: a transaction.
         return spending.reserve(conn, agent_id, amount, ttl, now, reservation_id, chain)
 
-    def commit(self, reservation: Reservation, actual: int, now: float, chain: AuditChain) -> CommitResult:
-        return spending.commit(self._connections.get(), reservation, actual, now, chain)
+    def commit(
+        self,
+        reservation: Reservation,
+        actual: int,
+        now: float,
+        chain: AuditChain,
+        note: SpendNote | None = None,
+    ) -> CommitResult:
+        return spending.commit(self._connections.get(), reservation, actual, now, chain, note)
 
     def release(self, reservation: Reservation, now: float) -> None:
         spending.release(self._connections.get(), reservation)
@@ -447,14 +445,22 @@ class SQLiteBackend(Backend):
         found = self._connections.get().db.execute(spending.SQL_BUDGET, (key,)).fetchone()
         if found is None:
             raise AgentNotFound(key)
-        return state_of(agent_id, found[:9]), found[9]
+        return state_of(agent_id, found[:10]), found[10]
 
     # -- budget scopes ------------------------------------------------------------------------
 
     def set_budget(
-        self, scope: str, limit: int | None, period: str | None, tz: str, now: float, chain: AuditChain
+        self,
+        scope: str,
+        limit: int | None,
+        period: str | None,
+        tz: str,
+        now: float,
+        chain: AuditChain,
+        thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
     ) -> BudgetChange:
-        return spending.set_budget(self._connections.get(), scope, limit, period, tz, now, chain)
+        conn = self._connections.get()
+        return spending.set_budget(conn, scope, limit, period, tz, now, chain, thresholds)
 
     def get_budget(self, scope: str, now: float) -> BudgetRow | None:
         return spending.get_budget(self._connections.get(), scope)
@@ -559,8 +565,13 @@ class SQLiteBackend(Backend):
             if last is None:
                 return 0
             removed: int = db.execute(SQL_PRUNE, (last[0],)).rowcount
+            db.execute(ledger.SQL_PRUNE, (before, last[0]))  # the pruned spend records' rows
             db.execute(SQL_SET_ANCHOR, (last[0], last[1], chain.seal_mark("anchor", last[0], last[1])))
         return removed
+
+    def spend_totals(self, query: SpendQuery) -> list[SpendTotal]:
+        """The ledger's totals from its index table, in one ``GROUP BY`` (:mod:`.ledger`)."""
+        return ledger.totals(self._connections.get().db, query)
 
     def purge_agents(self, statuses: Sequence[AgentStatus], changed_before: float) -> list[str]:
         codes = sorted({STATUS_CODE[status._value_] for status in statuses})

@@ -16,6 +16,13 @@ local TIME_BLOCK = __TIME_BLOCK__ -- iron_runtime_state.backends.redis.scripts.T
 
 local MAX_MICROS = __MAX_MICROS__ -- iron_runtime_state.money.MAX_MICROS
 
+-- The thresholds of a budget stored without any (thresholds.DEFAULT_THRESHOLDS), as text.
+local DEFAULT_THRESHOLDS = __DEFAULT_THRESHOLDS__
+
+-- What a client sends for an optional field that takes its default (absent from the hash), where
+-- '' is a value of its own (thresholds: '' is none, absent the default).
+local ABSENT = '\0'
+
 -- Reply codes a client acts on and runs the script again (see spend.py): ROLL, periods ended and
 -- the client computes the new ones (Lua knows no time zones); RESOLVE, on a cluster, holds whose
 -- other half lives in another slot expired and the client settles them first.
@@ -57,8 +64,8 @@ local function server_now()
 end
 
 -- The fields of an agent's hash that scripts read, in this order (scripts.AGENT_FIELDS): its state
--- (status to period_start, as replies carry it) and where its period ends. An agent 0.4/0.5
--- stored lacks spent_micros until migrated.
+-- (status to thresholds, as replies carry it), where its period ends and the highest threshold
+-- alerted in it. An agent 0.4/0.5 stored lacks spent_micros until migrated.
 local AGENT_FIELDS = __AGENT_FIELDS__
 
 -- The amount of a hold, in micro-units: holds are members "<id>:<micro-units>[:...]".
@@ -187,9 +194,9 @@ local function index_labels(prefix, agent_id, old, new)
   end
 end
 
--- An agent's state as replies carry it, after a code: the first nine AGENT_FIELDS (false: none).
+-- An agent's state as replies carry it, after a code: the first ten AGENT_FIELDS (false: none).
 local function state_reply(code, f)
-  return {code, f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9]}
+  return {code, f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10]}
 end
 
 -- Drop the holds an agent's holds set has on scopes: on a standalone server (prefix: the budgets
@@ -237,22 +244,25 @@ end
 -- A budget as the scripts handle it, an agent's own or a scope's: its hash key, its name ('' for
 -- an agent's own), its limit (nil: none) and spend in micro-units, its period (nil: none), time
 -- zone, the start of the period its spend belongs to (text as stored, '' for none) and where that
--- period ends. f holds limit_micros, spent_micros, period, tz, period_start, period_end as stored.
+-- period ends, its thresholds (text as stored; false: the default) and the highest of them alerted
+-- in the period (0: none). f holds limit_micros, spent_micros, period, tz, period_start,
+-- period_end, thresholds and alerted as stored.
 local function budget(key, name, f)
   return {key = key, name = name, limit = tonumber(f[1]), spent = tonumber(f[2]) or 0,
-    period = f[3] or nil, tz = f[4] or 'UTC', start = f[5] or '', stop = tonumber(f[6]), held = 0}
+    period = f[3] or nil, tz = f[4] or 'UTC', start = f[5] or '', stop = tonumber(f[6]), held = 0,
+    thresholds = f[7] or false, alerted = tonumber(f[8]) or 0}
 end
 
 -- An agent's own budget, from its AGENT_FIELDS f.
 local function agent_budget(agent, f)
-  return budget(agent, '', {f[4], f[2], f[7], f[8], f[9], f[10]})
+  return budget(agent, '', {f[4], f[2], f[7], f[8], f[9], f[11], f[10], f[12]})
 end
 
 -- The scope name under the budgets keys' prefix, or nil when it does not exist.
 local function scope_budget(prefix, name)
   local key = prefix .. 'scope:' .. name
   local f = redis.call('HMGET', key, 'limit_micros', 'spent_micros', 'period', 'tz',
-    'period_start', 'period_end')
+    'period_start', 'period_end', 'thresholds', 'alerted')
   if not f[2] then return nil end
   local b = budget(key, name, f)
   b.holds = prefix .. 'holds:' .. name
@@ -311,8 +321,9 @@ local function rolls_needed(budgets, now, at)
 end
 
 -- Store the new periods plan_rolls gave: each closed period gets its budget_reset event (fields
--- appended to events; agent_id is '' for a scope's), open holds carry over. An agent's closed
--- spend leaves its group's statistics (stats: that hash, or nil for scopes).
+-- appended to events; agent_id is '' for a scope's), open holds carry over and nothing is alerted
+-- in the new period yet. An agent's closed spend leaves its group's statistics (stats: that hash,
+-- or nil for scopes).
 local function write_rolls(budgets, agent_id, at, events, stats)
   for _, b in ipairs(budgets) do
     local r = b.roll
@@ -323,6 +334,10 @@ local function write_rolls(budgets, agent_id, at, events, stats)
           'at', at}
       end
       redis.call('HSET', b.key, 'spent_micros', int(b.spent), 'period_start', r[2], 'period_end', r[3])
+      if b.alerted ~= 0 then
+        redis.call('HDEL', b.key, 'alerted')
+        b.alerted = 0
+      end
       if stats and b.name == '' and b.closed ~= 0 then
         redis.call('HINCRBY', stats, 'spent_micros', -b.closed)
       end
@@ -362,10 +377,46 @@ local function overspent(agent_id, at, b, actual, held, rid)
     'spent', int(b.spent), 'actual', int(actual), 'held', int(held), 'reservation', rid}
 end
 
--- A budget scope as replies carry it: name, limit, period, time zone, period_start, spent, held.
+-- A budget scope as replies carry it: name, limit, period, time zone, period_start, spent, held,
+-- thresholds (false: the default).
 local function budget_row(b)
   return {b.name, b.limit and int(b.limit) or false, b.period or false, b.tz, b.start,
-    int(b.spent), int(b.held)}
+    int(b.spent), int(b.held), b.thresholds}
+end
+
+-- The ledger's spend record of a charge (events.spend builds it in Python): amount micro-units
+-- charged to the agent and to scopes (their names comma-separated, '' for none), with the agent's
+-- labels as stored (JSON; false: none), the reservation settled ('' for record_spend) and the
+-- caller's note (JSON of SpendNote.fields(), '' for none).
+local function spend_record(agent_id, at, amount, scopes, labels, rid, note)
+  return {'kind', 'charge', 'agent', agent_id, 'at', at, 'amount', int(amount), 'scopes', scopes,
+    'labels', labels or '', 'reservation', rid, 'note', note}
+end
+
+-- The budget_threshold events of a charge by agent_id that left budget b at b.spent, appended to
+-- events: thresholds.crossed, the same comparison as in Python (t > alerted and spent >= t * limit,
+-- as doubles), so every store alerts at the same spend; nothing without a limit (or with 0). b's
+-- alerted level rises to the last one, in the same script: each threshold fires once a period.
+local function alert(b, agent_id, at, events)
+  if not b.limit or b.limit == 0 then return end
+  local list = DEFAULT_THRESHOLDS
+  if b.thresholds then
+    list = {}
+    for s in string.gmatch(b.thresholds, '[^,]+') do list[#list + 1] = s end
+  end
+  local top
+  for _, s in ipairs(list) do
+    local t = tonumber(s)
+    if t > b.alerted and b.spent >= t * b.limit then
+      events[#events + 1] = {'kind', 'threshold', 'agent', agent_id, 'at', at, 'threshold', s,
+        'limit', int(b.limit), 'spent', int(b.spent), 'start', b.start, 'scope', b.name}
+      top = s
+    end
+  end
+  if top then
+    b.alerted = tonumber(top)
+    redis.call('HSET', b.key, 'alerted', top)
+  end
 end
 
 -- An audit stream entry's fields as a table (field name -> value).
@@ -455,8 +506,8 @@ local function refuse(action, refused, f, me, budgets, amount, agent_id, at, sta
   events[#events + 1] = refusal(action, agent_id, at, refused, amount)
   f[2] = int(me.spent)
   local reply = state_reply(0, f)
-  reply[11] = int(me.held)
-  reply[12] = refused ~= me and budget_row(refused)
+  reply[12] = int(me.held)
+  reply[13] = refused ~= me and budget_row(refused)
   return queue_events(outbox, events, reply)
 end
 

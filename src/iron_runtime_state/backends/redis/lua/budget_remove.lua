@@ -7,7 +7,7 @@
 return once(KEYS[5], ARGV[3], function()
   local key, name = KEYS[1], ARGV[1]
   local f = redis.call('HMGET', key, 'limit_micros', 'spent_micros', 'period', 'tz', 'period_start',
-    'period_end')
+    'period_end', 'thresholds')
   if not f[2] then return {0} end
   local b = budget(key, name, f)
   b.held = held_at(KEYS[2], server_now())

@@ -1,17 +1,20 @@
 -- commit: settle a hold by charging what was really spent (micro-units) to the agent and to the
--- scopes the hold touched that still hold it, even past a limit; each budget taken past its
--- limit queues a budget_exceeded event in the group's outbox. The agent's holds that lapsed
+-- scopes the hold touched that still hold it, even past a limit. The charge queues the ledger's
+-- spend record (see spend_record) in the group's outbox, then a budget_exceeded event for each
+-- budget taken past its limit, then the budget_threshold events it reached (see alert), all in
+-- this script (the agent's, then each scope's, in order). The agent's holds that lapsed
 -- unsettled go first, each with its hold_expired event (see expire_holds), even when this hold is
 -- not open; then periods that ended roll.
 -- Run once per op key (see `once`), so a call resent after a lost reply is not applied twice.
 -- On a cluster (budgets prefix '') only the agent is settled here; for a hold with scopes the
 -- commit is recorded under the committed key (kept marker ttl ms) until the client has settled
 -- the scopes with scope_settle.lua, so that a scope whose hold expires meanwhile still learns of
--- it (see spend.py).
+-- it (see spend.py); the spend record, written here, names the hold's scopes.
 -- KEYS: agent, stats, holds, finished, outbox, op, committed
 -- ARGV: the agent's hold member, actual, now, agent_id, reservation id, amount held, op ttl (ms),
 --       budgets prefix ('' on a cluster), marker ttl (ms), the hold's scopes (comma-separated,
---       '' for none), then the rolls the client computed (see given_rolls)
+--       '' for none), note (JSON, '' for none), then the rolls the client computed (see
+--       given_rolls)
 -- Returns {exceeded (1 or 0), state (see state_reply)} followed by the events queued (see
 -- queue_events); {-3} when the hold is not open (settled, expired or never made), followed by
 -- the hold_expired events queued, {-1} when the
@@ -40,7 +43,7 @@ return once(KEYS[6], ARGV[7], function()
       if b and redis.call('ZSCORE', b.holds, scoped) then budgets[#budgets + 1] = b end
     end
   end
-  local need = rolls_needed(budgets, tonumber(at), 11)
+  local need = rolls_needed(budgets, tonumber(at), 12)
   if need then return need end
   local big, total = too_big(budgets, actual, false)
   if big then return {TOO_BIG, big.name, int(total)} end
@@ -49,6 +52,10 @@ return once(KEYS[6], ARGV[7], function()
   write_rolls(budgets, aid, at, events, KEYS[2])
   f[9] = me.start ~= '' and me.start
   redis.call('ZREM', holds, member)
+  local names = {}
+  for i = 2, #budgets do names[#names + 1] = budgets[i].name end
+  events[#events + 1] = spend_record(aid, at, actual, split and ARGV[10] or table.concat(names, ','),
+    f[5], ARGV[5], ARGV[11])
   local exceeded = 0
   for _, b in ipairs(budgets) do
     if b.holds then redis.call('ZREM', b.holds, scoped) end
@@ -59,6 +66,7 @@ return once(KEYS[6], ARGV[7], function()
       events[#events + 1] = overspent(aid, at, b, actual, tonumber(ARGV[6]), ARGV[5])
     end
   end
+  for _, b in ipairs(budgets) do alert(b, aid, at, events) end
   redis.call('HSET', agent, 'changed_at', at)
   redis.call('HINCRBY', KEYS[2], 'spent_micros', ARGV[2])
   index_finished(KEYS[4], aid, f[1], f[1], at)

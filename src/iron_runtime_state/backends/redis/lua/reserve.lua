@@ -50,7 +50,7 @@ return once(KEYS[6], ARGV[6], function()
   if ARGV[7] == '' and f[6] then
     local reply = state_reply(2, f)
     table.insert(reply, 2, text)
-    reply[12] = int(me.held)
+    reply[13] = int(me.held)
     return queue_events(KEYS[5], events, reply)
   end
   return queue_events(KEYS[5], events, {1, text, f[6]})

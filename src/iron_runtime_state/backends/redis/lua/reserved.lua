@@ -7,5 +7,5 @@ local f = redis.call('HMGET', KEYS[1], unpack(AGENT_FIELDS))
 if not f[1] then return {-1} end
 if not f[2] then return {LEGACY} end
 local reply = state_reply(1, f)
-reply[11] = int(held_at(KEYS[2], server_now()) + all_holds(KEYS[3], 0))
+reply[12] = int(held_at(KEYS[2], server_now()) + all_holds(KEYS[3], 0))
 return reply

@@ -3,7 +3,9 @@
 -- resolve_holds.lua for holds that expired (charge, drop, or keep until the agent's expiry).
 -- Each hold is settled on every scope that still has it, once: a scope that no longer has it
 -- (settled already, or removed) is skipped. A charge that takes a scope past its limit stands and
--- queues a budget_exceeded event; periods that ended roll first. Run once per op key.
+-- queues a budget_exceeded event, then the budget_threshold events it reached (see alert; the
+-- spend record came with the agent's charge, commit.lua); periods that ended roll first. Run
+-- once per op key.
 -- KEYS: budgets outbox, op
 -- ARGV: now, op ttl (ms), budgets prefix, how many holds, then for each hold its member
 --       ("<reservation id>:<amount>:<agent id>:<scopes>") and what to do: the amount to charge,
@@ -41,6 +43,7 @@ return once(KEYS[2], ARGV[2], function()
   write_rolls(budgets, '', at, events, nil)
   for _, hold in ipairs(holds) do
     local open = string.match(hold.verdict, '^open:(.*)$')
+    local charged = {}
     for _, b in ipairs(hold.scopes) do
       if open then
         -- Open at the agent by its master's clock: kept, and asked about again once it expires
@@ -50,12 +53,14 @@ return once(KEYS[2], ARGV[2], function()
         local actual = tonumber(hold.verdict)
         b.spent = b.spent + actual
         redis.call('HINCRBY', b.key, 'spent_micros', hold.verdict)
+        charged[#charged + 1] = b
         if b.limit and b.spent > b.limit then
           exceeded = 1
           events[#events + 1] = overspent(hold.agent, at, b, actual, hold.held, hold.rid)
         end
       end
     end
+    for _, b in ipairs(charged) do alert(b, hold.agent, at, events) end
   end
   return queue_events(KEYS[1], events, {1, exceeded})
 end)

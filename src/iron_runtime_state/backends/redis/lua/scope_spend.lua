@@ -2,8 +2,11 @@
 -- slot, after the agent's step passed: charge the amount to each scope (action 'spend'), or hold
 -- it on each (action 'reserve', member "<reservation id>:<amount>:<agent id>:<scopes>" scored by
 -- the agent's hold expiry), unless it would take one past its limit (spent + holds + amount, in
--- the order the agent lists them). Periods that ended roll first. A refusal charges nothing and
--- queues its budget_exceeded event in the budgets outbox. Holds that expired are settled first
+-- the order the agent lists them). Periods that ended roll first. A spend queues the
+-- budget_threshold events it reached on each scope (see alert; the agent's spend record and its
+-- own thresholds come with its charge, settle_pending.lua) in the budgets outbox, in this script,
+-- so they reach the trail exactly once whatever happens to the client after it. A refusal charges
+-- nothing and queues its budget_exceeded event in the budgets outbox. Holds that expired are settled first
 -- (RESOLVE): their other half lives in another slot.
 -- A spend's step keeps its reply under its op key for the marker ttl: resolve_ops.lua reads it
 -- there when the agent's pending hold expired before the client settled it. A spend's step that
@@ -47,7 +50,9 @@ return once(KEYS[2], ARGV[5], function()
   write_rolls(budgets, aid, at, events, nil)
   for _, b in ipairs(budgets) do
     if action == 'spend' then
+      b.spent = b.spent + amount
       redis.call('HINCRBY', b.key, 'spent_micros', ARGV[2])
+      alert(b, aid, at, events)
     else
       redis.call('ZADD', b.holds, ARGV[9], ARGV[8])
     end

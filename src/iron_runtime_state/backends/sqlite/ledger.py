@@ -1,0 +1,169 @@
+"""The spend ledger in the SQLite store: the index row written with each ``spend`` record, and
+the reports answered from those rows (``Backend.spend_totals``).
+
+Every settled spend appends its ``spend`` record to the audit trail (:func:`...events.spend`)
+and, in the same transaction, one row of ``iron_ledger`` (schema version 5) holding what reports
+group and sum: the record's ``seq`` and timestamp, the agent, the amount in micro-units, the
+model and token counts, and the scopes charged, the agent's labels and the spend's tags as JSON
+text (the forms :mod:`.rows` writes: sorted keys, ``NULL`` for none). :func:`append_spend` is
+the one place that writes both, so neither exists without the other; pruning the trail deletes
+the rows of the pruned records in its own transaction (:data:`SQL_PRUNE`).
+
+A report is one ``SELECT ... GROUP BY`` (:func:`totals_select`): the table is keyed by
+(timestamp, seq), so a span reads only its own rows, in time order, without a lookup; a report
+for one agent or one model reads that key's span of its index instead. Time groups by
+:data:`...ledger.BUCKET` seconds (``ts / 900``: timestamps are never negative, so SQLite's
+integer division is Python's floor). Grouped by scope, a row counts under each scope it charged
+(``json_each``), or under ``NULL`` when it charged none; a scope filter is an ``instr`` of the
+scope's quoted name in the row's scope list, which is exact: scope names hold nothing JSON
+escapes, so ``"name"`` appears in the text only as that element. Labels and tags are read with
+``json_extract``. The totals equal :func:`...ledger.aggregate` over the same records.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import Final
+
+from ... import events
+from ...audit_chain import AuditChain
+from ...ids import AgentId
+from ...ledger import BUCKET, SpendNote, SpendQuery, SpendTotal
+from ...models import AuditEvent, AuditRecord
+from .connection import Connection
+from .rows import labels_of, labels_text, scopes_of
+from .trail import append
+
+__all__ = ["SQL_PRUNE", "Spend", "append_spend", "spend", "totals", "totals_select"]
+
+_COLUMNS: Final = (
+    "ts, seq, agent_id, amount, model, input_tokens, output_tokens, cached_input_tokens, scopes, labels, tags"
+)
+_SQL_RECORD: Final = f"INSERT INTO iron_ledger ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+#: The rows of the pruned records (``seq <= ?2``): every one is older than the prune's bound
+#: ``?1`` (the trail keeps every record from the first at or after it), so the delete is a
+#: range of the table's key.
+SQL_PRUNE: Final = "DELETE FROM iron_ledger WHERE ts < ?1 AND seq <= ?2"
+
+#: A spend's ledger row without its seq: ts, agent, amount, model, three token counts, scopes,
+#: labels, tags.
+_Row = tuple[int, str, int, str | None, int, int, int, str | None, str | None, str | None]
+
+
+class Spend:
+    """A settled spend's ``spend`` record and the ledger row that goes with it."""
+
+    __slots__ = ("event", "row")
+
+    def __init__(self, event: AuditEvent, row: _Row) -> None:
+        self.event = event
+        self.row = row
+
+
+def spend(
+    agent_id: AgentId,
+    now: float,
+    amount: int,
+    scopes: str | None,
+    labels: str | None,
+    reservation_id: str | None,
+    note: SpendNote | None,
+) -> Spend:
+    """The record and ledger row of ``amount`` charged to the agent and to ``scopes`` (the scope
+    list's stored text), the agent's ``labels`` being the stored text of its labels."""
+    event = events.spend(agent_id, now, amount, scopes_of(scopes), labels_of(labels), reservation_id, note)
+    if note is None:
+        model, tokens, tags = None, (0, 0, 0), None
+    else:
+        model, tags = note.model, labels_text(dict(note.tags))
+        tokens = (note.input_tokens, note.output_tokens, note.cached_input_tokens)
+    row: _Row = (event.timestamp, agent_id._value, amount, model, *tokens, scopes, labels, tags)
+    return Spend(event, row)
+
+
+def append_spend(
+    conn: Connection,
+    before: Sequence[AuditEvent],
+    charged: Spend,
+    after: Sequence[AuditEvent],
+    chain: AuditChain,
+    now: float,
+) -> list[AuditRecord]:
+    """Append ``before``, the spend's record and ``after`` in the transaction ``conn`` holds,
+    and the spend's ledger row under its record's seq; the records appended."""
+    records = append(conn, [*before, charged.event, *after], chain, now)
+    seq = records[len(before)].seq
+    row = charged.row
+    conn.db.execute(_SQL_RECORD, (row[0], seq, *row[1:]))
+    return records
+
+
+def _json_path(key: str) -> str:
+    # Label and tag keys are [a-z][a-z0-9_.-]*: quoted, a dot in one is part of the key.
+    return f'$."{key}"'
+
+
+def totals_select(query: SpendQuery) -> tuple[str, dict[str, object]]:
+    """The ``SELECT`` (and its named parameters) that totals ``query`` from ``iron_ledger``."""
+    params: dict[str, object] = {}
+    groups: list[str] = []
+    join = ""
+    for i, key in enumerate(query.keys):
+        if key == "bucket":
+            groups.append(f"l.ts / {BUCKET}")
+        elif key == "agent":
+            groups.append("l.agent_id")
+        elif key == "model":
+            groups.append("l.model")
+        elif key == "scope":
+            if query.scope is not None:  # only under the scope filtered on
+                groups.append(":scope")
+            else:
+                join = " LEFT JOIN json_each(l.scopes) s"
+                groups.append("s.value")
+        else:  # label:<key> or tag:<key>
+            column, name = ("labels", key[6:]) if key.startswith("label:") else ("tags", key[4:])
+            params[f"k{i}"] = _json_path(name)
+            groups.append(f"json_extract(l.{column}, :k{i})")
+    where: list[str] = []
+    if query.since is not None:
+        where.append("l.ts >= :since")
+        params["since"] = query.since
+    if query.until is not None:
+        where.append("l.ts < :until")
+        params["until"] = query.until
+    if query.agent_id is not None:
+        where.append("l.agent_id = :agent")
+        params["agent"] = query.agent_id
+    if query.model is not None:
+        where.append("l.model = :model")
+        params["model"] = query.model
+    if query.scope is not None:
+        where.append("instr(l.scopes, :quoted) > 0")
+        params["scope"] = query.scope
+        params["quoted"] = f'"{query.scope}"'
+    for column, wanted in (("labels", query.labels), ("tags", query.tags)):
+        for j, (name, value) in enumerate(sorted(wanted.items())):
+            where.append(f"json_extract(l.{column}, :{column}_k{j}) = :{column}_v{j}")
+            params[f"{column}_k{j}"] = _json_path(name)
+            params[f"{column}_v{j}"] = value
+    sums = "sum(l.amount), count(*), sum(l.input_tokens), sum(l.output_tokens), sum(l.cached_input_tokens)"
+    sql = f"SELECT {', '.join([*groups, sums])} FROM iron_ledger l{join}"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    if groups:
+        sql += " GROUP BY " + ", ".join(str(n) for n in range(1, len(groups) + 1))
+    return sql, params
+
+
+def totals(db: sqlite3.Connection, query: SpendQuery) -> list[SpendTotal]:
+    """The ledger's totals for ``query`` (``Backend.spend_totals``), read in one statement."""
+    sql, params = totals_select(query)
+    n = len(query.keys)
+    found: list[SpendTotal] = []
+    for row in db.execute(sql, params).fetchall():
+        if row[n + 1] == 0:  # no keys and no rows: the one row of an empty aggregate
+            continue
+        found.append(SpendTotal(tuple(row[:n]), *row[n:]))
+    return found
