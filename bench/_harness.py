@@ -125,6 +125,8 @@ def save_json(path: str | None, results: list[Comparison], **extra: Any) -> None
 
 #: The release the budget-model figures compare with (0.5.0, before scopes, periods and exact money).
 PREVIOUS_RELEASE = "71c1d72"
+#: 0.6.0, before the spend ledger and thresholds (issue 17's figures compare with it).
+RELEASE_0_6 = "8e46e75"
 _VERSION_CHILD = r"""
 import sys, time
 {setup}
@@ -136,16 +138,16 @@ print((time.perf_counter() - start) / {n})
 """
 
 
-def previous_release_src() -> str:
-    """The ``src`` folder of :data:`PREVIOUS_RELEASE`, checked out once as a git worktree in /tmp."""
+def previous_release_src(release: str = PREVIOUS_RELEASE) -> str:
+    """The ``src`` folder of ``release``, checked out once as a git worktree in /tmp."""
     import subprocess
     import tempfile
 
-    root = os.path.join(tempfile.gettempdir(), f"iron-state-{PREVIOUS_RELEASE}")
+    root = os.path.join(tempfile.gettempdir(), f"iron-state-{release}")
     if not os.path.isdir(root):
         repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         subprocess.run(
-            ["git", "-C", repo, "worktree", "add", "--detach", root, PREVIOUS_RELEASE],
+            ["git", "-C", repo, "worktree", "add", "--detach", root, release],
             check=True,
             capture_output=True,
         )
@@ -153,9 +155,16 @@ def previous_release_src() -> str:
 
 
 def compare_with_previous_release(
-    name: str, setup: str, *, n: int, runs: int = 7, teardown: str = "", target: str = ""
+    name: str,
+    setup: str,
+    *,
+    n: int,
+    runs: int = 7,
+    teardown: str = "",
+    target: str = "",
+    release: str = PREVIOUS_RELEASE,
 ) -> Comparison:
-    """Time the same code on this tree ("ours") and on :data:`PREVIOUS_RELEASE` ("baseline").
+    """Time the same code on this tree ("ours") and on ``release`` ("baseline").
 
     ``setup`` is Python that defines ``op(count)`` with ``iron_runtime_state`` imported from
     whichever tree runs it. Each run is a fresh process; the two trees alternate and the medians
@@ -164,7 +173,7 @@ def compare_with_previous_release(
     import subprocess
 
     here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-    trees = {"ours": here, "base": previous_release_src()}
+    trees = {"ours": here, "base": previous_release_src(release)}
     code = _VERSION_CHILD.format(setup=setup, teardown=teardown, n=n)
     times: dict[str, list[float]] = {"ours": [], "base": []}
     for i in range(runs):

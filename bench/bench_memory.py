@@ -28,7 +28,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _harness import Comparison, Op, compare, compare_with_previous_release, header, save_json
+from _harness import (
+    RELEASE_0_6,
+    Comparison,
+    Op,
+    compare,
+    compare_with_previous_release,
+    header,
+    save_json,
+)
 from iron_runtime_state import AgentId, AgentState, AgentStatus, AuditEvent, StateManager
 from iron_runtime_state.audit_chain import AuditChain
 
@@ -230,6 +238,15 @@ def op(count):
     for k in range(count):
         manager.record_spend(agents[k % 100], 0.000001)
 """
+    hold_setup = previous.replace(
+        """def op(count):
+    for k in range(count):
+        manager.record_spend(agents[k % 100], 0.000001)""",
+        """def op(count):
+    for k in range(count):
+        hold = manager.reserve_budget(agents[k % 100], 0.000002)
+        manager.commit_reservation(hold, 0.000001)""",
+    )
     return [
         compare(
             "record_spend: 2 scopes vs none", spend(scoped), spend(plain), n=n, runs=runs, target="<= 2.5x"
@@ -243,6 +260,23 @@ def op(count):
             target="<= 2.5x",
         ),
         compare_with_previous_release("record_spend, no period: this vs 0.5.0", previous, n=n, runs=runs),
+        # Issue 17: every settled spend appends its ledger record (a SHA-256 in the chain).
+        compare_with_previous_release(
+            "record_spend with ledger vs 0.6.0",
+            previous,
+            n=n,
+            runs=runs,
+            target="<= 4x",
+            release=RELEASE_0_6,
+        ),
+        compare_with_previous_release(
+            "reserve+commit with ledger vs 0.6.0",
+            hold_setup,
+            n=n // 2,
+            runs=runs,
+            target="<= 4x",
+            release=RELEASE_0_6,
+        ),
     ]
 
 

@@ -8,8 +8,8 @@ the baseline, with the two interleaved (bench/_harness.py). Targets, from issue 
 
 - ``get_agent_state`` and ``save_agent_state`` within 1.3x of raw psycopg running the same
   statement on one connection (our call adds validation, the pool, and building the state);
-- ``record_spend`` within 1.3x of the same single statement (the schema's ``spend`` function)
-  by hand;
+- ``record_spend`` within 1.3x of the same single statement (the schema's ``spend`` function,
+  with the spend record sealed in advance as the store sends it) by hand;
 - faster than LangGraph's ``PostgresStore`` (package langgraph-checkpoint-postgres, the
   ``bench`` extra) on the same put and get of one agent's state;
 - 4 processes spending on their own agents: at least 1.5x the throughput of one process, with
@@ -23,6 +23,14 @@ And issue 16's, on this store:
 - the period check adds at most 10% to a spend on an agent without a period: the ``spend``
   statement against a copy of it without the check (bench-only, raw psycopg); and, for
   information, a spend on an agent with a period (checked, not ending) against one without.
+
+And issue 17's (the spend ledger):
+
+- settling with its ledger record (``record_spend``; ``reserve_budget`` + ``commit_reservation``)
+  at most 2x settling without one in 0.6.0 (run from a git worktree of that release, each run
+  a fresh process, the two alternating; medians);
+- ``spend_report`` by day over 200,000 ledger rows (1,000,000 without ``--quick``): the time of
+  one report, median of several.
 """
 
 from __future__ import annotations
@@ -47,10 +55,20 @@ sys.path.insert(0, str(ROOT))
 import psycopg  # noqa: E402
 from tests.postgres_server import PostgresServer, server_folder  # noqa: E402
 
-from _harness import Comparison, Op, compare, header, save_json  # noqa: E402
-from iron_runtime_state import AgentId, AgentState, AgentStatus, StateManager  # noqa: E402
+from _harness import (  # noqa: E402
+    RELEASE_0_6,
+    Comparison,
+    Op,
+    compare,
+    compare_with_previous_release,
+    header,
+    save_json,
+)
+from iron_runtime_state import AgentId, AgentState, AgentStatus, StateManager, events  # noqa: E402
+from iron_runtime_state.audit_chain import AuditChain  # noqa: E402
 from iron_runtime_state.backends.postgres import PostgresBackend  # noqa: E402
 from iron_runtime_state.backends.postgres.requests import agent_params  # noqa: E402
+from iron_runtime_state.backends.postgres.trail import audit_channel  # noqa: E402
 from iron_runtime_state.money import to_micros  # noqa: E402
 
 
@@ -94,6 +112,43 @@ def raw_loop(conn: psycopg.Connection[Any], sql: str, params: Any, *, rows: bool
                 execute(sql, params)
 
     return op
+
+
+class RawSpender:
+    """The ``spend`` function by hand on one connection, with what the store sends: the spend
+    record sealed after the head (kept here, as the store keeps it) and the ledger's columns."""
+
+    def __init__(self, conn: psycopg.Connection[Any], schema: str, function: str = "spend") -> None:
+        self.conn = conn
+        self.statement = f"SELECT * FROM {schema}.{function}({', '.join(['%s'] * 17)})"
+        self.channel = audit_channel(f'"{schema}"')
+        self.chain = AuditChain()
+        found = conn.execute(f"SELECT head_seq, head_hash FROM {schema}.audit_chain").fetchone()
+        assert found is not None
+        self.head: tuple[int, str] = (found[0], found[1])
+
+    def spend(self, agent: AgentId, amount: int) -> None:
+        now = time.time()
+        event = events.spend(agent, now, amount, (), {}, None, None)
+        rows, _ = self.chain.seal_rows([event], *self.head)
+        seq, _, _, ts, details, prev, digest = rows[0]
+        params: tuple[Any, ...] = (
+            agent.as_str(),
+            amount,
+            now,
+            "{}",
+            [],
+            self.head[0],
+            prev,
+            digest,
+            None,
+            ts,
+            details,
+        )
+        row = self.conn.execute(self.statement, (*params, self.channel, None, 0, 0, 0, None)).fetchone()
+        assert row is not None
+        assert row[0] is not None, "the raw spend fell to the general path"
+        self.head = (seq, digest)
 
 
 def versus_raw(url: str, *, quick: bool) -> list[Comparison]:
@@ -145,10 +200,15 @@ def versus_raw(url: str, *, quick: bool) -> list[Comparison]:
         )
     )
 
+    spender = RawSpender(raw, "bench")
+
     def raw_spend(k: int) -> None:
-        execute, statement, target, amount = raw.execute, sql["spend"], ids[2].as_str(), to_micros(0.25)
+        spender.head = RawSpender(raw, "bench").head  # ours moved it meanwhile
+        spend, target, amount = spender.spend, ids[2], to_micros(0.25)
         for _ in range(k):
-            execute(statement, (target, amount, time.time())).fetchall()
+            spend(target, amount)
+
+    manager.record_spend(ids[3], 0.25)  # the store object learns the head: the fast path from now on
 
     results.append(
         compare(
@@ -276,12 +336,13 @@ def period_check_cost(url: str, *, quick: bool) -> list[Comparison]:
     amount = to_micros(0.25)
 
     def raw_spend(function: str) -> Op:
-        statement = f"SELECT * FROM bench_period.{function}(%s, %s, %s)"
+        spender = RawSpender(raw, "bench_period", function)
 
         def op(k: int) -> None:
-            execute, target = raw.execute, plain.as_str()
+            spender.head = RawSpender(raw, "bench_period").head  # the other copy moved it too
+            spend = spender.spend
             for _ in range(k):
-                execute(statement, (target, amount, time.time())).fetchall()
+                spend(plain, amount)
 
         return op
 
@@ -306,6 +367,86 @@ def period_check_cost(url: str, *, quick: bool) -> list[Comparison]:
     raw.close()
     manager.close()
     return results
+
+
+_SETTLE = """
+import importlib.util
+from iron_runtime_state import AgentId, AgentState, AgentStatus, StateManager
+this = importlib.util.find_spec("iron_runtime_state.ledger") is not None  # 0.6.0 has no ledger
+manager = StateManager.from_url({ours!r} if this else {base!r})
+agent = AgentId.generate()
+manager.save_agent_state(AgentState(agent, AgentStatus.RUNNING, budget_limit=1e8))
+manager.record_spend(agent, 0.01)  # the store object learns the audit head
+def op(k):
+    for _ in range(k):
+        {call}
+"""
+
+
+def ledger_cost(url: str, *, quick: bool) -> list[Comparison]:
+    """Settling with the ledger's record against 0.6.0 settling without one (fresh processes)."""
+    n, runs = (400, 5) if quick else (1000, 9)
+    results = []
+    for name, call in (
+        ("record_spend: ledger vs 0.6.0", "manager.record_spend(agent, 0.25)"),
+        (
+            "reserve + commit: ledger vs 0.6.0",
+            "manager.commit_reservation(manager.reserve_budget(agent, 1.0), 0.5)",
+        ),
+    ):
+        results.append(
+            compare_with_previous_release(
+                name,
+                _SETTLE.format(
+                    ours=with_schema(url, "bench_ledger"), base=with_schema(url, "bench_v06"), call=call
+                ),
+                n=n,
+                runs=runs,
+                teardown="manager.close()",
+                target="<= 2x",
+                release=RELEASE_0_6,
+            )
+        )
+    return results
+
+
+def report_time(url: str, *, quick: bool) -> list[Comparison]:
+    """``spend_report`` by day over many ledger rows (written straight into the table), against
+    a ``count(*)`` over the same span's rows of the index, for scale."""
+    rows, runs = (200_000, 5) if quick else (1_000_000, 7)
+    target = with_schema(url, "bench_report")
+    manager = StateManager.from_url(target)
+    manager.stats()  # the schema
+    raw = psycopg.connect(url, autocommit=True)
+    raw.execute("TRUNCATE bench_report.ledger")
+    start = 1_790_000_000
+    step = 30 * 86_400 // rows  # a month of spends
+    raw.execute(
+        "INSERT INTO bench_report.ledger (seq, ts, agent_id, amount, model, input_tokens, output_tokens, "
+        "cached_input_tokens, scopes) SELECT n, %s + n * %s, 'agent-' || (n %% 100), 1234, "
+        "'model-' || (n %% 5), 100, 20, 0, '{}' FROM generate_series(1, %s) n",
+        (start, step, rows),
+    )
+    raw.execute("VACUUM ANALYZE bench_report.ledger")  # what autovacuum does after a bulk of inserts
+
+    def report(k: int) -> None:
+        for _ in range(k):
+            found = manager.spend_report(group_by=("day",))
+            assert sum(row.calls for row in found) == rows
+
+    def count(k: int) -> None:
+        for _ in range(k):
+            raw.execute("SELECT count(*) FROM bench_report.ledger WHERE ts >= %s", (start,)).fetchall()
+
+    result = compare(
+        f"spend_report by day, {rows:,} rows vs count(*)", report, count, n=1, runs=runs, target="< 1 s"
+    )
+    print(f"{'':<42} one report: {result.ours_s * 1000:.0f} ms", flush=True)
+    result.extra["rows"] = rows
+    result.extra["report_ms"] = result.ours_s * 1000
+    raw.close()
+    manager.close()
+    return [result]
 
 
 _SPENDER = r"""
@@ -421,10 +562,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--url", help="use this server (postgresql://...) instead of starting one")
+    parser.add_argument("--ledger", action="store_true", help="only the spend ledger's figures")
     args = parser.parse_args()
     results: list[Comparison] = []
     with server(args.url) as (url, started):
         postmaster = started.process.pid if started is not None and started.process is not None else None
+        if args.ledger:
+            header("The spend ledger (issue 17)")
+            results += ledger_cost(url, quick=args.quick)
+            results += report_time(url, quick=args.quick)
+            save_json(args.json, results)
+            return
         header("PostgreSQL backend vs raw psycopg")
         results += versus_raw(url, quick=args.quick)
         header("PostgreSQL backend vs LangGraph's PostgresStore")
@@ -432,6 +580,9 @@ def main() -> None:
         header("Budget scopes and periods")
         results += scopes_cost(url, quick=args.quick)
         results += period_check_cost(url, quick=args.quick)
+        header("The spend ledger (issue 17)")
+        results += ledger_cost(url, quick=args.quick)
+        results += report_time(url, quick=args.quick)
         header("Processes sharing the store (server and clients on this machine's cores)")
         results += processes_throughput(url, quick=args.quick, postmaster=postmaster)
     save_json(args.json, results)

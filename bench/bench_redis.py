@@ -33,6 +33,11 @@ Cluster the bench starts (not with ``--redis-url``), with the round trips per ca
 - the period check adds at most 10% to a spend on an agent without a period: this tree against
   0.5.0 (commit 71c1d72, a git worktree in /tmp), each run a fresh process, alternating.
 
+The spend ledger (issue 17, ``--ledger-only``): settling with the ``spend`` record (queued in
+the same script as the charge, appended to the trail through the outbox) at most 2x settling
+without it, ``record_spend`` and a reserve + commit, this tree against 0.6.0 (commit 8e46e75,
+before the ledger), each run a fresh process, alternating; standalone and on a cluster.
+
 ``--watch-only`` (issue 19): the delivery latency of ``watch()`` to a consumer waiting in
 ``XREAD BLOCK``, sync and asyncio, on the standalone server and on the cluster, for appended
 records and for changes' events (which come through outboxes): median <= 50 ms.
@@ -60,7 +65,15 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 from tests.redis_servers import RedisCluster, RedisServer, ReplicatedServer, short_tmpdir  # noqa: E402
 
-from _harness import Comparison, Op, compare, compare_with_previous_release, header, save_json  # noqa: E402
+from _harness import (  # noqa: E402
+    RELEASE_0_6,
+    Comparison,
+    Op,
+    compare,
+    compare_with_previous_release,
+    header,
+    save_json,
+)
 from iron_runtime_state import (  # noqa: E402
     AgentId,
     AgentState,
@@ -341,6 +354,40 @@ def period_check_cost(url: str, *, quick: bool) -> list[Comparison]:
     ]
 
 
+#: Both trees: settling on an agent whose limit no threshold comes near (the ledger's cost alone).
+_SETTLE_SETUP = """
+import uuid
+from iron_runtime_state import AgentId, AgentState, AgentStatus, StateManager
+manager = StateManager.from_url("{url}" + uuid.uuid4().hex[:8])
+agent = AgentId.generate()
+manager.save_agent_state(AgentState(agent, AgentStatus.RUNNING, budget_limit=1e9))
+def op(count):
+    for _ in range(count):
+        {body}
+"""
+_SETTLES = {
+    "record_spend": "manager.record_spend(agent, 0.25)",
+    "reserve + commit": "manager.commit_reservation(manager.reserve_budget(agent, 1.0), 0.5)",
+}
+
+
+def ledger_cost(url: str, *, quick: bool, where: str) -> list[Comparison]:
+    """Settling with the ledger's record (this tree) against 0.6.0 without it, fresh processes."""
+    base = url.split("?")[0] + "?namespace=bench-ledger-"
+    return [
+        compare_with_previous_release(
+            f"{name} with ledger vs 0.6.0 ({where})",
+            _SETTLE_SETUP.format(url=base, body=body),
+            n=500 if quick else 2000,
+            runs=5 if quick else 9,
+            teardown="manager.close()",
+            target="<= 2x",
+            release=RELEASE_0_6,
+        )
+        for name, body in _SETTLES.items()
+    ]
+
+
 @contextlib.contextmanager
 def cluster_url() -> Iterator[str]:
     """A fresh three-master Redis Cluster on loopback."""
@@ -603,7 +650,17 @@ def main() -> None:
         "--watch-only", action="store_true", help="only the watch() delivery latency (standalone and cluster)"
     )
     parser.add_argument("--events", type=int, default=1000, help="records per watch() latency run")
+    parser.add_argument("--ledger-only", action="store_true", help="only the spend ledger's settle cost")
     args = parser.parse_args()
+    if args.ledger_only:
+        header("Settling with the spend ledger vs 0.6.0 without it")
+        with server_url(args.redis_url) as url:
+            results = ledger_cost(url, quick=args.quick, where="standalone")
+        if not args.redis_url:
+            with cluster_url() as url:
+                results += ledger_cost(url, quick=args.quick, where="cluster")
+        save_json(args.json, results)
+        return
     if args.watch_only:
         header("watch(): delivery latency to a waiting consumer (XREAD BLOCK)")
         rows: list[dict[str, object]] = []
@@ -622,10 +679,12 @@ def main() -> None:
         header("Budget scopes and periods (standalone)")
         results += scopes_cost(url, quick=args.quick, cluster=False)
         results += period_check_cost(url, quick=args.quick)
+        results += ledger_cost(url, quick=args.quick, where="standalone")
     if not args.redis_url:
         header("Budget scopes on a three-master Redis Cluster")
         with cluster_url() as url:
             results += scopes_cost(url, quick=args.quick, cluster=True)
+            results += ledger_cost(url, quick=args.quick, where="cluster")
     if not args.redis_url and not args.budgets_only:  # it needs a master with a replica of its own
         header("durability='replicated' vs 'async' (a master and one replica)")
         results += durability_cost(quick=args.quick)

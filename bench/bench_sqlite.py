@@ -8,17 +8,19 @@ head) and the same pragmas (WAL, synchronous=NORMAL, the same busy timeout), run
 statements the store runs, in autocommit or one transaction as the store does. The ratio is
 therefore the price of everything the library adds in Python: validation, the id and state
 objects, the read cache check, hashing, the records it returns. ``record_spend`` is the
-exception: its baseline is a bare ``UPDATE`` adding to the spend (no status, limit or holds
-check), the least any store does, so its ratio also prices the checks. For transparency the two
+exception: its baseline is the least any store does, one transaction of a bare ``UPDATE``
+adding to the spend (no status, limit or holds check), the spend's chained record (hashed in
+advance) and its ledger row, so its ratio also prices the checks. For transparency the two
 write paths are also timed against a plain table without triggers (informational). Each file
 first takes 4,000 writes, so that what is timed is the steady state of a running service, in
 which the WAL is checkpointed regularly.
 
 Then the budget model (issue 16), each a ratio in the same run: a spend, and a reserve + commit,
-on an agent drawing on two budget scopes against one drawing on none (each a transaction against
-one statement; target <= 2.5x); and a spend on an agent without a period on this tree against the
-same code on 0.5.0 (commit 71c1d72, checked out as a git worktree and run in fresh processes that
-alternate with this tree's; target <= 1.10x, the period check and exact money together).
+on an agent drawing on two budget scopes against one drawing on none (target <= 2.5x).
+
+Then the spend ledger (issue 17, bench/bench_sqlite_ledger.py): a spend, and a reserve + commit,
+each with its ledger record, on this tree against the same code on 0.6.0 without one (target
+<= 2x), and the by-day spend report over 1,000,000 ledger rows (target < 1 s).
 
 Then a trail of 1,000,000 records (100,000 with --quick): how fast verify_audit_log checks it,
 how an audit query by agent uses its index, and that exporting it keeps memory flat.
@@ -46,11 +48,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _harness import Comparison, Op, compare, compare_with_previous_release, header, rss_bytes, save_json
+import bench_sqlite_ledger
+from _harness import Comparison, Op, compare, header, rss_bytes, save_json
 from iron_runtime_state import AgentId, AgentState, AgentStatus, AuditEvent, StateManager
 from iron_runtime_state.audit_chain import GENESIS_HASH, AuditChain
 from iron_runtime_state.backends import AuditQuery
 from iron_runtime_state.backends.sqlite import connection, store
+from iron_runtime_state.backends.sqlite import ledger as sqlite_ledger
 from iron_runtime_state.backends.sqlite import trail as audit_trail
 from iron_runtime_state.money import to_micros
 
@@ -61,10 +65,13 @@ GET = store._SQL_GET
 # What any store must do at least to record a spend: add it to the row, in autocommit (the
 # triggers keep the fleet totals, as for ours). No limit check, no holds, no status check.
 BARE_SPEND = "UPDATE iron_agents SET budget_spent = budget_spent + ?, changed_at = ? WHERE agent_id = ?"
+# ... with its ledger row (the spend's record is appended with APPEND, in the same transaction).
+LEDGER_ROW = sqlite_ledger.SQL_RECORD
 CENT = to_micros(0.01)  # what the benchmark spends, in the micro-units the store keeps
 PRAGMAS = (
     "PRAGMA synchronous = normal",
     f"PRAGMA journal_size_limit = {connection.JOURNAL_SIZE_LIMIT}",
+    f"PRAGMA wal_autocheckpoint = {connection.WAL_AUTOCHECKPOINT}",
     f"PRAGMA cache_size = -{connection.DEFAULT_PAGE_CACHE_MIB * 1024}",
     "PRAGMA trusted_schema = OFF",
     "PRAGMA temp_store = MEMORY",
@@ -125,6 +132,7 @@ def row_of(key: str, state: AgentState) -> tuple[object, ...]:
         None,
         None,
         "UTC",
+        None,
         None,
         time.time(),
     )
@@ -311,16 +319,27 @@ def operations(folder: Path, n: int, runs: int) -> list[Comparison]:
             spend(ids[i % m], 0.01)
 
     def update_on(db: sqlite3.Connection) -> Op:
+        trail = RawTrail(db)
+
         def base_spend(count: int) -> None:
-            execute = db.execute
+            execute, pool = db.execute, HASHES
+            seq, prev = trail.seq, trail.prev
             for i in range(count):
-                execute(BARE_SPEND, (CENT, time.time(), keys[i % m]))
+                seq += 1
+                digest, key, now = pool[seq % POOL], keys[i % m], time.time()
+                execute("BEGIN IMMEDIATE")
+                execute(BARE_SPEND, (CENT, now, key))
+                execute(APPEND, (seq, key, "spend", int(now), '{"amount":0.01}', prev, digest))
+                execute(LEDGER_ROW, (int(now), seq, key, CENT, None, 0, 0, 0, None, None, None))
+                execute("COMMIT")
+                prev = digest
+            trail.seq, trail.prev = seq, prev
 
         return base_spend
 
     results.append(
         compare(
-            "record_spend vs raw bare UPDATE",
+            "record_spend vs raw UPDATE + record + ledger row",
             ours_spend,
             update_on(raw),
             n=n,
@@ -329,7 +348,7 @@ def operations(folder: Path, n: int, runs: int) -> list[Comparison]:
         )
     )
     results.append(
-        compare("  (info) vs UPDATE, table without triggers", ours_spend, update_on(plain), n=n, runs=runs)
+        compare("  (info) vs the same, tables without triggers", ours_spend, update_on(plain), n=n, runs=runs)
     )
 
     # -- reservations ---------------------------------------------------------------------------
@@ -386,24 +405,9 @@ def operations(folder: Path, n: int, runs: int) -> list[Comparison]:
 
 # -- the budget model ----------------------------------------------------------------------------
 
-PREVIOUS_SPEND = """
-import os, shutil, tempfile
-from iron_runtime_state import AgentId, AgentState, AgentStatus, StateManager
-folder = tempfile.mkdtemp(prefix="bench_sqlite_release_")
-manager = StateManager.with_sqlite(os.path.join(folder, "state.db"))
-agents = [AgentId.generate() for _ in range(100)]
-for a in agents:
-    manager.save_agent_state(AgentState(a, AgentStatus.RUNNING, budget_limit=1e6))
-def op(count):
-    for k in range(count):
-        manager.record_spend(agents[k % 100], 0.01)
-op(4_000)  # the steady state: past the file's first WAL checkpoints
-"""
-PREVIOUS_TEARDOWN = "manager.close(); shutil.rmtree(folder)"
-
 
 def budget_ops(folder: Path, n: int, runs: int) -> list[Comparison]:
-    """Two budget scopes against none, and a spend on this tree against 0.5.0 (same run)."""
+    """Two budget scopes against none (same run)."""
     manager = StateManager.with_sqlite(folder / "budgets.db")
     for scope in ("org:acme", "team:support"):
         manager.set_budget(scope, limit=1e8, period="month")
@@ -452,16 +456,6 @@ def budget_ops(folder: Path, n: int, runs: int) -> list[Comparison]:
         compare("  (info) record_spend: a period vs none", spend(periodic), spend(plain), n=n, runs=runs),
     ]
     manager.close()
-    results.append(
-        compare_with_previous_release(
-            "record_spend, no period: this vs 0.5.0",
-            PREVIOUS_SPEND,
-            teardown=PREVIOUS_TEARDOWN,
-            n=n,
-            runs=runs,
-            target="<= 1.10x",
-        )
-    )
     return results
 
 
@@ -670,8 +664,12 @@ def main() -> None:
         print(flush=True)
         results.extend(budget_ops(folder, n, runs))
         print(flush=True)
-        more, figures = big_trail(folder, records, runs)
+        more, figures = bench_sqlite_ledger.run(folder, args.quick)
         results.extend(more)
+        print(flush=True)
+        more, trail_figures = big_trail(folder, records, runs)
+        results.extend(more)
+        figures.update(trail_figures)
         print(flush=True)
         figures.update(fleet_pages(folder, records, runs))
         save_json(args.json, results, sqlite_version=sqlite3.sqlite_version, rss=rss_bytes(), **figures)

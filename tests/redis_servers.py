@@ -552,3 +552,22 @@ def short_tmpdir(prefix: str) -> Path:
 def namespace() -> str:
     """A namespace no other test uses."""
     return f"t{uuid.uuid4().hex[:12]}"
+
+
+def release_source(folder: Path, commit: str, name: str) -> Path:
+    """The package's ``src`` folder as it was at ``commit`` (release ``name``), extracted from this
+    repository's history into ``folder``: for tests that write a namespace with an older version.
+    Skips the test when the commit is not in this checkout."""
+    import pytest
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        archive = subprocess.run(
+            ["git", "-C", str(root), "archive", commit, "src"], check=True, capture_output=True, timeout=60
+        ).stdout
+        subprocess.run(
+            ["tar", "-x", "-C", str(folder)], input=archive, check=True, capture_output=True, timeout=60
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"{name} (commit {commit}) is not in this checkout's history: {exc}")
+    return folder / "src"

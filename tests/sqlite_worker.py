@@ -164,6 +164,19 @@ def changes(url: str, agent: str, refused: str) -> None:
                 say("refused")
 
 
+def ledger(url: str, plain: str, scoped: str) -> None:
+    """Settle spends (each with its ledger record and any threshold alerts) until killed."""
+    with StateManager.from_url(url) as manager:
+        say("ready")
+        n = 0
+        while True:
+            n += 1
+            manager.record_spend(plain, "0.01", tags={"n": str(n % 3)})
+            manager.record_spend(scoped, "0.02")
+            hold = manager.reserve_budget(scoped, "0.05")
+            manager.commit_reservation(hold, "0.03", tags={"held": "yes"})
+
+
 def hold_ahead(url: str, agent: str, amount: str, skew: str) -> None:
     """Reserve with a clock ``skew`` seconds off the real one; report what the store allowed."""
     real = time.time
@@ -287,6 +300,7 @@ JOBS: dict[str, Callable[..., None]] = {
     "durable": durable,
     "spend": spend,
     "mixed": mixed,
+    "ledger": ledger,
     "reserve": reserve,
     "hold": hold,
     "hold_ahead": hold_ahead,

@@ -289,6 +289,7 @@ def test_agents_table_and_json(fleet: str) -> None:
             "budget_period",
             "budget_scopes",
             "budget_spent",
+            "budget_thresholds",
             "budget_tz",
             "labels",
             "period_start",
@@ -977,6 +978,7 @@ COMMAND_NAMES = (
     "stats",
     "purge",
     "budgets",
+    "spend",
     "audit",
     "verify",
     "checkpoint",
@@ -1010,7 +1012,7 @@ def test_help_shows_no_bare_python_types_and_purge_with_the_agents() -> None:
     panels = _panels(root)
     assert panels["Agents"] == ["agents", "show", "stats", "purge"], panels
     assert panels["Audit trail"] == ["audit", "verify", "checkpoint", "export", "prune"], panels
-    assert panels["Budgets"] == ["budgets"], panels  # and the group `budget` (test_cli_budgets.py)
+    assert panels["Budgets"] == ["budgets", "spend"], panels  # and the group `budget` (test_cli_budgets.py)
     assert panels["Operate"] == ["copy", "migrate", "metrics", "serve"], panels
     for command in ("", *COMMAND_NAMES):
         text = ok(*([command] if command else []), "--help", env=wide).stdout

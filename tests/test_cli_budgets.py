@@ -161,6 +161,10 @@ def test_budget_set_on_an_existing_scope_keeps_its_period_zone_and_spend(store: 
         (["--limit", "-5"], "limit"),
         (["--limit", "10", "--period", "year"], "--period"),
         (["--limit", "10", "--period", "month", "--tz", "Mars/Olympus"], "Mars/Olympus"),
+        (["--limit", "10", "--thresholds", "half"], "--thresholds: cannot read 'half'"),
+        (["--limit", "10", "--thresholds", "0.5,0"], "--thresholds: 0.0 is not a fraction"),
+        (["--limit", "10", "--thresholds", "1200%"], "(0, 10]"),
+        (["--limit", "10", "--thresholds", ",".join(["0.1"] * 11)], "at most 10"),
     ],
 )
 def test_budget_set_bad_input_is_one_line_and_changes_nothing(
@@ -169,6 +173,28 @@ def test_budget_set_bad_input_is_one_line_and_changes_nothing(
     before = ok("budgets", "--json", "--url", store).json()
     one_error_line(invoke("budget", "set", "team:support", *args, "--url", store), EXIT_USAGE, fragment)
     assert ok("budgets", "--json", "--url", store).json() == before
+
+
+def test_budget_set_thresholds_and_keeping_them(store: str) -> None:
+    assert (
+        "alerts      at 50%, 80%, 100% of the limit"
+        in ok("budget", "show", "org:acme", "--url", store).stdout
+    )
+    run = ok("budget", "set", "team:support", "--limit", "100", "--thresholds", "90%,0.5", "--url", store)
+    assert "alerts      at 50%, 90% of the limit" in run.stdout
+    # Changed again without --thresholds: kept, as the period and the zone are.
+    data = ok("budget", "set", "team:support", "--limit", "120", "--json", "--url", store).json()
+    assert data["thresholds"] == [0.5, 0.9]
+    with StateManager.from_url(store) as manager:
+        assert manager.get_budget("team:support").thresholds == (0.5, 0.9)  # type: ignore[union-attr]
+        assert '"thresholds":[0.5,0.9]' in manager.audit_log(event_type="budget_set")[-1].details
+    data = ok(
+        "budget", "set", "team:support", "--limit", "120", "--thresholds", "none", "--json", "--url", store
+    )
+    assert data.json()["thresholds"] == []
+    assert "alerts      none" in ok("budget", "show", "team:support", "--url", store).stdout
+    created = ok("budget", "set", "team:new", "--limit", "none", "--url", store).stdout
+    assert "at 50%, 80%, 100% of the limit (none without a limit)" in created
 
 
 def test_a_bad_scope_name_is_a_usage_error(store: str) -> None:
@@ -221,6 +247,7 @@ def test_budgets_lists_every_scope_with_a_bar(store: str) -> None:
         "held": 4.0,
         "available": 20.75,
         "used": 0.7925,
+        "thresholds": [0.5, 0.8, 1.0],
     }
 
 
@@ -385,7 +412,9 @@ def test_show_an_agent_with_labels_scopes_and_a_period(store: str) -> None:
     assert "env=prod team=support" in run.stdout
     assert "org:acme team:support" in run.stdout
     assert "day (UTC), since " in run.stdout
+    assert "alerts     at 50%, 80%, 100% of the limit" in run.stdout  # the agent's own budget
     data = ok("show", str(AgentId.test_fixture(3)), "--json", "--url", store).json()
+    assert data["budget_thresholds"] == [0.5, 0.8, 1.0]
     # Its own limit leaves 56 (4 held); the team leaves 20.75: the least of them.
     assert data["budget_available"] == 20.75
     assert data["labels"] == {"team": "support", "env": "dev"}

@@ -100,7 +100,7 @@ def test_collector_reports_the_fleet() -> None:
     assert found[("iron_state_agents", (("status", "running"),))] == 1
     assert found[("iron_state_budget_spent", ())] == pytest.approx(3.75)
     assert found[("iron_state_pii_detections", ())] == 2
-    assert found[("iron_state_audit_records", ())] == 2
+    assert found[("iron_state_audit_records", ())] == 3  # the spend's ledger record, the agent_error
     assert found[("iron_state_scrape_duration_seconds", ())] >= 0
 
 
@@ -324,9 +324,64 @@ def test_trail_counters_count_budget_events() -> None:
     assert found[("iron_state_spends_refused_total", (("scope", ""),))] == 1
     assert found[("iron_state_reservations_refused_total", (("scope", "team:support"),))] == 1
     assert found[("iron_state_overspent_total", (("scope", "team:support"),))] == 1
-    assert found[("iron_state_threshold_crossings_total", (("scope", "team:support"),))] == 1
+    # The commit of 4.5 took the team (limit 3) past 50%, 80% and 100%, and the agent (limit 5)
+    # past 50% and 80%: one budget_threshold each, beside the event saved by hand.
+    assert found[("iron_state_threshold_crossings_total", (("scope", "team:support"),))] == 3 + 1
+    assert found[("iron_state_threshold_crossings_total", (("scope", ""),))] == 2
     assert found[("iron_state_holds_expired_total", (("scope", ""),))] == 1
     assert found[("iron_state_audit_followed_seq", ())] == records[-1].seq
+
+
+def test_trail_counters_sum_the_spend_ledger_by_model() -> None:
+    manager = StateManager(prices={"gpt-test": {"input": 2, "output": 10, "cached_input": 1}})
+    agent = AgentId.test_fixture(1)
+    manager.save_agent_state(AgentState(agent, AgentStatus.RUNNING, budget_limit=100.0))
+    counters = TrailCounters(after_seq=manager.audit_checkpoint().seq)
+    manager.record_spend(agent, 0.1)
+    manager.record_spend(agent, 0.2)  # 0.1 + 0.2 summed exactly: 0.3, not 0.30000000000000004
+    manager.record_usage(agent, model="gpt-test", input_tokens=1000, output_tokens=500)
+    with manager.reserve_for_call(agent, model="gpt-test", input_tokens=2000, max_output_tokens=1000) as hold:
+        hold.commit_usage(input_tokens=2000, output_tokens=100, cached_input_tokens=1000)
+    held = manager.reserve_budget(agent, 1.0)
+    manager.release_reservation(held)  # a release spends nothing: no spend record
+    with pytest.raises(BudgetExceeded):
+        manager.record_spend(agent, 1000)  # refused: no spend record
+    report = {row.group["model"]: row for row in manager.spend_report(group_by=("model",))}
+    manager.save_audit_log(AuditEvent(agent, "spend", details="not json"))  # by hand: one call
+    counters.count(manager.audit_log(after_seq=0))
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(manager, counters=counters))
+    found = samples(generate_latest(registry).decode())
+    assert found[("iron_state_spend_total", (("model", ""),))] == 0.3
+    assert found[("iron_state_spend_calls_total", (("model", ""),))] == 3
+    # 1000 * 2 + 500 * 10 per million, then 1000 * 2 + 1000 * 1 + 100 * 10 per million.
+    assert found[("iron_state_spend_total", (("model", "gpt-test"),))] == pytest.approx(0.007 + 0.004)
+    assert found[("iron_state_spend_calls_total", (("model", "gpt-test"),))] == 2
+    tokens = {
+        kind: found[("iron_state_spend_tokens_total", (("kind", kind), ("model", "gpt-test")))]
+        for kind in ("input", "output", "cached_input")
+    }
+    assert tokens == {"input": 3000, "output": 600, "cached_input": 1000}
+    assert found[("iron_state_spend_tokens_total", (("kind", "input"), ("model", "")))] == 0
+    # The same totals as the ledger's own report.
+    assert report["gpt-test"].amount == found[("iron_state_spend_total", (("model", "gpt-test"),))]
+    assert counters.spend()["gpt-test"] == (report["gpt-test"].amount, 2, tokens)
+
+
+def test_counter_families_are_described() -> None:
+    names = [m.name for m in FleetCollector(StateManager(), counters=TrailCounters()).describe()]
+    assert names[len(NAMES) :] == [
+        "iron_state_spends_refused",
+        "iron_state_reservations_refused",
+        "iron_state_overspent",
+        "iron_state_budget_resets",
+        "iron_state_holds_expired",
+        "iron_state_threshold_crossings",
+        "iron_state_spend",
+        "iron_state_spend_calls",
+        "iron_state_spend_tokens",
+        "iron_state_audit_followed_seq",
+    ]
 
 
 def test_follow_trail_counts_as_records_arrive_and_survives_a_store_that_is_down(tmp_path: Path) -> None:

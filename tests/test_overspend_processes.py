@@ -209,6 +209,23 @@ def test_processes_never_overspend_an_agent_or_a_scope(shared: StoreHandle, work
     assert refused[""] > 0
     assert calls["expired"] == 0
     assert sum(calls.values()) + sum(refused.values()) == PROCESSES * THREADS * ROUNDS
+
+    # The ledger: one spend record per charge, summing to every budget (issue 17); each
+    # threshold of each budget alerted at most once.
+    ledger = {row.group["agent"]: row for row in manager.spend_report(group_by=("agent",))}
+    assert {a: to_micros(row.amount) for a, row in ledger.items()} == {
+        a: n for a, n in spent.items() if n
+    }
+    by_scope = {row.group["scope"]: row for row in manager.spend_report(group_by=("scope",))}
+    for scope in LIMITS:
+        assert to_micros(by_scope[scope].amount) == to_micros(budgets[scope].spent), scope
+    alerts = Counter(
+        (record.event.agent_id.as_str() if "scope" not in info else info["scope"], info["threshold"])
+        for record in manager.audit_log(event_type="budget_threshold")
+        for info in [details(record)]
+    )
+    assert alerts, "no threshold was crossed"
+    assert set(alerts.values()) == {1}, alerts
     assert manager.verify_audit_log().ok
 
 

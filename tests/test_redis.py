@@ -353,8 +353,11 @@ def test_operator_can_read_the_data_with_redis_cli(redis_server: RedisServer, ns
     assert stats[stats.index("running") + 1] == "1"
     assert stats[stats.index("spent_micros") + 1] == "1550000"
     entry = cli("XRANGE", backend.layout.audit_log, "-", "+")
-    assert entry[0] == "1-0"
-    assert entry[1:9] == [
+    assert entry[0] == "1-0"  # the ledger's record of the spend, then the event saved
+    assert entry[1:5] == ["agent_id", state.agent_id.as_str(), "event_type", "spend"]
+    assert entry[7:9] == ["details", '{"amount":1.25}']
+    assert entry[13] == "2-0"
+    assert entry[14:22] == [
         "agent_id",
         state.agent_id.as_str(),
         "event_type",
@@ -782,7 +785,7 @@ def test_a_lost_reply_is_never_applied_twice(redis_server: RedisServer, ns: str)
     proxy.drop = 1  # an append of events given directly is not resent
     with pytest.raises(BackendUnavailable, match="may or may not have been applied"):
         through.save_audit_log(AuditEvent(agent.agent_id, "note", 1, "once"))
-    assert direct.audit_count() == 2
+    assert direct.audit_count() == 4  # two notes and two spend records
     assert direct.verify_audit_log().ok
     assert through.get_agent_state(agent.agent_id) is not None
     proxy.drop = 1

@@ -44,7 +44,7 @@ from iron_runtime_state.backends.redis.aio import AsyncRedisBackend
 from iron_runtime_state.backends.redis.ops import Call, Op
 
 from .contract.facade import LoopThread
-from .redis_servers import HOST, RedisCluster, RedisServer, ReplyDropper, redis_available
+from .redis_servers import HOST, RedisCluster, RedisServer, ReplyDropper, redis_available, release_source
 
 pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
 
@@ -110,9 +110,9 @@ def crash_after(backend: RedisBackend, op: Op[Any], stop: Callable[[Any, Any], b
 
 
 class Case(NamedTuple):
-    """A change that writes an event: the event's type, the operation, and what it leaves."""
+    """A change that writes events: their types, the operation, and what it leaves."""
 
-    event_type: str
+    event_types: tuple[str, ...]
     agent_id: AgentId
     make: Callable[[], Op[Any]]
     check: Callable[[AgentState, float], bool]  # the state and open holds after the change
@@ -129,31 +129,32 @@ def changes(manager: StateManager, chain: AuditChain) -> list[Case]:
     hold = manager.reserve_budget(e, 1.0)
     return [
         Case(
-            "pii_detected",
+            ("pii_detected",),
             a,
             lambda: ops.record_pii(a, 3, now, events.pii_detected(a, 3, "mail", now), chain),
             lambda s, _: s.pii_detections == 3,
         ),
         Case(
-            "status_changed",
+            ("status_changed",),
             b,
             lambda: ops.set_status(b, AgentStatus.FAILED, now, chain),
             lambda s, _: s.status is AgentStatus.FAILED,
         ),
         Case(
-            "budget_exceeded",
+            ("budget_exceeded",),
             c,
             lambda: ops.record_spend(c, 2_000_000, now, chain),
             lambda s, h: (s.budget_spent, h) == (0.0, 0.0),
         ),
         Case(
-            "budget_exceeded",
+            ("budget_exceeded",),
             d,
             lambda: ops.reserve(d, 2_000_000, 60.0, now, "r" * 32, chain),
             lambda s, h: (s.budget_spent, h) == (0.0, 0.0),
         ),
         Case(
-            "budget_exceeded",
+            # The ledger's record, the overspend, and the thresholds 50%, 80% and 100% it reached.
+            ("spend", "budget_exceeded", *("budget_threshold",) * 3),
             e,
             lambda: ops.commit(hold, 5_000_000, now, chain),
             lambda s, h: (s.budget_spent, h) == (5.0, 0.0),
@@ -183,7 +184,8 @@ def test_a_change_whose_process_died_gets_its_event_from_the_next_writer(
     for case in cases:
         crash_after(backend, case.make(), appended if killed_after == "append" else changed)
     if killed_after == "change":
-        assert pending(target, ns) == len(cases)  # each change stands, its event queued with it
+        # Each change stands, its events queued with it.
+        assert pending(target, ns) == sum(len(case.event_types) for case in cases)
         for case in cases:
             state, held = manager.backend.reserved(case.agent_id, time.time())
             assert case.check(state, held), case
@@ -193,7 +195,7 @@ def test_a_change_whose_process_died_gets_its_event_from_the_next_writer(
     later = first_write(url)
     # A sweep drains group by group: the events of different agents may land in another order.
     assert sorted((r.event.event_type, r.event.agent_id.as_str()) for r in later.audit_log()) == sorted(
-        (case.event_type, case.agent_id.as_str()) for case in cases
+        (kind, case.agent_id.as_str()) for case in cases for kind in case.event_types
     )
     assert pending(target, ns) == 0
     for case in cases:
@@ -217,8 +219,8 @@ def test_audit_reads_of_a_writer_drain_first(target: Target, url: str, ns: str) 
     writer.save_audit_log(AuditEvent(AgentId.generate(), "note", 1, "a write: this store has a chain"))
     for case in changes(other, AuditChain()):
         crash_after(backend, case.make(), changed)
-    assert pending(target, ns) == 5
-    assert writer.audit_count() == 11
+    assert pending(target, ns) == 9
+    assert writer.audit_count() == 19
     assert pending(target, ns) == 0
     assert writer.verify_audit_log().ok
     writer.close()
@@ -285,7 +287,10 @@ def assert_counted_once(url: str, ids: dict[str, AgentId]) -> None:
         ("status_changed", ids["status"]),
         ("budget_exceeded", ids["refused"]),
         ("budget_exceeded", ids["held"]),
+        ("spend", ids["over"]),
         ("budget_exceeded", ids["over"]),
+        *[("budget_threshold", ids["over"])] * 3,
+        ("spend", ids["spend"]),
     ]
     assert checker.verify_audit_log().ok
     checker.close()
@@ -344,7 +349,7 @@ def test_a_reply_lost_on_the_wire_is_resent_and_counts_once(redis_server: RedisS
     assert state is not None
     assert (state.pii_detections, state.status, state.budget_spent) == (2, AgentStatus.RUNNING, 4.0)
     kinds = [r.event.event_type for r in direct.audit_log(agent_id=aid)]
-    assert kinds == ["pii_detected", "status_changed", "status_changed", "budget_exceeded"]
+    assert kinds == ["pii_detected", "status_changed", "status_changed", "spend", "budget_exceeded"]
     assert direct.verify_audit_log().ok
     through.close()
     direct.close()
@@ -574,17 +579,7 @@ print(agent.as_str())
 @pytest.fixture(scope="module")
 def v04_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The package as it was at 0.4 (commit 2b0e376), from this repository's history."""
-    folder = tmp_path_factory.mktemp("v04")
-    try:
-        archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", V04, "src"], check=True, capture_output=True, timeout=60
-        ).stdout
-        subprocess.run(
-            ["tar", "-x", "-C", str(folder)], input=archive, check=True, capture_output=True, timeout=60
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"0.4 (commit {V04}) is not in this checkout's history: {exc}")
-    return folder / "src"
+    return release_source(tmp_path_factory.mktemp("v04"), V04, "0.4")
 
 
 def test_a_namespace_written_by_0_4_keeps_working(

@@ -38,7 +38,7 @@ from iron_runtime_state.backends.redis.decode import LATE, outbox_event
 from iron_runtime_state.backends.redis.ops import Call, Op
 from iron_runtime_state.periods import bounds
 
-from .redis_servers import RedisCluster, RedisServer, redis_available
+from .redis_servers import RedisCluster, RedisServer, redis_available, release_source
 
 pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
 
@@ -239,7 +239,7 @@ def test_a_late_scope_step_after_its_pending_hold_was_resolved_changes_nothing(
     requests = drive(
         backend, backend.ops.record_spend(agent, 4_000_000, time.time(), AuditChain()), "record_spend"
     )[1]
-    killed_op = requests[-1].command[-1]  # record_spend.lua's last ARGV (no rolls): the op id
+    killed_op = requests[-1].command[-2]  # record_spend.lua's ARGV (no rolls) end: op id, note
     expire_pending(redis_cluster, ns, agent)
     manager.record_spend(agent, 1.0)  # resolves: the killed spend's step gets a LATE reply in its place
     b = backend.layout.budgets
@@ -550,17 +550,7 @@ print(",".join(a.as_str() for a in agents))
 @pytest.fixture(scope="module")
 def v05_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The package as it was at 0.5 (commit 71c1d72), from this repository's history."""
-    folder = tmp_path_factory.mktemp("v05")
-    try:
-        archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", V05, "src"], check=True, capture_output=True, timeout=60
-        ).stdout
-        subprocess.run(
-            ["tar", "-x", "-C", str(folder)], input=archive, check=True, capture_output=True, timeout=60
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"0.5 (commit {V05}) is not in this checkout's history: {exc}")
-    return folder / "src"
+    return release_source(tmp_path_factory.mktemp("v05"), V05, "0.5")
 
 
 def run_05(v05_source: Path, code: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -29,6 +29,7 @@ from iron_runtime_state import (
     BackendError,
     BudgetExceeded,
     ConfigurationError,
+    Reservation,
     StateManager,
 )
 from iron_runtime_state.backends.redis import RedisLayout, parse_redis_url
@@ -163,11 +164,14 @@ def test_replicated_writes_wait_for_the_replica(replicated: ReplicatedServer, ap
             # Reads do not wait: they answer at once, and the master holds the unconfirmed spend.
             assert manager.get_agent_state(agent).budget_spent == 3.5
             assert manager.stats().total >= 1
-            assert [r.event.details for r in manager.audit_log()][-1] == "unconfirmed"
             assert calls(master, "wait") == waits + 3
         finally:
             replicated.replica.resume()
         wait_replica_synced(replicated.replica)
+        # The unconfirmed spend's ledger record waited in its group's outbox (the call ended at
+        # its first write): an audit read of a writer appends it, confirmed like any write.
+        details = [r.event.details for r in manager.audit_log()]
+        assert details[-2:] == ["unconfirmed", '{"amount":1.0}']
         manager.record_spend(agent, 1.0)
 
 
@@ -177,16 +181,17 @@ def test_pipelined_writes_share_one_wait(replicated: ReplicatedServer) -> None:
     master = replicated.master
     agents = [AgentId.generate() for _ in range(100)]
 
-    async def scenario() -> tuple[int, list[BaseException | AgentState]]:
+    async def scenario() -> tuple[int, list[BaseException | Reservation]]:
         async with AsyncStateManager.from_url(url) as manager:
             await manager.save_agent_states(AgentState(a, AgentStatus.RUNNING) for a in agents)
             before = calls(master, "wait")
-            await asyncio.gather(*(manager.record_spend(a, 1.0) for a in agents))
+            # Holds: writes of one round trip each (a spend appends its ledger record too).
+            await asyncio.gather(*(manager.reserve_budget(a, 1.0) for a in agents))
             waits = calls(master, "wait") - before
             replicated.replica.pause()
             try:
                 frozen = await asyncio.gather(
-                    *(manager.record_spend(a, 1.0) for a in agents), return_exceptions=True
+                    *(manager.reserve_budget(a, 1.0) for a in agents), return_exceptions=True
                 )
             finally:
                 replicated.replica.resume()

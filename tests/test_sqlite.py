@@ -304,7 +304,10 @@ def test_eight_processes_reading_and_writing_never_see_locked(path: Path, worker
         state = manager.get_agent_state(shared)
         assert state is not None
         assert (state.budget_spent, state.pii_detections) == (spent, pii)
-        assert len(manager.audit_log(agent_id=shared)) == audits
+        # Every spend and commit left its ledger record: they sum to what was charged.
+        records = manager.audit_log(agent_id=shared, event_type="spend")
+        assert len(manager.audit_log(agent_id=shared)) == audits + len(records)
+        assert sum(to_micros(json.loads(r.event.details)["amount"]) for r in records) == to_micros(spent)
         assert manager.verify_audit_log().ok
         assert manager.stats().total == len(manager.list_agents())
 
@@ -395,7 +398,7 @@ def test_sixteen_threads_share_one_manager(path: Path) -> None:
     stats = manager.stats()
     assert stats.total == 17
     assert stats.budget_spent == 16.0 * rounds + sum(float(rounds - 1) for _ in range(16))
-    assert manager.verify_audit_log().checked == 16 * rounds
+    assert manager.verify_audit_log().checked == 2 * 16 * rounds  # the ticks and the spends' records
     backend = manager.backend
     assert isinstance(backend, SQLiteBackend)
     connections = [c.db for c in backend._connections.open]
@@ -1067,7 +1070,7 @@ def _spend_story(manager: StateManager) -> None:
     assert manager.stats().budget_spent == 1e9 + 10.0
 
 
-def test_a_spend_that_passes_is_one_statement_and_commits_at_once(path: Path) -> None:
+def test_a_spend_that_passes_is_one_short_transaction(path: Path) -> None:
     with StateManager.with_sqlite(path) as manager:
         _spend_story(manager)
         agent_id = AgentId.generate()
@@ -1081,10 +1084,12 @@ def test_a_spend_that_passes_is_one_statement_and_commits_at_once(path: Path) ->
             manager.record_spend(agent_id, 1.0)
         finally:
             connection.set_trace_callback(None)
-        # One statement (the trace repeats it for the triggers it runs), no BEGIN.
-        assert len(set(statements)) == 1, statements
-        assert statements[0].startswith("UPDATE iron_agents"), statements
-        assert not connection.in_transaction  # the autocommit statement ran to its end
+        # The checked UPDATE, then the spend's record with its ledger row: one transaction (the
+        # trace repeats a statement for the triggers it runs).
+        words = [text.split()[0] for text in dict.fromkeys(statements)]
+        assert words == ["BEGIN", "UPDATE", "SELECT", "INSERT", "INSERT", "COMMIT"], statements
+        assert "iron_ledger" in [text for text in statements if text.startswith("INSERT")][-1]
+        assert not connection.in_transaction
         other = raw(path)
         try:
             spent = other.execute("SELECT budget_spent FROM iron_agents WHERE agent_id = ?", (str(agent_id),))

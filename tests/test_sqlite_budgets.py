@@ -397,7 +397,9 @@ def test_a_spend_with_scopes_or_a_period_is_one_short_transaction(path: Path) ->
         plain = AgentState(AgentId.generate(), AgentStatus.RUNNING, budget_limit=5.0)
         manager.save_agent_states([scoped, periodic, plain])
         statements = traced(manager, lambda: manager.record_spend(scoped.agent_id, 1.0))
-        # Read the agent, read its scopes, write the agent, write the scopes.
+        # Read the agent, read its scopes, write the agent, write the scopes; then the spend's
+        # record (the chain's head read, the record written) and its ledger row.
+        record = ["SELECT", "INSERT", "INSERT"]
         assert (statements[0], statements[-1]) == ("BEGIN IMMEDIATE", "COMMIT"), statements
         assert [s.split()[0] for s in statements[1:-1]] == [
             "SELECT",
@@ -405,12 +407,14 @@ def test_a_spend_with_scopes_or_a_period_is_one_short_transaction(path: Path) ->
             "UPDATE",
             "UPDATE",
             "UPDATE",
+            *record,
         ]  # agent, 2 scopes
         statements = traced(manager, lambda: manager.record_spend(periodic.agent_id, 1.0))
-        assert [s.split()[0] for s in statements] == ["BEGIN", "SELECT", "UPDATE", "COMMIT"], statements
+        assert [s.split()[0] for s in statements] == ["BEGIN", "SELECT", "UPDATE", *record, "COMMIT"]
         statements = traced(manager, lambda: manager.record_spend(plain.agent_id, 1.0))
-        assert len(statements) == 1, statements
-        assert statements[0].startswith("UPDATE iron_agents"), statements
+        # The one checked UPDATE, then the record.
+        assert [s.split()[0] for s in statements] == ["BEGIN", "UPDATE", *record, "COMMIT"], statements
+        assert statements[1].startswith("UPDATE iron_agents"), statements
         assert [b.spent for b in manager.list_budgets()] == [1.0, 1.0]
 
 

@@ -132,8 +132,9 @@ def test_the_one_statement_spend_and_hold_give_way_to_the_transaction(manager: S
     assert {json.loads(r.details)["amount"] for r in events} == {2.0}
     assert {json.loads(r.details)["scopes"] == [] for r in events} == {True}
     statements = _traced(manager, lambda: manager.record_spend(spender, 1.0))
-    if store._SPEND_IN_ONE_STATEMENT:  # nothing left to clear: one statement again
-        assert len(set(statements)) == 1, statements
+    if store._SPEND_IN_ONE_STATEMENT:  # nothing left to clear: the one checked UPDATE again
+        words = [text.split()[0] for text in dict.fromkeys(statements)]
+        assert words == ["BEGIN", "UPDATE", "SELECT", "INSERT", "INSERT", "COMMIT"], statements
     assert manager.get_agent_state(spender).budget_spent == 2.0  # type: ignore[union-attr]
     assert len(manager.audit_log(event_type="hold_expired")) == 3
 
@@ -145,8 +146,13 @@ def test_a_commit_settles_the_lapsed_holds_with_its_own(manager: StateManager) -
     time.sleep(TTL + 0.1)
     assert [b.held for b in manager.list_budgets()] == [1.0]
     assert manager.commit_reservation(kept, 1.0).budget_spent == 1.0
-    (record,) = manager.audit_log(agent_id=agent_id)  # the commit's only event
-    assert record.event_type == "hold_expired"
+    record, spend = manager.audit_log(agent_id=agent_id)  # the commit's events, in order
+    assert (record.event_type, spend.event_type) == ("hold_expired", "spend")
+    assert json.loads(spend.details) == {
+        "amount": 1.0,
+        "reservation": kept.reservation_id,
+        "scopes": ["team:a"],
+    }
     details = json.loads(record.details)
     assert (details["reservation"], details["amount"], details["scopes"]) == (
         lapsed.reservation_id,

@@ -5,11 +5,16 @@ labels ``fleet`` and ``team``, has a budget limit of its own, and draws on two m
 scopes above it, the fleet's ``org:<fleet>`` and its team's ``team:<fleet>.<team>``. The support
 team's budget is the tighter one: it runs out before the end of a default run.
 
-Agents then work in steps: before each model call they reserve an estimate
-(:meth:`StateManager.budget`, which holds it on the agent and on both scopes) and commit what the
-call really cost. Some see PII, some fail, some run out of budget (their own, or their team's: the
-reservation is refused, a ``budget_exceeded`` event names the budget and the agent stops), some
-finish, and the rest are still running when the demo ends.
+Agents then work in steps, each a metered model call, as a program does it with the library:
+the manager knows the prices of the demo's made-up models (:data:`DEMO_PRICES`, per million
+tokens), every agent uses one of them, and before each call it holds the call's worst case
+(:meth:`StateManager.reserve_for_call`: its prompt and ``max_output_tokens`` at the model's
+price, held on the agent and on both scopes), then settles the real usage
+(:meth:`BudgetHold.commit_usage`), which appends a ``spend`` record to the ledger and, when the
+spend crosses 50 %, 80 % or 100 % of a budget, a ``budget_threshold`` event. Some see PII, some
+fail, some run out of budget (their own, or their team's: the hold is refused, a
+``budget_exceeded`` event names the budget and the agent stops), some finish, and the rest are
+still running when the demo ends.
 
 Everything random comes from one ``random.Random(seed)``, so a seed gives the same fleet and
 the same outcomes. This module does no terminal output; the command line draws the progress
@@ -25,12 +30,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from .errors import BudgetExceeded
+from .errors import BudgetExceeded, ConfigurationError
 from .ids import AgentId
 from .manager import StateManager
+from .ledger import SpendRow
 from .models import AgentState, AgentStatus, AuditEvent
 
-__all__ = ["DemoResult", "org_scope", "run_fleet", "team_scope"]
+__all__ = ["DEMO_PRICES", "DemoResult", "org_scope", "run_fleet", "team_scope"]
 
 #: Budget limits the agents get, in currency units, with their weights.
 LIMITS: Final = (10.0, 25.0, 50.0, 100.0)
@@ -42,6 +48,18 @@ TEAM_WEIGHTS: Final = (3, 2)
 TEAM_BUDGET_PER_AGENT_STEP: Final = {"support": 1.1, "research": 2.0}
 #: The organisation's monthly budget per agent and step (above both teams).
 ORG_BUDGET_PER_AGENT_STEP: Final = 1.6
+#: The demo's models and their prices per million tokens (made up: a call costs 0.5 to 3
+#: units, an agent's step of real work), with the share of agents using each.
+DEMO_PRICES: Final = {
+    "demo-large": {"input": 300, "cached_input": 30, "output": 1200},
+    "demo-small": {"input": 160, "cached_input": 16, "output": 640},
+}
+MODELS: Final = tuple(DEMO_PRICES)
+MODEL_WEIGHTS: Final = (1, 1)
+#: A call's prompt, in tokens; after the first step up to half of it is the provider's cache.
+INPUT_TOKENS: Final = (2_000, 8_000)
+#: The cap on a call's reply, which its hold covers; the reply uses a fifth of it to all of it.
+MAX_OUTPUT_TOKENS: Final = 1_000
 #: Chance per agent of failing at some step, and of finishing its task early.
 FAIL_CHANCE: Final = 0.05
 FINISH_CHANCE: Final = 0.45
@@ -67,6 +85,7 @@ class _Plan:
     agent_id: AgentId
     limit: float
     team: str
+    model: str
     fail_at: int | None
     finish_at: int | None
 
@@ -80,13 +99,20 @@ class DemoResult:
     steps: int
     seed: int | None
     seconds: float = 0.0
-    calls: int = 0  # committed model calls
-    refused: int = 0  # reservations refused: the agent hit its limit (or its team's) and stopped
+    #: The ``run`` tag of this run's spends, which tells them apart in the ledger from those of
+    #: an earlier run of the same seed (whose fleet this run replaced).
+    run: str = ""
+    calls: int = 0  # model calls held and settled
+    refused: int = 0  # holds refused: the agent hit its limit (or its team's) and stopped
     #: Refusals by the budget that refused: ``"agent"`` (its own limit) or a scope's name.
     refused_by: dict[str, int] = field(default_factory=dict)
     #: The budget scopes of this fleet: the org's, then each team's.
     scopes: list[str] = field(default_factory=list)
-    overspent: int = 0  # commits whose real cost took the agent past its limit
+    #: This run's spend by model, from the spend ledger (``spend_report(group_by=("model",))``).
+    spend_by_model: list[SpendRow] = field(default_factory=list)
+    #: ``budget_threshold`` events this run wrote: spends that first reached 50 %, 80 % or
+    #: 100 % of an agent's limit or of a scope's this period.
+    threshold_alerts: int = 0
     pii_events: int = 0
     failed: int = 0
     finished: int = 0
@@ -105,9 +131,10 @@ def _plans(rng: random.Random, ids: list[AgentId], steps: int) -> list[_Plan]:
     for agent_id in ids:
         limit = rng.choices(LIMITS, LIMIT_WEIGHTS)[0]
         team = rng.choices(TEAMS, TEAM_WEIGHTS)[0]
+        model = rng.choices(MODELS, MODEL_WEIGHTS)[0]
         fail_at = rng.randint(1, steps) if rng.random() < FAIL_CHANCE else None
         finish_at = rng.randint(max(1, steps // 2), steps) if rng.random() < FINISH_CHANCE else None
-        plans.append(_Plan(agent_id, limit, team, fail_at, finish_at))
+        plans.append(_Plan(agent_id, limit, team, model, fail_at, finish_at))
     return plans
 
 
@@ -147,13 +174,20 @@ def run_fleet(
 
     Without ``seed`` the agent ids are random, so every run adds a new fleet; with a seed the
     ids are derived from it too, and a second run with the same seed replaces that fleet.
+    ``manager`` must price the demo's models: open it with ``prices=DEMO_PRICES``.
     """
+    missing = [model for model in MODELS if manager.prices.price(model) is None]
+    if missing:
+        raise ConfigurationError(
+            f"this manager has no price for the demo's model {missing[0]!r}; open it with "
+            "prices=DEMO_PRICES (from iron_runtime_state._demo)"
+        )
     started = time.perf_counter()
     rng = random.Random(seed)
     fleet = f"demo-{seed}" if seed is not None else f"demo-{uuid.uuid4().hex[:6]}"
     ids = _agent_ids(rng, agents, seed is not None)
     plans = _plans(rng, ids, steps)
-    result = DemoResult(fleet=fleet, agent_ids=ids, steps=steps, seed=seed)
+    result = DemoResult(fleet=fleet, agent_ids=ids, steps=steps, seed=seed, run=uuid.uuid4().hex[:8])
     report = on_progress or (lambda advance, step, running: None)
 
     if seed is not None:
@@ -170,7 +204,7 @@ def run_fleet(
         )
         for p in plans
     )
-    manager.save_audit_logs(
+    started_records = manager.save_audit_logs(
         AuditEvent(
             p.agent_id,
             "agent_started",
@@ -195,6 +229,13 @@ def run_fleet(
         report(pending + len(plans) - len(active), step, len(still))
         active = still
     result.seconds = time.perf_counter() - started
+    tags = {"run": result.run}
+    result.spend_by_model = manager.spend_report(group_by=("model",), labels={"fleet": fleet}, tags=tags)
+    # The alerts come after the agents' start records (the first spend comes after them).
+    after = started_records[-1].seq if started_records else None
+    result.threshold_alerts = sum(
+        1 for _ in manager.iter_audit_log(event_type="budget_threshold", after_seq=after)
+    )
     return result
 
 
@@ -212,11 +253,23 @@ def _step(manager: StateManager, rng: random.Random, plan: _Plan, step: int, res
         kind = rng.choice(PII_KINDS)
         manager.record_pii_detection(agent_id, rng.randint(1, 3), details=f"{kind} in model output")
         result.pii_events += 1
-    estimate = round(rng.uniform(0.5, 3.0), 2)
-    actual = round(estimate * rng.uniform(0.5, 1.25), 4)
+    input_tokens = rng.randint(*INPUT_TOKENS)
+    # From the second step on, the start of the prompt (the task, the tools) is cached.
+    cached = rng.randint(0, input_tokens // 2) if step > 1 else 0
+    output_tokens = rng.randint(MAX_OUTPUT_TOKENS // 5, MAX_OUTPUT_TOKENS)
     try:
-        with manager.budget(agent_id, estimate) as hold:
-            state = hold.commit(actual)
+        # The hold covers the worst case, the reply's cap included, so the real usage is never
+        # more than what was held: no call takes a budget past its limit.
+        with manager.reserve_for_call(
+            agent_id,
+            model=plan.model,
+            input_tokens=input_tokens,
+            max_output_tokens=MAX_OUTPUT_TOKENS,
+            tags={"run": result.run},
+        ) as hold:
+            hold.commit_usage(
+                input_tokens=input_tokens, output_tokens=output_tokens, cached_input_tokens=cached
+            )
     except BudgetExceeded as exc:
         # Refused before the call: nothing was spent anywhere, a budget_exceeded event names
         # the budget that refused (the agent's own, or a scope's).
@@ -226,8 +279,6 @@ def _step(manager: StateManager, rng: random.Random, plan: _Plan, step: int, res
         manager.set_status(agent_id, AgentStatus.STOPPED)
         return False
     result.calls += 1
-    if state.budget_limit is not None and state.budget_spent > state.budget_limit:
-        result.overspent += 1
     if plan.finish_at == step:
         manager.set_status(agent_id, AgentStatus.STOPPED)
         result.finished += 1

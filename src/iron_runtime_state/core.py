@@ -88,6 +88,8 @@ PAGE_SIZE: Final = 5000
 CATCH_UP_READS: Final = 5
 #: What a reservation id may look like (``new_reservation_id`` makes 32 hex digits).
 _RESERVATION_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: Event types only stores write, with the charge they record: a program cannot append them.
+LEDGER_EVENTS: Final = frozenset({"spend", "budget_threshold"})
 #: Seconds a budget hold lasts unless told otherwise.
 DEFAULT_TTL: Final = 60.0
 
@@ -490,6 +492,12 @@ class ManagerCore(MeteringCore):
         for event in batch:
             if not isinstance(event, AuditEvent):
                 raise StateTypeError(f"expected an AuditEvent, got {type(event).__name__}")
+            if event.event_type in LEDGER_EVENTS:
+                raise ValidationError(
+                    f"{event.event_type!r} records are written by the store with each settled spend, "
+                    "so that the ledger sums to the budgets; record a spend with record_spend or "
+                    "record_usage, or give your event a type of its own"
+                )
         return batch
 
     @staticmethod

@@ -25,7 +25,7 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Final
 
-from .errors import StateTypeError, ValidationError
+from .errors import SchemaError, StateTypeError, ValidationError
 from .models import AuditRecord
 from .money import exact, from_micros, to_micros
 from .names import LABEL_KEY_RE, check_labels, check_scope
@@ -115,7 +115,18 @@ class LedgerEntry:
 
 
 def entry_of(record: AuditRecord) -> LedgerEntry:
-    """The ledger entry of a ``spend`` record (as ``events.spend`` wrote it)."""
+    """The ledger entry of a ``spend`` record (as ``events.spend`` wrote it); ``SchemaError``
+    for one that something other than the library wrote (``verify_audit_log`` says what)."""
+    try:
+        return _entry_of(record)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SchemaError(
+            f"spend record {record.seq} cannot be read as a ledger entry ({type(exc).__name__}: "
+            f"{str(exc)[:80]}); the library did not write it: run verify_audit_log"
+        ) from None
+
+
+def _entry_of(record: AuditRecord) -> LedgerEntry:
     d: dict[str, Any] = json.loads(record.details)
     return LedgerEntry(
         seq=record.seq,

@@ -32,7 +32,7 @@ from .models import AuditRecord
 from .money import MAX_MICROS, from_micros, to_micros
 from .names import check_labels
 from .periods import check_tz
-from .pricing import Price, PriceBook, Usage
+from .pricing import Price, PriceBook, Usage, check_tokens
 
 __all__ = [
     "METERING_OPTIONS",
@@ -53,14 +53,6 @@ EventHook = Callable[[AuditRecord], object]
 ReportRequest = tuple[SpendQuery, tuple[str, ...], str]
 
 
-def _tokens(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise StateTypeError(f"{what} must be an int (a token count), got {type(value).__name__}")
-    if not 0 <= value < 2**53:
-        raise ValidationError(f"{what} must be from 0 to 2**53, got {value}")
-    return value
-
-
 class MeteringCore:
     """Pricing, usage notes, reports and the event hook, shared by both managers."""
 
@@ -77,12 +69,7 @@ class MeteringCore:
             raise StateTypeError(
                 f"on_event must be a callable taking an AuditRecord, got {type(on_event).__name__}"
             )
-        if isinstance(prices, PriceBook):
-            if default_price is not None:
-                raise ValidationError("pass default_price to the PriceBook, not beside it")
-            self._prices = prices
-        else:
-            self._prices = PriceBook(prices, default=default_price)
+        self._prices = PriceBook.of(prices, default_price)
         self._on_event = on_event
 
     # -- prices ---------------------------------------------------------------------------------
@@ -105,9 +92,9 @@ class MeteringCore:
     def _usage(model: object, input_tokens: object, output_tokens: object, cached: object) -> dict[str, Any]:
         return {
             "model": model,
-            "input_tokens": _tokens(input_tokens, "input_tokens"),
-            "output_tokens": _tokens(output_tokens, "output_tokens"),
-            "cached_input_tokens": _tokens(cached, "cached_input_tokens"),
+            "input_tokens": check_tokens(input_tokens, "input_tokens"),
+            "output_tokens": check_tokens(output_tokens, "output_tokens"),
+            "cached_input_tokens": check_tokens(cached, "cached_input_tokens"),
         }
 
     def _usage_micros(self, usage: Usage) -> int:

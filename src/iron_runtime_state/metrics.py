@@ -49,6 +49,22 @@ agent's own budget:
 ``iron_state_audit_followed_seq``                   the last ``seq`` the follower counted (a gauge)
 ==================================================  ==========================================
 
+The spend ledger is counted the same way, from its ``spend`` records (one per settled spend:
+``record_spend``, a commit, a usage-priced call). Label ``model`` is the model of a metered
+call, ``""`` for a spend that names none. Amounts are summed exactly (micro-units) and shown
+in the budgets' unit of money:
+
+==================================================  ==========================================
+``iron_state_spend_total{model}``                   money spent (the ``spend`` records' amounts)
+``iron_state_spend_calls_total{model}``             settled spends (``spend`` records)
+``iron_state_spend_tokens_total{model,kind}``       tokens of metered calls; ``kind`` is
+                                                    ``input``, ``output`` or ``cached_input``
+==================================================  ==========================================
+
+``rate(iron_state_spend_total[1h]) * 3600`` is the spend per hour, by model; for totals over
+days or by agent, scope or label, ask the ledger (:meth:`StateManager.spend_report`,
+``iron-state spend``).
+
 When the store cannot be read, the scrape still succeeds with ``iron_state_up 0`` (and a
 warning logged on ``iron_runtime_state.metrics``), so alerts can key on it. A collector given
 an opener rather than a manager (:class:`FleetCollector`) opens the store at the first scrape
@@ -58,13 +74,14 @@ the store cannot be reached.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 from wsgiref.simple_server import WSGIServer
 
@@ -72,6 +89,7 @@ from .config import METRICS_PORT
 from .errors import ConfigurationError, MissingDependency, StateError
 from .manager import StateManager
 from .models import AgentStatus, AuditRecord, BudgetState, FleetStats
+from .money import from_micros, to_micros
 
 try:
     from prometheus_client import CollectorRegistry, start_http_server
@@ -145,6 +163,14 @@ _EVENTS: Final = {
 }
 
 
+#: Token counts of a ``spend`` record, by the ``kind`` label of ``iron_state_spend_tokens_total``.
+_TOKENS: Final = (
+    ("input", "input_tokens"),
+    ("output", "output_tokens"),
+    ("cached_input", "cached_input_tokens"),
+)
+
+
 def _details(record: AuditRecord) -> dict[str, object]:
     """The record's details as a JSON object (library events always are; anything else is ``{}``)."""
     try:
@@ -154,8 +180,34 @@ def _details(record: AuditRecord) -> dict[str, object]:
     return found if isinstance(found, dict) else {}
 
 
+def _count_of(value: object) -> int:
+    """A token count of a record's details (0 for anything that is not one)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+@dataclass(slots=True)
+class _Spend:
+    """The ledger's running sums for one model: micro-units, records and tokens by kind."""
+
+    micros: int = 0
+    calls: int = 0
+    tokens: dict[str, int] = field(default_factory=dict)
+
+    def add(self, details: dict[str, object]) -> None:
+        # A record the library did not write may lack a readable amount: a call of no amount.
+        with contextlib.suppress(StateError):
+            self.micros += to_micros(details.get("amount"))
+        self.calls += 1
+        for kind, key in _TOKENS:
+            self.tokens[kind] = self.tokens.get(kind, 0) + _count_of(details.get(key))
+
+    def copy(self) -> _Spend:
+        return _Spend(self.micros, self.calls, dict(self.tokens))
+
+
 class TrailCounters:
-    """Counts of budget events in the audit trail, fed record by record (no I/O).
+    """Counts of budget events and sums of the spend ledger in the audit trail, fed record by
+    record (no I/O): each record is looked at once, so counting costs nothing per scrape.
 
     Feed it every record a :meth:`StateManager.watch` hands out (:func:`follow_trail` does);
     ``last_seq`` is where a follower resumes after the store failed, so nothing is counted
@@ -166,6 +218,7 @@ class TrailCounters:
         """Count records after ``after_seq`` (``None``: from the trail's head when following starts)."""
         self.last_seq = after_seq
         self._counts: Counter[tuple[str, str]] = Counter()
+        self._spend: dict[str, _Spend] = {}
         self._lock = threading.Lock()
 
     def count(self, records: Iterable[AuditRecord]) -> None:
@@ -176,6 +229,9 @@ class TrailCounters:
                     continue
                 self.last_seq = record.seq
                 kind = record.event_type
+                if kind == "spend":
+                    self._add_spend(_details(record))
+                    continue
                 name = _EVENTS.get(kind)
                 if kind == "budget_exceeded":
                     name = _REFUSALS.get(str(_details(record).get("action")))
@@ -183,6 +239,19 @@ class TrailCounters:
                     continue
                 scope = _details(record).get("scope")
                 self._counts[name, scope if isinstance(scope, str) else ""] += 1
+
+    def _add_spend(self, details: dict[str, object]) -> None:
+        model = details.get("model")
+        key = model if isinstance(model, str) else ""
+        sums = self._spend.get(key)
+        if sums is None:
+            sums = self._spend[key] = _Spend()
+        sums.add(details)
+
+    def spend(self) -> dict[str, tuple[float, int, dict[str, int]]]:
+        """The ledger's sums by model (``""``: spends naming none): amount, calls, tokens by kind."""
+        with self._lock:
+            return {m: (from_micros(s.micros), s.calls, dict(s.tokens)) for m, s in self._spend.items()}
 
     def start_at(self, seq: int) -> None:
         """Count from after ``seq`` unless counting already started."""
@@ -197,7 +266,9 @@ class TrailCounters:
 
     def families(self) -> list[Metric]:
         """The counters as metric families (and the followed ``seq`` as a gauge)."""
-        last, counts = self.snapshot()
+        with self._lock:
+            last, counts = self.last_seq, dict(self._counts)
+            spend = {model: sums.copy() for model, sums in self._spend.items()}
         found: list[Metric] = []
         for name, text in _COUNTERS:
             family = CounterMetricFamily(f"{PREFIX}_{name}", text, labels=["scope"])
@@ -205,6 +276,7 @@ class TrailCounters:
                 if counter == name:
                     family.add_metric([scope], float(value))
             found.append(family)
+        found.extend(_spend_families(spend))
         followed = GaugeMetricFamily(
             f"{PREFIX}_audit_followed_seq", "The last audit record seq the event counters have read."
         )
@@ -212,6 +284,26 @@ class TrailCounters:
             followed.add_metric([], float(last))
         found.append(followed)
         return found
+
+
+def _spend_families(spend: dict[str, _Spend]) -> list[Metric]:
+    amount = CounterMetricFamily(
+        f"{PREFIX}_spend", "Money spent, from the spend ledger (spend records), by model.", labels=["model"]
+    )
+    calls = CounterMetricFamily(
+        f"{PREFIX}_spend_calls", "Settled spends (spend records), by model.", labels=["model"]
+    )
+    tokens = CounterMetricFamily(
+        f"{PREFIX}_spend_tokens",
+        "Tokens of metered model calls, by model and kind (input, output, cached_input).",
+        labels=["model", "kind"],
+    )
+    for model, sums in sorted(spend.items()):
+        amount.add_metric([model], from_micros(sums.micros))
+        calls.add_metric([model], float(sums.calls))
+        for kind, _ in _TOKENS:
+            tokens.add_metric([model, kind], float(sums.tokens.get(kind, 0)))
+    return [amount, calls, tokens]
 
 
 def lazy_manager(source: ManagerSource) -> Callable[[], StateManager]:

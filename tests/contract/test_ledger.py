@@ -13,6 +13,7 @@ import pytest
 
 from iron_runtime_state import (
     AgentState,
+    AuditEvent,
     AgentStatus,
     BudgetExceeded,
     StateError,
@@ -231,3 +232,11 @@ def test_stopped_agent_spend_writes_nothing(manager: StateManager) -> None:
     manager.save_agent_state(AgentState(agent, AgentStatus.RUNNING))
     manager.record_spend(agent, 1.0)
     assert len(events(manager, "spend")) == 1
+
+
+def test_programs_cannot_append_ledger_records(manager: StateManager, agent: object) -> None:
+    for kind in ("spend", "budget_threshold"):
+        with pytest.raises(ValidationError, match="record_spend"):
+            manager.save_audit_log(AuditEvent(agent, kind, details='{"amount":1.0}'))  # type: ignore[arg-type]
+    assert manager.audit_count() == 0
+    assert manager.spend_report() == []

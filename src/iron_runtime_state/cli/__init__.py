@@ -13,6 +13,7 @@ See ``docs/cli.md`` for the guide. The package, by concern:
 ``demo.py``         ``demo``
 ``fleet.py``        ``agents``, ``show``, ``stats``, ``purge``
 ``budgets.py``      ``budgets``, ``budget set``, ``budget show``, ``budget remove``
+``spend.py``        ``spend``
 ``audit.py``        ``audit``, ``verify``, ``checkpoint``, ``export``, ``prune``
 ``copy.py``         ``copy``
 ``migrate.py``      ``migrate``

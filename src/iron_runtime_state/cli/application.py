@@ -23,7 +23,7 @@ from typer.core import TyperCommand, TyperGroup
 from .. import __version__
 from ..config import ENV_DEBUG
 from ..errors import AgentNotFound, BackendError, BudgetNotFound, StateError
-from . import audit, budgets, copy, demo, fleet, metrics, migrate, serve
+from . import audit, budgets, copy, demo, fleet, metrics, migrate, serve, spend
 from .exit_codes import (
     EXIT_CHECK_FAILED,
     EXIT_INTERRUPTED,
@@ -208,6 +208,7 @@ COMMANDS: Final[tuple[tuple[str, tuple[Callable[..., None] | Group, ...]], ...]]
         "Budgets",
         (
             budgets.budgets,
+            spend.spend,
             Group(
                 "budget",
                 budgets.BUDGET_HELP,

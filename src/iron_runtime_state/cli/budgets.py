@@ -14,13 +14,14 @@ from rich.table import Table
 from rich.text import Text
 
 from ..config import CLI_DEFAULT_URL
-from ..errors import ValidationError
+from ..errors import StateTypeError, ValidationError
 from ..models import BudgetState
 from ..money import to_decimal
 from ..periods import bounds, zone
+from ..thresholds import check_thresholds
 from .exit_codes import EXIT_NOT_FOUND, CommandError
 from .options import DebugOption, JsonOption, UrlOption, YesOption
-from .render import fmt_exact, fmt_money, fmt_period, usage_bar
+from .render import fmt_exact, fmt_money, fmt_period, fmt_thresholds, usage_bar
 from .session import Session, confirm, url_flag
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "budgets",
     "budgets_table",
     "parse_limit",
+    "parse_thresholds",
 ]
 
 #: The help of ``iron-state budget``, the group of the commands on one scope.
@@ -66,6 +68,26 @@ def parse_limit(text: str) -> Decimal | None:
             f"--limit: cannot read {text[:32]!r} as an amount; use a number such as 100 or 12.50 "
             "(amounts are kept to the micro-unit, 0.000001), or none to track spend without a limit"
         ) from None
+
+
+def parse_thresholds(text: str) -> tuple[float, ...]:
+    """``--thresholds``: shares of the limit, comma-separated, as fractions or percentages
+    (``0.5,0.8,1`` or ``50%,80%,100%``), or ``none`` for no alerts."""
+    if text.strip().lower() == "none":
+        return ()
+    values: list[float] = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            values.append(float(part[:-1]) / 100 if part.endswith("%") else float(part))
+        except ValueError:
+            raise ValidationError(
+                f"--thresholds: cannot read {part[:32]!r} as a share of the limit; write fractions or "
+                "percentages separated by commas (0.5,0.8,1 or 50%,80%,100%), or none for no alerts"
+            ) from None
+    try:
+        return check_thresholds(values, "--thresholds")
+    except (StateTypeError, ValidationError) as exc:
+        raise ValidationError(str(exc)) from None
 
 
 def budget_json(budget: BudgetState) -> dict[str, Any]:
@@ -185,11 +207,21 @@ def budget_set(
             "Default: the scope's current zone (UTC for a new scope).",
         ),
     ] = None,
+    thresholds: Annotated[
+        str | None,
+        typer.Option(
+            "--thresholds",
+            metavar="SHARES",
+            help="The shares of the limit whose first crossing in a period writes a budget_threshold "
+            "event: 0.5,0.8,1 or 50%,80%,100%; none for no alerts. "
+            "Default: the scope's current thresholds (50%, 80%, 100% for a new scope).",
+        ),
+    ] = None,
     url: UrlOption = CLI_DEFAULT_URL,
     json_output: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Create a budget scope, or change its limit, period or time zone.
+    """Create a budget scope, or change its limit, period, time zone or alert thresholds.
 
     Agents draw on it by listing it in their budget_scopes; each spend and hold is then charged
     to the agent and to every scope it lists, all or nothing. Changing an existing scope keeps
@@ -197,6 +229,7 @@ def budget_set(
     """
     session = Session(url, json_output)
     amount = parse_limit(limit)
+    shares = None if thresholds is None else parse_thresholds(thresholds)
     with session.open() as manager:
         before = manager.get_budget(scope)
         if period is None:
@@ -204,7 +237,9 @@ def budget_set(
         else:
             new_period = None if period is PeriodChoice.none else period.value
         new_tz = tz if tz is not None else ("UTC" if before is None else before.tz)
-        after = manager.set_budget(scope, limit=amount, period=new_period, tz=new_tz)
+        if shares is None and before is not None:
+            shares = before.thresholds
+        after = manager.set_budget(scope, limit=amount, period=new_period, tz=new_tz, thresholds=shares)
         if session.json:
             session.emit({**budget_json(after), "created": before is None})
             return
@@ -243,6 +278,14 @@ def _period_text(budget: BudgetState) -> str:
     return "none (the spend never resets)" if budget.period is None else fmt_period(budget.period, budget.tz)
 
 
+def _alerts_text(budget: BudgetState) -> str:
+    """Where the scope's ``budget_threshold`` events fire: ``at 50%, 80%, 100% of the limit``."""
+    if not budget.thresholds:
+        return "none"
+    shown = f"at {fmt_thresholds(budget.thresholds)} of the limit"
+    return shown if budget.limit else f"{shown} (none without a limit)"
+
+
 def _print_budget(session: Session, budget: BudgetState) -> None:
     end = _period_end(budget)
     period = fmt_period(budget.period, budget.tz)
@@ -257,6 +300,7 @@ def _print_budget(session: Session, budget: BudgetState) -> None:
         ("held", fmt_exact(budget.held)),
         ("available", "unlimited" if math.isinf(budget.available) else fmt_exact(budget.available)),
         ("used", usage_bar(budget.spent, budget.held, budget.limit)),
+        ("alerts", _alerts_text(budget)),
     ]
     for label, value in rows:
         session.out.print(Text.assemble((f"{label:<12}", "bold"), value))

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from .._demo import DemoResult, run_fleet, team_scope
+from .._demo import DEMO_PRICES, DemoResult, run_fleet, team_scope
 from ..config import CLI_DEFAULT_URL, DASHBOARD_PORT, METRICS_PORT
 from ..manager import StateManager
 from ..models import AgentState, AgentStatus, AuditRecord, BudgetState
@@ -42,14 +42,14 @@ def demo(
     json_output: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Simulate a fleet of agents in two teams: budgets reserved and spent on each agent, its
-    team and the org, PII, failures, exhausted limits.
+    """Simulate a fleet of agents in two teams: metered model calls held and settled on each
+    agent, its team and the org, a spend ledger, threshold alerts, PII, failures, exhausted limits.
 
     Runs on the embedded default store, a SQLite file in this folder (or --url). Every run adds
     a new fleet; --reset empties the store first.
     """
     session = Session(url, json_output)
-    with session.open(must_exist=False) as manager:
+    with session.open(must_exist=False, prices=DEMO_PRICES) as manager:
         if reset:
             removed, cleared, pruned = clear_store(manager)
             session.note(
@@ -88,7 +88,8 @@ def demo(
                     "refused_by": result.refused_by,
                     "budgets": [budget_json(b) for b in scopes],
                     "by_team": _by_team(states),
-                    "overspent": result.overspent,
+                    "spend_by_model": [row.to_dict() for row in result.spend_by_model],
+                    "threshold_alerts": result.threshold_alerts,
                     "pii_events": result.pii_events,
                     "agents_with_pii": sum(1 for s in states if s.pii_detections),
                     "failed": result.failed,
@@ -132,6 +133,18 @@ def _refusals(result: DemoResult) -> str:
         for by, count in sorted(result.refused_by.items(), key=lambda item: (item[0] != "agent", item[0]))
     ]
     return f"{text}: {', '.join(parts)}" if parts else text
+
+
+def _spend(result: DemoResult) -> str:
+    """``demo-large 6,883.26 on 3,561 calls, demo-small ...; 683 threshold alerts ...``."""
+    models = ", ".join(
+        f"{row.group['model'] or 'no model'} {fmt_money(row.amount)} on {plural(row.calls, 'call')}"
+        for row in result.spend_by_model
+    )
+    return (
+        f"{models or 'nothing'} (from the spend ledger); "
+        f"{plural(result.threshold_alerts, 'threshold alert')} (50%, 80% or 100% of a budget reached)"
+    )
 
 
 def _print_demo(
@@ -195,9 +208,10 @@ def _print_demo(
     lines = [
         (
             "Budget",
-            f"{plural(result.calls, 'model call')} reserved and committed; {_refusals(result)}; "
-            f"{plural(result.overspent, 'call')} cost more than reserved and went over",
+            f"{plural(result.calls, 'model call')} held at their worst case and settled at their "
+            f"real usage; {_refusals(result)}",
         ),
+        ("Spend", _spend(result)),
         ("PII", f"{plural(result.pii_events, 'detection event')} on {plural(pii_agents, 'agent')}"),
         ("Failures", f"{plural(result.failed, 'agent')} failed" + (f": {errors}" if errors else "")),
         ("Finished", f"{plural(result.finished, 'agent')} completed their task; the others still run"),
@@ -246,7 +260,9 @@ def _print_demo(
     if example is not None:
         commands.append((f"iron-state show {example.agent_id}{flag}", "one agent and its audit events"))
     commands += [
-        (f"iron-state audit --type budget_exceeded --limit 5{flag}", "refused and exceeded budgets"),
+        (f"iron-state spend --by model,day{flag}", "the spend ledger by model and day"),
+        (f"iron-state audit --type budget_threshold --limit 5{flag}", "threshold alerts"),
+        (f"iron-state audit --type budget_exceeded --limit 5{flag}", "refused calls and the budget that refused"),
         (f"iron-state verify{flag}", "check the audit trail's hash chain"),
         (f"iron-state metrics --port {METRICS_PORT}{flag}", "serve Prometheus metrics"),
         (

@@ -20,7 +20,15 @@ from ..ids import AgentId
 from ..models import AgentState, AgentStatus
 from .audit import tail_audit
 from .exit_codes import EXIT_NOT_FOUND, CommandError
-from .options import DebugOption, JsonOption, StatusChoice, UrlOption, YesOption, parse_duration
+from .options import (
+    DebugOption,
+    JsonOption,
+    StatusChoice,
+    UrlOption,
+    YesOption,
+    parse_duration,
+    parse_pairs,
+)
 from .render import (
     agents_table,
     audit_table,
@@ -29,6 +37,7 @@ from .render import (
     fmt_labels,
     fmt_money,
     fmt_period,
+    fmt_thresholds,
     fmt_time,
     fmt_used,
     plural,
@@ -114,18 +123,7 @@ def agents(
 
 def parse_labels(pairs: list[str]) -> dict[str, str]:
     """``--label KEY=VALUE`` options as a dict (every one must match)."""
-    labels: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValidationError(f"--label {pair[:64]!r}: use KEY=VALUE, e.g. --label team=support")
-        if key in labels and labels[key] != value:
-            raise ValidationError(
-                f"--label {key} is given twice ({labels[key][:32]!r} and {value[:32]!r}); "
-                "an agent has one value per key"
-            )
-        labels[key] = value
-    return labels
+    return parse_pairs(pairs, "--label", "team=support")
 
 
 def _select_agents(states: Iterator[AgentState], sort: SortKey, limit: int) -> Iterator[AgentState]:
@@ -196,6 +194,9 @@ def show(
         if state.budget_period is not None:
             since = "" if state.period_start is None else f", since {fmt_time(int(state.period_start))}"
             rows.append(("period", f"{fmt_period(state.budget_period, state.budget_tz)}{since}"))
+        if state.budget_limit is not None:
+            shares = fmt_thresholds(state.budget_thresholds)
+            rows.append(("alerts", f"at {shares} of the limit" if state.budget_thresholds else "none"))
         rows += [
             ("available", "unlimited" if math.isinf(available) else fmt_money(available)),
             ("PII", str(state.pii_detections)),

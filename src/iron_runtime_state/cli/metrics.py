@@ -58,7 +58,9 @@ def metrics(
     iron_state_scrape_duration_seconds. Counters read from the audit trail as it grows:
     iron_state_spends_refused_total, iron_state_reservations_refused_total,
     iron_state_overspent_total, iron_state_budget_resets_total, iron_state_holds_expired_total,
-    iron_state_threshold_crossings_total (label scope). A store that is down, at start-up or
+    iron_state_threshold_crossings_total (label scope); from the spend ledger
+    iron_state_spend_total, iron_state_spend_calls_total (label model) and
+    iron_state_spend_tokens_total (labels model, kind). A store that is down, at start-up or
     later, scrapes as iron_state_up 0 until it answers again; the command keeps serving.
     """
     session = Session(url, json_output)

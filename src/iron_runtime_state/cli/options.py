@@ -24,7 +24,9 @@ __all__ = [
     "UrlOption",
     "YesOption",
     "parse_duration",
+    "parse_pairs",
     "parse_time",
+    "relative_time",
 ]
 
 
@@ -94,6 +96,29 @@ def parse_duration(text: str, what: str) -> float:
             f"{what}: cannot read {text[:32]!r} as a duration; use e.g. 90s, 30m, 2h, 7d, 1w"
         )
     return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+def relative_time(text: str) -> bool:
+    """Whether ``text`` is a time :func:`parse_time` reads without a calendar: Unix seconds or a
+    duration ago (``1714564800``, ``7d``)."""
+    value = text.strip()
+    return value.isdigit() or _DURATION_RE.fullmatch(value.lower()) is not None
+
+
+def parse_pairs(pairs: list[str], option: str, example: str) -> dict[str, str]:
+    """Repeated ``KEY=VALUE`` options (``--label``, ``--tag``) as a dict; the store checks the keys."""
+    found: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValidationError(f"{option} {pair[:64]!r}: use KEY=VALUE, e.g. {option} {example}")
+        if key in found and found[key] != value:
+            raise ValidationError(
+                f"{option} {key} is given twice ({found[key][:32]!r} and {value[:32]!r}); "
+                "give one value per key"
+            )
+        found[key] = value
+    return found
 
 
 def parse_time(text: str, what: str, now: float | None = None) -> int:

@@ -27,6 +27,7 @@ __all__ = [
     "fmt_labels",
     "fmt_money",
     "fmt_period",
+    "fmt_thresholds",
     "fmt_time",
     "fmt_used",
     "plural",
@@ -64,6 +65,11 @@ def fmt_exact(value: float | None) -> str:
 def fmt_period(period: str | None, tz: str) -> str:
     """A budget's period and its time zone: ``month (Europe/Paris)``, ``-`` without a period."""
     return "-" if period is None else f"{period} ({tz})"
+
+
+def fmt_thresholds(thresholds: Sequence[float]) -> str:
+    """Budget thresholds as percentages: ``50%, 80%, 100%`` (``none`` for none)."""
+    return ", ".join(f"{100 * t:g}%" for t in thresholds) or "none"
 
 
 def fmt_labels(labels: Mapping[str, str]) -> str:

@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -65,13 +66,19 @@ def _audit_key(env_name: str) -> str | None:
     return key
 
 
-def open_store(url: str, *, must_exist: bool = True, key_env: str = ENV_AUDIT_KEY) -> StateManager:
+def open_store(
+    url: str,
+    *,
+    must_exist: bool = True,
+    key_env: str = ENV_AUDIT_KEY,
+    prices: Mapping[str, Mapping[str, Any]] | None = None,
+) -> StateManager:
     """A manager for ``url``; with ``must_exist``, a SQLite file must already hold a store.
 
     A command that only reads (or changes what a store holds) never creates one: a missing
     file is an error, and so is a file that is empty or holds no store (the SQLite store's
     ``create=False``), which is left as it is. The audit chain's HMAC key, if any, comes from
-    the environment variable ``key_env``.
+    the environment variable ``key_env``; ``prices`` is the manager's price table (the demo's).
     """
     _check_url(url)
     path = sqlite_path(url)
@@ -84,7 +91,7 @@ def open_store(url: str, *, must_exist: bool = True, key_env: str = ENV_AUDIT_KE
                 EXIT_NOT_FOUND,
             )
         options["create"] = False
-    return StateManager.from_url(url, audit_key=_audit_key(key_env), **options)
+    return StateManager.from_url(url, audit_key=_audit_key(key_env), prices=prices, **options)
 
 
 def url_flag(url: str) -> str:
@@ -114,9 +121,11 @@ class Session:
         self.out = _console(stderr=False)
         self.err = _console(stderr=True)
 
-    def open(self, *, must_exist: bool = True) -> StateManager:
-        """The manager for ``--url`` (close it, or use it in a ``with``)."""
-        return open_store(self.url, must_exist=must_exist)
+    def open(
+        self, *, must_exist: bool = True, prices: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> StateManager:
+        """The manager for ``--url`` (close it, or use it in a ``with``); ``prices``: its price table."""
+        return open_store(self.url, must_exist=must_exist, prices=prices)
 
     def emit(self, data: Any) -> None:
         """Write one JSON document to stdout."""

@@ -94,7 +94,8 @@ class MemoryBackend(Charges, Backend):
         self._scopes: dict[str, Scope] = {}  # budget scopes by name
         # Woken by every append, for watch(): waits on the store's one lock.
         self._appended = threading.Condition(self._lock)
-        self._trail = Trail(self._appended.notify_all)  # the audit trail, guarded by the same lock
+        self._waiting = 0  # watchers in wait_audit: an append wakes them only when there are any
+        self._trail = Trail(self._wake)  # the audit trail, guarded by the same lock
 
     @property
     def url(self) -> str:
@@ -527,7 +528,17 @@ class MemoryBackend(Charges, Backend):
 
     def wait_audit(self, after_seq: int, timeout: float) -> bool:
         with self._appended:
-            return self._appended.wait_for(lambda: self._trail.head[0] > after_seq, timeout)
+            self._waiting += 1
+            try:
+                return self._appended.wait_for(lambda: self._trail.head[0] > after_seq, timeout)
+            finally:
+                self._waiting -= 1
+
+    def _wake(self) -> None:
+        """After an append (under the lock): wake the watchers, if any wait (every settled spend
+        appends, and waking nobody still costs a call into ``threading``)."""
+        if self._waiting:
+            self._appended.notify_all()
 
     def audit_count(self) -> int:
         with self._lock:

@@ -23,15 +23,21 @@ The tables, and why they look as they do:
   count against; ``hold_scopes``: each hold again under each of its scopes, keyed by (scope,
   expiry) so a scope's open holds are one index range.
 - ``audit`` and ``audit_chain``: the hash-chained trail, and its head and anchor (one row).
-  Appends are serialised by the head row (see :mod:`.ops`).
+  Appends are serialised by the head row (see :mod:`.trail`).
+- ``ledger`` (version 2): one row per ``spend`` record, written in the record's transaction,
+  indexed for reports over a span (see :mod:`.ledger`). ``agents`` and ``budgets`` keep each
+  budget's thresholds (``NULL``: the default ones) and ``alerted``, the highest threshold
+  alerted in the current period.
 
 ``spend``, ``reserve`` and ``commit_hold`` are the hot paths as functions: each locks the agent
 and then its scopes (in name order: every writer takes the same order, so none deadlocks) and
 reads the holds *after* taking the locks, which a single SQL statement cannot do (it reads from
 a snapshot taken before it waited for a lock). Each one either completes the whole change or
 changes nothing and returns no row (``spend``: a row of NULLs), and the store then takes its
-general path (:mod:`.ops`): periods that roll, refusals and overspends, and holds that lapsed,
-which write audit events built and hashed in Python.
+general path (:mod:`.spending`): periods that roll, refusals and overspends, thresholds reached,
+and holds that lapsed, which write audit events built and hashed in Python. Since version 2,
+``spend`` and ``commit_hold`` also take the spend's ledger record, hashed by the client after
+the head it predicts, and write it (``log_spend``) when the prediction holds.
 Every writer takes its row of ``stats`` (when it changes an agent) after its scopes' locks, and
 the audit head last.
 """
@@ -227,10 +233,21 @@ _DEFAULT_THRESHOLDS: Final = "'{0.5,0.8,1.0}'::float8[]"
 _CROSSES: Final = f"""
 CREATE FUNCTION {{s}}.crosses(
     p_thresholds double precision[], p_alerted double precision, p_limit bigint, p_spent bigint)
-RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
-    SELECT coalesce(p_limit, 0) > 0 AND EXISTS (
-        SELECT FROM unnest(coalesce(p_thresholds, {_DEFAULT_THRESHOLDS})) t
-        WHERE t > p_alerted AND p_spent::float8 >= t * p_limit::float8)
+RETURNS boolean LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    t double precision;
+BEGIN
+    -- plpgsql, not sql: a sql function with a subquery is planned again at every call.
+    IF coalesce(p_limit, 0) <= 0 THEN
+        RETURN false;
+    END IF;
+    FOREACH t IN ARRAY coalesce(p_thresholds, {_DEFAULT_THRESHOLDS}) LOOP
+        IF t > p_alerted AND p_spent::float8 >= t * p_limit::float8 THEN
+            RETURN true;
+        END IF;
+    END LOOP;
+    RETURN false;
+END
 $$"""
 
 # The ledger's record of a charge the calling function made, sealed by the client after the head
@@ -265,18 +282,34 @@ _RECORD_PARAMS: Final = """p_labels jsonb, p_scopes text[], p_after bigint, p_pr
     p_output bigint, p_cached bigint, p_tags jsonb"""
 _LOG_ARGS: Final = """p_after, p_prev, p_hash, p_seal, p_channel, p_agent, p_ts, p_details, {amount},
         p_scopes, p_labels, p_model, p_input, p_output, p_cached, p_tags"""
-# The head is still the one the record was sealed after: checked before anything changes, so a
-# prediction that missed costs no rollback (log_spend checks again under the head's lock).
-_HEAD_IS: Final = (
-    "EXISTS (SELECT FROM {s}.audit_chain WHERE id = 0 AND head_seq = p_after AND head_hash = p_prev)"
+# The head the record was sealed after (when sealed in advance): checked before anything changes,
+# so a prediction that missed costs no rollback, and the head found goes back to the client
+# (log_spend checks again under the head's lock).
+_HEAD_IS: Final = """IF p_after IS NOT NULL THEN
+        SELECT head_seq, head_hash INTO r_head_seq, r_head_hash FROM {s}.audit_chain WHERE id = 0;
+        IF r_head_seq <> p_after OR r_head_hash <> p_prev THEN
+            RETURN;
+        END IF;
+    END IF;"""
+# The record: written here when sealed in advance; else (p_after NULL: the client's transaction,
+# after a prediction missed) the head is locked, last, and returned for the client to append after.
+_LOG: Final = (
+    "IF p_after IS NULL THEN\n"
+    "        SELECT head_seq, head_hash INTO r_head_seq, r_head_hash FROM {{s}}.audit_chain\n"
+    "        WHERE id = 0 FOR UPDATE;\n"
+    "    ELSE\n"
+    f"        PERFORM {{{{s}}}}.log_spend({_LOG_ARGS});\n"
+    "    END IF;"
 )
+# What both fast paths return: the agent's state, then (when only the head missed) the head.
+_RESULT: Final = """OUT r_status smallint, OUT r_spent bigint, OUT r_pii bigint, OUT r_limit bigint,
+    OUT r_labels jsonb, OUT r_scopes text[], OUT r_period text, OUT r_tz text,
+    OUT r_period_start double precision, OUT r_thresholds double precision[],
+    OUT r_head_seq bigint, OUT r_head_hash text"""
 
 _SPEND_V2: Final = f"""
 CREATE FUNCTION {{s}}.spend(
-    p_agent text, p_amount bigint, p_now double precision, {_RECORD_PARAMS},
-    OUT r_status smallint, OUT r_spent bigint, OUT r_pii bigint, OUT r_limit bigint, OUT r_labels jsonb,
-    OUT r_scopes text[], OUT r_period text, OUT r_tz text, OUT r_period_start double precision,
-    OUT r_thresholds double precision[])
+    p_agent text, p_amount bigint, p_now double precision, {_RECORD_PARAMS}, {_RESULT})
 LANGUAGE plpgsql AS $$
 DECLARE
     a record;
@@ -288,7 +321,7 @@ DECLARE
 BEGIN
     SELECT * INTO a FROM {{s}}.agents WHERE agent_id = p_agent FOR UPDATE;
     IF NOT FOUND OR a.status <> {RUNNING} OR a.spent + p_amount > {_MAX} OR {_ENDED.format(r="a")}
-       OR a.labels <> p_labels OR a.scopes <> p_scopes
+       OR (p_after IS NOT NULL AND (a.labels <> p_labels OR a.scopes <> p_scopes))
        OR {{s}}.crosses(a.thresholds, a.alerted, a.budget_limit, a.spent + p_amount) THEN
         RETURN;
     END IF;
@@ -320,9 +353,7 @@ BEGIN
             RETURN;
         END IF;
     END IF;
-    IF NOT {_HEAD_IS} THEN
-        RETURN;
-    END IF;
+    {_HEAD_IS}
     IF cardinality(a.scopes) > 0 THEN
         UPDATE {{s}}.budgets SET spent = spent + p_amount, changed_at = p_now WHERE scope = ANY (a.scopes);
     END IF;
@@ -332,16 +363,13 @@ BEGIN
     RETURNING status, spent, pii, budget_limit, labels, scopes, period, tz, period_start, thresholds
     INTO r_status, r_spent, r_pii, r_limit, r_labels, r_scopes, r_period, r_tz, r_period_start,
          r_thresholds;
-    PERFORM {{s}}.log_spend({_LOG_ARGS.format(amount="p_amount")});
+    {_LOG.format(amount="p_amount")}
 END
 $$"""
 
 _COMMIT_V2: Final = f"""
 CREATE FUNCTION {{s}}.commit_hold(
-    p_agent text, p_id text, p_actual bigint, p_now double precision, {_RECORD_PARAMS})
-RETURNS TABLE (r_status smallint, r_spent bigint, r_pii bigint, r_limit bigint, r_labels jsonb,
-               r_scopes text[], r_period text, r_tz text, r_period_start double precision,
-               r_thresholds double precision[])
+    p_agent text, p_id text, p_actual bigint, p_now double precision, {_RECORD_PARAMS}, {_RESULT})
 LANGUAGE plpgsql AS $$
 DECLARE
     a record;
@@ -352,7 +380,7 @@ DECLARE
 BEGIN
     SELECT * INTO a FROM {{s}}.agents WHERE agent_id = p_agent FOR UPDATE;
     IF NOT FOUND OR a.spent + p_actual > coalesce(a.budget_limit, {_MAX}) OR {_ENDED.format(r="a")}
-       OR a.labels <> p_labels
+       OR (p_after IS NOT NULL AND a.labels <> p_labels)
        OR {{s}}.crosses(a.thresholds, a.alerted, a.budget_limit, a.spent + p_actual) THEN
         RETURN;
     END IF;
@@ -376,9 +404,7 @@ BEGIN
             RETURN;
         END IF;
     END IF;
-    IF NOT {_HEAD_IS} THEN
-        RETURN;
-    END IF;
+    {_HEAD_IS}
     IF cardinality(h.scopes) > 0 THEN
         DELETE FROM {{s}}.hold_scopes s
         WHERE s.scope = ANY (h.scopes) AND s.expires_at = h.expires_at AND s.reservation_id = p_id;
@@ -386,9 +412,11 @@ BEGIN
     END IF;
     DELETE FROM {{s}}.holds WHERE agent_id = p_agent AND reservation_id = p_id;
     UPDATE {{s}}.agents SET spent = spent + p_actual, changed_at = p_now WHERE agent_id = p_agent;
-    PERFORM {{s}}.log_spend({_LOG_ARGS.format(amount="p_actual")});
-    RETURN QUERY SELECT a.status, a.spent + p_actual, a.pii, a.budget_limit, a.labels, a.scopes,
-        a.period, a.tz, a.period_start, a.thresholds;
+    {_LOG.format(amount="p_actual")}
+    SELECT a.status, a.spent + p_actual, a.pii, a.budget_limit, a.labels, a.scopes, a.period, a.tz,
+        a.period_start, a.thresholds
+    INTO r_status, r_spent, r_pii, r_limit, r_labels, r_scopes, r_period, r_tz, r_period_start,
+         r_thresholds;
 END
 $$"""
 

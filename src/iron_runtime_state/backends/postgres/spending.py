@@ -26,7 +26,7 @@ Holds expire by the database's clock; periods turn by the manager's (``now``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -158,6 +158,10 @@ _NOT_OPEN: Final = (
 _PLAIN: Final[tuple[Mapping[str, str], tuple[str, ...]]] = ({}, ())
 #: How many agents' labels and scopes a store object remembers (then it starts again).
 _KNOWN: Final = 10_000
+ROLLBACK: Final = Sql("ROLLBACK")
+#: How many times a fast path seals its record again after a head that moved, before it runs
+#: in a transaction that locks the head (:meth:`BudgetOps._locked`).
+_TRIES: Final = 3
 
 
 @dataclass(slots=True)
@@ -261,41 +265,97 @@ class BudgetOps(AgentOps):
         self,
         statement: str,
         head: tuple[Any, ...],
-        event: AuditEvent,
+        amount: int,
+        record: Callable[[Mapping[str, str], Sequence[str]], AuditEvent],
         labels: Mapping[str, str],
-        scopes: Sequence[str],
+        scopes: Sequence[str] | None,
         note: SpendNote | None,
         chain: AuditChain,
     ) -> Op[tuple[Sequence[Any], AuditRecord] | None]:
         """Run a fast path's function (``head``: its first parameters) with the spend record
-        sealed after the head this store object knows; its row and the record, or ``None``
-        when the general path must run (nothing changed)."""
-        hint = self.watch.highest
-        if hint is None:  # nothing known of the head yet: the general path reads it
+        (``record(labels, scopes)``) sealed after the head this store object knows; the agent's
+        state row and the record, or ``None`` when the general path must run (nothing changed).
+
+        ``labels`` and ``scopes`` are the predicted ones (``scopes`` ``None``: the agent's, as
+        known). When only the head missed (another writer appended since), the function runs
+        again in a transaction of ours: it locks the head after its charge and returns it, and
+        the record is appended after it (:meth:`_locked`).
+        """
+        key = head[0]
+        predicted = self.known.get(key, _PLAIN)[1] if scopes is None else scopes
+        for _ in range(_TRIES):
+            hint = self.watch.highest
+            if hint is None:  # nothing known of the head yet: the general path reads it
+                return None
+            rows, records = chain.seal_rows([record(labels, predicted)], *hint)
+            seq, _, _, ts, details, prev, digest = rows[0]
+            sealed = (hint[0], prev, digest, chain.seal_mark("head", seq, digest), ts, details)
+            params = (*head, ledger.labels_json(labels), list(predicted), *sealed, self.channel)
+            try:
+                found = (yield Sql(statement, (*params, *ledger.note_columns(note))))[0]
+            except pgerrors.SerializationFailure:  # the head moved under the statement: rolled back
+                continue
+            if found[0] is not None:
+                self.watch.wrote((seq, digest))
+                return found[:-2], records[0]
+            if found[-2] is None:
+                # Not the head: a refusal, a period that ended, a threshold reached, labels or
+                # scopes that changed: the general path.
+                return None
+            self.watch.saw((found[-2], found[-1]))  # and seal after the head found
+            if self.watch.highest == hint:  # a head behind ours: the general path reports it
+                return None
+        return (yield from self._locked(statement, head, amount, record, labels, scopes, note, chain))
+
+    def _locked(
+        self,
+        statement: str,
+        head: tuple[Any, ...],
+        amount: int,
+        record: Callable[[Mapping[str, str], Sequence[str]], AuditEvent],
+        labels: Mapping[str, str],
+        scopes: Sequence[str] | None,
+        note: SpendNote | None,
+        chain: AuditChain,
+    ) -> Op[tuple[Sequence[Any], AuditRecord] | None]:
+        """The fast path's function in a transaction, without a record: it charges, then locks
+        the head (last, as every writer does) and returns it with the agent's labels and scopes;
+        the record goes after that head, with its ledger row, and the transaction commits."""
+        yield BEGIN
+        params = (*head, ledger.labels_json(labels), list(scopes or ()), *(None,) * 6, self.channel)
+        found = (yield Sql(statement, (*params, *ledger.note_columns(note))))[0]
+        if found[0] is None:
+            yield ROLLBACK
             return None
-        rows, records = chain.seal_rows([event], *hint)
-        seq, _, _, ts, details, prev, digest = rows[0]
-        params = (
-            *head,
-            ledger.labels_json(labels),
-            list(scopes),
-            hint[0],
-            prev,
-            digest,
-            chain.seal_mark("head", seq, digest),
-            ts,
-            details,
-            self.channel,
-            *ledger.note_columns(note),
+        key, actual = head[0], found[4] or {}
+        named = tuple(found[5] or ()) if scopes is None else scopes
+        self._learn(key, actual, tuple(found[5] or ()))
+        self.watch.saw((found[-2], found[-1]))
+        records = yield from self._logged(key, [], record(actual, named), amount, named, actual, note, chain)
+        return found[:-2], records[0]
+
+    def _logged(
+        self,
+        key: str,
+        before: list[AuditEvent],
+        event: AuditEvent,
+        amount: int,
+        scopes: Sequence[str],
+        labels: Mapping[str, str],
+        note: SpendNote | None,
+        chain: AuditChain,
+        after: Sequence[AuditEvent] = (),
+    ) -> Op[list[AuditRecord]]:
+        """Append ``before``, the ``spend`` record ``event`` and ``after`` in the open transaction,
+        insert the record's ledger row, and commit; the records."""
+        records, head = yield from self._append([*before, event, *after], chain, event.timestamp)
+        written = records[len(before)]
+        model, input_tokens, output_tokens, cached, tags = ledger.note_columns(note)
+        row = (written.seq, written.timestamp, key, amount, model, input_tokens, output_tokens, cached)
+        yield Sql(
+            self.sql["ledger"], (*row, list(scopes), ledger.labels_json(labels) if labels else None, tags)
         )
-        try:
-            found = yield Sql(statement, params)
-        except pgerrors.SerializationFailure:  # the head moved under the statement: rolled back
-            return None
-        if not found or found[0][0] is None:
-            return None
-        self.watch.wrote((seq, digest))
-        return found[0], records[0]
+        return (yield from self._commit(records, head))
 
     # -- the general path ---------------------------------------------------------------------
 
@@ -358,12 +418,11 @@ class BudgetOps(AgentOps):
         record = events.spend(agent_id, now, amount, scopes, labels, reservation_id, note)
         reached = _alerts(agent_id, budgets, amount, now)
         yield from self._write(key, budgets, amount, now)
-        records, head = yield from self._append([*implied, record, *overs, *reached], chain, now)
-        written = records[len(implied)]
-        model, input_tokens, output_tokens, cached, tags = ledger.note_columns(note)
-        row = (written.seq, written.timestamp, key, amount, model, input_tokens, output_tokens, cached)
-        yield Sql(self.sql["ledger"], (*row, scopes, ledger.labels_json(labels) if labels else None, tags))
-        return (yield from self._commit(records, head))
+        return (
+            yield from self._logged(
+                key, implied, record, amount, scopes, labels, note, chain, [*overs, *reached]
+            )
+        )
 
     @restartable
     def _charge(
@@ -442,11 +501,13 @@ class BudgetOps(AgentOps):
     def record_spend(
         self, agent_id: AgentId, amount: int, now: float, chain: AuditChain, note: SpendNote | None = None
     ) -> Op[SpendResult]:
+        def record(labels: Mapping[str, str], scopes: Sequence[str]) -> AuditEvent:
+            return events.spend(agent_id, now, amount, scopes, labels, None, note)
+
         key = agent_id._value
-        labels, scopes = self.known.get(key, _PLAIN)
-        event = events.spend(agent_id, now, amount, scopes, labels, None, note)
+        labels = self.known.get(key, _PLAIN)[0]
         found = yield from self._fast(
-            self.sql["spend"], (key, amount, now), event, labels, scopes, note, chain
+            self.sql["spend"], (key, amount, now), amount, record, labels, None, note, chain
         )
         if found is not None:
             return SpendResult(state_of(agent_id, found[0]), records=(found[1],))
@@ -474,11 +535,15 @@ class BudgetOps(AgentOps):
         note: SpendNote | None = None,
     ) -> Op[CommitResult]:
         agent_id = reservation.agent_id
-        key, rid, scopes = agent_id._value, reservation.reservation_id, reservation.scopes
+        key, rid = agent_id._value, reservation.reservation_id
+
+        def record(labels: Mapping[str, str], scopes: Sequence[str]) -> AuditEvent:
+            return events.spend(agent_id, now, actual, scopes, labels, rid, note)
+
         labels = self.known.get(key, _PLAIN)[0]
-        event = events.spend(agent_id, now, actual, scopes, labels, rid, note)
+        params = (key, rid, actual, now)
         found = yield from self._fast(
-            self.sql["commit"], (key, rid, actual, now), event, labels, scopes, note, chain
+            self.sql["commit"], params, actual, record, labels, reservation.scopes, note, chain
         )
         if found is not None:
             return CommitResult(state_of(agent_id, found[0]), False, (found[1],))

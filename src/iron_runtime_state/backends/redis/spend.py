@@ -157,6 +157,22 @@ def record_spend_call(
     return ScriptCall(_SCRIPTS["record_spend"], g.slot, keys, (*args, *rolls) if rolls else args)
 
 
+def split_thresholds(events: Queued | None) -> tuple[Queued | None, Queued | None]:
+    """A cluster step's queued events: those to append at once, and its ``budget_threshold``
+    events (queued last by every script), appended after the other steps' events, so that a
+    spend's records keep the contract's order (``spend``, ``overspent``..., thresholds: the
+    agent's, then its scopes'). Either may be ``None``; the first also drains what older entries
+    wait in the outbox (see ``TrailOps._events``), so nothing is ever passed over."""
+    if events is None:
+        return None, None
+    entries = events.entries
+    cut = next((i for i, (_, fields) in enumerate(entries) if fields[1] == b"threshold"), len(entries))
+    if cut == len(entries):
+        return events, None
+    later = entries[cut:]
+    return Queued(entries[:cut], events.waiting - len(later)), Queued(later, len(later))
+
+
 def agent_member(reservation: Reservation) -> str:
     """A hold's member in the agent's holds set: ``<id>:<micro-units>[:<scopes>]``."""
     member = f"{reservation.reservation_id}:{to_micros(reservation.amount)}"
@@ -306,11 +322,14 @@ class SpendOps:
 
         reply = yield from self._rolling(build, now, "charge budget scopes", chain, resolve)
         code = reply[0]
-        if code in (0, 1):
-            # The scopes' events first: they were queued first (their step ran first).
-            records += yield from self._events(lay.budgets_group, queued(reply, 1 if code == 1 else 2), chain)
-        settled, more = yield from self._settle_pending(g, a, [(member, code == 1)], now, chain)
-        records += more
+        scoped, scope_alerts = split_thresholds(queued(reply, 2 - code) if code in (0, 1) else None)
+        records += yield from self._events(lay.budgets_group, scoped, chain)
+        settled, charged = yield from self._settle_pending(g, a, [(member, code == 1)], now)
+        charged, agent_alerts = split_thresholds(charged)
+        group = lay.group_of(a)
+        records += yield from self._events(group, charged, chain)
+        records += yield from self._events(group, agent_alerts, chain)
+        records += yield from self._events(lay.budgets_group, scope_alerts, chain)
         yield from self._discard(lay.budgets.slot, lay.budgets.op + op)
         if code == LATE:
             raise BackendError(
@@ -324,10 +343,10 @@ class SpendOps:
         return SpendResult(settled, True, held, records, decode_row(reply[1]))
 
     def _settle_pending(
-        self, g: GroupKeys, a: str, holds: Sequence[tuple[bytes, bool]], now: float, chain: AuditChain
-    ) -> Op[tuple[AgentState, list[AuditRecord]]]:
+        self, g: GroupKeys, a: str, holds: Sequence[tuple[bytes, bool]], now: float
+    ) -> Op[tuple[AgentState, Queued | None]]:
         """Charge the agent the pending holds whose scopes were charged (with their ``spend``
-        records and the agent's thresholds), drop the others; the state and the records."""
+        records and the agent's thresholds), drop the others; the state and the events queued."""
         pairs = [value for member, charged in holds for value in (member, "1" if charged else "0")]
         keys = (g.agent + a, g.stats, g.pending + a, g.outbox)
         call = ScriptCall(_SCRIPTS["settle_pending"], g.slot, keys, (repr(now), a, *pairs))
@@ -335,7 +354,7 @@ class SpendOps:
         state = decode_state(AgentId._trusted(a), reply, 1) if reply[0] == 1 else None
         if state is None:
             raise AgentNotFound(a)
-        return state, (yield from self._events(self.layout.group_of(a), queued(reply, 11), chain))
+        return state, queued(reply, 11)
 
     def _resolve_pending(
         self, g: GroupKeys, a: str, expired: Sequence[bytes], now: float, chain: AuditChain
@@ -347,9 +366,10 @@ class SpendOps:
         call = ScriptCall(_SCRIPTS["resolve_ops"], b.slot, [b.op + o for o in ops], (MARKER_TTL_MS,))
         verdicts = yield once(call, "resolve pending spends")
         with contextlib.suppress(AgentNotFound):  # removed meanwhile: its holds went with it
-            yield from self._settle_pending(
-                g, a, [(m, v == 1) for m, v in zip(expired, verdicts, strict=True)], now, chain
+            _, charged = yield from self._settle_pending(
+                g, a, [(m, v == 1) for m, v in zip(expired, verdicts, strict=True)], now
             )
+            yield from self._events(self.layout.group_of(a), charged, chain)
         for o in ops:
             yield from self._discard(b.slot, b.op + o)
 
@@ -386,6 +406,15 @@ class SpendOps:
     ) -> Op[tuple[bool, list[AuditRecord]]]:
         """Charge, keep or drop holds on scopes (``scope_settle.lua``); whether a charge took a
         scope past its limit, and the records of the events it queued."""
+        over, events = yield from self._settle_scopes_step(entries, now, chain, what)
+        if chain is None:
+            return over, []
+        return over, (yield from self._events(self.layout.budgets_group, events, chain))
+
+    def _settle_scopes_step(
+        self, entries: Sequence[str | bytes], now: float, chain: AuditChain | None, what: str
+    ) -> Op[tuple[bool, Queued | None]]:
+        """:meth:`_settle_scopes` but for appending the events it queued."""
         op = op_id()
         head = (repr(now), self.layout.op_ttl, self.layout.budgets.prefix, len(entries) // 2, *entries)
 
@@ -394,10 +423,9 @@ class SpendOps:
 
         if chain is None:  # a release charges nothing: no period to roll, no event
             reply = yield once(build(()), what)
-            return False, []
+            return False, None
         reply = yield from self._rolling(build, now, what, chain)
-        records = yield from self._events(self.layout.budgets_group, queued(reply, 2), chain)
-        return reply[1] == 1, records
+        return reply[1] == 1, queued(reply, 2)
 
     # -- reservations --
 
@@ -539,15 +567,20 @@ class SpendOps:
             raise refused_change(reply, agent_id, lay.namespace, "commit a reservation")
         state = decode_state(agent_id, reply, 1)
         assert state is not None
-        records = yield from self._events(group, queued(reply, 11), chain)
-        exceeded = code == 1
-        if self._cluster and reservation.scopes:
-            over, more = yield from self._settle_scopes(
-                (scope_member(reservation), str(actual)), now, chain, "commit on budget scopes"
-            )
-            exceeded, records = exceeded or over, [*records, *more]
-            yield from self._discard(g.slot, g.committed + rid)
-        return CommitResult(state, exceeded, records)
+        charged = queued(reply, 11)
+        if not (self._cluster and reservation.scopes):
+            return CommitResult(state, code == 1, (yield from self._events(group, charged, chain)))
+        charged, agent_alerts = split_thresholds(charged)
+        records = yield from self._events(group, charged, chain)
+        over, scoped = yield from self._settle_scopes_step(
+            (scope_member(reservation), str(actual)), now, chain, "commit on budget scopes"
+        )
+        scoped, scope_alerts = split_thresholds(scoped)
+        records += yield from self._events(lay.budgets_group, scoped, chain)
+        records += yield from self._events(group, agent_alerts, chain)
+        records += yield from self._events(lay.budgets_group, scope_alerts, chain)
+        yield from self._discard(g.slot, g.committed + rid)
+        return CommitResult(state, code == 1 or over, records)
 
     def release(self, reservation: Reservation, now: float) -> Op[None]:
         """See ``Backend.release`` (a hold's expiry is the server's business: ``now`` is unused)."""

@@ -3,8 +3,9 @@ I/O-free operations of :class:`~.ops.RedisOps` (a mixin).
 
 A change and its audit event are one write
 ------------------------------------------
-A refused spend or hold, a commit past the limit, a PII count and a real status change each
-imply an audit event. An agent's keys live in its group's slot and the trail in a slot of its
+A settled spend (its ``spend`` record, and the ``budget_threshold`` events it reaches), a
+refused spend or hold, a commit past the limit, a PII count and a real status change each imply
+an audit event. An agent's keys live in its group's slot and the trail in a slot of its
 own, and one script cannot write two slots of a Redis Cluster; nor can a script seal the event:
 the hash chain is keyed with the audit key, which never reaches Redis. So the change's script
 queues the event, as raw values, in its group's *outbox* (a stream in the group's slot): the
@@ -48,7 +49,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from ...audit_chain import AuditChain, AuditRow
 from ...errors import BackendError
@@ -73,7 +74,7 @@ from .scripts import OUTBOX_BATCH, ScriptCall
 __all__ = ["LEDGER_PAGE", "TrailOps"]
 
 #: ``spend`` records read per page by :meth:`TrailOps.spend_totals`.
-LEDGER_PAGE = 10_000
+LEDGER_PAGE: Final = 10_000
 
 
 class _Appended(NamedTuple):

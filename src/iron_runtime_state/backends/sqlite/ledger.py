@@ -35,12 +35,12 @@ from .connection import Connection
 from .rows import labels_of, labels_text, scopes_of
 from .trail import append
 
-__all__ = ["SQL_PRUNE", "Spend", "append_spend", "spend", "totals", "totals_select"]
+__all__ = ["SQL_PRUNE", "SQL_RECORD", "Spend", "append_spend", "spend", "totals", "totals_select"]
 
 _COLUMNS: Final = (
     "ts, seq, agent_id, amount, model, input_tokens, output_tokens, cached_input_tokens, scopes, labels, tags"
 )
-_SQL_RECORD: Final = f"INSERT INTO iron_ledger ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+SQL_RECORD: Final = f"INSERT INTO iron_ledger ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 #: The rows of the pruned records (``seq <= ?2``): every one is older than the prune's bound
 #: ``?1`` (the trail keeps every record from the first at or after it), so the delete is a
 #: range of the table's key.
@@ -95,7 +95,7 @@ def append_spend(
     records = append(conn, [*before, charged.event, *after], chain, now)
     seq = records[len(before)].seq
     row = charged.row
-    conn.db.execute(_SQL_RECORD, (row[0], seq, *row[1:]))
+    conn.db.execute(SQL_RECORD, (row[0], seq, *row[1:]))
     return records
 
 
