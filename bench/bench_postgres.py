@@ -9,7 +9,7 @@ the baseline, with the two interleaved (bench/_harness.py). Targets, from issue 
 - ``get_agent_state`` and ``save_agent_state`` within 1.3x of raw psycopg running the same
   statement on one connection (our call adds validation, the pool, and building the state);
 - ``record_spend`` within 1.3x of the same single statement (the schema's ``spend`` function,
-  with the spend record sealed in advance as the store sends it) by hand;
+  with the spend record as the store sends it on an unkeyed chain, sealed by the server) by hand;
 - faster than LangGraph's ``PostgresStore`` (package langgraph-checkpoint-postgres, the
   ``bench`` extra) on the same put and get of one agent's state;
 - 4 processes spending on their own agents: at least 1.5x the throughput of one process, with
@@ -29,6 +29,9 @@ And issue 17's (the spend ledger):
 - settling with its ledger record (``record_spend``; ``reserve_budget`` + ``commit_reservation``)
   at most 2x settling without one in 0.6.0 (run from a git worktree of that release, each run
   a fresh process, the two alternating; medians);
+- 4 processes against 1 (issue 18's figure, >= 1.5x) now that every spend appends a record
+  to the one chain: on an unkeyed chain (sealed by the server) and a keyed one (by the client);
+  ``--ledger`` runs these and the two above only;
 - ``spend_report`` by day over 200,000 ledger rows (1,000,000 without ``--quick``): the time of
   one report, median of several.
 """
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -65,11 +69,13 @@ from _harness import (  # noqa: E402
     save_json,
 )
 from iron_runtime_state import AgentId, AgentState, AgentStatus, StateManager, events  # noqa: E402
-from iron_runtime_state.audit_chain import AuditChain  # noqa: E402
 from iron_runtime_state.backends.postgres import PostgresBackend  # noqa: E402
 from iron_runtime_state.backends.postgres.requests import agent_params  # noqa: E402
 from iron_runtime_state.backends.postgres.trail import audit_channel  # noqa: E402
 from iron_runtime_state.money import to_micros  # noqa: E402
+
+#: The chains measured: unkeyed (the server seals spend records) and keyed (the client does).
+CHAINS: tuple[tuple[str, str | None], ...] = (("unkeyed", None), ("keyed", "bench-audit-key-" + "k" * 16))
 
 
 @contextlib.contextmanager
@@ -115,14 +121,14 @@ def raw_loop(conn: psycopg.Connection[Any], sql: str, params: Any, *, rows: bool
 
 
 class RawSpender:
-    """The ``spend`` function by hand on one connection, with what the store sends: the spend
-    record sealed after the head (kept here, as the store keeps it) and the ledger's columns."""
+    """The ``spend`` function by hand on one connection, with what the store sends on an
+    unkeyed chain: the spend record, to be sealed by the server after the head it locks (with
+    the highest head seen, kept here as the store keeps it), and the ledger's columns."""
 
     def __init__(self, conn: psycopg.Connection[Any], schema: str, function: str = "spend") -> None:
         self.conn = conn
         self.statement = f"SELECT * FROM {schema}.{function}({', '.join(['%s'] * 17)})"
         self.channel = audit_channel(f'"{schema}"')
-        self.chain = AuditChain()
         found = conn.execute(f"SELECT head_seq, head_hash FROM {schema}.audit_chain").fetchone()
         assert found is not None
         self.head: tuple[int, str] = (found[0], found[1])
@@ -130,25 +136,22 @@ class RawSpender:
     def spend(self, agent: AgentId, amount: int) -> None:
         now = time.time()
         event = events.spend(agent, now, amount, (), {}, None, None)
-        rows, _ = self.chain.seal_rows([event], *self.head)
-        seq, _, _, ts, details, prev, digest = rows[0]
         params: tuple[Any, ...] = (
             agent.as_str(),
             amount,
             now,
             "{}",
             [],
-            self.head[0],
-            prev,
-            digest,
+            *self.head,
             None,
-            ts,
-            details,
+            None,
+            event.timestamp,
+            event.details,
         )
         row = self.conn.execute(self.statement, (*params, self.channel, None, 0, 0, 0, None)).fetchone()
         assert row is not None
         assert row[0] is not None, "the raw spend fell to the general path"
-        self.head = (seq, digest)
+        self.head = (row[-3], row[-2])
 
 
 def versus_raw(url: str, *, quick: bool) -> list[Comparison]:
@@ -373,7 +376,7 @@ _SETTLE = """
 import importlib.util
 from iron_runtime_state import AgentId, AgentState, AgentStatus, StateManager
 this = importlib.util.find_spec("iron_runtime_state.ledger") is not None  # 0.6.0 has no ledger
-manager = StateManager.from_url({ours!r} if this else {base!r})
+manager = StateManager.from_url({ours!r} if this else {base!r}, audit_key={key!r})
 agent = AgentId.generate()
 manager.save_agent_state(AgentState(agent, AgentStatus.RUNNING, budget_limit=1e8))
 manager.record_spend(agent, 0.01)  # the store object learns the audit head
@@ -387,19 +390,21 @@ def ledger_cost(url: str, *, quick: bool) -> list[Comparison]:
     """Settling with the ledger's record against 0.6.0 settling without one (fresh processes)."""
     n, runs = (400, 5) if quick else (1000, 9)
     results = []
-    for name, call in (
-        ("record_spend: ledger vs 0.6.0", "manager.record_spend(agent, 0.25)"),
+    for (name, call), (chain, key) in itertools.product(
         (
-            "reserve + commit: ledger vs 0.6.0",
-            "manager.commit_reservation(manager.reserve_budget(agent, 1.0), 0.5)",
+            ("record_spend: ledger vs 0.6.0", "manager.record_spend(agent, 0.25)"),
+            (
+                "reserve + commit: ledger vs 0.6.0",
+                "manager.commit_reservation(manager.reserve_budget(agent, 1.0), 0.5)",
+            ),
         ),
+        CHAINS,
     ):
+        ours, base = with_schema(url, f"bench_ledger_{chain}"), with_schema(url, f"bench_v06_{chain}")
         results.append(
             compare_with_previous_release(
-                name,
-                _SETTLE.format(
-                    ours=with_schema(url, "bench_ledger"), base=with_schema(url, "bench_v06"), call=call
-                ),
+                f"{name}, {chain}",
+                _SETTLE.format(ours=ours, base=base, call=call, key=key),
                 n=n,
                 runs=runs,
                 teardown="manager.close()",
@@ -452,8 +457,8 @@ def report_time(url: str, *, quick: bool) -> list[Comparison]:
 _SPENDER = r"""
 import json, sys, time
 from iron_runtime_state import AgentId, AgentState, AgentStatus, StateManager
-url, seconds, count = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-with StateManager.from_url(url) as manager:
+url, seconds, count, key = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4] or None
+with StateManager.from_url(url, audit_key=key) as manager:
     agents = [AgentId.generate() for _ in range(count)]
     manager.save_agent_states([AgentState(a, AgentStatus.RUNNING, budget_limit=1e9) for a in agents])
     for agent in agents:
@@ -490,10 +495,12 @@ def _server_cpu(postmaster: int | None) -> float:
     return total
 
 
-def _spend_in_processes(url: str, processes: int, seconds: float, postmaster: int | None) -> dict[str, float]:
+def _spend_in_processes(
+    url: str, processes: int, seconds: float, postmaster: int | None, key: str | None
+) -> dict[str, float]:
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _SPENDER, url, str(seconds), "20"],
+            [sys.executable, "-c", _SPENDER, url, str(seconds), "20", key or ""],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -524,37 +531,39 @@ def _spend_in_processes(url: str, processes: int, seconds: float, postmaster: in
 
 
 def processes_throughput(url: str, *, quick: bool, postmaster: int | None) -> list[Comparison]:
-    """Spends per second of 4 processes on their own agents against one process, alternating."""
+    """Spends per second of 4 processes on their own agents against one process, alternating;
+    on an unkeyed chain (records sealed by the server) and a keyed one (sealed by the clients)."""
     seconds, runs = (2.0, 3) if quick else (4.0, 5)
-    target = with_schema(url, "bench_procs")
-    StateManager.from_url(target).close()  # the schema, created once before the processes race
-    one: list[dict[str, float]] = []
-    four: list[dict[str, float]] = []
-    for i in range(runs):
-        for count in (1, 4) if i % 2 == 0 else (4, 1):
-            (one if count == 1 else four).append(_spend_in_processes(target, count, seconds, postmaster))
+    results = []
+    for chain, key in CHAINS:
+        target = with_schema(url, f"bench_procs_{chain}")
+        StateManager.from_url(target).close()  # the schema, created once before the processes race
+        one: list[dict[str, float]] = []
+        four: list[dict[str, float]] = []
+        for i in range(runs):
+            for count in (1, 4) if i % 2 == 0 else (4, 1):
+                group = one if count == 1 else four
+                group.append(_spend_in_processes(target, count, seconds, postmaster, key))
 
-    def median(runs_: list[dict[str, float]], key: str) -> float:
-        return statistics.median(r[key] for r in runs_)
+        def median(runs_: list[dict[str, float]], key: str) -> float:
+            return statistics.median(r[key] for r in runs_)
 
-    result = Comparison(
-        "record_spend: 4 processes vs 1 (throughput)",
-        1.0 / median(four, "ops_per_s"),
-        1.0 / median(one, "ops_per_s"),
-        ">= 1.5x throughput",
-        runs,
-    )
-    print(result.line(), flush=True)
-    for name, group in (("1 process", one), ("4 processes", four)):
-        where = (
-            f"client CPU {median(group, 'client_cpu_us_per_op'):.0f} us/call, "
-            f"server CPU {median(group, 'server_cpu_us_per_op'):.0f} us/call"
-            if postmaster is not None
-            else f"client CPU {median(group, 'client_cpu_us_per_op'):.0f} us/call"
+        result = Comparison(
+            f"record_spend: 4 processes vs 1 (throughput), {chain}",
+            1.0 / median(four, "ops_per_s"),
+            1.0 / median(one, "ops_per_s"),
+            ">= 1.5x throughput",
+            runs,
         )
-        print(f"{'':<42} {name}: {median(group, 'ops_per_s'):,.0f} calls/s; {where}", flush=True)
-        result.extra[name.replace(" ", "_")] = {k: median(group, k) for k in group[0]}
-    return [result]
+        print(result.line(), flush=True)
+        for name, group in (("1 process", one), ("4 processes", four)):
+            where = f"client CPU {median(group, 'client_cpu_us_per_op'):.0f} us/call"
+            if postmaster is not None:
+                where += f", server CPU {median(group, 'server_cpu_us_per_op'):.0f} us/call"
+            print(f"{'':<42} {name}: {median(group, 'ops_per_s'):,.0f} calls/s; {where}", flush=True)
+            result.extra[name.replace(" ", "_")] = {k: median(group, k) for k in group[0]}
+        results.append(result)
+    return results
 
 
 def main() -> None:
@@ -571,6 +580,8 @@ def main() -> None:
             header("The spend ledger (issue 17)")
             results += ledger_cost(url, quick=args.quick)
             results += report_time(url, quick=args.quick)
+            header("Processes sharing the store (server and clients on this machine's cores)")
+            results += processes_throughput(url, quick=args.quick, postmaster=postmaster)
             save_json(args.json, results)
             return
         header("PostgreSQL backend vs raw psycopg")

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _harness import RELEASE_0_6, Comparison, compare_with_previous_release, header, save_json
 from iron_runtime_state import AgentId, AgentState, AgentStatus, StateManager
 from iron_runtime_state.backends.sqlite import ledger as sqlite_ledger
-from iron_runtime_state.ledger import SpendQuery, report_rows
+from iron_runtime_state.ledger import BUCKET, SpendQuery, report_rows
 
 _SETUP = """
 import os, shutil, tempfile
@@ -102,7 +102,8 @@ def _fill(path: Path, rows: int, agents: list[str]) -> None:
             tokens = (rng.randrange(10_000), rng.randrange(2_000), 0) if model else (0, 0, 0)
             agent = agents[seq % len(agents)]
             ts = _START + seq * span // rows
-            batch.append((ts, seq, agent, rng.randrange(1, 50_000), model, *tokens, '["team:a"]', None, None))
+            amount = rng.randrange(1, 50_000)
+            batch.append((ts // BUCKET, seq, ts, agent, amount, model, *tokens, '["team:a"]', None, None))
             if len(batch) == 50_000:
                 db.executemany(_LEDGER_ROW, batch)
                 batch.clear()

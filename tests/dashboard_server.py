@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from iron_runtime_state import AsyncStateManager, StateManager
+from iron_runtime_state._demo import DEMO_PRICES
 from iron_runtime_state.backends.memory import MemoryBackend
 from iron_runtime_state.dashboard import DashboardServer, DashboardSettings
 
@@ -102,14 +103,17 @@ class Dashboard:
 
 
 def open_store(kind: str, folder: Path) -> tuple[StateManager, DashboardSettings]:
-    """A manager for the test and the settings of a dashboard over the same store."""
+    """A manager for the test and the settings of a dashboard over the same store.
+
+    The manager prices the demo's models, so that tests can run the demo fleet (``run_fleet``).
+    """
     if kind == "memory":
         backend = MemoryBackend()
-        return StateManager(backend), DashboardSettings(
+        return StateManager(backend, prices=DEMO_PRICES), DashboardSettings(
             lambda: AsyncStateManager(backend), "memory://", refresh=0.2, verify_every=1.0
         )
     url = f"sqlite:///{folder / 'fleet.db'}"
-    manager = StateManager.from_url(url)
+    manager = StateManager.from_url(url, prices=DEMO_PRICES)
     return manager, DashboardSettings.for_url(url, refresh=0.2, verify_every=1.0)
 
 

@@ -26,7 +26,7 @@ import pytest
 typer_testing = pytest.importorskip("typer.testing")
 
 from iron_runtime_state import AgentId, AgentState, AgentStatus, AuditEvent, StateManager  # noqa: E402
-from iron_runtime_state._demo import run_fleet  # noqa: E402
+from iron_runtime_state._demo import DEMO_PRICES, run_fleet  # noqa: E402
 from iron_runtime_state.backends import SCHEMES  # noqa: E402
 from iron_runtime_state.cli import (  # noqa: E402
     EXIT_CHECK_FAILED,
@@ -40,6 +40,8 @@ from iron_runtime_state.cli import audit as cli_audit  # noqa: E402
 from iron_runtime_state.cli import metrics as cli_metrics  # noqa: E402
 from iron_runtime_state.cli import session as cli_session  # noqa: E402
 from iron_runtime_state.cli.exit_codes import CommandError  # noqa: E402
+from iron_runtime_state.errors import ConfigurationError  # noqa: E402
+from iron_runtime_state.money import exact  # noqa: E402
 
 needs_sqlite = pytest.mark.skipif("sqlite" not in SCHEMES, reason="the SQLite backend is not registered")
 pytestmark = needs_sqlite
@@ -124,7 +126,7 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def fleet_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A SQLite store with a small demo fleet (seed 11), shared by the read-only tests."""
     path = tmp_path_factory.mktemp("fleet") / "fleet.db"
-    with StateManager.from_url(sqlite_url(path)) as manager:
+    with StateManager.from_url(sqlite_url(path), prices=DEMO_PRICES) as manager:
         run_fleet(manager, agents=80, steps=6, seed=11)
     return path
 
@@ -214,6 +216,10 @@ def test_demo_json_is_valid_and_consistent(tmp_path: Path) -> None:
     assert data["pii_events"] > 0
     assert data["calls"] > 0
     assert data["by_status"]["failed"]["agents"] == data["failed"]
+    assert "overspent" not in data  # a call never costs more than its hold
+    assert {row["model"] for row in data["spend_by_model"]} == set(DEMO_PRICES)
+    assert sum(row["calls"] for row in data["spend_by_model"]) == data["calls"]
+    assert data["threshold_alerts"] > 0
     with open_manager(url) as manager:
         assert manager.stats().to_dict() == {k: v for k, v in data["store"].items() if k != "audit_records"}
         assert manager.audit_count() == data["store"]["audit_records"]
@@ -248,10 +254,49 @@ def test_demo_again_adds_a_fleet_and_reset_empties_first(tmp_path: Path) -> None
 def test_demo_same_seed_replaces_its_own_fleet(tmp_path: Path) -> None:
     url = sqlite_url(tmp_path / "demo.db")
     ok("demo", "-n", "30", "-s", "3", "--seed", "4", "--url", url, "--json")
+    first = ok("demo", "-n", "30", "-s", "3", "--seed", "4", "--url", url, "--json")
     run = ok("demo", "-n", "30", "-s", "3", "--seed", "4", "--url", url, "--json")
     assert run.json()["replaced"] == 30
+    # The ledger keeps both runs' spends; the summary counts this run's only.
+    assert run.json()["spend_by_model"] == first.json()["spend_by_model"]
     assert "already in the store" in run.stderr
     assert run.json()["store"]["total"] == 30
+
+
+@pytest.mark.parametrize("scheme", ["sqlite", "memory"])
+def test_demo_ledger_sums_to_the_agents_spend(scheme: str, tmp_path: Path) -> None:
+    """Every call the demo settles is in the spend ledger: by model, team and in all, the
+    ledger's totals are what the agents and the scopes show as spent."""
+    url = sqlite_url(tmp_path / "demo.db") if scheme == "sqlite" else "memory://"
+    with StateManager.from_url(url, prices=DEMO_PRICES) as manager:
+        result = run_fleet(manager, agents=120, steps=6, seed=8)
+        states = [s for s in manager.get_agent_states(result.agent_ids) if s is not None]
+        agents_spent = sum(exact(s.budget_spent) for s in states)
+        by_model = manager.spend_report(group_by=("model",))
+        assert [row.group["model"] for row in by_model] == sorted(DEMO_PRICES)
+        assert sum(row.amount_exact for row in by_model) == agents_spent > 0
+        assert sum(row.amount_exact for row in result.spend_by_model) == agents_spent
+        assert sum(row.calls for row in by_model) == result.calls
+        assert exact(manager.get_budget(f"org:{result.fleet}").spent) == agents_spent  # type: ignore[union-attr]
+        for row in manager.spend_report(group_by=("label:team",)):
+            team = row.group["label:team"]
+            assert row.amount_exact == sum(exact(s.budget_spent) for s in states if s.labels["team"] == team)
+            scope = manager.get_budget(f"team:{result.fleet}.{team}")
+            assert scope is not None
+            assert exact(scope.spent) == row.amount_exact
+        spends = list(manager.iter_audit_log(event_type="spend"))
+        assert len(spends) == result.calls
+        alerts = list(manager.iter_audit_log(event_type="budget_threshold"))
+        assert len(alerts) == result.threshold_alerts > 0
+        assert manager.verify_audit_log().ok
+
+
+def test_demo_needs_its_prices() -> None:
+    with StateManager.from_url("memory://") as manager:
+        with pytest.raises(ConfigurationError, match="prices=DEMO_PRICES"):
+            run_fleet(manager, agents=2, steps=1, seed=1)
+        assert manager.list_agents() == []  # nothing was written
+        assert manager.list_budgets() == []
 
 
 def test_demo_on_memory_says_it_does_not_last() -> None:
@@ -911,7 +956,7 @@ def test_a_copy_that_fails_midway_removes_the_destination_it_created(
 ) -> None:
     from iron_runtime_state import BackendUnavailable
 
-    def lost_connection(self: StateManager, events: Any) -> Any:
+    def lost_connection(self: StateManager, events: Any, **options: Any) -> Any:
         raise BackendUnavailable("the destination went away")
 
     monkeypatch.setattr(StateManager, "save_audit_logs", lost_connection)

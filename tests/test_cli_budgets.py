@@ -508,30 +508,30 @@ def test_migrate_a_store_with_nothing_to_convert(request: pytest.FixtureRequest)
 
 def test_the_demo_runs_two_teams_under_an_org(tmp_path: Path) -> None:
     url = sqlite_url(tmp_path / "demo.db")
-    data = ok("demo", "-n", "120", "-s", "10", "--seed", "3", "--json", "--url", url).json()
+    data = ok("demo", "-n", "120", "-s", "10", "--seed", "5", "--json", "--url", url).json()
     scopes = [b["scope"] for b in data["budgets"]]
-    assert scopes == ["org:demo-3", "team:demo-3.support", "team:demo-3.research"]
+    assert scopes == ["org:demo-5", "team:demo-5.support", "team:demo-5.research"]
     assert all(b["period"] == "month" for b in data["budgets"])
     assert set(data["by_team"]) == {"support", "research"}
     assert sum(data["by_team"].values()) == 120
     assert sum(data["refused_by"].values()) == data["refused"]
-    assert data["refused_by"].get("team:demo-3.support", 0) > 0  # the tight team runs out
+    assert data["refused_by"].get("team:demo-5.support", 0) > 0  # the tight team runs out
     listed = ok("budgets", "--json", "--url", url).json()
     assert sorted(b["scope"] for b in listed) == sorted(scopes)
     support = ok(
-        "agents", "--label", "team=support", "--label", "fleet=demo-3", "--json", "--url", url
+        "agents", "--label", "team=support", "--label", "fleet=demo-5", "--json", "--url", url
     ).json()
     assert len(support) == data["by_team"]["support"]
-    assert {tuple(row["budget_scopes"]) for row in support} == {("org:demo-3", "team:demo-3.support")}
-    text = ok("demo", "-n", "60", "-s", "10", "--seed", "3", "--url", url).stdout
-    assert "at team:demo-3.support" in text
+    assert {tuple(row["budget_scopes"]) for row in support} == {("org:demo-5", "team:demo-5.support")}
+    text = ok("demo", "-n", "60", "-s", "10", "--seed", "5", "--url", url).stdout
+    assert "at team:demo-5.support" in text
     assert "Budgets of the org and its teams" in text
     assert "iron-state budgets" in text
     assert "--label team=" in text
     # Running the same seed again started its budgets afresh: removed, then set again.
     with StateManager.from_url(url) as manager:
         removed = [r.details for r in manager.audit_log(event_type="budget_removed")]
-    assert sum('"team:demo-3.support"' in details for details in removed) == 1
+    assert sum('"team:demo-5.support"' in details for details in removed) == 1
 
 
 def test_demo_reset_removes_the_scopes(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from iron_runtime_state import (  # noqa: E402
     FleetStats,
     StateManager,
 )
-from iron_runtime_state._demo import run_fleet  # noqa: E402
+from iron_runtime_state._demo import DEMO_PRICES, run_fleet  # noqa: E402
 from iron_runtime_state.backends import SCHEMES  # noqa: E402
 from iron_runtime_state.metrics import FleetCollector, TrailCounters, follow_trail  # noqa: E402
 
@@ -241,7 +241,7 @@ def scrape(url: str, deadline: float) -> str:
 @pytest.mark.skipif("sqlite" not in SCHEMES, reason="the SQLite backend is not registered")
 def test_metrics_endpoint_as_a_process(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fleet.db'}"
-    with StateManager.from_url(url) as manager:
+    with StateManager.from_url(url, prices=DEMO_PRICES) as manager:
         run_fleet(manager, agents=50, steps=4, seed=3)
         want = expected(manager)
     port = free_port()
@@ -311,8 +311,9 @@ def test_trail_counters_count_budget_events() -> None:
         manager.reserve_budget(agent, 4.0)  # the team's
     hold = manager.reserve_budget(agent, 2.0)
     manager.commit_reservation(hold, 4.5)  # past the team's 3: stands, and is counted
-    manager.save_audit_log(
-        AuditEvent(agent, "budget_threshold", details='{"scope":"team:support","threshold":0.8}')
+    manager.save_audit_logs(  # a record copied from another store (iron-state copy)
+        [AuditEvent(agent, "budget_threshold", details='{"scope":"team:support","threshold":0.8}')],
+        ledger=True,
     )
     manager.save_audit_log(AuditEvent(agent, "hold_expired", details="not json"))
     records = manager.audit_log(after_seq=0)
@@ -347,7 +348,8 @@ def test_trail_counters_sum_the_spend_ledger_by_model() -> None:
     with pytest.raises(BudgetExceeded):
         manager.record_spend(agent, 1000)  # refused: no spend record
     report = {row.group["model"]: row for row in manager.spend_report(group_by=("model",))}
-    manager.save_audit_log(AuditEvent(agent, "spend", details="not json"))  # by hand: one call
+    # A record the library did not write (copied with ledger=True): one call, no amount.
+    manager.save_audit_logs([AuditEvent(agent, "spend", details="not json")], ledger=True)
     counters.count(manager.audit_log(after_seq=0))
     registry = CollectorRegistry()
     registry.register(FleetCollector(manager, counters=counters))

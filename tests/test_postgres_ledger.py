@@ -23,7 +23,15 @@ from typing import Any
 
 import pytest
 
-from iron_runtime_state import AgentId, AgentState, AgentStatus, Reservation, SchemaError, StateManager
+from iron_runtime_state import (
+    AgentId,
+    AgentState,
+    AgentStatus,
+    Reservation,
+    SchemaError,
+    StateManager,
+    events,
+)
 from iron_runtime_state.audit_chain import AuditChain
 from iron_runtime_state.backends.base import AuditQuery, Backend
 from iron_runtime_state.ledger import SpendNote, SpendQuery, SpendTotal, entry_of
@@ -44,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RELEASE_0_6 = "8e46e75"
 DAY = 86_400
 T0 = 1_790_000_000  # 2026-09-21, a Monday
+KEY = b"k" * 32
 
 
 @pytest.fixture
@@ -178,6 +187,64 @@ def test_ledger_rows_match_the_chained_spend_records(
         (0.25, "team:b"),
         (0.5, None),
     ]
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["unkeyed", "keyed"])
+def test_writers_that_interleave_settle_on_the_fast_path_or_holding_the_head(
+    postgres_server: PostgresServer,
+    schema: str,
+    url: str,
+    backend: PostgresBackend,
+    monkeypatch: pytest.MonkeyPatch,
+    key: bytes | None,
+) -> None:
+    """Another store object appends between every two spends. Unkeyed, the server seals each
+    record after the head it finds (no retry); keyed, after its head missed (here at once: no
+    retries), a fast path runs in a transaction that locks the head after the charge."""
+    from iron_runtime_state.backends.postgres import sealing
+
+    monkeypatch.setattr(sealing, "_TRIES", 0)
+    chain = AuditChain(key)
+    backend.set_budget("org:i", None, None, "UTC", T0, chain)
+    agent = _agent(backend, budget_limit=1000.0, labels={"team": "i"}, budget_scopes=("org:i",))
+    other = open_postgres(url)
+    try:
+        for i in range(5):
+            other.append_audit(
+                [events.status_changed(agent, AgentStatus.RUNNING, AgentStatus.RUNNING, T0)], chain
+            )
+            backend.record_spend(agent, 1_000_000, T0 + i, chain, SpendNote("m", 1, 2, 3))
+            held = backend.reserve(agent, 2_000_000, 60, T0 + i, f"h{i}", chain)
+            assert isinstance(held, Reservation)
+            result = backend.commit(held, 1_500_000, T0 + i, chain)
+            assert [r.event_type for r in result.records] == ["spend"]
+    finally:
+        other.close()
+    ledger = _ledger(postgres_server, schema)
+    assert ledger == _spend_records(backend)
+    assert len(ledger) == 10
+    assert all(row[4] == ["org:i"] and row[5] == {"team": "i"} for row in ledger)
+    assert sum(row[3] for row in ledger) == _spent(postgres_server, schema, agent) == 12_500_000
+    with StateManager.from_url(url, audit_key=key) as manager:
+        assert manager.verify_audit_log().ok
+
+
+def test_spend_records_appended_as_they_are_get_their_ledger_rows(
+    postgres_server: PostgresServer, schema: str, backend: PostgresBackend
+) -> None:
+    """A copy of a trail appends its spend records as they are: each gets its ledger row."""
+    chain = AuditChain()
+    agent = AgentId.generate()
+    note = SpendNote("gpt-4o", 10, 20, 5, {"run": "copied"})
+    copied = [
+        events.spend(agent, T0, 1_250_000, ("org:c",), {"team": "c"}, "r-9", note),
+        events.status_changed(agent, AgentStatus.RUNNING, AgentStatus.STOPPED, T0),
+        events.spend(agent, T0 + 5, 3, (), {}, None, None),
+    ]
+    backend.append_audit(copied[:1], chain)
+    backend.append_audit(copied, chain)  # the store object knows the head now: still its rows
+    assert _ledger(postgres_server, schema) == _spend_records(backend)
+    assert len(_ledger(postgres_server, schema)) == 3
 
 
 def test_pruning_the_trail_removes_the_ledger_rows_of_its_records(

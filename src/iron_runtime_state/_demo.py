@@ -32,8 +32,8 @@ from typing import Final
 
 from .errors import BudgetExceeded, ConfigurationError
 from .ids import AgentId
-from .manager import StateManager
 from .ledger import SpendRow
+from .manager import StateManager
 from .models import AgentState, AgentStatus, AuditEvent
 
 __all__ = ["DEMO_PRICES", "DemoResult", "org_scope", "run_fleet", "team_scope"]

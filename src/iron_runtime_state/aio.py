@@ -259,9 +259,16 @@ class AsyncStateManager(Completing, ManagerCore):
 
     # -- beyond the seed -------------------------------------------------------------------------
 
-    async def save_audit_logs(self, events: Iterable[AuditEvent]) -> list[AuditRecord]:
-        """Append many events in one atomic batch: all of them are stored, or none."""
-        return await self._append(self._events_request(events))
+    async def save_audit_logs(
+        self, events: Iterable[AuditEvent], *, ledger: bool = False
+    ) -> list[AuditRecord]:
+        """Append many events in one atomic batch: all of them are stored, or none.
+
+        ``spend`` and ``budget_threshold`` records are the store's own, written with each
+        charge; ``ledger=True`` appends them too, to carry a trail to another store
+        (``iron-state copy``): the copied ``spend`` records count in its reports.
+        """
+        return await self._append(self._events_request(events, ledger))
 
     async def save_agent_states(self, states: Iterable[AgentState]) -> int:
         """Insert or replace many states in batches; all are validated before any is stored."""

@@ -486,17 +486,19 @@ class ManagerCore(MeteringCore):
     # -- the audit trail --------------------------------------------------------------------------
 
     @staticmethod
-    def _events_request(events: Iterable[AuditEvent]) -> list[AuditEvent]:
-        """The events as a list, each checked to be an :class:`AuditEvent` (for one atomic batch)."""
+    def _events_request(events: Iterable[AuditEvent], ledger: bool = False) -> list[AuditEvent]:
+        """The events as a list, each checked to be an :class:`AuditEvent` (for one atomic batch);
+        ledger records only when ``ledger`` (a copied trail)."""
         batch = list(events)
         for event in batch:
             if not isinstance(event, AuditEvent):
                 raise StateTypeError(f"expected an AuditEvent, got {type(event).__name__}")
-            if event.event_type in LEDGER_EVENTS:
+            if event.event_type in LEDGER_EVENTS and not ledger:
                 raise ValidationError(
                     f"{event.event_type!r} records are written by the store with each settled spend, "
                     "so that the ledger sums to the budgets; record a spend with record_spend or "
-                    "record_usage, or give your event a type of its own"
+                    "record_usage, or give your event a type of its own (save_audit_logs(..., "
+                    "ledger=True) copies a trail)"
                 )
         return batch
 

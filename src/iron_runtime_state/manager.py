@@ -202,9 +202,14 @@ class StateManager(ManagerCore):
 
     # -- beyond the seed -------------------------------------------------------------------------
 
-    def save_audit_logs(self, events: Iterable[AuditEvent]) -> list[AuditRecord]:
-        """Append many events in one atomic batch: all of them are stored, or none."""
-        return self._append(self._events_request(events))
+    def save_audit_logs(self, events: Iterable[AuditEvent], *, ledger: bool = False) -> list[AuditRecord]:
+        """Append many events in one atomic batch: all of them are stored, or none.
+
+        ``spend`` and ``budget_threshold`` records are the store's own, written with each
+        charge; ``ledger=True`` appends them too, to carry a trail to another store
+        (``iron-state copy``): the copied ``spend`` records count in its reports.
+        """
+        return self._append(self._events_request(events, ledger))
 
     def save_agent_states(self, states: Iterable[AgentState]) -> int:
         """Insert or replace many states in batches; all are validated before any is stored.

@@ -76,7 +76,9 @@ def check_model(value: object, what: str = "model") -> str:
             f"{what} is {len(value)} characters long; at most {MAX_MODEL_NAME} are allowed "
             f"(got {value[:64]!r}...)"
         )
-    if any(unicodedata.category(c) == "Cc" for c in value):
+    # isprintable() is False for every control character (and a few other kinds): the
+    # character scan runs only for the rare name it does not clear.
+    if not value.isprintable() and any(unicodedata.category(c) == "Cc" for c in value):
         raise ValidationError(f"{what} {value[:64]!r} holds control characters; remove them")
     return value
 

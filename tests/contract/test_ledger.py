@@ -240,3 +240,21 @@ def test_programs_cannot_append_ledger_records(manager: StateManager, agent: obj
             manager.save_audit_log(AuditEvent(agent, kind, details='{"amount":1.0}'))  # type: ignore[arg-type]
     assert manager.audit_count() == 0
     assert manager.spend_report() == []
+
+
+def test_a_copied_trail_carries_the_ledger(store: StoreHandle) -> None:
+    """``iron-state copy`` appends the source's records with ``ledger=True``: they count in the
+    destination's reports, whatever index it keeps."""
+    source = StateManager()
+    agent = agent_on(source, labels={"team": "a"})
+    source.record_spend(agent, 1.5, tags={"job": "x"})
+    source.record_spend(agent, 0.25)
+    destination = store.open()
+    destination.save_audit_logs((r.event for r in source.audit_log()), ledger=True)
+    assert [
+        (r.group, r.amount, r.calls) for r in destination.spend_report(group_by=("label:team", "tag:job"))
+    ] == [
+        ({"label:team": "a", "tag:job": "x"}, 1.5, 1),
+        ({"label:team": "a", "tag:job": None}, 0.25, 1),
+    ]
+    assert destination.verify_audit_log().ok

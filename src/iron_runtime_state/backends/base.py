@@ -608,18 +608,18 @@ def _forwarder(name: str) -> Callable[..., Any]:
     default = None if getattr(contract, "__isabstractmethod__", False) else contract
     if name in ITERATORS:
 
-        def method(self: OpsBackend, *args: Any) -> Any:
+        def method(self: OpsBackend, *args: Any, **kwargs: Any) -> Any:
             op = getattr(self.ops, name, None)
             if op is None and default is not None:
-                return default(self, *args)
-            return self._iterate(getattr(self.ops, name)(*args))
+                return default(self, *args, **kwargs)
+            return self._iterate(getattr(self.ops, name)(*args, **kwargs))
     else:
 
-        def method(self: OpsBackend, *args: Any) -> Any:
+        def method(self: OpsBackend, *args: Any, **kwargs: Any) -> Any:
             op = getattr(self.ops, name, None)
             if op is None and default is not None:
-                return default(self, *args)
-            return self._drive(getattr(self.ops, name)(*args))
+                return default(self, *args, **kwargs)
+            return self._drive(getattr(self.ops, name)(*args, **kwargs))
 
     method.__name__ = method.__qualname__ = name
     method.__doc__ = contract.__doc__

@@ -112,7 +112,7 @@ def _copy_into(
             progress.update(agents_task, advance=len(batch))
         copied_records = 0
         for records in _batches(src.iter_audit_log(page_size=5 * AUDIT_BATCH), AUDIT_BATCH):
-            copied_records += len(dst.save_audit_logs(r.event for r in records))
+            copied_records += len(dst.save_audit_logs((r.event for r in records), ledger=True))
             progress.update(records_task, advance=len(records))
         # After the trail, whose budget_set events tell the scopes' history: each set_budget
         # here appends one more, at the time of the copy.

@@ -262,7 +262,7 @@ def _print_demo(
     commands += [
         (f"iron-state spend --by model,day{flag}", "the spend ledger by model and day"),
         (f"iron-state audit --type budget_threshold --limit 5{flag}", "threshold alerts"),
-        (f"iron-state audit --type budget_exceeded --limit 5{flag}", "refused calls and the budget that refused"),
+        (f"iron-state audit --type budget_exceeded --limit 5{flag}", "refused calls, naming the budget"),
         (f"iron-state verify{flag}", "check the audit trail's hash chain"),
         (f"iron-state metrics --port {METRICS_PORT}{flag}", "serve Prometheus metrics"),
         (

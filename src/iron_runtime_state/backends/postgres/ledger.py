@@ -13,10 +13,20 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from ...ledger import BUCKET, SpendNote, SpendQuery, SpendTotal
+from ...errors import ValidationError
+from ...ledger import BUCKET, SpendNote, SpendQuery, SpendTotal, entry_of
+from ...models import AuditRecord
 from .requests import Op, Sql
 
-__all__ = ["INSERT", "labels_json", "note_columns", "spend_totals", "totals_of", "totals_select"]
+__all__ = [
+    "INSERT",
+    "labels_json",
+    "ledger_row",
+    "note_columns",
+    "spend_totals",
+    "totals_of",
+    "totals_select",
+]
 
 #: A general-path spend record's row (the fast paths insert theirs in ``log_spend``).
 INSERT: Final = (
@@ -45,6 +55,31 @@ def note_columns(note: SpendNote | None) -> tuple[str | None, int, int, int, str
         int(fields.get("input_tokens", 0)),
         int(fields.get("output_tokens", 0)),
         int(fields.get("cached_input_tokens", 0)),
+        labels_json(tags) if tags else None,
+    )
+
+
+def ledger_row(record: AuditRecord) -> tuple[Any, ...]:
+    """:data:`INSERT`'s parameters for a ``spend`` record appended as it is (a copied trail)."""
+    try:
+        e = entry_of(record)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValidationError(
+            f"a 'spend' record must carry what events.spend writes (an amount at least); got "
+            f"{record.details[:80]!r} ({exc!r})"
+        ) from None
+    labels, tags = dict(e.labels), dict(e.tags)
+    return (
+        e.seq,
+        e.timestamp,
+        e.agent_id,
+        e.amount,
+        e.model,
+        e.input_tokens,
+        e.output_tokens,
+        e.cached_input_tokens,
+        list(e.scopes),
+        labels_json(labels) if labels else None,
         labels_json(tags) if tags else None,
     )
 

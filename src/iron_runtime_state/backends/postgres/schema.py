@@ -36,8 +36,11 @@ a snapshot taken before it waited for a lock). Each one either completes the who
 changes nothing and returns no row (``spend``: a row of NULLs), and the store then takes its
 general path (:mod:`.spending`): periods that roll, refusals and overspends, thresholds reached,
 and holds that lapsed, which write audit events built and hashed in Python. Since version 2,
-``spend`` and ``commit_hold`` also take the spend's ledger record, hashed by the client after
-the head it predicts, and write it (``log_spend``) when the prediction holds.
+``spend`` and ``commit_hold`` also take the spend's ledger record and write it with the charge:
+on an unkeyed chain they hash it themselves after the head they lock (``seal_spend``, with
+``seal``: :meth:`AuditChain.seal`'s bytes through ``sha256()``), so writers never seal again;
+on a keyed chain the client hashed it after the head it predicts, and ``log_spend`` writes it
+when the prediction holds (see :mod:`.sealing`).
 Every writer takes its row of ``stats`` (when it changes an agent) after its scopes' locks, and
 the audit head last.
 """
@@ -276,36 +279,89 @@ BEGIN
 END
 $$"""
 
+# The hash of a record, as AuditChain.seal computes it without a key: SHA-256 of the UTF-8 bytes
+# of prev "\n" seq "\n" and the canonical JSON of the event. agent_id and event_type need no
+# escaping (validated); to_json(text) escapes details byte for byte as Python's
+# json.encoder.encode_basestring does (", \, \b \f \n \r \t, other characters below U+0020 as
+# \u00xx in lowercase hex, everything else as it is; tests/test_postgres_sealing.py checks every
+# character). A keyed chain (HMAC) is never sealed here: its key stays with the client.
+_SEAL: Final = """
+CREATE FUNCTION {s}.seal(
+    p_prev text, p_seq bigint, p_agent text, p_type text, p_ts bigint, p_details text)
+RETURNS text LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+BEGIN
+    -- plpgsql, not sql: its expression is planned once per session (to_json is only stable,
+    -- so a sql function would not be inlined, and would be planned again at every call).
+    RETURN encode(sha256(convert_to(
+        p_prev || E'\\n' || p_seq || E'\\n' || '{"agent_id":"' || p_agent || '","details":'
+        || to_json(p_details)::text || ',"event_type":"' || p_type || '","timestamp":' || p_ts
+        || '}', 'UTF8')), 'hex');
+END
+$$"""
+
+# The ledger's record of a charge the calling function made, on an unkeyed chain: sealed here,
+# after the head read under its lock (taken last, held to the commit), so no writer ever seals
+# again. p_seen, p_seen_hash: the highest head the client saw; a head below it (a restore, a
+# failover) rolls the statement back, and the client's general path records the rewind first.
+_SEAL_SPEND: Final = """
+CREATE FUNCTION {s}.seal_spend(
+    p_seen bigint, p_seen_hash text, p_channel text, p_agent text, p_ts bigint, p_details text,
+    p_amount bigint, p_scopes text[], p_labels jsonb, p_model text, p_input bigint,
+    p_output bigint, p_cached bigint, p_tags jsonb, OUT r_seq bigint, OUT r_prev text,
+    OUT r_hash text)
+LANGUAGE plpgsql AS $$
+BEGIN
+    SELECT head_seq, head_hash INTO r_seq, r_prev FROM {s}.audit_chain WHERE id = 0 FOR UPDATE;
+    IF p_seen IS NOT NULL AND (r_seq < p_seen OR (r_seq = p_seen AND r_prev <> p_seen_hash)) THEN
+        RAISE EXCEPTION 'the audit head went back' USING ERRCODE = 'serialization_failure';
+    END IF;
+    r_hash := {s}.seal(r_prev, r_seq + 1, p_agent, 'spend', p_ts, p_details);
+    PERFORM {s}.log_spend(r_seq, r_prev, r_hash, NULL, p_channel, p_agent, p_ts, p_details,
+        p_amount, p_scopes, p_labels, p_model, p_input, p_output, p_cached, p_tags);
+    r_seq := r_seq + 1;
+END
+$$"""
+
 # The parameters both fast paths take for the spend record (see spending.py).
 _RECORD_PARAMS: Final = """p_labels jsonb, p_scopes text[], p_after bigint, p_prev text, p_hash text,
     p_seal text, p_ts bigint, p_details text, p_channel text, p_model text, p_input bigint,
     p_output bigint, p_cached bigint, p_tags jsonb"""
 _LOG_ARGS: Final = """p_after, p_prev, p_hash, p_seal, p_channel, p_agent, p_ts, p_details, {amount},
         p_scopes, p_labels, p_model, p_input, p_output, p_cached, p_tags"""
+_SEAL_ARGS: Final = """p_after, p_prev, p_channel, p_agent, p_ts, p_details, {amount}, p_scopes,
+        p_labels, p_model, p_input, p_output, p_cached, p_tags"""
 # The head the record was sealed after (when sealed in advance): checked before anything changes,
 # so a prediction that missed costs no rollback, and the head found goes back to the client
 # (log_spend checks again under the head's lock).
-_HEAD_IS: Final = """IF p_after IS NOT NULL THEN
+_HEAD_IS: Final = """IF p_hash IS NOT NULL THEN
         SELECT head_seq, head_hash INTO r_head_seq, r_head_hash FROM {s}.audit_chain WHERE id = 0;
         IF r_head_seq <> p_after OR r_head_hash <> p_prev THEN
             RETURN;
         END IF;
     END IF;"""
-# The record: written here when sealed in advance; else (p_after NULL: the client's transaction,
-# after a prediction missed) the head is locked, last, and returned for the client to append after.
+# The record, in one of three ways:
+# - p_details NULL (the client's transaction, after a prediction missed): the head is locked,
+#   last, and returned for the client to append after;
+# - p_hash NULL (an unkeyed chain): sealed here after the head, under its lock (seal_spend);
+#   p_after and p_prev are then the highest head the client saw (NULL: none), not a prediction;
+# - else sealed by the client after the head p_after, p_prev it predicted (log_spend).
 _LOG: Final = (
-    "IF p_after IS NULL THEN\n"
+    "IF p_details IS NULL THEN\n"
     "        SELECT head_seq, head_hash INTO r_head_seq, r_head_hash FROM {{s}}.audit_chain\n"
     "        WHERE id = 0 FOR UPDATE;\n"
+    "    ELSIF p_hash IS NULL THEN\n"
+    "        SELECT r_seq, r_prev, r_hash INTO r_head_seq, r_head_prev, r_head_hash\n"
+    f"        FROM {{{{s}}}}.seal_spend({_SEAL_ARGS});\n"
     "    ELSE\n"
     f"        PERFORM {{{{s}}}}.log_spend({_LOG_ARGS});\n"
     "    END IF;"
 )
-# What both fast paths return: the agent's state, then (when only the head missed) the head.
+# What both fast paths return: the agent's state, then the head (when only the head missed: the
+# one found; when sealed here: the record's seq and hash, and the hash before it).
 _RESULT: Final = """OUT r_status smallint, OUT r_spent bigint, OUT r_pii bigint, OUT r_limit bigint,
     OUT r_labels jsonb, OUT r_scopes text[], OUT r_period text, OUT r_tz text,
     OUT r_period_start double precision, OUT r_thresholds double precision[],
-    OUT r_head_seq bigint, OUT r_head_hash text"""
+    OUT r_head_seq bigint, OUT r_head_hash text, OUT r_head_prev text"""
 
 _SPEND_V2: Final = f"""
 CREATE FUNCTION {{s}}.spend(
@@ -321,7 +377,7 @@ DECLARE
 BEGIN
     SELECT * INTO a FROM {{s}}.agents WHERE agent_id = p_agent FOR UPDATE;
     IF NOT FOUND OR a.status <> {RUNNING} OR a.spent + p_amount > {_MAX} OR {_ENDED.format(r="a")}
-       OR (p_after IS NOT NULL AND (a.labels <> p_labels OR a.scopes <> p_scopes))
+       OR (p_details IS NOT NULL AND (a.labels <> p_labels OR a.scopes <> p_scopes))
        OR {{s}}.crosses(a.thresholds, a.alerted, a.budget_limit, a.spent + p_amount) THEN
         RETURN;
     END IF;
@@ -380,7 +436,7 @@ DECLARE
 BEGIN
     SELECT * INTO a FROM {{s}}.agents WHERE agent_id = p_agent FOR UPDATE;
     IF NOT FOUND OR a.spent + p_actual > coalesce(a.budget_limit, {_MAX}) OR {_ENDED.format(r="a")}
-       OR (p_after IS NOT NULL AND a.labels <> p_labels)
+       OR (p_details IS NOT NULL AND a.labels <> p_labels)
        OR {{s}}.crosses(a.thresholds, a.alerted, a.budget_limit, a.spent + p_actual) THEN
         RETURN;
     END IF;
@@ -607,6 +663,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX ledger_by_model ON {s}.ledger (model, ts)",
         _CROSSES,
         _LOG_SPEND,
+        _SEAL,
+        _SEAL_SPEND,
         "DROP FUNCTION {s}.spend(text, bigint, double precision)",
         _SPEND_V2,
         "DROP FUNCTION {s}.commit_hold(text, text, bigint, double precision)",

@@ -7,13 +7,9 @@ taking the locks, and either makes the whole change or makes none and returns no
 period has ended, a limit would be passed, a threshold would be reached, a scope is missing, or
 the agent is missing or not running.
 
-A settled spend's ledger record (``events.spend``) is hashed here, so the fast path sends it
-along, sealed in advance: after the audit head this store object last saw or wrote, naming the
-labels and scopes the agent had at its last spend (:attr:`BudgetOps.known`). The function
-checks both predictions under its locks and, when they hold, moves the head and inserts the
-record and its ledger row in the same statement (``log_spend``); when either missed (another
-writer appended, the agent's labels changed) it changes nothing, and the general path runs.
-One process writing alone pays one round trip per spend, as before the ledger.
+A settled spend's ledger record (``events.spend``) goes in the same statement: sealed by the
+server on an unkeyed chain, by the client (after the head it predicts) on a keyed one; see
+:mod:`.sealing`. One process writing alone pays one round trip per spend, as before the ledger.
 
 **The general path** then runs the same operation in one transaction here, with the same locks
 in the same order, applying :mod:`...budgets`' rules in Python: periods that ended start anew
@@ -26,11 +22,9 @@ Holds expire by the database's clock; periods turn by the manager's (``now``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
-
-from psycopg import errors as pgerrors
 
 from ... import events
 from ...audit_chain import AuditChain
@@ -42,8 +36,6 @@ from ...models import AuditEvent, AuditRecord, Reservation
 from ...money import from_micros
 from ...thresholds import DEFAULT_THRESHOLDS
 from ..base import BudgetChange, BudgetRow, CommitResult, SpendResult
-from . import ledger
-from .agents import AgentOps
 from .requests import (
     AGENT_COLUMNS,
     BEGIN,
@@ -59,6 +51,7 @@ from .requests import (
     thresholds_of,
 )
 from .schema import RUNNING, STATUSES, render
+from .sealing import SealOps
 
 __all__ = ["BudgetOps"]
 
@@ -71,13 +64,8 @@ _HELD: Final = (
     f"WHERE h.scope = b.scope AND h.expires_at > {CLOCK})"
 )
 
-# The fast paths' parameters for the spend record: see _RECORD_PARAMS in schema.py.
-_RECORD: Final = ", ".join(["%s"] * 14)
-
 _STATEMENTS: Final = {
-    "spend": f"SELECT * FROM {{s}}.spend(%s, %s, %s, {_RECORD})",
     "reserve": "SELECT * FROM {s}.reserve(%s, %s, %s, %s, %s)",
-    "commit": f"SELECT * FROM {{s}}.commit_hold(%s, %s, %s, %s, {_RECORD})",
     "lock_budgets": (
         f"SELECT {BUDGET_COLUMNS}, alerted FROM {{s}}.budgets WHERE scope = ANY (%s) ORDER BY scope "
         "FOR UPDATE"
@@ -103,7 +91,6 @@ _STATEMENTS: Final = {
         "UPDATE {s}.budgets SET spent = %s, period_start = %s, period_end = %s, alerted = %s, "
         "changed_at = %s WHERE scope = %s"
     ),
-    "ledger": ledger.INSERT,
     "hold": (
         "INSERT INTO {s}.holds (agent_id, reservation_id, amount, expires_at, scopes) "
         "VALUES (%s, %s, %s, %s, %s)"
@@ -152,16 +139,6 @@ _NOT_OPEN: Final = (
     "after its ttl, or its agent was removed); if money was spent after the hold expired, record "
     "it with record_spend"
 )
-
-
-#: The labels and scopes predicted for an agent the store object knows nothing of.
-_PLAIN: Final[tuple[Mapping[str, str], tuple[str, ...]]] = ({}, ())
-#: How many agents' labels and scopes a store object remembers (then it starts again).
-_KNOWN: Final = 10_000
-ROLLBACK: Final = Sql("ROLLBACK")
-#: How many times a fast path seals its record again after a head that moved, before it runs
-#: in a transaction that locks the head (:meth:`BudgetOps._locked`).
-_TRIES: Final = 3
 
 
 @dataclass(slots=True)
@@ -240,122 +217,12 @@ def _scope_budget(row: Sequence[Any], held: int) -> _Budget:
     return _Budget(scope, limit, period, tz, start, spent, held, thresholds_of(thresholds), alerted)
 
 
-class BudgetOps(AgentOps):
+class BudgetOps(SealOps):
     """Spends, holds and budget scopes, as generators of statements."""
 
     def __init__(self, quoted_schema: str) -> None:
         super().__init__(quoted_schema)
         self.sql.update({name: render(text, quoted_schema) for name, text in _STATEMENTS.items()})
-        #: The labels and scopes of agents that have some, as their last charge on the general
-        #: path found them: what the fast path predicts an agent's spend record names. Only a
-        #: prediction (the function checks it), so a stale entry costs one general path.
-        self.known: dict[str, tuple[Mapping[str, str], tuple[str, ...]]] = {}
-
-    def _learn(self, key: str, labels: Mapping[str, str], scopes: tuple[str, ...]) -> None:
-        if labels or scopes:
-            if len(self.known) >= _KNOWN:
-                self.known.clear()
-            self.known[key] = (labels, scopes)
-        else:
-            self.known.pop(key, None)
-
-    # -- the fast path's ledger record ----------------------------------------------------------
-
-    def _fast(
-        self,
-        statement: str,
-        head: tuple[Any, ...],
-        amount: int,
-        record: Callable[[Mapping[str, str], Sequence[str]], AuditEvent],
-        labels: Mapping[str, str],
-        scopes: Sequence[str] | None,
-        note: SpendNote | None,
-        chain: AuditChain,
-    ) -> Op[tuple[Sequence[Any], AuditRecord] | None]:
-        """Run a fast path's function (``head``: its first parameters) with the spend record
-        (``record(labels, scopes)``) sealed after the head this store object knows; the agent's
-        state row and the record, or ``None`` when the general path must run (nothing changed).
-
-        ``labels`` and ``scopes`` are the predicted ones (``scopes`` ``None``: the agent's, as
-        known). When only the head missed (another writer appended since), the function runs
-        again in a transaction of ours: it locks the head after its charge and returns it, and
-        the record is appended after it (:meth:`_locked`).
-        """
-        key = head[0]
-        predicted = self.known.get(key, _PLAIN)[1] if scopes is None else scopes
-        for _ in range(_TRIES):
-            hint = self.watch.highest
-            if hint is None:  # nothing known of the head yet: the general path reads it
-                return None
-            rows, records = chain.seal_rows([record(labels, predicted)], *hint)
-            seq, _, _, ts, details, prev, digest = rows[0]
-            sealed = (hint[0], prev, digest, chain.seal_mark("head", seq, digest), ts, details)
-            params = (*head, ledger.labels_json(labels), list(predicted), *sealed, self.channel)
-            try:
-                found = (yield Sql(statement, (*params, *ledger.note_columns(note))))[0]
-            except pgerrors.SerializationFailure:  # the head moved under the statement: rolled back
-                continue
-            if found[0] is not None:
-                self.watch.wrote((seq, digest))
-                return found[:-2], records[0]
-            if found[-2] is None:
-                # Not the head: a refusal, a period that ended, a threshold reached, labels or
-                # scopes that changed: the general path.
-                return None
-            self.watch.saw((found[-2], found[-1]))  # and seal after the head found
-            if self.watch.highest == hint:  # a head behind ours: the general path reports it
-                return None
-        return (yield from self._locked(statement, head, amount, record, labels, scopes, note, chain))
-
-    def _locked(
-        self,
-        statement: str,
-        head: tuple[Any, ...],
-        amount: int,
-        record: Callable[[Mapping[str, str], Sequence[str]], AuditEvent],
-        labels: Mapping[str, str],
-        scopes: Sequence[str] | None,
-        note: SpendNote | None,
-        chain: AuditChain,
-    ) -> Op[tuple[Sequence[Any], AuditRecord] | None]:
-        """The fast path's function in a transaction, without a record: it charges, then locks
-        the head (last, as every writer does) and returns it with the agent's labels and scopes;
-        the record goes after that head, with its ledger row, and the transaction commits."""
-        yield BEGIN
-        params = (*head, ledger.labels_json(labels), list(scopes or ()), *(None,) * 6, self.channel)
-        found = (yield Sql(statement, (*params, *ledger.note_columns(note))))[0]
-        if found[0] is None:
-            yield ROLLBACK
-            return None
-        key, actual = head[0], found[4] or {}
-        named = tuple(found[5] or ()) if scopes is None else scopes
-        self._learn(key, actual, tuple(found[5] or ()))
-        self.watch.saw((found[-2], found[-1]))
-        records = yield from self._logged(key, [], record(actual, named), amount, named, actual, note, chain)
-        return found[:-2], records[0]
-
-    def _logged(
-        self,
-        key: str,
-        before: list[AuditEvent],
-        event: AuditEvent,
-        amount: int,
-        scopes: Sequence[str],
-        labels: Mapping[str, str],
-        note: SpendNote | None,
-        chain: AuditChain,
-        after: Sequence[AuditEvent] = (),
-    ) -> Op[list[AuditRecord]]:
-        """Append ``before``, the ``spend`` record ``event`` and ``after`` in the open transaction,
-        insert the record's ledger row, and commit; the records."""
-        records, head = yield from self._append([*before, event, *after], chain, event.timestamp)
-        written = records[len(before)]
-        model, input_tokens, output_tokens, cached, tags = ledger.note_columns(note)
-        row = (written.seq, written.timestamp, key, amount, model, input_tokens, output_tokens, cached)
-        yield Sql(
-            self.sql["ledger"], (*row, list(scopes), ledger.labels_json(labels) if labels else None, tags)
-        )
-        return (yield from self._commit(records, head))
 
     # -- the general path ---------------------------------------------------------------------
 
@@ -505,7 +372,7 @@ class BudgetOps(AgentOps):
             return events.spend(agent_id, now, amount, scopes, labels, None, note)
 
         key = agent_id._value
-        labels = self.known.get(key, _PLAIN)[0]
+        labels = self._predicted(key)
         found = yield from self._fast(
             self.sql["spend"], (key, amount, now), amount, record, labels, None, note, chain
         )
@@ -540,7 +407,7 @@ class BudgetOps(AgentOps):
         def record(labels: Mapping[str, str], scopes: Sequence[str]) -> AuditEvent:
             return events.spend(agent_id, now, actual, scopes, labels, rid, note)
 
-        labels = self.known.get(key, _PLAIN)[0]
+        labels = self._predicted(key)
         params = (key, rid, actual, now)
         found = yield from self._fast(
             self.sql["commit"], params, actual, record, labels, reservation.scopes, note, chain

@@ -27,6 +27,7 @@ from ...models import AuditEvent, AuditRecord
 from ..base import AuditMarks, AuditQuery
 from ..head_watch import HeadWatch
 from ..sql_rows import audit_records
+from .ledger import INSERT, ledger_row
 from .requests import BEGIN, COMMIT, Emit, Listen, Op, Sql, restartable
 from .schema import render
 
@@ -63,6 +64,7 @@ _STATEMENTS: Final = {
     "prune": "DELETE FROM {s}.audit WHERE seq <= %s",
     # The spend ledger's rows of the pruned records (see ledger.py), in the same transaction.
     "prune_ledger": "DELETE FROM {s}.ledger WHERE seq <= %s",
+    "ledger_row": INSERT,
     "set_anchor": (
         "UPDATE {s}.audit_chain SET anchor_seq = %s, anchor_hash = %s, anchor_seal = %s WHERE id = 0"
     ),
@@ -175,7 +177,9 @@ class TrailOps:
             return []
         now = time.time()
         hint = self.watch.highest
-        if hint is not None:
+        # A spend record (a copy of a trail brings them) gets its ledger row in the same transaction.
+        spends = any(event.event_type == "spend" for event in events)
+        if hint is not None and not spends:
             # One statement in autocommit, linked to the newest head this store object knows.
             rows, records = chain.seal_rows(events, *hint)
             if (yield self._append_rows(rows, chain, hint)):
@@ -183,6 +187,9 @@ class TrailOps:
                 return records
         yield BEGIN
         records, head = yield from self._append(events, chain, now, hinted=False)
+        for record in records:
+            if record.event_type == "spend":
+                yield Sql(self.sql["ledger_row"], ledger_row(record))
         yield COMMIT
         if head is not None:
             self.watch.wrote(head)

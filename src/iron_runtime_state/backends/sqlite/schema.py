@@ -309,14 +309,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE iron_budgets ADD COLUMN alerted REAL NOT NULL DEFAULT 0",
         # The ledger's index: one row per ``spend`` audit record (seq: the record's, ts: its
         # timestamp), written in the same transaction, holding what reports group and sum.
-        # Keyed by time, so a report over a span reads exactly the span's rows, in time order,
-        # from the table itself (no lookup), and a prune deletes a range of the key. amount in
+        # Keyed by time bucket (ts / 900, ledger.BUCKET), so a report over a span reads exactly
+        # the span's rows from the table itself (no lookup), a report by time groups them in
+        # the key's order (no sort), and a prune deletes a range of the key. amount in
         # micro-units; scopes (the scopes charged), labels (the agent's, sorted keys) and tags
         # as JSON text, NULL for none, as rows.py writes them. Spends recorded before this
         # version have no record, so no row: the ledger starts with version 5.
         """CREATE TABLE iron_ledger (
-            ts                  INTEGER NOT NULL,
+            bucket              INTEGER NOT NULL,
             seq                 INTEGER NOT NULL,
+            ts                  INTEGER NOT NULL,
             agent_id            TEXT    NOT NULL,
             amount              INTEGER NOT NULL,
             model               TEXT,
@@ -326,12 +328,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             scopes              TEXT,
             labels              TEXT,
             tags                TEXT,
-            PRIMARY KEY (ts, seq)
+            PRIMARY KEY (bucket, seq)
         ) WITHOUT ROWID""",
-        # A report for one agent or one model reads that key's span. Partial: a spend without
-        # a model (a plain record_spend) touches no entry of the model index.
-        "CREATE INDEX iron_ledger_by_agent ON iron_ledger (agent_id, ts)",
-        "CREATE INDEX iron_ledger_by_model ON iron_ledger (model, ts) WHERE model IS NOT NULL",
+        # A report for one agent or one model reads that key's buckets, in order. Partial: a
+        # spend without a model (a plain record_spend) touches no entry of the model index.
+        "CREATE INDEX iron_ledger_by_agent ON iron_ledger (agent_id, bucket)",
+        "CREATE INDEX iron_ledger_by_model ON iron_ledger (model, bucket) WHERE model IS NOT NULL",
     ),
 )
 

@@ -478,7 +478,8 @@ class SQLiteBackend(Backend):
         if not events:
             return []
         hint = conn.watch.highest
-        if len(events) == 1 and hint is not None and not chain.keyed:
+        spends = any(event.event_type == "spend" for event in events)  # copied: index them too
+        if len(events) == 1 and hint is not None and not chain.keyed and not spends:
             # One statement in autocommit, linked to the newest head this store object knows;
             # the chain trigger refuses it unless that is still the store's head (another
             # connection appended in between, or the head went back). A keyed chain also
@@ -492,7 +493,10 @@ class SQLiteBackend(Backend):
                 conn.watch.wrote((rows[0][0], rows[0][6]))
                 return records
         with conn:  # under the write lock, reading the head in the same transaction
-            return append(conn, events, chain, time.time())
+            records = append(conn, events, chain, time.time())
+            if spends:
+                ledger.index_appended(conn, records)
+            return records
 
     def query_audit(self, query: AuditQuery) -> list[AuditRecord]:
         if query.limit == 0:
@@ -565,7 +569,7 @@ class SQLiteBackend(Backend):
             if last is None:
                 return 0
             removed: int = db.execute(SQL_PRUNE, (last[0],)).rowcount
-            db.execute(ledger.SQL_PRUNE, (before, last[0]))  # the pruned spend records' rows
+            db.execute(ledger.SQL_PRUNE, ledger.prune_params(before, last[0]))  # their ledger rows
             db.execute(SQL_SET_ANCHOR, (last[0], last[1], chain.seal_mark("anchor", last[0], last[1])))
         return removed
 
