@@ -213,9 +213,7 @@ def test_processes_never_overspend_an_agent_or_a_scope(shared: StoreHandle, work
     # The ledger: one spend record per charge, summing to every budget (issue 17); each
     # threshold of each budget alerted at most once.
     ledger = {row.group["agent"]: row for row in manager.spend_report(group_by=("agent",))}
-    assert {a: to_micros(row.amount) for a, row in ledger.items()} == {
-        a: n for a, n in spent.items() if n
-    }
+    assert {a: to_micros(row.amount) for a, row in ledger.items()} == {a: n for a, n in spent.items() if n}
     by_scope = {row.group["scope"]: row for row in manager.spend_report(group_by=("scope",))}
     for scope in LIMITS:
         assert to_micros(by_scope[scope].amount) == to_micros(budgets[scope].spent), scope

@@ -175,14 +175,18 @@ class PricingError(StateError, LookupError):
     """A model call could not be priced: no price is known for ``model``.
 
     The message names the model and how to give it a price (a ``prices=`` table on the manager,
-    a ``default_price=``, or the ``[prices]`` extra for the genai-prices catalogue).
+    a ``default_price=``, or the ``[prices]`` extra for the genai-prices catalogue when the
+    catalogue was not consulted: ``catalogue=False``).
     """
 
-    def __init__(self, model: str, detail: str = "") -> None:
+    def __init__(self, model: str, detail: str = "", *, catalogue: bool = False) -> None:
+        install = (
+            "" if catalogue else ", or install iron-runtime-state[prices] for the genai-prices catalogue"
+        )
         super().__init__(
             f"no price is known for model {model!r}{detail}; add it to the manager's price table "
-            f"(prices={{{model!r}: {{'input': 2.50, 'output': 10.00}}}}, USD per million tokens), "
-            "set default_price=..., or install iron-runtime-state[prices] for the genai-prices catalogue"
+            f"(prices={{{model!r}: {{'input': 2.50, 'output': 10.00}}}}, USD per million tokens)"
+            f"{' or' if catalogue else ','} set default_price=...{install}"
         )
         self.model = model
 

@@ -361,7 +361,7 @@ class PriceBook:
             detail = " in the price table (genai-prices, the catalogue, is not installed)"
         else:
             detail = " in the price table or the genai-prices catalogue"
-        raise PricingError(model, detail)
+        raise PricingError(model, detail, catalogue=module is not None)
 
     def cost(
         self, model: str, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0

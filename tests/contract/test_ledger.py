@@ -13,8 +13,8 @@ import pytest
 
 from iron_runtime_state import (
     AgentState,
-    AuditEvent,
     AgentStatus,
+    AuditEvent,
     BudgetExceeded,
     StateError,
     StateManager,
