@@ -579,6 +579,10 @@ class ManagerCore(MeteringCore):
                 continue  # a prune moved the anchor while the rows were read: check again
             verifier.check_head(later.head)
             self._check_marks(verifier, later)
+            if verifier.ok:  # the records hold: does the ledger's index (SQL stores) agree?
+                disagreement = yield StoreCall("check_ledger")
+                if disagreement is not None:
+                    verifier.fail(*disagreement)
             if checkpoint is not None and verifier.ok and checkpoint.seq > verifier.last[0]:
                 verifier.fail(
                     verifier.last[0] + 1,

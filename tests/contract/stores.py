@@ -90,6 +90,13 @@ class StoreHandle:
         """Insert a forged record right after ``after_seq`` (with a made-up hash)."""
         raise NotImplementedError
 
+    #: Whether reports are answered from a ledger index kept beside the records (SQL stores).
+    ledger_index = False
+
+    def tamper_ledger(self, sql: str) -> None:
+        """Run ``sql`` on the store's ledger index (``{ledger}``: the table), bypassing the library."""
+        raise NotImplementedError
+
 
 class MemoryHandle(StoreHandle):
     name = "memory"
@@ -245,6 +252,11 @@ class SQLiteHandle(StoreHandle):
         finally:
             db.close()
 
+    ledger_index = True
+
+    def tamper_ledger(self, sql: str) -> None:
+        self._edit((sql.replace("{ledger}", "iron_ledger"), ()))
+
     def tamper_edit_details(self, manager: StateManager, seq: int, details: str) -> None:
         self._edit(("UPDATE iron_audit SET details = ? WHERE seq = ?", (details, seq)))
 
@@ -316,6 +328,11 @@ class PostgresHandle(StoreHandle):
         with contextlib.closing(self._server.connect()) as conn, conn.transaction():
             for sql, params in statements:
                 conn.execute(sql.replace("{s}", f'"{self.schema}"'), params)
+
+    ledger_index = True
+
+    def tamper_ledger(self, sql: str) -> None:
+        self.edit((sql.replace("{ledger}", "{s}.ledger"), ()))
 
     def tamper_edit_details(self, manager: StateManager, seq: int, details: str) -> None:
         self.edit(("UPDATE {s}.audit SET details = %s WHERE seq = %s", (details, seq)))

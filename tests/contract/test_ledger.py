@@ -258,3 +258,50 @@ def test_a_copied_trail_carries_the_ledger(store: StoreHandle) -> None:
         ({"label:team": "a", "tag:job": None}, 0.25, 1),
     ]
     assert destination.verify_audit_log().ok
+
+
+KEY = "k" * 32
+
+
+def test_a_keyed_ledger_verifies_and_shows_an_edited_amount(store: StoreHandle) -> None:
+    """With an audit key the ledger's records are HMAC-sealed like the rest of the trail: a
+    spend record whose amount is edited in the store is found by verify_audit_log."""
+    manager = store.open(audit_key=KEY, prices={"m": {"input": 1, "output": 2}})
+    manager.set_budget("team:a", limit=10)
+    agent = agent_on(manager, "team:a", limit=4)
+    manager.record_spend(agent, 1)
+    manager.record_usage(agent, model="m", input_tokens=1_000_000, output_tokens=500_000)  # 2.0
+    with manager.reserve_for_call(agent, model="m", input_tokens=10, max_output_tokens=10) as hold:
+        hold.commit_usage(input_tokens=10, output_tokens=5)
+    assert [r.event.event_type for r in manager.audit_log()].count("budget_threshold") == 1  # agent: 3 of 4
+    assert manager.verify_audit_log().ok
+    (row,) = manager.spend_report(group_by=())
+    assert row.calls == 3
+    first = events(manager, "spend")[0]
+    store.tamper_edit_details(manager, first.seq, '{"amount":0.01}')
+    report = manager.verify_audit_log()
+    assert not report.ok
+    assert report.first_bad_seq == first.seq
+
+
+def test_verify_finds_a_ledger_index_changed_in_the_store(store: StoreHandle) -> None:
+    """The SQL stores answer reports from an index beside the records: verify_audit_log checks
+    it against the chained records, so editing, removing or adding an index row is found."""
+    manager = store.open()
+    agent = agent_on(manager)
+    manager.record_spend(agent, 1.5)
+    manager.record_spend(agent, 2.5)
+    assert manager.verify_audit_log().ok
+    first, second = events(manager, "spend")
+    if not store.ledger_index:
+        pytest.skip(f"{store.name} reads its reports from the records themselves")
+    db = store.tamper_ledger
+    db("UPDATE {ledger} SET amount = 1 WHERE seq = " + str(second.seq))
+    report = manager.verify_audit_log()
+    assert not report.ok
+    assert report.first_bad_seq == second.seq
+    assert "ledger" in (report.reason or "")
+    db("UPDATE {ledger} SET amount = 2500000 WHERE seq = " + str(second.seq))
+    assert manager.verify_audit_log().ok
+    db("DELETE FROM {ledger} WHERE seq = " + str(first.seq))
+    assert manager.verify_audit_log().first_bad_seq == first.seq

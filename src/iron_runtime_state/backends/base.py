@@ -521,6 +521,16 @@ class Backend(abc.ABC):
         """
         return aggregate(self._ledger_entries(query), query)
 
+    def check_ledger(self) -> tuple[int, str] | None:
+        """The first ``spend`` record its ledger index disagrees with: ``(seq, what)``, or ``None``.
+
+        ``verify_audit_log`` runs it once the chain holds: an index row edited in the store (an
+        amount, an agent, a time, a model, token counts), deleted, or added without its record
+        would change reports without touching the chain. This default has no index to check:
+        a store whose reports read the records themselves (memory, Redis) keeps it.
+        """
+        return None
+
     def _ledger_entries(self, query: SpendQuery) -> Iterator[LedgerEntry]:
         after = 0
         while True:

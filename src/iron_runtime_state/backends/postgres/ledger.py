@@ -20,6 +20,7 @@ from .requests import Op, Sql
 
 __all__ = [
     "INSERT",
+    "check_ledger",
     "labels_json",
     "ledger_row",
     "note_columns",
@@ -163,3 +164,35 @@ def spend_totals(quoted_schema: str, query: SpendQuery) -> Op[list[SpendTotal]]:
     sql, params = totals_select(quoted_schema, query)
     rows = yield Sql(sql, params)
     return totals_of(rows, len(query.keys))
+
+
+#: The first ``spend`` record whose ledger row is missing or says something else, and the first
+#: row without its record (``{s}``: the schema). Amounts are whole micro-units in the row and a
+#: float of units in the record (exact to the micro-unit below a billion units).
+_CHECK_RECORDS: Final = """
+SELECT a.seq, l.seq IS NULL FROM {s}.audit a LEFT JOIN {s}.ledger l ON l.seq = a.seq
+WHERE a.event_type = 'spend' AND (
+    l.seq IS NULL OR l.agent_id <> a.agent_id OR l.ts <> a.timestamp
+    OR l.amount <> round((a.details::jsonb ->> 'amount')::numeric * 1000000)
+    OR l.model IS DISTINCT FROM a.details::jsonb ->> 'model'
+    OR l.input_tokens <> coalesce((a.details::jsonb ->> 'input_tokens')::bigint, 0)
+    OR l.output_tokens <> coalesce((a.details::jsonb ->> 'output_tokens')::bigint, 0)
+    OR l.cached_input_tokens <> coalesce((a.details::jsonb ->> 'cached_input_tokens')::bigint, 0))
+ORDER BY a.seq LIMIT 1"""
+_CHECK_ROWS: Final = """
+SELECT l.seq FROM {s}.ledger l LEFT JOIN {s}.audit a ON a.seq = l.seq AND a.event_type = 'spend'
+WHERE a.seq IS NULL ORDER BY l.seq LIMIT 1"""
+
+
+def check_ledger(quoted_schema: str) -> Op[tuple[int, str] | None]:
+    """See ``Backend.check_ledger``: the first disagreement between the records and their rows."""
+    rows = yield Sql(_CHECK_RECORDS.format(s=quoted_schema), [])
+    if rows:
+        seq, missing = rows[0]
+        what = "has no ledger row" if missing else "disagrees with its ledger row"
+        return int(seq), f"spend record {seq} {what}: the ledger index was changed in the store"
+    rows = yield Sql(_CHECK_ROWS.format(s=quoted_schema), [])
+    if rows:
+        seq = int(rows[0][0])
+        return seq, f"the ledger index holds a row for seq {seq}, which is no spend record"
+    return None

@@ -42,6 +42,10 @@ class PostgresOps(BudgetOps):
         """See ``Backend.spend_totals``: from the ledger's index, never the records (:mod:`.ledger`)."""
         return (yield from ledger.spend_totals(self.quoted_schema, query))
 
+    def check_ledger(self) -> Op[tuple[int, str] | None]:
+        """See ``Backend.check_ledger``: the ledger's index against the ``spend`` records."""
+        return (yield from ledger.check_ledger(self.quoted_schema))
+
     def migrate(self) -> Op[str]:
         """See ``Backend.migrate``: the schema is created or migrated on first use (before this
         runs); this says where it stands."""

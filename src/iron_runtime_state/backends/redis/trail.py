@@ -367,6 +367,12 @@ class TrailOps:
             after = int(reply[0])
         return [row_to_record(row) for row in rows]
 
+    def check_ledger(self) -> Op[tuple[int, str] | None]:
+        """See ``Backend.check_ledger``: reports read the ``spend`` records themselves, so there
+        is no index to disagree with them."""
+        yield from ()  # an operation, run like the others, that sends no request
+        return None
+
     def spend_totals(self, query: SpendQuery) -> Op[list[SpendTotal]]:
         """See ``Backend.spend_totals``: the ``spend`` records of the span, found through the
         trail's index by event type and its time index (no other record is read), summed a page

@@ -42,6 +42,7 @@ __all__ = [
     "SQL_RECORD",
     "Spend",
     "append_spend",
+    "check",
     "index_appended",
     "prune_params",
     "spend",
@@ -134,6 +135,36 @@ def index_appended(conn: Connection, records: Sequence[AuditRecord]) -> None:
             labels_text(dict(e.tags)),
         )
         conn.db.execute(SQL_RECORD, (e.timestamp // BUCKET, record.seq, *row))
+
+
+#: The first ``spend`` record whose ledger row is missing or says something else (the row's
+#: key is found from the record: its bucket and seq), and the first row without its record.
+_SQL_CHECK_RECORDS: Final = f"""
+SELECT a.seq, l.seq IS NULL FROM iron_audit a
+LEFT JOIN iron_ledger l ON l.bucket = a.timestamp / {BUCKET} AND l.seq = a.seq
+WHERE a.event_type = 'spend' AND (
+    l.seq IS NULL OR l.agent_id != a.agent_id OR l.ts != a.timestamp
+    OR l.amount != CAST(round(json_extract(a.details, '$.amount') * 1000000) AS INTEGER)
+    OR l.model IS NOT json_extract(a.details, '$.model')
+    OR l.input_tokens != coalesce(json_extract(a.details, '$.input_tokens'), 0)
+    OR l.output_tokens != coalesce(json_extract(a.details, '$.output_tokens'), 0)
+    OR l.cached_input_tokens != coalesce(json_extract(a.details, '$.cached_input_tokens'), 0))
+ORDER BY a.seq LIMIT 1"""
+_SQL_CHECK_ROWS: Final = """
+SELECT l.seq FROM iron_ledger l LEFT JOIN iron_audit a ON a.seq = l.seq AND a.event_type = 'spend'
+WHERE a.seq IS NULL ORDER BY l.seq LIMIT 1"""
+
+
+def check(db: sqlite3.Connection) -> tuple[int, str] | None:
+    """``Backend.check_ledger``: the first disagreement between the records and their rows."""
+    found = db.execute(_SQL_CHECK_RECORDS).fetchone()
+    if found is not None:
+        what = "has no ledger row" if found[1] else "disagrees with its ledger row"
+        return found[0], f"spend record {found[0]} {what}: the ledger index was changed in the store"
+    orphan = db.execute(_SQL_CHECK_ROWS).fetchone()
+    if orphan is not None:
+        return orphan[0], f"the ledger index holds a row for seq {orphan[0]}, which is no spend record"
+    return None
 
 
 def prune_params(before: int, last_seq: int) -> tuple[int, int, int]:

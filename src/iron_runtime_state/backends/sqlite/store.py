@@ -498,6 +498,9 @@ class SQLiteBackend(Backend):
                 ledger.index_appended(conn, records)
             return records
 
+    def check_ledger(self) -> tuple[int, str] | None:
+        return ledger.check(self._connections.get().db)
+
     def query_audit(self, query: AuditQuery) -> list[AuditRecord]:
         if query.limit == 0:
             return []
