@@ -50,6 +50,7 @@ def set_head(store: StoreHandle, manager: StateManager, head: tuple[int, str], *
             db.execute("BEGIN IMMEDIATE")
             if drop_after:
                 db.execute("DELETE FROM iron_audit WHERE seq > ?", (seq,))
+                db.execute("DELETE FROM iron_ledger WHERE seq > ?", (seq,))  # their index rows
             db.execute("UPDATE iron_audit_chain SET head_seq = ?, head_hash = ?", (seq, digest))
             db.execute("COMMIT")
         finally:
@@ -66,6 +67,7 @@ def set_head(store: StoreHandle, manager: StateManager, head: tuple[int, str], *
         edits = [("UPDATE {s}.audit_chain SET head_seq = %s, head_hash = %s", (seq, digest))]
         if drop_after:
             edits.insert(0, ("DELETE FROM {s}.audit WHERE seq > %s", (seq,)))
+            edits.insert(1, ("DELETE FROM {s}.ledger WHERE seq > %s", (seq,)))  # their index rows
         store.edit(*edits)
     else:  # pragma: no cover - a new kind of store needs its edit here
         pytest.fail(f"no way to move the head of a {store.name} store")
