@@ -239,7 +239,7 @@ def test_a_late_scope_step_after_its_pending_hold_was_resolved_changes_nothing(
     requests = drive(
         backend, backend.ops.record_spend(agent, 4_000_000, time.time(), AuditChain()), "record_spend"
     )[1]
-    killed_op = requests[-1].command[-2]  # record_spend.lua's ARGV (no rolls) end: op id, note
+    killed_op = requests[-1].command[-3]  # record_spend.lua's ARGV (no rolls) end: op id, note, trim point
     expire_pending(redis_cluster, ns, agent)
     manager.record_spend(agent, 1.0)  # resolves: the killed spend's step gets a LATE reply in its place
     b = backend.layout.budgets
@@ -263,6 +263,7 @@ def test_a_late_scope_step_after_its_pending_hold_was_resolved_changes_nothing(
                 "",
                 "",
                 "team:late",
+                "",  # the outbox's trim point: none
             ),
             True,
             "scope step",

@@ -26,6 +26,7 @@ from iron_runtime_state import AgentId, AgentState, AgentStatus, AuditRecord, Re
 from iron_runtime_state.audit_chain import AuditChain
 from iron_runtime_state.backends.redis import RedisLayout
 from iron_runtime_state.backends.redis.decode import outbox_event
+from iron_runtime_state.backends.redis.trail import TRIM_BATCH
 from iron_runtime_state.ledger import SpendNote, SpendQuery, aggregate, entry_of
 from iron_runtime_state.thresholds import DEFAULT_THRESHOLDS
 
@@ -222,6 +223,71 @@ def test_spend_totals_read_only_the_ledger(url: str) -> None:
         (t.key, t.amount, t.calls) for t in expected
     )
     assert sum(t.amount for t in got) == 7_500_000
+    manager.close()
+
+
+# -- a Redis Cluster: two round trips a spend, the outbox trimmed by the group's next change -------
+
+
+def outbox_len(cluster: RedisCluster, backend: Any, *groups: int) -> int:
+    """Entries in the outboxes of ``groups`` (every group's when none), read past the library."""
+    client = cluster.client()
+    keys = backend.layout.group_keys
+    return sum(int(client.xlen(keys[g].outbox)) for g in (groups or range(len(keys))))
+
+
+def test_a_spend_on_a_cluster_takes_two_round_trips_and_the_next_change_trims(
+    redis_cluster: RedisCluster, cluster_url: str
+) -> None:
+    """The change script, then the append; the entry that landed is trimmed by the group's next
+    change script (no third command), and by the sweep of an audit read. A second process that
+    meets entries landed but not trimmed appends nothing twice."""
+    manager = StateManager.from_url(cluster_url)
+    backend = backend_of(manager)
+    chain = manager._chain  # type: ignore[attr-defined]
+    agent = agent_on(manager)
+    group = backend.layout.group_of(agent.as_str())
+    manager.record_spend(agent, 0.5)  # the first write sweeps every outbox
+    for _ in range(5):
+        result, requests = drive(backend, backend.ops.record_spend(agent, 250_000, time.time(), chain))
+        assert len(requests) == 2, requests  # record_spend.lua, append_audit.lua
+        assert [r.event.event_type for r in result.records] == ["spend"]
+        assert outbox_len(redis_cluster, backend, group) == 1  # this one, trimmed by the next change
+    hold, requests = drive(backend, backend.ops.reserve(agent, 1_000_000, 60.0, time.time(), "r" * 32, chain))
+    assert len(requests) == 1
+    result, requests = drive(backend, backend.ops.commit(hold, 500_000, time.time(), chain))
+    assert len(requests) == 2
+    assert outbox_len(redis_cluster, backend, group) == 1
+    other = StateManager.from_url(cluster_url)  # meets the entry landed but not trimmed
+    other.record_spend(agent, 0.25)
+    manager.record_spend(agent, 0.25)  # and this one meets the other's
+    assert [s["amount"] for s in spends(manager, agent)] == [0.5, *[0.25] * 5, 0.5, 0.25, 0.25]
+    assert outbox_len(redis_cluster, backend) == 0  # the audit read swept and trimmed
+    assert_ledger_matches(manager, [agent], [])
+    other.close()
+    manager.close()
+
+
+def test_landed_entries_of_groups_that_see_no_further_change_are_trimmed_in_batches(
+    redis_cluster: RedisCluster, cluster_url: str
+) -> None:
+    """Outboxes whose groups this store object changes no more keep at most ``TRIM_BATCH - 1``
+    landed entries between them: then they are all trimmed in one pipelined batch."""
+    manager = StateManager.from_url(cluster_url)
+    backend = backend_of(manager)
+    by_group: dict[int, AgentId] = {}
+    while len(by_group) < TRIM_BATCH + 8:
+        state = AgentState(AgentId.generate(), AgentStatus.RUNNING)
+        by_group.setdefault(backend.layout.group_of(state.agent_id.as_str()), state.agent_id)
+    manager.save_agent_states([AgentState(a, AgentStatus.RUNNING) for a in by_group.values()])
+    most = 0
+    for agent in by_group.values():
+        manager.record_spend(agent, 0.5)
+        most = max(most, outbox_len(redis_cluster, backend))
+    assert most == TRIM_BATCH - 1
+    assert outbox_len(redis_cluster, backend) == 8
+    assert len(spends(manager)) == len(by_group)
+    assert outbox_len(redis_cluster, backend) == 0
     manager.close()
 
 

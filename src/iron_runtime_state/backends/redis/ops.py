@@ -98,9 +98,11 @@ class RedisOps(SpendOps, ScopeOps, TrailOps):
         #: The longest one blocking read of ``wait_audit`` waits (seconds): a reply must come
         #: well within the socket timeout, and a sync wait holds a pooled connection meanwhile.
         self._block = block
-        #: Whether the keys spread over masters: outboxes are then trimmed by a command of their own
-        #: (their slot is not the trail's), and ``stats`` pipelines its reads.
+        #: Whether the keys spread over masters: outboxes are then trimmed by the next change of
+        #: their group (their slot is not the trail's; see :mod:`.trail`), and ``stats``
+        #: pipelines its reads.
         self._cluster = cluster
+        self._landed: dict[int, bytes] = {}  # (cluster) outboxes' entries to trim: see .trail
         #: The highest head this store object saw or wrote (as ``_watch`` keeps it, but readable).
         #: An append seals on it first, so a lone writer appends in one round trip; and compares
         #: the head it finds with the one known *before* it asked, so that a head another thread
@@ -282,6 +284,10 @@ class RedisOps(SpendOps, ScopeOps, TrailOps):
                              "timestamp", str(reset.timestamp), "details", reset.details]  # fmt: skip
                 current.budget_spent, current.period_start = 0.0, rolled
             new = fn(current)
+            landed = self._trim_point(group)
+            if event and landed:  # save.lua cannot trim the outbox it queues in (see .trail)
+                yield Call(*lay.outbox_trim(group, landed), True, "trim an audit outbox")
+                self._trimmed(group, landed)
             call = lay.update(fields, new, now, event, rolled=period is not None and rolled is not None)
             reply = yield script(call, False, "update an agent")
             if reply[0] == 1:
@@ -306,20 +312,18 @@ class RedisOps(SpendOps, ScopeOps, TrailOps):
     ) -> Op[Change]:
         """See ``Backend.record_pii``."""
         call = self.layout.record_pii(agent_id, count, now, event, op_id())
-        reply = yield from self._change(call, "record PII detections", chain)
+        group = self.layout.group_of(agent_id.as_str())
+        reply = yield from self._change(call, "record PII detections", chain, group)
         state, queued = decode_pii(agent_id, count, reply, self.layout.namespace)
-        return Change(
-            state, (yield from self._events(self.layout.group_of(agent_id.as_str()), queued, chain))
-        )
+        return Change(state, (yield from self._events(group, queued, chain)))
 
     def set_status(self, agent_id: AgentId, status: AgentStatus, now: float, chain: AuditChain) -> Op[Change]:
         """See ``Backend.set_status``."""
         call = self.layout.set_status(agent_id, status, now, op_id())
-        reply = yield from self._change(call, "set a status", chain)
+        group = self.layout.group_of(agent_id.as_str())
+        reply = yield from self._change(call, "set a status", chain, group)
         state, queued = decode_status(agent_id, reply, self.layout.namespace)
-        return Change(
-            state, (yield from self._events(self.layout.group_of(agent_id.as_str()), queued, chain))
-        )
+        return Change(state, (yield from self._events(group, queued, chain)))
 
     def _legacy_reserved(self, agent_id: AgentId, now: float) -> Op[tuple[AgentState, int]]:
         """``reserved`` of an agent 0.4/0.5 stored (float holds), read as it is."""

@@ -36,7 +36,7 @@ class ScopeOps:
 
     if TYPE_CHECKING:
 
-        def _change(self, call: ScriptCall, what: str, chain: AuditChain) -> Op[Any]: ...
+        def _change(self, call: ScriptCall, what: str, chain: AuditChain, group: int) -> Op[Any]: ...
 
         def _events(self, group: int, queued: Queued | None, chain: AuditChain) -> Op[list[AuditRecord]]: ...
 
@@ -73,9 +73,8 @@ class ScopeOps:
             self.layout.op_ttl,
             _or_absent(thresholds_text(thresholds)),
         )
-        reply = yield from self._change(
-            self._budget_call("budget_set", scope, args, op), "set a budget", chain
-        )
+        call = self._budget_call("budget_set", scope, args, op)
+        reply = yield from self._change(call, "set a budget", chain, self.layout.budgets_group)
         records = yield from self._events(self.layout.budgets_group, queued(reply, 2), chain)
         return BudgetChange(decode_row(reply[1]), records)
 
@@ -84,7 +83,7 @@ class ScopeOps:
         yield from self._writable()
         op = op_id()
         call = self._budget_call("budget_remove", scope, (scope, repr(now), self.layout.op_ttl), op)
-        reply = yield from self._change(call, "remove a budget", chain)
+        reply = yield from self._change(call, "remove a budget", chain, self.layout.budgets_group)
         if reply[0] != 1:
             return BudgetChange(None)
         records = yield from self._events(self.layout.budgets_group, queued(reply, 2), chain)

@@ -148,7 +148,8 @@ def record_spend_call(
     note: str = "",
 ) -> ScriptCall:
     """The agent's ``record_spend.lua`` call (``prefix``: the budgets prefix, '' on a cluster;
-    ``g``: the agent's group keys, when the caller has them; ``note``: see :func:`note_text`)."""
+    ``g``: the agent's group keys, when the caller has them; ``note``: see :func:`note_text`),
+    but for its last argument, the outbox's trim point (``TrailOps._trimming`` adds it)."""
     a = agent_id.as_str()
     if g is None:
         g = layout.keys_of(agent_id)
@@ -197,7 +198,11 @@ class SpendOps:
     if TYPE_CHECKING:
         _swept: bool
 
-        def _change(self, call: ScriptCall, what: str, chain: AuditChain) -> Op[Any]: ...
+        def _change(self, call: ScriptCall, what: str, chain: AuditChain, group: int) -> Op[Any]: ...
+
+        def _trimming(self, call: ScriptCall, group: int) -> tuple[ScriptCall, bytes]: ...
+
+        def _trimmed(self, group: int, landed: bytes) -> None: ...
 
         def _first_use(self, chain: AuditChain) -> Op[None]: ...
 
@@ -219,16 +224,18 @@ class SpendOps:
         now: float,
         what: str,
         chain: AuditChain,
+        group: int,
         resolve: Callable[[Sequence[bytes]], Op[None]] | None = None,
         reply: Any = None,
     ) -> Op[Any]:
-        """Run the call ``build`` makes (given the rolls) until it neither asks for new periods
-        (``ROLL``) nor for expired holds to be settled first (``RESOLVE``, by ``resolve``).
-        ``reply``: the first run's, when the caller made it."""
+        """Run the call ``build`` makes (given the rolls), a script that queues in outbox
+        ``group``, until it neither asks for new periods (``ROLL``) nor for expired holds to be
+        settled first (``RESOLVE``, by ``resolve``). ``reply``: the first run's, when the caller
+        made it."""
         rolls: dict[str, tuple[str, str, str, str]] = {}
         for _ in range(_MAX_ROUNDS):
             if reply is None:
-                reply = yield from self._change(build(_flat(rolls)), what, chain)
+                reply = yield from self._change(build(_flat(rolls)), what, chain, group)
             code = reply[0] if isinstance(reply, list) else reply
             if code == ROLL:
                 _asked(reply, now, rolls)
@@ -263,7 +270,9 @@ class SpendOps:
         g = lay.group_keys[group]
         op, text = op_id(), note_text(note)
         call = record_spend_call(lay, agent_id, amount, now, op, self._prefix, (), g, text)
+        call, landed = self._trimming(call, group)
         reply = yield Call(call.slot, call.command(), True, "record spend", changes=True)
+        self._trimmed(group, landed)
         code = reply[0]
         if code in (ROLL, RESOLVE):
 
@@ -273,7 +282,7 @@ class SpendOps:
             def resolve(expired: Sequence[bytes]) -> Op[None]:
                 yield from self._resolve_pending(g, a, expired, now, chain)
 
-            reply = yield from self._rolling(build, now, "record spend", chain, resolve, reply)
+            reply = yield from self._rolling(build, now, "record spend", chain, group, resolve, reply)
             code = reply[0]
         if code not in (0, 1, 2):
             raise refused_change(reply, agent_id, lay.namespace, "record spend")
@@ -320,7 +329,9 @@ class SpendOps:
         def resolve(expired: Sequence[bytes]) -> Op[None]:
             yield from self._resolve_scope_holds(expired, now, chain)
 
-        reply = yield from self._rolling(build, now, "charge budget scopes", chain, resolve)
+        reply = yield from self._rolling(
+            build, now, "charge budget scopes", chain, lay.budgets_group, resolve
+        )
         code = reply[0]
         scoped, scope_alerts = split_thresholds(queued(reply, 2 - code) if code in (0, 1) else None)
         records += yield from self._events(lay.budgets_group, scoped, chain)
@@ -349,8 +360,11 @@ class SpendOps:
         records and the agent's thresholds), drop the others; the state and the events queued."""
         pairs = [value for member, charged in holds for value in (member, "1" if charged else "0")]
         keys = (g.agent + a, g.stats, g.pending + a, g.outbox)
+        group = self.layout.group_of(a)
         call = ScriptCall(_SCRIPTS["settle_pending"], g.slot, keys, (repr(now), a, *pairs))
+        call, landed = self._trimming(call, group)
         reply = yield once(call, "settle a pending spend")
+        self._trimmed(group, landed)
         state = decode_state(AgentId._trusted(a), reply, 1) if reply[0] == 1 else None
         if state is None:
             raise AgentNotFound(a)
@@ -421,10 +435,13 @@ class SpendOps:
         def build(rolls: tuple[str, ...]) -> ScriptCall:
             return self._scope_call("scope_settle", op, (*head, *rolls))
 
+        group = self.layout.budgets_group
         if chain is None:  # a release charges nothing: no period to roll, no event
-            reply = yield once(build(()), what)
+            call, landed = self._trimming(build(()), group)
+            reply = yield once(call, what)
+            self._trimmed(group, landed)
             return False, None
-        reply = yield from self._rolling(build, now, what, chain)
+        reply = yield from self._rolling(build, now, what, chain, group)
         return reply[1] == 1, queued(reply, 2)
 
     # -- reservations --
@@ -450,7 +467,7 @@ class SpendOps:
         def resolve(expired: Sequence[bytes]) -> Op[None]:
             yield from self._resolve_pending(g, a, expired, now, chain)
 
-        reply = yield from self._rolling(build, now, "reserve budget", chain, resolve)
+        reply = yield from self._rolling(build, now, "reserve budget", chain, group, resolve)
         code = reply[0]
         if code == 1:
             scopes = () if reply[2] is None else tuple(reply[2].decode().split(","))
@@ -499,7 +516,9 @@ class SpendOps:
         def resolve(expired: Sequence[bytes]) -> Op[None]:
             yield from self._resolve_scope_holds(expired, now, chain)
 
-        reply = yield from self._rolling(build, now, "hold on budget scopes", chain, resolve)
+        reply = yield from self._rolling(
+            build, now, "hold on budget scopes", chain, lay.budgets_group, resolve
+        )
         code = reply[0]
         if code == 1:
             yield from self._events(lay.budgets_group, queued(reply, 1), chain)
@@ -558,7 +577,7 @@ class SpendOps:
         def build(rolls: tuple[str, ...]) -> ScriptCall:
             return ScriptCall(_SCRIPTS["commit"], g.slot, keys, (*head, *rolls))
 
-        reply = yield from self._rolling(build, now, "commit a reservation", chain)
+        reply = yield from self._rolling(build, now, "commit a reservation", chain, group)
         code = reply[0]
         if code == -3:  # not open; the agent's lapsed holds went all the same, with their events
             yield from self._events(group, queued(reply, 1), chain)

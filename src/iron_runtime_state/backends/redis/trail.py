@@ -12,8 +12,15 @@ queues the event, as raw values, in its group's *outbox* (a stream in the group'
 change and its pending event are stored together or not at all. The client then *drains* the
 outbox: it builds the events in Python (:func:`.decode.outbox_event`, with ``events.py``: the
 same details, to the digit, as every other store writes), seals them onto the trail's head and
-appends them with ``append_audit.lua``, then trims them from the outbox (in the same script on a
-standalone server, where every key is on one server; with one more command on a cluster).
+appends them with ``append_audit.lua``, then trims them from the outbox: in the same script on a
+standalone server, where every key is on one server; on a cluster, where the outbox lives in
+another slot, the store object notes the group's new mark (:meth:`TrailOps._landed_at`) and
+hands it, as its last argument, to the group's next change script, which trims the outbox up
+to it before queueing its own events (``trim_landed`` in ``lua/_prelude.lua``). A group that
+sees no further change from this store object is trimmed with the others in one batch once
+:data:`TRIM_BATCH` groups wait, or before its next audit read; an entry left in an
+outbox after it landed is never appended again (the mark, below), only read once more by a
+drain that meets it.
 
 The drain is idempotent by outbox entry: the trail keeps each group's *mark*, the id of the
 group's last entry appended. Entries are appended in id order and a batch whose first entry is
@@ -40,8 +47,8 @@ wrote does not drain: it has no key to seal with, and a reader without the key m
 to a keyed trail. So a reader may briefly see a change whose event is still in an outbox; never
 an event without its change.
 
-Round trips: a change that implies no event takes one; with its event, two on a standalone server
-and three on a cluster.
+Round trips: a change that implies no event takes one; with its event, two, on a standalone server
+and on a cluster alike.
 """
 
 from __future__ import annotations
@@ -68,13 +75,16 @@ from .decode import (
 )
 from .index import build_time_index
 from .keys import Origin, RedisLayout
-from .requests import Block, Call, Emit, Gather, Op, contended, once, op_id, script
+from .requests import Batch, Block, Call, Emit, Gather, Op, contended, once, op_id, script
 from .scripts import OUTBOX_BATCH, ScriptCall
 
-__all__ = ["LEDGER_PAGE", "TrailOps"]
+__all__ = ["LEDGER_PAGE", "TRIM_BATCH", "TrailOps"]
 
 #: ``spend`` records read per page by :meth:`TrailOps.spend_totals`.
 LEDGER_PAGE: Final = 10_000
+#: (cluster) Groups whose landed outbox entries wait for their next change before they are all
+#: trimmed at once (see :meth:`TrailOps._landed_at`).
+TRIM_BATCH: Final = 32
 
 
 class _Appended(NamedTuple):
@@ -124,13 +134,59 @@ class TrailOps:
     #: The chain this store object last sealed with: audit reads drain the outboxes with it.
     _chain: AuditChain | None
     _swept: bool  # this store object drained every outbox once, at its first write
+    #: (cluster) Per group, the newest outbox entry this store object knows appended and has not
+    #: trimmed yet: the group's next change script trims up to it (see the module docstring).
+    _landed: dict[int, bytes]
 
-    def _change(self, call: ScriptCall, what: str, chain: AuditChain) -> Op[Any]:
-        """Run a change script (once per op key: resent after a lost reply); the reply. The first
-        write of this store object drains every outbox first."""
+    def _change(self, call: ScriptCall, what: str, chain: AuditChain, group: int) -> Op[Any]:
+        """Run a change script (once per op key: resent after a lost reply) that queues its events
+        in outbox ``group``, with the outbox's trim point (:meth:`_trim_point`); the reply. The
+        first write of this store object drains every outbox first."""
         if not self._swept:
             yield from self._first_use(chain)
-        return (yield once(call, what))
+        call, landed = self._trimming(call, group)
+        reply = yield once(call, what)
+        self._trimmed(group, landed)
+        return reply
+
+    # -- trimming outboxes on a cluster -------------------------------------------------------------
+
+    def _trimming(self, call: ScriptCall, group: int) -> tuple[ScriptCall, bytes]:
+        """``call`` (of a script that queues in outbox ``group``) with the outbox's trim point as
+        its last argument, and that point: pass it to :meth:`_trimmed` once the script ran."""
+        landed = self._trim_point(group)
+        return call._replace(args=(*call.args, landed)), landed
+
+    def _trim_point(self, group: int) -> bytes:
+        """The last argument of a change script that queues in outbox ``group``: the newest entry
+        of it this store object knows appended and not yet trimmed (``b""``: none; always on a
+        standalone server, whose appends trim). The script trims up to it (``trim_landed``)."""
+        return self._landed.get(group, b"")
+
+    def _trimmed(self, group: int, landed: bytes) -> None:
+        """A script given ``landed`` (see :meth:`_trim_point`) ran: the outbox is trimmed up to it
+        (unless a concurrent drain of this store object moved the point on meanwhile)."""
+        if landed and self._landed.get(group) == landed:
+            del self._landed[group]
+
+    def _landed_at(self, group: int, mark: bytes) -> Op[None]:
+        """(cluster) Outbox ``group``'s entries up to ``mark`` are in the trail: the group's next
+        change trims them. Once :data:`TRIM_BATCH` groups wait, they are all trimmed
+        now, in one pipelined batch, so that the outboxes of groups this store object no longer
+        changes do not keep their landed entries."""
+        known = self._landed.get(group)
+        if known is None or _entry_order(known) < _entry_order(mark):
+            self._landed[group] = mark
+        if len(self._landed) >= TRIM_BATCH:
+            yield from self._trim_landed()
+
+    def _trim_landed(self) -> Op[None]:
+        """Trim every outbox up to the entries this store object knows appended (one pipelined
+        batch per server; safe to repeat)."""
+        if self._landed:
+            waiting, self._landed = self._landed, {}
+            trims = [self.layout.outbox_trim(group, mark) for group, mark in waiting.items()]
+            yield Batch(trims, "trim audit outboxes")
 
     def _events(self, group: int, queued: Queued | None, chain: AuditChain) -> Op[list[AuditRecord]]:
         """Append the events a change queued in outbox ``group``, if any (and, first, any older
@@ -171,12 +227,16 @@ class TrailOps:
         with entries (none, unless a writer died between its change and its drain).
 
         A server that cannot be reached is passed over: its groups' changes cannot be read
-        either, and the next sweep drains them.
+        either, and the next sweep drains them. On a cluster the outboxes are trimmed before the
+        read (of what this store object knows appended) and after the drains (of what they
+        appended: these groups may see no further change from this store object).
         """
+        yield from self._trim_landed()
         pending = yield Gather(self.layout.outbox_commands())
         for group, entries in enumerate(pending):
             if entries and not isinstance(entries, BaseException):
                 yield from self._drain(group, entries, chain)
+        yield from self._trim_landed()
 
     def _drain(
         self, group: int, entries: list[Any], chain: AuditChain, own: Sequence[bytes] = ()
@@ -192,8 +252,12 @@ class TrailOps:
             events = [outbox_event(fields) for _, fields in entries]
             appended = yield from self._append(events, chain, Origin(group, ids, own))
             mine.update(appended.own)
-            if appended.mark is not None and (self._cluster or not appended.records):
+            if appended.mark is not None and not appended.records:
+                # Everything offered was in the trail already (left by a drain that died, or
+                # met while another process drains): trim it now, on either topology.
                 yield Call(*lay.outbox_trim(group, appended.mark), True, "trim an audit outbox")
+            elif appended.mark is not None and self._cluster:
+                yield from self._landed_at(group, appended.mark)
             last = ids[-1]
             if len(entries) < OUTBOX_BATCH or (
                 last_own is not None and _entry_order(last_own) <= _entry_order(last)

@@ -280,11 +280,12 @@ local function add_scopes(budgets, prefix, text)
   return budgets
 end
 
--- The periods the client computed, from ARGV[at] on, four values each: the budget's name ('' for
--- the agent's own), the period_start it found, and the new period's start and end.
+-- The periods the client computed, from ARGV[at] to the last ARGV but one, four values each: the
+-- budget's name ('' for the agent's own), the period_start it found, the new period's start and end.
 local function given_rolls(at)
   local rolls = {}
-  for i = at, #ARGV - 3, 4 do rolls[ARGV[i]] = {ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]} end
+  -- The last ARGV is not a roll: it is the outbox's landed entry (see trim_landed).
+  for i = at, #ARGV - 4, 4 do rolls[ARGV[i]] = {ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]} end
   return rolls
 end
 
@@ -524,6 +525,18 @@ end
 local function next_id(id)
   local ms, n = string.match(id, '^(%d+)-(%d+)$')
   return ms .. '-' .. int(tonumber(n) + 1)
+end
+
+-- Drop from an outbox the entries the trail holds already. On a Redis Cluster the client cannot
+-- trim an outbox in the script that appends its entries to the trail (another slot), so it
+-- passes the id of the group's last entry it knows appended (the group's mark, or one it
+-- saw) as the last ARGV of the group's next change ('' for none; always '' on a standalone
+-- server, where the append trims), and that change trims up to it before queueing anything.
+-- Safe however stale the id: entries are appended in id order, so every entry up to a mark the
+-- trail ever held is in the trail (a resend after a lost reply trims no more).
+local function trim_landed(outbox)
+  local landed = ARGV[#ARGV]
+  if landed ~= '' then redis.call('XTRIM', outbox, 'MINID', next_id(landed)) end
 end
 
 -- Audit records are indexed by time per block of TIME_BLOCK seqs, so that a query by time skips

@@ -4,6 +4,9 @@
 -- ARGV: name, now, op ttl (ms)
 -- Returns {0} when there was no such scope, else {1, the scope as it was (budget_row)} followed
 -- by the events queued (see queue_events).
+-- The last ARGV: the outbox's newest entry the client knows appended ('' for none), trimmed
+-- first (see trim_landed).
+trim_landed(KEYS[4])
 return once(KEYS[5], ARGV[3], function()
   local key, name = KEYS[1], ARGV[1]
   local f = redis.call('HMGET', key, 'limit_micros', 'spent_micros', 'period', 'tz', 'period_start',

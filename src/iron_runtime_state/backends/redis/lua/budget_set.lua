@@ -9,6 +9,9 @@
 --       that contains now ('' without a period), now, op ttl (ms), thresholds (as
 --       thresholds.thresholds_text writes them: '' for none; ABSENT for the default)
 -- Returns {1, the scope (budget_row)} followed by the events queued (see queue_events).
+-- The last ARGV: the outbox's newest entry the client knows appended ('' for none), trimmed
+-- first (see trim_landed).
+trim_landed(KEYS[4])
 return once(KEYS[5], ARGV[8], function()
   local key, name, limit, period, tz = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
   local f = redis.call('HMGET', key, 'limit_micros', 'spent_micros', 'period', 'tz', 'period_start',

@@ -19,6 +19,9 @@
 -- queue_events); {-3} when the hold is not open (settled, expired or never made), followed by
 -- the hold_expired events queued, {-1} when the
 -- agent does not exist, {LEGACY}, {TOO_BIG, scope, total} and {ROLL, ...}.
+-- The last ARGV: the outbox's newest entry the client knows appended ('' for none), trimmed
+-- first (see trim_landed).
+trim_landed(KEYS[5])
 return once(KEYS[6], ARGV[7], function()
   local agent, holds, member, aid, at = KEYS[1], KEYS[3], ARGV[1], ARGV[4], ARGV[3]
   local t = server_now()

@@ -6,6 +6,9 @@
 -- Returns {1, state (see state_reply)} followed by the event queued (see queue_events), {-1} when
 -- the agent does not exist, {LEGACY} when it is stored as 0.4/0.5 wrote it, {-4, the agent's
 -- count} when its count would overflow and {-5, the group's count} when the group's total would.
+-- The last ARGV: the outbox's newest entry the client knows appended ('' for none), trimmed
+-- first (see trim_landed).
+trim_landed(KEYS[4])
 return once(KEYS[5], ARGV[7], function()
   local agent, stats = KEYS[1], KEYS[2]
   local found = redis.call('HMGET', agent, 'status', 'spent_micros')

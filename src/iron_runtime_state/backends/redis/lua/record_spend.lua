@@ -20,6 +20,9 @@
 -- events queued (see queue_events). {-1}: no such agent; {-2, status}: not running; {NO_SCOPE,
 -- name}; {TOO_BIG, scope ('' for the agent), total}; {LEGACY}; {ROLL, ...} (see plan_rolls);
 -- {RESOLVE, expired pending holds...} (cluster).
+-- The last ARGV: the outbox's newest entry the client knows appended ('' for none), trimmed
+-- first (see trim_landed).
+trim_landed(KEYS[5])
 return once(KEYS[6], ARGV[4], function()
   local agent, stats, aid, at = KEYS[1], KEYS[2], ARGV[3], ARGV[2]
   local amount, now = tonumber(ARGV[1]), tonumber(at)

@@ -16,6 +16,9 @@
 -- the scopes come next (cluster), {0, state (see state_reply), reserved, the scope that refused (budget_row) or false
 -- for the agent} when refused, each followed by the events queued (see queue_events); and the
 -- codes of record_spend.lua.
+-- The last ARGV: the outbox's newest entry the client knows appended ('' for none), trimmed
+-- first (see trim_landed).
+trim_landed(KEYS[5])
 return once(KEYS[6], ARGV[6], function()
   local agent, holds, aid, at = KEYS[1], KEYS[3], ARGV[5], ARGV[4]
   local amount, now = tonumber(ARGV[1]), tonumber(at)

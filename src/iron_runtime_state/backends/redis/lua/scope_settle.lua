@@ -12,6 +12,9 @@
 --       'open:<expiry>' (keep it until then), or '' (drop); then the rolls the client computed
 -- Returns {1, 1 when a charge took a scope past its limit else 0} followed by the events
 -- queued (see queue_events), or {ROLL, ...}.
+-- The last ARGV: the outbox's newest entry the client knows appended ('' for none), trimmed
+-- first (see trim_landed).
+trim_landed(KEYS[1])
 return once(KEYS[2], ARGV[2], function()
   local at, prefix, n = ARGV[1], ARGV[3], tonumber(ARGV[4])
   local budgets, by_name = {}, {}

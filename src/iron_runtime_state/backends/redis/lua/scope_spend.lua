@@ -18,6 +18,9 @@
 -- Returns {1} when charged or held, {0, the scope that refused (budget_row)} when refused, each
 -- followed by the events queued (see queue_events); {NO_SCOPE, name}, {TOO_BIG, scope, total},
 -- {LATE}, {ROLL, ...} and {RESOLVE, expired scope hold members...}.
+-- The last ARGV: the outbox's newest entry the client knows appended ('' for none), trimmed
+-- first (see trim_landed).
+trim_landed(KEYS[1])
 return once(KEYS[2], ARGV[5], function()
   local action, amount, aid, at, prefix = ARGV[1], tonumber(ARGV[2]), ARGV[4], ARGV[3], ARGV[6]
   local t = server_now()

@@ -5,6 +5,9 @@
 -- Returns {1, old status, state (see state_reply, without its code)}, followed for a real change
 -- by the event queued (see queue_events); {-1} when the agent does not exist, {LEGACY} when it is
 -- stored as 0.4/0.5 wrote it.
+-- The last ARGV: the outbox's newest entry the client knows appended ('' for none), trimmed
+-- first (see trim_landed).
+trim_landed(KEYS[7])
 return once(KEYS[8], ARGV[4], function()
   local agent, stats = KEYS[1], KEYS[2]
   local status, now = ARGV[1], ARGV[2]

@@ -8,11 +8,14 @@
 -- ARGV: now, agent_id, then for each hold its member and '1' (charge) or '0' (drop)
 -- Returns {1, state (see state_reply)} followed by the events queued (see queue_events), or {-1}
 -- when the agent no longer exists.
+-- The last ARGV: the outbox's newest entry the client knows appended ('' for none), trimmed
+-- first (see trim_landed).
+trim_landed(KEYS[4])
 local agent, stats, pending, at, aid = KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2]
 local f = redis.call('HMGET', agent, unpack(AGENT_FIELDS))
 local me = f[1] and agent_budget(agent, f)
 local events = {}
-for i = 3, #ARGV - 1, 2 do
+for i = 3, #ARGV - 2, 2 do
   local member = ARGV[i]
   if redis.call('ZREM', pending, member) == 1 and ARGV[i + 1] == '1' and me then
     local amount = hold_amount(member)
