@@ -85,17 +85,24 @@ class MeteringCore:
         """What a call to ``model`` with these token counts costs, exactly, rounded up to the
         micro-unit (``input_tokens`` counts every prompt token, ``cached_input_tokens`` of them
         were read from the provider's cache). :class:`PricingError` for a model without a price."""
-        usage = Usage.of(self._usage(model, input_tokens, output_tokens, cached_input_tokens))
+        usage = self._usage(model, input_tokens, output_tokens, cached_input_tokens)
         return Decimal(self._usage_micros(usage)).scaleb(-6)
 
     @staticmethod
-    def _usage(model: object, input_tokens: object, output_tokens: object, cached: object) -> dict[str, Any]:
-        return {
-            "model": model,
-            "input_tokens": check_tokens(input_tokens, "input_tokens"),
-            "output_tokens": check_tokens(output_tokens, "output_tokens"),
-            "cached_input_tokens": check_tokens(cached, "cached_input_tokens"),
-        }
+    def _usage(
+        model: object,
+        input_tokens: object,
+        output_tokens: object,
+        cached: object,
+        output: str = "output_tokens",
+    ) -> Usage:
+        """The call's usage; the counts checked here first, so an error names the argument."""
+        return Usage(
+            model,  # type: ignore[arg-type]  # Usage checks it
+            check_tokens(input_tokens, "input_tokens"),
+            check_tokens(output_tokens, output),
+            check_tokens(cached, "cached_input_tokens"),
+        )
 
     def _usage_micros(self, usage: Usage) -> int:
         micros = self._prices.cost_micros(
@@ -131,7 +138,7 @@ class MeteringCore:
     ) -> tuple[AgentId, int, float, SpendNote | None]:
         """``record_usage``: the id, the call's price in micro-units, the time and the note."""
         aid = coerce(agent_id)
-        usage = Usage.of(self._usage(model, input_tokens, output_tokens, cached_input_tokens))
+        usage = self._usage(model, input_tokens, output_tokens, cached_input_tokens)
         micros = self._usage_micros(usage)
         return aid, micros, self._now(), self._note(usage, tags)
 
@@ -140,7 +147,7 @@ class MeteringCore:
     ) -> tuple[AgentId, int, float]:
         """``reserve_for_call``: the id, the worst case in micro-units (at least one) and the time."""
         aid = coerce(agent_id)
-        usage = Usage.of(self._usage(model, input_tokens, max_output_tokens, 0))
+        usage = self._usage(model, input_tokens, max_output_tokens, 0, "max_output_tokens")
         return aid, max(1, self._usage_micros(usage)), self._now()
 
     def _settle_request(

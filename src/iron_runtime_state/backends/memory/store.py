@@ -63,7 +63,6 @@ __all__ = ["MemoryBackend", "open_memory"]
 _STATUSES: Final = (AgentStatus.RUNNING, AgentStatus.STOPPED, AgentStatus.FAILED)
 _RUNNING: Final = _STATUSES.index(AgentStatus.RUNNING)
 _FREE: Final = len(_STATUSES)
-_NO_LIMIT: Final = NO_LIMIT
 
 
 class MemoryBackend(Charges, Backend):
@@ -81,7 +80,7 @@ class MemoryBackend(Charges, Backend):
         self._status = array("B")
         self._spent = array("q")  # micro-units
         self._pii = array("q")
-        self._limit = array("q")  # micro-units; _NO_LIMIT for no limit
+        self._limit = array("q")  # micro-units; NO_LIMIT for no limit
         self._changed = array("d")  # when the slot last changed, for purge_agents
         # The stats() aggregates, changed by _write alone; _counts[_FREE] counts free slots.
         self._counts = [0] * (len(_STATUSES) + 1)
@@ -142,7 +141,7 @@ class MemoryBackend(Charges, Backend):
         self._status.append(_FREE)
         self._spent.append(0)
         self._pii.append(0)
-        self._limit.append(_NO_LIMIT)
+        self._limit.append(NO_LIMIT)
         self._changed.append(0.0)
         self._counts[_FREE] += 1
         return len(self._status) - 1
@@ -157,7 +156,7 @@ class MemoryBackend(Charges, Backend):
                 self._drop_scope_holds(reservation_id, scopes)
         self._set_extra(key, None)
         self._alerted.pop(key, None)
-        self._write(slot, 0.0, code=_FREE, spent=0, pii=0, limit=_NO_LIMIT)
+        self._write(slot, 0.0, code=_FREE, spent=0, pii=0, limit=NO_LIMIT)
         self._keys[slot] = ""
         self._free.append(slot)
         return True
@@ -180,7 +179,7 @@ class MemoryBackend(Charges, Backend):
         """A new state holding the slot's values (valid: the store holds nothing else)."""
         limit = self._limit[slot]
         status = _STATUSES[self._status[slot]]
-        budget_limit = None if limit == _NO_LIMIT else from_micros(limit)
+        budget_limit = None if limit == NO_LIMIT else from_micros(limit)
         spent = from_micros(self._spent[slot])
         extra = self._extra.get(agent_id.as_str())
         if extra is None:
@@ -259,7 +258,7 @@ class MemoryBackend(Charges, Backend):
             if slot is None:
                 slot = self._slots[key] = self._new_slot()
                 self._keys[slot] = key
-            self._write(slot, now, code, spent, state.pii_detections, _NO_LIMIT if limit is None else limit)
+            self._write(slot, now, code, spent, state.pii_detections, NO_LIMIT if limit is None else limit)
             if extra is not None or key in self._extra:
                 self._set_extra(key, extra)
 
@@ -415,7 +414,7 @@ class MemoryBackend(Charges, Backend):
             resets = expired + self._roll_agent(agent_id, slot, extra, now) + self._roll_scopes(scopes, now)
             spent, limit = self._spent[slot] + actual, self._limit[slot]
             overs = []
-            if limit != _NO_LIMIT and passes(limit, spent):
+            if limit != NO_LIMIT and passes(limit, spent):
                 overs.append(
                     events.overspent(
                         agent_id, now, rid, limit=limit, spent=spent, committed=actual, reserved=amount

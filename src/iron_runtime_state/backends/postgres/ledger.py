@@ -13,7 +13,6 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from ...errors import ValidationError
 from ...ledger import BUCKET, SpendNote, SpendQuery, SpendTotal, entry_of
 from ...models import AuditRecord
 from .requests import Op, Sql
@@ -61,14 +60,9 @@ def note_columns(note: SpendNote | None) -> tuple[str | None, int, int, int, str
 
 
 def ledger_row(record: AuditRecord) -> tuple[Any, ...]:
-    """:data:`INSERT`'s parameters for a ``spend`` record appended as it is (a copied trail)."""
-    try:
-        e = entry_of(record)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ValidationError(
-            f"a 'spend' record must carry what events.spend writes (an amount at least); got "
-            f"{record.details[:80]!r} ({exc!r})"
-        ) from None
+    """:data:`INSERT`'s parameters for a ``spend`` record appended as it is (a copied trail);
+    ``SchemaError`` (from ``entry_of``) for one the library did not write."""
+    e = entry_of(record)
     labels, tags = dict(e.labels), dict(e.tags)
     return (
         e.seq,
